@@ -1,0 +1,44 @@
+"""magnitude: the Lp norm of everything a channel owns, summed over all members of its group."""
+from __future__ import annotations
+
+import torch
+
+from vitcc.ir import Program
+from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.spaces import index_map
+
+
+def group_norms(program: Program, group, p: float = 2.0) -> torch.Tensor:
+    """Per-index sum of |w|^p over every parameter slice laid on the group (not yet the p-th root)."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    state = dict(program.gm.named_parameters())
+    for m in group.members:
+        w = state.get(m.param)
+        if w is None:
+            continue
+        axis_space = program.coupling.params[m.param][m.axis]
+        idx = torch.as_tensor(_axis_index_map(axis_space, group.space))
+        rows = w.detach().double().abs().pow(p).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
+        sel = idx >= 0
+        total.index_add_(0, idx[sel], rows[sel])
+    return total
+
+
+def _axis_index_map(axis, leaf):
+    import numpy as np
+    out = np.full(1, -1, dtype=np.int64)
+    for f in axis:
+        m = index_map(f, leaf)
+        out = np.maximum(out[:, None], m[None, :]).reshape(-1)
+    return out
+
+
+@register_pass("magnitude")
+class Magnitude(Pass):
+    """Group Lp norm (p=1 or 2, default 2), the uniform-magnitude baseline of the papers."""
+
+    def run(self, program: Program) -> PassResult:
+        p = float(self.options.get("p", 2))
+        for g in program.groups:
+            program.scores[g.name] = group_norms(program, g, p).pow(1.0 / p).float()
+        return PassResult(info={"p": p})

@@ -1,0 +1,126 @@
+import inspect
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+import torch.fx
+from timm.layers import _fx as timm_fx
+
+import vitcc.export as export_mod
+from vitcc.errors import VerificationError, VitccError
+from vitcc.export import export_onnx
+
+
+def tiny_vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
+
+
+def tiny_swin():
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
+                             embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7,
+                             num_classes=10).eval()
+
+
+class TimmTracer(torch.fx.Tracer):
+    """fx tracer honouring timm's notrace modules (leaves) and functions (autowrapped)."""
+
+    def __init__(self):
+        fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+        super().__init__(autowrap_functions=fns)
+        self.leaves = tuple(timm_fx.get_notrace_modules())
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def timm_trace(model):
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    graph = TimmTracer().trace(model, concrete_args=concrete)
+    return torch.fx.GraphModule(model, graph)
+
+
+def check_result(res, path, atol=1e-4):
+    assert res["path"] == str(path)
+    assert res["checker"] == "ok" and res["onnxruntime"] == "ok"
+    assert isinstance(res["opset"], int) and res["opset"] >= 17
+    assert 0.0 <= res["max_abs_error"] <= atol
+    # one self-contained file: no external-data side file, no leftover temp file
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert onnx.load(str(path), load_external_data=False).graph.initializer
+
+
+def test_export_vit_dynamic_batch(tmp_path):
+    model, path = tiny_vit(), tmp_path / "vit.onnx"
+    res = export_onnx(model, (torch.randn(2, 3, 32, 32),), path)
+    check_result(res, path)
+    assert res["dynamic_batch"] is True
+    x = torch.randn(5, 3, 32, 32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_export_vit_graph_module(tmp_path):
+    gm = timm_trace(tiny_vit())
+    assert any(n.op == "call_module" for n in gm.graph.nodes)
+    assert any(n.target is torch.nn.functional.scaled_dot_product_attention
+               or "scaled_dot_product_attention" in str(n.target) for n in gm.graph.nodes)
+    path = tmp_path / "vit_gm.onnx"
+    check_result(export_onnx(gm, (torch.randn(1, 3, 32, 32),), path), path)
+
+
+def test_export_swin_graph_module_with_opset(tmp_path):
+    gm, path = timm_trace(tiny_swin()), tmp_path / "swin.onnx"
+    res = export_onnx(gm, (torch.randn(1, 3, 56, 56),), path, opset=18)
+    check_result(res, path)
+    assert res["opset"] == 18
+
+
+def test_mismatch_raises_and_leaves_no_file(tmp_path, monkeypatch):
+    real_run = export_mod._run_onnxruntime
+    monkeypatch.setattr(export_mod, "_run_onnxruntime",
+                        lambda sess, inputs: [o + 1.0 for o in real_run(sess, inputs)])
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(VerificationError, match="differs"):
+        export_onnx(tiny_vit(), (torch.randn(1, 3, 32, 32),), path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_keeps_existing_file_and_restores_mode(tmp_path, monkeypatch):
+    def boom(path):
+        raise onnx.checker.ValidationError("broken")
+    monkeypatch.setattr(export_mod.onnx.checker, "check_model", lambda *a, **k: boom(a[0]))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2)).train()
+    with pytest.raises(VitccError, match="broken"):
+        export_onnx(model, (torch.randn(3, 4),), path)
+    assert model.training
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and path.read_bytes() == b"previous"
+
+
+class PinnedBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.view(2, 4))  # hard-codes the batch size
+
+
+def test_pinned_batch_is_reported_static(tmp_path):
+    path = tmp_path / "pinned.onnx"
+    res = export_onnx(PinnedBatch().eval(), (torch.randn(2, 4),), path)
+    check_result(res, path)
+    assert res["dynamic_batch"] is False
+
+
+def test_missing_output_directory(tmp_path):
+    with pytest.raises(VitccError, match="does not exist"):
+        export_onnx(PinnedBatch(), (torch.randn(2, 4),), tmp_path / "nope" / "m.onnx")

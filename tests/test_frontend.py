@@ -1,0 +1,249 @@
+import os
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+from safetensors.torch import save_file
+
+from vitcc import frontend
+from vitcc.errors import VerificationError, VitccError
+from vitcc.frontend import input_shape_for, load_model, register_leaf_module, trace
+
+
+def tiny_vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=48, depth=2, num_heads=3).eval()
+
+
+@pytest.fixture(scope="module")
+def deit():
+    return load_model("timm:deit_tiny_patch16_224")
+
+
+def same_params(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def randomized(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+# ---------------------------------------------------------------- errors
+def test_exit_codes():
+    assert VitccError.exit_code == 2 and VerificationError.exit_code == 3
+    assert issubclass(VerificationError, VitccError)
+
+
+# ---------------------------------------------------------------- load_model
+def test_timm_spec(deit):
+    assert type(deit).__name__ == "VisionTransformer" and not deit.training
+
+
+def test_unknown_timm_name_suggests():
+    with pytest.raises(VitccError, match="deit_tiny_patch16_224"):
+        load_model("timm:deit_tiny_patch16_22")
+
+
+def test_pickled_module_round_trip(tmp_path):
+    m = tiny_vit()
+    torch.save(m, tmp_path / "m.pt")
+    m2 = load_model(str(tmp_path / "m.pt"))
+    x = torch.randn(1, 3, 32, 32)
+    assert not m2.training and torch.equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_pickled_timm_models_pass_the_allowlist(tmp_path, name):
+    m = timm.create_model(name, pretrained=False)
+    torch.save(m, tmp_path / "m.pth")
+    assert same_params(m, load_model(str(tmp_path / "m.pth")))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_state_dict_with_arch(tmp_path, deit, suffix):
+    m = randomized(timm.create_model("deit_tiny_patch16_224", pretrained=False))
+    path = tmp_path / f"sd{suffix}"
+    (save_file if suffix == ".safetensors" else torch.save)(m.state_dict(), str(path))
+    loaded = load_model(str(path), arch="timm:deit_tiny_patch16_224")
+    assert same_params(m, loaded) and not loaded.training
+
+
+def test_weights_into_timm_spec(tmp_path):
+    m = randomized(timm.create_model("deit_tiny_patch16_224", pretrained=False))
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": m.state_dict()}, tmp_path / "ckpt.pt")
+    for w in ("w.safetensors", "ckpt.pt"):
+        assert same_params(m, load_model("timm:deit_tiny_patch16_224", weights=str(tmp_path / w)))
+
+
+def test_state_dict_mismatch(tmp_path):
+    torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "r.pt")
+    with pytest.raises(VitccError, match="mismatches, e.g. missing"):
+        load_model(str(tmp_path / "r.pt"), arch="timm:deit_tiny_patch16_224")
+
+
+def test_state_dict_without_arch(tmp_path, deit):
+    torch.save(deit.state_dict(), tmp_path / "sd.pt")
+    save_file(deit.state_dict(), str(tmp_path / "sd.safetensors"))
+    for f in ("sd.pt", "sd.safetensors"):
+        with pytest.raises(VitccError, match="--arch timm:NAME"):
+            load_model(str(tmp_path / f))
+
+
+def test_missing_corrupt_and_unknown(tmp_path):
+    with pytest.raises(VitccError, match="no such file: .*nope.pt"):
+        load_model(str(tmp_path / "nope.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"definitely not a checkpoint")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(VitccError, match="cannot read .*bad.pt: .*expected a torch.save'd module"):
+        load_model(str(tmp_path / "bad.pt"))
+    with pytest.raises(VitccError, match="cannot read .*bad.safetensors"):
+        load_model(str(tmp_path / "bad.safetensors"), arch="timm:deit_tiny_patch16_224")
+    with pytest.raises(VitccError, match="unknown model spec .*timm:NAME"):
+        load_model("model.onnx")
+
+
+# ---------------------------------------------------------------- pickle safety
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class EvilGraphModule:
+    """Abuses GraphModule's pickle format, whose forward source is exec'd by torch on load."""
+
+    def __init__(self, code, imports):
+        self.code, self.imports = code, imports
+
+    def __reduce__(self):
+        return (fx.graph_module.reduce_graph_module, ({"_code": self.code}, self.imports))
+
+
+def test_hostile_pickle_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Evil(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(VitccError, match=r"refusing to unpickle (posix|os|nt)\.system .*--trust-pickle"):
+        load_model(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("code,imports", [
+    ("def forward(self, x):\n    return x\n", "import os\nos.system('touch {m}')\n"),
+    ("def forward(self, x):\n    return x\n", "from os import system\n"),
+    ("def forward(self, x):\n    torch._utils._import_dotted_name('os').system('touch {m}')\n    return x\n", "import torch\n"),
+    ("def forward(self, x):\n    getattr(torch, 'load')('{m}')\n    return x\n", "import torch\n"),
+    ("def forward(self, x):\n    x.__class__.__init__.__globals__['os'].system('touch {m}')\n    return x\n", ""),
+    ("def forward(self, x):\n    t = torch\n    return x\n", "import torch\n"),
+    ("def forward(self, x):\n    import os\n    return x\n", ""),
+    ("import os\nos.system('touch {m}')\n", ""),
+    ("torch.fx._symbolic_trace.wrap(print('x'))\ndef forward(self, x):\n    return x\n", "import torch\n"),
+    ("def forward(self, x, f=torch.load):\n    return x\n", "import torch\n"),
+    ("def forward(self, x):\n    return torch.ops.load_library('{m}')\n", "import torch\n"),
+])
+def test_hostile_graph_module_code_refused(tmp_path, code, imports):
+    marker = tmp_path / "pwned"
+    torch.save(EvilGraphModule(code.format(m=marker), imports.format(m=marker)), tmp_path / "evil.pt")
+    with pytest.raises(VitccError, match="refusing"):
+        load_model(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+def _make_linear():
+    return torch.nn.Linear(2, 3)
+
+
+class OutsideModule(torch.nn.Module):
+    def __reduce__(self):
+        return (_make_linear, ())
+
+
+def test_trust_pickle(tmp_path):
+    torch.save(OutsideModule(), tmp_path / "m.pt")
+    with pytest.raises(VitccError, match="refusing to unpickle .*_make_linear"):
+        load_model(str(tmp_path / "m.pt"))
+    assert isinstance(load_model(str(tmp_path / "m.pt"), trust_pickle=True), torch.nn.Linear)
+
+
+# ---------------------------------------------------------------- input shapes
+def test_input_shape(deit):
+    assert input_shape_for(deit) == (1, 3, 224, 224)
+    assert input_shape_for(tiny_vit()) == (1, 3, 32, 32)  # created with img_size=32, cfg still says 224
+    assert input_shape_for(deit, "2,3,64,64") == (2, 3, 64, 64)
+    assert input_shape_for(deit, " 1, 3, 8, 8 ") == (1, 3, 8, 8)
+    assert input_shape_for(deit, (1, 3, 16, 16)) == (1, 3, 16, 16)
+    for bad in ("1,a,3", "", "1,0,3", "-1,3"):
+        with pytest.raises(VitccError, match="bad input shape"):
+            input_shape_for(deit, bad)
+    plain = torch.nn.Linear(4, 4)
+    with pytest.raises(VitccError, match="--input-shape"):
+        input_shape_for(plain)
+    plain.vitcc_input_shape = (1, 4)
+    assert input_shape_for(plain) == (1, 4)
+
+
+# ---------------------------------------------------------------- tracing
+def test_trace_matches_eager_and_round_trips(tmp_path):
+    m = tiny_vit()
+    x = torch.randn(input_shape_for(m))
+    gm = trace(m, (x,))
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    # ShapeProp gives tensor_meta to every tensor-valued node (x.shape, asserts etc. only get meta["type"])
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes
+               if n.op != "output" and issubclass(n.meta["type"], torch.Tensor))
+    assert gm.graph.find_nodes(op="placeholder")[0].meta["tensor_meta"].shape == (1, 3, 32, 32)
+    assert gm.meta["source_class"] == "VisionTransformer"
+    assert gm.meta["pretrained_cfg"]["architecture"] == "vit_tiny_patch16_224"
+    assert torch.allclose(gm(x), m(x))
+    torch.save(gm, tmp_path / "gm.pt")
+    gm2 = load_model(str(tmp_path / "gm.pt"))
+    assert isinstance(gm2, fx.GraphModule) and gm2.meta["source_class"] == "VisionTransformer"
+    assert input_shape_for(gm2) == (1, 3, 32, 32)
+    gm3 = trace(gm2, (x,))
+    assert torch.allclose(gm3(x), m(x)) and gm3.meta["source_class"] == "VisionTransformer"
+
+
+def test_trace_swin_uses_timm_notrace_functions(tmp_path):
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1),
+                          embed_dim=24, num_heads=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    gm = trace(m, (x,))
+    assert torch.allclose(gm(x), m(x), atol=1e-5)
+    torch.save(gm, tmp_path / "gm.pt")
+    assert torch.allclose(load_model(str(tmp_path / "gm.pt"))(x), m(x), atol=1e-5)
+
+
+class Gate(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.proj(x))
+
+
+def test_untraceable_model_names_the_module():
+    m, x = Gated().eval(), torch.randn(2, 4)
+    with pytest.raises(VitccError, match=r"cannot trace Gated: .*in module 'gate'.*register_leaf_module\(Gate\)"):
+        trace(m, (x,))
+    register_leaf_module(Gate)
+    try:
+        gm = trace(m, (x,))
+        assert torch.equal(gm(x), m(x)) and any(n.target == "gate" for n in gm.graph.nodes)
+    finally:
+        frontend._leaf_modules.discard(Gate)

@@ -1,0 +1,86 @@
+import pytest
+import timm
+import torch
+from torch import nn
+
+from vitcc.metrics import count_macs, count_params, latency_ms
+
+
+def tiny_vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
+
+
+def tiny_swin():
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
+                             embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7,
+                             num_classes=10).eval()
+
+
+def set_fused_attn(model, fused):
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+            n += 1
+    assert n > 0
+
+
+def test_count_params_manual():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3, bias=False))
+    assert count_params(model) == 4 * 5 + 5 + 5 * 3
+
+
+def test_count_params_tied_weights_counted_once():
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6, bias=False)
+    b.weight = a.weight
+    assert count_params(nn.Sequential(a, b)) == 6 * 6 + 6
+
+
+def test_count_params_vit():
+    model = tiny_vit()
+    assert count_params(model) == sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_macs_linear():
+    assert count_macs(nn.Linear(16, 32), (torch.randn(1, 10, 16),)) == 10 * 16 * 32
+
+
+def test_macs_vit_fused_equals_unfused_attention():
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    set_fused_attn(model, True)
+    fused = count_macs(model, (x,))
+    set_fused_attn(model, False)
+    unfused = count_macs(model, (x,))
+    # 2 blocks x (QK^T + AV): heads=3, tokens=17, head_dim=16
+    attn = 2 * 2 * 3 * 17 * 17 * 16
+    assert fused == unfused > attn > 0
+
+
+def test_macs_swin_fused_equals_unfused_attention():
+    model, x = tiny_swin(), torch.randn(1, 3, 56, 56)
+    set_fused_attn(model, True)
+    fused = count_macs(model, (x,))
+    set_fused_attn(model, False)
+    assert fused == count_macs(model, (x,)) > 0
+
+
+def test_macs_graph_module_matches_module():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    gm = torch.fx.symbolic_trace(model, concrete_args={"attn_mask": None, "is_causal": False})
+    assert isinstance(gm, torch.fx.GraphModule)
+    assert count_macs(gm, (x,)) == count_macs(model, (x,)) > 0
+
+
+def test_metrics_restore_training_mode():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    count_macs(model, (torch.randn(2, 4),))
+    latency_ms(model, (torch.randn(2, 4),), warmup=0, repeats=1)
+    assert model.training
+
+
+def test_latency_ms():
+    t = latency_ms(tiny_vit(), (torch.randn(1, 3, 32, 32),), warmup=1, repeats=3)
+    assert isinstance(t, float) and t > 0
+    with pytest.raises(ValueError):
+        latency_ms(nn.Identity(), (torch.randn(1),), repeats=0)

@@ -1,0 +1,127 @@
+"""The Python API: compile a model into a smaller verified GraphModule, and load one back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .frontend import trace
+from .groups import Group
+from .ir import Program
+from .spaces import find
+from .metrics import count_macs, count_params
+from .pipeline import Insertion, Pass, PassManager, build_pipeline, format_pipeline
+
+
+@dataclass
+class CompileResult:
+    module: fx.GraphModule  # the compact model: a plain GraphModule, no vitcc code needed to run it
+    groups: list[Group]
+    selection: dict[str, np.ndarray]  # group name -> kept indices
+    report: dict[str, Any]
+    program: Program = field(repr=False)
+
+
+def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude", *,
+            sparsity: float = 0.0, example_inputs: Sequence[torch.Tensor] | None = None,
+            prune: Sequence[str] | str | None = None, target: str = "channels", align: int = 1,
+            keep: dict[str, Sequence[int]] | None = None, insert: list[Insertion] | None = None,
+            verify: bool = True, structural_options: dict[str, dict] | None = None,
+            on_pass: Callable[[Pass, str], None] | None = None) -> CompileResult:
+    """Trace, analyze, score, select, rewrite, fold, dce and verify.
+
+    `keep` gives an explicit selection (group name -> kept indices) instead of scores and a budget.
+    """
+    if example_inputs is None:
+        from .frontend import input_shape_for
+        example_inputs = (torch.randn(input_shape_for(model)),)
+    example_inputs = tuple(example_inputs)
+    model = model.eval()
+    gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else trace(model, example_inputs)
+    program = Program(gm=gm, example_inputs=example_inputs,
+                      options={"sparsity": sparsity, "prune": prune, "target": target, "align": align})
+    if keep is not None:
+        program.options["sparsity"] = 0.0
+    pipeline = build_pipeline(passes, insert, structural_options)
+    if not verify:
+        pipeline = [p for p in pipeline if p.name != "verify"]
+    if keep is not None:
+        pipeline.insert(next(i for i, p in enumerate(pipeline) if p.name == "select"), _GivenSelection(keep))
+    before = {"params_before": count_params(gm), "macs_before": count_macs(gm, example_inputs)}
+    PassManager(pipeline, on_pass).run(program)
+    program.report.update(before)
+    program.report.update({
+        "pipeline": format_pipeline(pipeline),
+        "params_after": count_params(program.gm),
+        "macs_after": count_macs(program.gm, example_inputs),
+        "groups": [{**g.to_json(), "kept": [int(i) for i in program.keep.get(g.name, range(g.size))]}
+                   for g in program.groups],
+        "widths": kept_widths(program),
+    })
+    program.gm.meta.pop("tensor_meta", None)
+    return CompileResult(program.gm, program.groups, program.keep, program.report, program)
+
+
+def kept_widths(program: Program) -> dict[str, dict[str, int]]:
+    """Per group kind: channels before and after, summed over groups."""
+    out: dict[str, dict[str, int]] = {}
+    for g in program.groups:
+        w = out.setdefault(g.kind, {"groups": 0, "before": 0, "after": 0})
+        w["groups"] += 1
+        w["before"] += g.size
+        w["after"] += len(program.keep.get(g.name, range(g.size)))
+    return out
+
+
+class _GivenSelection(Pass):
+    name = "given-selection"
+
+    def __init__(self, keep: dict[str, Sequence[int]]):
+        super().__init__()
+        self.keep = keep
+
+    def run(self, program: Program):
+        from .errors import VitccError
+        from .pipeline import PassResult
+        names = {g.name for g in program.groups}
+        unknown = set(self.keep) - names
+        if unknown:
+            raise VitccError(f"selection names unknown groups {sorted(unknown)[:5]}; see `vitcc inspect`")
+        for name, idx in self.keep.items():
+            g = program.group(name)
+            idx = np.unique(np.asarray(list(idx), dtype=np.int64))
+            if g.frozen is not None and len(idx) != g.size:
+                raise VitccError(f"group {name} is frozen ({g.frozen}) and cannot be pruned")
+            program.keep[name] = idx
+        by_root = {find(g.space).id: g for g in program.groups}
+        for spaces in program.coupling.equal_counts:
+            tied = [by_root[find(s).id] for s in spaces if find(s).id in by_root]
+            counts = {len(program.keep.get(g.name, range(g.size))) for g in tied}
+            if len(counts) > 1:
+                raise VitccError("groups " + ", ".join(g.name for g in tied) + " share one fused reshape and "
+                                 "must keep the same number of channels")
+        return PassResult()
+
+
+def _any_meta(gm: fx.GraphModule) -> dict:
+    for n in gm.graph.nodes:
+        return n.meta
+    return {}
+
+
+def save(module: fx.GraphModule, path: str | Path) -> None:
+    """Write atomically: a failed save never leaves a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(module, tmp)
+    tmp.replace(path)
+
+
+def load(path: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
+    """Load a compiled model through the safe unpickler (only torch/timm/vitcc classes)."""
+    from .frontend import load_model
+    return load_model(str(path), trust_pickle=trust_pickle)

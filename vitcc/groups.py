@@ -1,0 +1,92 @@
+"""Groups: what users see of the analysis. One group per prunable leaf space, with its members."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .coupling import Coupling, is_ttype
+from .spaces import Space, find, leaves, spaces_of
+
+KINDS = ("residual", "heads", "head_dim", "mlp", "other")
+_SUFFIX = {"residual": "residual", "heads": "heads", "mlp": "hidden", "other": "channels"}
+
+
+@dataclass
+class Member:
+    param: str
+    axis: int
+
+
+@dataclass
+class Group:
+    name: str
+    kind: str
+    size: int
+    members: list[Member]
+    frozen: str | None = None
+    space: Space | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen is None and self.size > 1
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("space")
+        return d
+
+
+def build_groups(c: Coupling) -> list[Group]:
+    """Leaf spaces that carry activations and parameters, in parameter order, with stable names."""
+    live = {find(s).id for t in c.types.values() if is_ttype(t) for s in spaces_of(t)}
+    for copies in c.aliases.values():
+        live |= {find(s).id for s in copies}
+    found: dict[int, tuple[Space, list[Member]]] = {}
+    for pname, t in c.params.items():
+        for axis, ax in enumerate(t):
+            for f in ax:
+                for leaf in leaves(f):
+                    r = find(leaf)
+                    if r.fixed or r.id not in live:
+                        continue
+                    entry = found.setdefault(r.id, (r, []))
+                    if all((m.param, m.axis) != (pname, axis) for m in entry[1]):
+                        entry[1].append(Member(pname, axis))
+    groups, used = [], set()
+    for r, members in found.values():
+        kind = _kind(r, members)
+        name = _name(kind, r, members)
+        base, k = name, 1
+        while name in used:
+            k += 1
+            name = f"{base}#{k}"
+        used.add(name)
+        groups.append(Group(name, kind, r.size, members, r.frozen, r))
+    return groups
+
+
+def _kind(r: Space, members: list[Member]) -> str:
+    if "heads" in r.tags:
+        return "heads"
+    if r.tags & {"head_dim_qk", "head_dim_v"}:
+        return "head_dim"
+    if "normalized" in r.tags:
+        return "residual"
+    axes = {m.axis for m in members if m.param.endswith("weight")}
+    return "mlp" if {0, 1} <= axes else "other"
+
+
+def _name(kind: str, r: Space, members: list[Member]) -> str:
+    paths = [m.param.split(".")[:-1] for m in members]
+    prefix = paths[0]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
+            n += 1
+        prefix = prefix[:n]
+    if kind in ("heads", "head_dim") and len({".".join(p) for p in paths}) == 1 and prefix:
+        prefix = prefix[:-1]  # all of it lives in one projection (fused qkv): name it after the block
+    if kind == "head_dim":
+        suffix = "qk_dim" if "head_dim_qk" in r.tags else "v_dim"
+    else:
+        suffix = _SUFFIX[kind]
+    return ".".join(prefix + [suffix])

@@ -1,0 +1,83 @@
+"""The program a pass pipeline works on: a traced graph, its coupling analysis, scores and selection."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .coupling import Coupling
+from .groups import Group
+from .spaces import Axis, Space, find, fsize, kept_positions, normalize
+
+
+@dataclass
+class Program:
+    """Everything a pass reads or writes. Scores and selections are data here, never module attributes."""
+    gm: fx.GraphModule
+    example_inputs: tuple
+    original: fx.GraphModule | None = None  # frozen copy of the traced model: the masked reference runs it
+    coupling: Coupling | None = None
+    groups: list[Group] = field(default_factory=list)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # group name -> score per index
+    keep: dict[str, np.ndarray] = field(default_factory=dict)  # group name -> kept indices (sorted)
+    options: dict[str, Any] = field(default_factory=dict)  # sparsity, prune kinds, target, align, ...
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.original is None:
+            self.original = copy.deepcopy(self.gm)
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def keep_by_root(self) -> dict[int, np.ndarray]:
+        return {find(g.space).id: np.asarray(self.keep[g.name], dtype=np.int64)
+                for g in self.groups if g.name in self.keep}
+
+
+def kept_count(f: Any, keep: dict[int, np.ndarray], aliases: dict) -> int:
+    """Compact size of a factor; a space split per index by a select takes the size of its copies."""
+    if isinstance(f, int):
+        return f
+    r = find(f)
+    if r.split is None and r in aliases:
+        return kept_count(aliases[r][0], keep, aliases)
+    if r.split is None:
+        return len(keep.get(r.id, range(r.size)))
+    kind, children = r.split
+    counts = [kept_count(c, keep, aliases) for c in children]
+    return int(sum(counts)) if kind == "concat" else int(np.prod(counts, dtype=np.int64))
+
+
+def axis_count(axis: Axis, keep: dict[int, np.ndarray], aliases: dict) -> int:
+    return int(np.prod([kept_count(f, keep, aliases) for f in normalize(axis)], dtype=np.int64))
+
+
+def axis_mask(axis: Axis, keep: dict[int, np.ndarray], aliases: dict) -> np.ndarray | None:
+    """Boolean keep-mask of an axis, or None when all of it is kept (or it cannot be told per position)."""
+    factors = normalize(axis)
+    if any(not isinstance(f, int) and find(f).split is None and find(f) in aliases for f in factors):
+        return None
+    size = int(np.prod([fsize(f) for f in factors], dtype=np.int64)) if factors else 1
+    flat = np.zeros(1, dtype=np.int64)
+    for f in factors:
+        flat = (flat[:, None] * fsize(f) + kept_positions(f, keep)[None, :]).reshape(-1)
+    if len(flat) == size:
+        return None
+    mask = np.zeros(size, dtype=bool)
+    mask[flat] = True
+    return mask
+
+
+def axis_positions(axis: Axis, keep: dict[int, np.ndarray]) -> np.ndarray:
+    flat = np.zeros(1, dtype=np.int64)
+    for f in normalize(axis):
+        flat = (flat[:, None] * fsize(f) + kept_positions(f, keep)[None, :]).reshape(-1)
+    return flat
