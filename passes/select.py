@@ -75,7 +75,7 @@ def _by_root(program: Program, keep: dict) -> dict:
 
 
 def _count(n: int, frac: float, kind: str, align: int) -> int:
-    k = max(MIN_KEEP[kind], n - int(round(frac * n)))
+    k = max(MIN_KEEP[kind], n - int(frac * n + 1e-9))  # never remove more than the fraction asked
     if align > 1 and kind != "heads" and n >= align:
         k = min(n, max(align, int(round(k / align)) * align))
     return k

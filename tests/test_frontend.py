@@ -83,8 +83,15 @@ def test_weights_into_timm_spec(tmp_path):
 
 def test_state_dict_mismatch(tmp_path):
     torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "r.pt")
-    with pytest.raises(VitccError, match="mismatches, e.g. missing"):
+    with pytest.raises(VitccError, match=r"does not fit timm:deit_tiny_patch16_224 \(\d+ unexpected, \d+ missing\)"):
         load_model(str(tmp_path / "r.pt"), arch="timm:deit_tiny_patch16_224")
+
+
+def test_state_dict_shape_mismatch(tmp_path, deit):
+    sd = dict(deit.state_dict(), **{"head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)})
+    save_file(sd, str(tmp_path / "sd.safetensors"))
+    with pytest.raises(VitccError, match=r"\(2 wrong shape\): head.weight is \(10, 192\) in the file"):
+        load_model(str(tmp_path / "sd.safetensors"), arch="timm:deit_tiny_patch16_224")
 
 
 def test_state_dict_without_arch(tmp_path, deit):

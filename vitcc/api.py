@@ -1,6 +1,8 @@
 """The Python API: compile a model into a smaller verified GraphModule, and load one back."""
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,7 +43,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         example_inputs = (torch.randn(input_shape_for(model)),)
     example_inputs = tuple(example_inputs)
     model = model.eval()
-    gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else trace(model, example_inputs)
+    gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else trace(copy.deepcopy(model), example_inputs)
     program = Program(gm=gm, example_inputs=example_inputs,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align})
     if keep is not None:

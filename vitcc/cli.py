@@ -148,20 +148,26 @@ def inspect_cmd(
         out.print(f"[yellow]frozen[/yellow] at {f['node']}: {f['reason']}")
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code: errors become one line on stderr, never a traceback."""
+    import click
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
+        return 0
     except VitccError as e:
-        console.print(f"vitcc: error: {e}", markup=False, highlight=False)
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            console.print(f"vitcc: error: {e.format_message()}", markup=False, highlight=False)
-            sys.exit(2)
-        raise
+        console.print(f"vitcc: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.ClickException as e:
+        console.print(f"vitcc: error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return 130
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":

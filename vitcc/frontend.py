@@ -19,13 +19,13 @@ _leaf_functions: set = set()
 
 
 def register_leaf_module(cls: type) -> type:
-    """Keep instances of `cls` opaque when tracing (for modules with data-dependent control flow). Usable as a decorator."""
+    """Keep instances of `cls` opaque when tracing (e.g. data-dependent control flow). Usable as a decorator."""
     _leaf_modules.add(cls)
     return cls
 
 
 def register_leaf_function(fn):
-    """Record calls to `fn` as single graph nodes instead of tracing into it; also lets a saved graph that calls it reload."""
+    """Record calls to `fn` as one graph node instead of tracing into it; also lets saved graphs calling it reload."""
     _leaf_functions.add(fn)
     return fn
 
@@ -86,27 +86,29 @@ def _safe_getattr(obj, name, *default):
 
 
 _CODE_ROOTS = _ROOTS + ("math", "operator", "_operator")
-_SAFE_BUILTINS = {n: getattr(builtins, n) for n in ("Ellipsis", "slice", "range", "len", "int", "float", "bool", "tuple", "list",
-                                                     "dict", "set", "frozenset", "min", "max", "abs", "isinstance")}
+_SAFE_BUILTINS = {n: getattr(builtins, n) for n in ("Ellipsis", "slice", "range", "len", "int", "float", "bool",
+                                                     "tuple", "list", "dict", "set", "frozenset", "min", "max", "abs")}
 _OP_NAMESPACES = (torch, torch.nn.functional, torch.special, torch.linalg, torch.fft, torch._C._nn, operator, math)
 _OP_MODULES = {"torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
                "torch._C._linalg", "torch._C._special", "torch._C._fft", "torch.special", "torch.linalg", "torch.fft",
                "_operator", "operator", "math"}
-_CONSTS = (int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout, enum.Enum)
 _WRAP = "torch.fx._symbolic_trace.wrap"
 _OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+_CONSTS = (int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout,
+           enum.Enum) + _OPS
+_TRUSTED_FNS = (fx._symbolic_trace._assert_is_none, fx._symbolic_trace.wrap, torch._assert, torch.Tensor, torch.Size,
+                torch.device, _safe_getattr)
 _NAMESPACES = (torch._ops._OpNamespace, type(torch.ops)) + _OPS
 _NODES = (ast.Module, ast.FunctionDef, ast.arguments, ast.arg, ast.Assign, ast.Return, ast.Expr, ast.Delete, ast.Pass,
           ast.Call, ast.keyword, ast.Attribute, ast.Name, ast.Constant, ast.Tuple, ast.List, ast.Dict, ast.Subscript,
-          ast.Slice, ast.Starred, ast.BinOp, ast.UnaryOp, ast.Compare, ast.expr_context, ast.operator, ast.unaryop, ast.cmpop)
+          ast.Slice, ast.Starred, ast.BinOp, ast.UnaryOp, ast.Compare, ast.expr_context, ast.operator, ast.unaryop,
+          ast.cmpop)
 
 
 def _ok_value(obj) -> bool:
     """May fx code reference `obj`? Constants, op overloads, trusted classes, and public ops of torch/operator/math."""
-    if isinstance(obj, _CONSTS + _OPS) or any(obj is t for t in (torch.Tensor, torch.Size, torch.device, _safe_getattr)) or _ok_class(obj):
-        return True
-    fns = (fx._symbolic_trace._assert_is_none, fx._symbolic_trace.wrap, torch._assert, *_leaf_functions, *timm_fx.get_notrace_functions())
-    if any(obj is f for f in fns):
+    fns = (*_TRUSTED_FNS, *_leaf_functions, *timm_fx.get_notrace_functions())
+    if isinstance(obj, _CONSTS) or _ok_class(obj) or any(obj is f for f in fns):
         return True
     name, mod = getattr(obj, "__name__", "_"), getattr(obj, "__module__", None) or ""
     return (callable(obj) and not isinstance(obj, type) and not name.startswith("_") and name not in _DENY_NAMES
@@ -121,15 +123,16 @@ def _import_globals(block: str) -> dict:
                 g[a.asname or a.name.split(".")[0]] = import_module(a.name if a.asname else a.name.split(".")[0])
         elif isinstance(st, ast.ImportFrom) and st.module == "builtins" and [a.name for a in st.names] == ["getattr"]:
             g[st.names[0].asname or "getattr"] = _safe_getattr
-        elif isinstance(st, ast.ImportFrom) and st.level == 0 and (_ok_module(st.module, _CODE_ROOTS) or st.module in sys.modules):
-            for a in st.names:
+        elif isinstance(st, ast.ImportFrom) and st.level == 0 and (_ok_module(st.module, _CODE_ROOTS)
+                                                                   or st.module in sys.modules):
+            for a in st.names:  # every imported object is vetted; user modules only if already imported
                 obj = getattr(sys.modules.get(st.module) or import_module(st.module), a.name, None)
                 if not _ok_value(obj):
                     raise VitccError(f"refusing to import {st.module}.{a.name} in a pickled GraphModule")
                 g[a.asname or a.name] = obj
         elif isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) and (
-                isinstance(st.value, ast.Constant) and isinstance(st.value.value, str) or ast.unparse(st.value) == "type(None)"):
-            g[st.targets[0].id] = st.value.value if isinstance(st.value, ast.Constant) else type(None)
+                ast.unparse(st.value) == "type(None)" or isinstance(getattr(st.value, "value", None), str)):
+            g[st.targets[0].id] = type(None) if isinstance(st.value, ast.Call) else st.value.value  # str annotation
         else:
             raise VitccError(f"refusing unexpected statement in a pickled GraphModule: {ast.unparse(st)[:80]}")
     return g
@@ -138,11 +141,20 @@ def _import_globals(block: str) -> dict:
 def _chain_problem(node, obj, parents) -> str | None:
     """Resolve a dotted name rooted at a global (e.g. torch.nn.functional.gelu) and vet every step."""
     while isinstance(parents.get(node), ast.Attribute):
-        if not (isinstance(obj, _NAMESPACES) or isinstance(obj, types.ModuleType) and _ok_module(obj.__name__, _CODE_ROOTS)):
+        if not (isinstance(obj, _NAMESPACES)
+                or isinstance(obj, types.ModuleType) and _ok_module(obj.__name__, _CODE_ROOTS)):
             return f"use of {ast.unparse(node)}"
         node = parents[node]
         obj = getattr(obj, node.attr, None)
     return None if _ok_value(obj) else f"use of {ast.unparse(node)}"
+
+
+def _is_fx_wrap(stmt) -> bool:
+    """fx emits `torch.fx._symbolic_trace.wrap("name")` lines for autowrapped functions."""
+    call = getattr(stmt, "value", None)
+    return (isinstance(stmt, ast.Expr) and isinstance(call, ast.Call) and ast.unparse(call.func) == _WRAP
+            and not call.keywords and len(call.args) == 1 and isinstance(call.args[0], ast.Constant)
+            and isinstance(call.args[0].value, str))
 
 
 def _safe_reduce_graph_module(body: dict, import_block: str) -> torch.nn.Module:
@@ -150,10 +162,9 @@ def _safe_reduce_graph_module(body: dict, import_block: str) -> torch.nn.Module:
     from torch.fx.graph_module import _deserialize_graph_module
     g, src = _import_globals(import_block), body.get("_code") or body.get("code") or ""
     tree = ast.parse(src)
-    *wraps, fn = tree.body or [None]  # fx emits `torch.fx._symbolic_trace.wrap("name")` for autowrapped functions
-    if not (isinstance(fn, ast.FunctionDef) and fn.name == "forward" and not fn.decorator_list) or not all(
-            isinstance(w, ast.Expr) and isinstance(w.value, ast.Call) and ast.unparse(w.value.func) == _WRAP
-            and [type(a.value) for a in w.value.args] == [str] and not w.value.keywords for w in wraps):
+    *wraps, fn = tree.body or [None]
+    if not (isinstance(fn, ast.FunctionDef) and fn.name == "forward" and not fn.decorator_list
+            and all(map(_is_fx_wrap, wraps))):
         raise VitccError("refusing to load a pickled GraphModule: its code is not a single fx forward function")
     parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
     for node in ast.walk(tree):
@@ -163,7 +174,7 @@ def _safe_reduce_graph_module(body: dict, import_block: str) -> torch.nn.Module:
             bad = f"a {type(node).__name__} statement"
         elif name.startswith("__"):
             bad = f"dunder access {ast.unparse(node)}"
-        elif name in g and (isinstance(node, ast.arg) or isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)):
+        elif name in g and (isinstance(node, ast.arg) or isinstance(getattr(node, "ctx", None), (ast.Store, ast.Del))):
             bad = f"rebinding global {name}"
         elif isinstance(node, ast.Name) and name in g:
             bad = _chain_problem(node, g[name], parents)
@@ -191,7 +202,8 @@ def _timm_model(name: str) -> torch.nn.Module:
 
 def _cannot_read(path, e: Exception) -> VitccError:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return VitccError(f"cannot read {path}: {reason}; expected a torch.save'd module, a state dict (.pt) or a .safetensors file")
+    return VitccError(f"cannot read {path}: {reason}; "
+                      "expected a torch.save'd module, a state dict (.pt) or a .safetensors file")
 
 
 def _existing(path) -> Path:
@@ -219,11 +231,14 @@ def _read_state_dict(path) -> dict:
 
 def _load_state(model: torch.nn.Module, sd: dict, path, arch: str) -> None:
     own = model.state_dict()
-    problems = ([f"missing {k}" for k in own if k not in sd] + [f"unexpected {k}" for k in sd if k not in own]
-                + [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                   for k, v in sd.items() if k in own and v.shape != own[k].shape])
-    if problems:
-        raise VitccError(f"{path} does not fit {arch}: {len(problems)} mismatches, e.g. {'; '.join(problems[:4])}")
+    kinds = {"wrong shape": [f"{k} is {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+                             for k, v in sd.items() if k in own and v.shape != own[k].shape],
+             "unexpected": [f"unexpected {k}" for k in sd if k not in own],
+             "missing": [f"missing {k}" for k in own if k not in sd]}
+    if any(kinds.values()):
+        counts = ", ".join(f"{len(v)} {k}" for k, v in kinds.items() if v)
+        examples = "; ".join([e for v in kinds.values() for e in v[:2]][:4])
+        raise VitccError(f"{path} does not fit {arch} ({counts}): {examples}")
     model.load_state_dict(sd, strict=True)
 
 
@@ -238,7 +253,7 @@ def load_model(spec: str, *, weights: str | None = None, arch: str | None = None
             _load_state(model, _read_state_dict(weights), weights, spec)
         return model.eval()
     if weights:
-        raise VitccError("--weights only applies to a timm: spec; for a state-dict file pass it as the model with --arch")
+        raise VitccError("--weights only applies to a timm: spec; pass a state-dict file as the model with --arch")
     path = Path(spec)
     if path.suffix not in (".pt", ".pth", ".safetensors"):
         raise VitccError(f"unknown model spec {spec!r}: expected {_FORMS}")
@@ -281,7 +296,8 @@ def input_shape_for(model: torch.nn.Module, override: str | tuple | None = None)
     shape = getattr(model, "vitcc_input_shape", None) or meta.get("input_shape")
     if shape:
         return tuple(int(d) for d in shape)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or meta.get("pretrained_cfg") or {}
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or meta.get("pretrained_cfg")
+    cfg = cfg if isinstance(cfg, dict) else {}
     if cfg.get("input_size"):
         size = tuple(cfg["input_size"])
         img = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm keeps the default cfg when
@@ -345,8 +361,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> f
         where = f"in module {tracer.failed_in[0]!r}" if tracer.failed_in else "in the top-level forward"
         leaf = tracer.failed_in[1] if tracer.failed_in else "<ClassName>"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise VitccError(f"cannot trace {src}: {first}, {where}; mark it as a leaf with "
-                         f"vitcc.frontend.register_leaf_module({leaf}) or timm.layers.register_notrace_module") from None
+        raise VitccError(f"cannot trace {src}: {first}, {where}; mark it as a leaf with vitcc.frontend."
+                         f"register_leaf_module({leaf}) or timm.layers.register_notrace_module") from None
     _drop_placeholders(graph, len(example_inputs))
     gm = fx.GraphModule(model, graph)
     cfg = getattr(model, "pretrained_cfg", None) or meta.get("pretrained_cfg")

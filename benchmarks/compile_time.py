@@ -1,0 +1,396 @@
+"""Compile-time benchmark: vitcc's passes vs Torch-Pruning's DependencyGraph + prune.
+
+For ViT-Ti/S/B (width) and ViT-S at depth 6/12/24/48 (depth), at one sparsity, measures
+
+* vitcc: tracing (timed as a separate `vitcc.frontend.trace` call), then every pass of
+  `vitcc.compile(model, "magnitude", sparsity=s)` as reported in `report["passes"]`
+  (analyze, magnitude, select, rewrite, fold, dce, verify), and the whole `compile` call.
+  "other" = compile total - sum(passes): tracing inside compile plus parameter/MAC counting.
+* Torch-Pruning (if installed): `tp.pruner.MetaPruner(...)` construction, which builds the
+  DependencyGraph by tracing the model, and `pruner.step()`, timed separately.
+
+Torch-Pruning is set up as in its timm ViT example (examples/transformers/prune_timm_vit.py):
+`num_heads={attn.qkv: attn.num_heads}`, timm `Attention.forward` replaced by one that reshapes with
+-1 instead of a fixed width, the classifier head ignored, and num_heads/head_dim written back to the
+attention modules after pruning. To match vitcc's uniform pruning of the residual stream, heads,
+head dims and MLP hidden units, it prunes heads and head dims (`prune_num_heads=True,
+prune_head_dims=True, head_pruning_ratio=pruning_ratio=s`) with a group L2 magnitude importance.
+Fused attention: the DependencyGraph is built with `fused_attn=False` (TP's timm examples set
+TIMM_FUSED_ATTN=0); the replacement forward passes `scale=self.scale` to SDPA so that, after head
+dims are pruned, fused and unfused attention still compute the same function (SDPA's default scale
+would become 1/sqrt(pruned head_dim)). After pruning the TP model is run with both paths as a check.
+
+Usage:  python benchmarks/compile_time.py [--quick] [--threads 1] [--sparsity 0.5]
+Writes benchmarks/results/compile_time.md and .json (see --out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib.metadata as md
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import vitcc
+from vitcc.frontend import trace as vitcc_trace
+from vitcc.metrics import count_macs, count_params
+
+try:
+    import torch_pruning as tp
+except Exception:  # not installed (or broken): its columns become n/a
+    tp = None
+
+PASSES = ["analyze", "magnitude", "select", "rewrite", "fold", "dce", "verify"]
+WIDTH = [("ViT-Ti", "vit_tiny_patch16_224", {}),
+         ("ViT-S", "vit_small_patch16_224", {}),
+         ("ViT-B", "vit_base_patch16_224", {})]
+DEPTHS = [6, 12, 24, 48]
+HERE = Path(__file__).resolve().parent
+
+
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def _make(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# ---------------------------------------------------------------------------------------- vitcc
+
+def run_vitcc(model: torch.nn.Module, x: torch.Tensor, sparsity: float) -> dict:
+    gc.collect()
+    t0 = time.perf_counter()
+    vitcc_trace(model, (x,))
+    trace_s = time.perf_counter() - t0
+    gc.collect()
+    t0 = time.perf_counter()
+    r = vitcc.compile(model, "magnitude", sparsity=sparsity, example_inputs=(x,))
+    total = time.perf_counter() - t0
+    passes = {p["name"]: p["seconds"] for p in r.report["passes"]}
+    rep = r.report
+    return {"trace": trace_s, **{p: passes.get(p) for p in PASSES},
+            "other": total - sum(passes.values()), "total": total,
+            "total_excl_verify": total - passes.get("verify", 0.0),
+            "params_before": rep["params_before"], "params_after": rep["params_after"],
+            "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
+            "max_abs_error": rep.get("max_abs_error"), "widths": rep.get("widths")}
+
+
+# ------------------------------------------------------------------------------- Torch-Pruning
+
+def _tp_attention_forward(self, x, attn_mask=None, is_causal=False):
+    """timm Attention.forward that works after its widths were pruned (and keeps its scale)."""
+    B, N, _ = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if self.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0,
+                                             scale=self.scale)
+    else:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("benchmark forward: masks are not used by these ViTs")
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = self.attn_drop(attn) @ v
+    out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        out = out * gate
+    return self.proj_drop(self.proj(out))
+
+
+def _attentions(model):
+    from timm.models.vision_transformer import Attention
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def run_tp(model: torch.nn.Module, x: torch.Tensor, sparsity: float, round_to: int | None,
+           check: bool) -> dict:
+    attns = _attentions(model)
+    num_heads = {}
+    for a in attns:
+        a.forward = _tp_attention_forward.__get__(a, type(a))
+        a.fused_attn = False  # trace the explicit matmul/softmax path
+        num_heads[a.qkv] = a.num_heads
+    imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
+    gc.collect()
+    t0 = time.perf_counter()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Unwrapped parameters detected: cls_token, pos_embed"
+        pruner = tp.pruner.MetaPruner(
+            model, x, importance=imp, pruning_ratio=sparsity, global_pruning=False,
+            ignored_layers=[model.head], num_heads=num_heads, prune_num_heads=True,
+            prune_head_dims=True, head_pruning_ratio=sparsity, round_to=round_to)
+    build = time.perf_counter() - t0
+    gc.collect()
+    t0 = time.perf_counter()
+    pruner.step()
+    step = time.perf_counter() - t0
+    for a in attns:  # write the pruned widths back (not timed; a few attribute stores)
+        a.num_heads = pruner.num_heads[a.qkv]
+        a.head_dim = a.qkv.out_features // (3 * a.num_heads)
+        a.attn_dim = a.num_heads * a.head_dim
+    out = {"build": build, "step": step, "total": build + step, "params_after": count_params(model)}
+    if check:
+        try:
+            with torch.no_grad():
+                y_unfused = model(x)
+                for a in attns:
+                    a.fused_attn = True
+                y_fused = model(x)
+            out.update(runs=bool(torch.isfinite(y_unfused).all()) and tuple(y_unfused.shape) == (1, 1000),
+                       fused_vs_unfused=float((y_fused - y_unfused).abs().max()),
+                       macs_after=count_macs(model, (x,)),
+                       heads=attns[0].num_heads, head_dim=attns[0].head_dim,
+                       embed_dim=int(model.cls_token.shape[-1]), mlp_hidden=model.blocks[0].mlp.fc1.out_features)
+        except Exception as e:
+            out.update(runs=False, run_error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return out
+
+
+# --------------------------------------------------------------------------------------- driver
+
+def bench_case(label, name, kwargs, args, repeats) -> dict:
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    res = {"label": label, "model": name, "kwargs": kwargs, "repeats": repeats, "vitcc": [], "tp": []}
+    for i in range(repeats):
+        try:
+            res["vitcc"].append(run_vitcc(_make(name, kwargs, i), x, args.sparsity))
+        except Exception as e:
+            res["vitcc_error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            break
+    if tp is not None and not args.no_tp:
+        for i in range(repeats):
+            try:
+                res["tp"].append(run_tp(_make(name, kwargs, i), x, args.sparsity, args.round_to,
+                                        check=(i == repeats - 1)))
+            except Exception as e:
+                res["tp_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                traceback.print_exc()
+                break
+    keys_v = ["trace", *PASSES, "other", "total", "total_excl_verify"]
+    res["vitcc_median"] = {k: _median([r[k] for r in res["vitcc"]]) for k in keys_v} if res["vitcc"] else None
+    res["tp_median"] = ({k: _median([r[k] for r in res["tp"]]) for k in ("build", "step", "total")}
+                        if res["tp"] else None)
+    if res["vitcc"]:
+        last = res["vitcc"][-1]
+        res["info"] = {k: last[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
+                                            "max_abs_error", "widths")}
+    if res["tp"]:
+        res["tp_info"] = {k: v for k, v in res["tp"][-1].items() if k not in ("build", "step", "total")}
+    return res
+
+
+def _warmup(args):
+    """One small compile and one small TP prune, untimed, so lazy imports/inits are not billed."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    m = _make("vit_tiny_patch16_224", kw, 0)
+    x = torch.randn(1, 3, 32, 32)
+    vitcc.compile(m, "magnitude", sparsity=args.sparsity, example_inputs=(x,))
+    if tp is not None and not args.no_tp:
+        m = _make("vit_tiny_patch16_224", kw, 0)
+        run_tp(m, x, args.sparsity, args.round_to, check=False)
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _m(v):
+    return "n/a" if v is None else f"{v / 1e6:.2f}M"
+
+
+def render(meta, width_rows, depth_rows) -> str:
+    L = []
+    L.append("# Compile time: vitcc passes vs Torch-Pruning\n")
+    L.append(f"- command: `{meta['command']}`")
+    L.append(f"- date: {meta['date']}")
+    L.append(f"- versions: torch {meta['torch']}, timm {meta['timm']}, torch-pruning {meta['torch_pruning']}, "
+             f"vitcc {meta['vitcc']}, python {meta['python']}")
+    L.append(f"- machine: {meta['machine']}, nproc={meta['nproc']} (shared with other work; timings are "
+             f"wall-clock and somewhat noisy), torch threads={meta['threads']}, CPU, batch 1x3x224x224, fp32")
+    L.append(f"- sparsity {meta['sparsity']}; medians over {meta['repeats_small']} repeats for models under "
+             f"{meta['large_params'] / 1e6:.0f}M parameters, {meta['repeats_large']} for larger ones (column `n`); "
+             "each repeat uses a freshly built model; one small untimed warm-up compile/prune first.")
+    L.append("")
+    L.append("**Note:** vitcc's total includes `verify`, the equivalence check (it runs the compact model "
+             "and the masked original and compares outputs), which Torch-Pruning does not do; the "
+             "`vitcc excl. verify` column subtracts it. vitcc's total also includes tracing (torch.fx + "
+             "shape propagation) and parameter/MAC counting (column `other`); Torch-Pruning's build "
+             "includes its own tracing (an autograd-graph walk).\n")
+    L.append("Torch-Pruning setup (following its timm ViT example, own code): `MetaPruner(model, x, "
+             "GroupMagnitudeImportance(p=2, group_reduction='sum', normalizer=None), pruning_ratio=s, "
+             "global_pruning=False, ignored_layers=[model.head], num_heads={attn.qkv: attn.num_heads}, "
+             f"prune_num_heads=True, prune_head_dims=True, head_pruning_ratio=s, round_to={meta['round_to']})`, "
+             "timm Attention.forward replaced by one that reshapes with -1 and passes `scale=self.scale` to SDPA; "
+             "DependencyGraph built with `fused_attn=False`; num_heads/head_dim/attn_dim written back after "
+             "`step()`. vitcc: `vitcc.compile(model, 'magnitude', sparsity=s)` (defaults: uniform, all group "
+             "kinds residual/heads/head_dim/mlp, align=1).\n")
+    for title, rows in (("Width: ViT-Ti / ViT-S / ViT-B", width_rows),
+                        ("Depth: vit_small_patch16_224 with depth=N", depth_rows)):
+        if not rows:
+            continue
+        L.append(f"## {title}\n")
+        L.append("### Side by side (seconds)\n")
+        L.append("| model | params | n | vitcc total | vitcc excl. verify | TP build (DepGraph+MetaPruner) "
+                 "| TP step | TP total | vitcc/TP | params after vitcc | params after TP | TP model runs |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            v, t = r["vitcc_median"] or {}, r["tp_median"] or {}
+            info, ti = r.get("info", {}), r.get("tp_info", {})
+            ratio = (v["total"] / t["total"]) if v.get("total") and t.get("total") else None
+            runs = "n/a"
+            if "tp_error" in r:
+                runs = f"TP failed: {r['tp_error'][:80]}"
+            elif "runs" in ti:
+                runs = "yes" if ti["runs"] else f"NO ({ti.get('run_error', 'non-finite/bad shape')[:80]})"
+            L.append(f"| {r['label']} | {_m(info.get('params_before'))} | {r['repeats']} | {_fmt(v.get('total'))} "
+                     f"| {_fmt(v.get('total_excl_verify'))} | {_fmt(t.get('build'))} | {_fmt(t.get('step'))} "
+                     f"| {_fmt(t.get('total'))} | {_fmt(ratio, 2)} | {_m(info.get('params_after'))} "
+                     f"| {_m(ti.get('params_after'))} | {runs} |")
+        L.append("")
+        L.append("### vitcc per pass (seconds)\n")
+        L.append("| model | trace (separate call) | " + " | ".join(PASSES) + " | other (trace+counting) | total |")
+        L.append("|---|" + "---:|" * (len(PASSES) + 3))
+        for r in rows:
+            v = r["vitcc_median"] or {}
+            L.append(f"| {r['label']} | {_fmt(v.get('trace'))} | "
+                     + " | ".join(_fmt(v.get(p)) for p in PASSES)
+                     + f" | {_fmt(v.get('other'))} | {_fmt(v.get('total'))} |")
+        L.append("")
+    notes = []
+    for r in width_rows + depth_rows:
+        ti = r.get("tp_info", {})
+        if "vitcc_error" in r:
+            notes.append(f"- {r['label']}: vitcc failed: {r['vitcc_error']}")
+        if "tp_error" in r:
+            notes.append(f"- {r['label']}: Torch-Pruning failed: {r['tp_error']}")
+        if ti.get("runs") is False:
+            notes.append(f"- {r['label']}: the Torch-Pruning-pruned model did not run: {ti.get('run_error')}")
+        if r.get("info", {}).get("params_after") and ti.get("params_after") \
+                and r["info"]["params_after"] != ti["params_after"]:
+            notes.append(f"- {r['label']}: params after differ: vitcc {r['info']['params_after']:,} vs "
+                         f"TP {ti['params_after']:,}")
+    L.append("## Checks\n")
+    for r in width_rows + depth_rows:
+        info, ti = r.get("info", {}), r.get("tp_info", {})
+        err = info.get("max_abs_error")
+        line = (f"- {r['label']}: vitcc max |compact - masked| = {'n/a' if err is None else format(err, '.2e')}, "
+                f"MACs {_m(info.get('macs_before'))} -> {_m(info.get('macs_after'))}")
+        if ti:
+            line += (f"; TP MACs after {_m(ti.get('macs_after'))}, heads/block {ti.get('heads')}, head_dim "
+                     f"{ti.get('head_dim')}, embed {ti.get('embed_dim')}, mlp {ti.get('mlp_hidden')}, "
+                     "TP model fused vs unfused attention max diff "
+                     + ("n/a" if ti.get("fused_vs_unfused") is None else format(ti["fused_vs_unfused"], ".2e")))
+        L.append(line)
+    if notes:
+        L.append("\nNotable:\n")
+        L.extend(notes)
+    L.append("")
+    return "\n".join(L)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="ViT-Ti and depth 6 only, 1 repeat")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--repeats-small", type=int, default=3)
+    ap.add_argument("--repeats-large", type=int, default=1)
+    ap.add_argument("--large-params", type=float, default=50e6, help="models with at least this many "
+                    "parameters are large")
+    ap.add_argument("--round-to", type=int, default=None, help="Torch-Pruning round_to (vitcc align=1)")
+    ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even if installed")
+    ap.add_argument("--out", default=str(HERE / "results" / "compile_time"),
+                    help="output path without extension (.md and .json are written)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    width = WIDTH[:1] if args.quick else WIDTH
+    depths = DEPTHS[:1] if args.quick else DEPTHS
+    if args.quick:
+        args.repeats_small = args.repeats_large = 1
+    _warmup(args)
+
+    cache: dict[tuple, dict] = {}
+
+    def case(label, name, kwargs):
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            n_params = sum(p.numel() for p in _make(name, kwargs, 0).parameters())
+            reps = args.repeats_large if n_params >= args.large_params else args.repeats_small
+            t0 = time.perf_counter()
+            cache[key] = bench_case(label, name, kwargs, args, reps)
+            v, t = cache[key]["vitcc_median"] or {}, cache[key]["tp_median"] or {}
+            print(f"{label:10s} n={reps} vitcc {_fmt(v.get('total'))}s  TP {_fmt(t.get('total'))}s  "
+                  f"(case wall {time.perf_counter() - t0:.1f}s)", flush=True)
+        return {**cache[key], "label": label}
+
+    t_start = time.perf_counter()
+    width_rows = [case(label, name, kw) for label, name, kw in width]
+    depth_rows = [case(f"depth {d}", "vit_small_patch16_224", {"depth": d}) for d in depths]
+
+    meta = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__, "timm": timm.__version__,
+        "torch_pruning": _version("torch-pruning") if tp is not None else "not installed",
+        "vitcc": getattr(vitcc, "__version__", "?"), "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "nproc": os.cpu_count(),
+        "threads": args.threads, "sparsity": args.sparsity, "repeats_small": args.repeats_small,
+        "repeats_large": args.repeats_large, "large_params": args.large_params, "round_to": args.round_to,
+        "quick": args.quick, "wall_seconds": time.perf_counter() - t_start,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+        if model_name:
+            meta["machine"] += f" ({model_name})"
+    except OSError:
+        pass
+    try:
+        meta["nproc"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    data = {"meta": meta, "width": width_rows, "depth": depth_rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    out.with_suffix(".json").write_text(text + "\n")
+    md_text = render(meta, width_rows, depth_rows)
+    md_text += (f"\n## Raw JSON\n\nAlso in `{out.with_suffix('.json').name}`.\n\n<details><summary>raw JSON"
+                f"</summary>\n\n```json\n{text}\n```\n\n</details>\n")
+    out.with_suffix(".md").write_text(md_text)
+    print(f"wrote {out.with_suffix('.md')} and .json ({meta['wall_seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

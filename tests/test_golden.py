@@ -1,0 +1,20 @@
+"""Golden groups: the analysis of deit_tiny must not drift silently (regenerate with `vitcc inspect --json`)."""
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from vitcc.cli import app
+
+GOLDEN = Path(__file__).parent / "data" / "deit_tiny_groups.json"
+
+
+def test_deit_tiny_groups_match_golden():
+    result = CliRunner().invoke(app, ["inspect", "timm:deit_tiny_patch16_224", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    want = json.loads(GOLDEN.read_text())
+    assert got == want
+    kinds = [g["kind"] for g in got["groups"]]
+    assert kinds.count("heads") == 12 and kinds.count("mlp") == 12 and kinds.count("residual") == 1
+    assert kinds.count("head_dim") == 24 and not got["frozen"]

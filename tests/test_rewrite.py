@@ -1,0 +1,42 @@
+import torch
+
+import vitcc
+
+from conftest import image, tiny_vit
+
+
+def test_parameters_are_sliced_trainable_and_attributes_follow():
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),))
+    m = r.module
+    qkv = m.get_submodule("blocks.0.attn.qkv")
+    assert isinstance(qkv.weight, torch.nn.Parameter) and qkv.weight.requires_grad
+    assert qkv.in_features == qkv.weight.shape[1] == 24
+    assert m.get_submodule("blocks.0.mlp.fc1").out_features == 96
+    loss = m(image()).sum()
+    loss.backward()
+    assert qkv.weight.grad is not None and qkv.weight.grad.shape == qkv.weight.shape
+
+
+def test_head_dim_pruning_keeps_the_original_attention_scale():
+    r = vitcc.compile(tiny_vit(fused=True), "magnitude", sparsity=0.5, prune="head_dim", example_inputs=(image(),))
+    sdpa = [n for n in r.module.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert sdpa and all(abs(n.kwargs["scale"] - 16 ** -0.5) < 1e-9 for n in sdpa)
+    assert r.report["max_abs_error"] < 1e-5
+
+
+def test_result_needs_no_vitcc_code(tmp_path):
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.3, example_inputs=(image(),))
+    code = r.module.code
+    assert "vitcc" not in code
+    path = tmp_path / "m.pt"
+    vitcc.save(r.module, path)
+    again = torch.load(path, weights_only=False)
+    torch.testing.assert_close(again(image()), r.module(image()))
+
+
+def test_the_users_model_is_left_untouched():
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    vitcc.compile(model, "magnitude", sparsity=0.5, example_inputs=(image(),))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
