@@ -80,19 +80,31 @@ def _median(xs):
 # ---------------------------------------------------------------------------------------- vitcc
 
 def run_vitcc(model: torch.nn.Module, x: torch.Tensor, sparsity: float) -> dict:
+    """Wall seconds (as vitcc's PassManager reports them) and process CPU seconds (via on_pass)."""
     gc.collect()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     vitcc_trace(model, (x,))
-    trace_s = time.perf_counter() - t0
+    trace_s, trace_cpu = time.perf_counter() - t0, time.process_time() - c0
+    cpu: dict[str, float] = {}
+
+    def on_pass(p, phase):
+        if phase == "start":
+            cpu[p.name] = time.process_time()
+        else:
+            cpu[p.name] = time.process_time() - cpu[p.name]
+
     gc.collect()
-    t0 = time.perf_counter()
-    r = vitcc.compile(model, "magnitude", sparsity=sparsity, example_inputs=(x,))
-    total = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = vitcc.compile(model, "magnitude", sparsity=sparsity, example_inputs=(x,), on_pass=on_pass)
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     passes = {p["name"]: p["seconds"] for p in r.report["passes"]}
     rep = r.report
     return {"trace": trace_s, **{p: passes.get(p) for p in PASSES},
             "other": total - sum(passes.values()), "total": total,
             "total_excl_verify": total - passes.get("verify", 0.0),
+            "cpu": {"trace": trace_cpu, **{p: cpu.get(p) for p in PASSES},
+                    "other": total_cpu - sum(cpu.values()), "total": total_cpu,
+                    "total_excl_verify": total_cpu - cpu.get("verify", 0.0)},
             "params_before": rep["params_before"], "params_after": rep["params_after"],
             "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
             "max_abs_error": rep.get("max_abs_error"), "widths": rep.get("widths")}
@@ -136,7 +148,7 @@ def run_tp(model: torch.nn.Module, x: torch.Tensor, sparsity: float, round_to: i
         num_heads[a.qkv] = a.num_heads
     imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
     gc.collect()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Unwrapped parameters detected: cls_token, pos_embed"
@@ -144,16 +156,18 @@ def run_tp(model: torch.nn.Module, x: torch.Tensor, sparsity: float, round_to: i
             model, x, importance=imp, pruning_ratio=sparsity, global_pruning=False,
             ignored_layers=[model.head], num_heads=num_heads, prune_num_heads=True,
             prune_head_dims=True, head_pruning_ratio=sparsity, round_to=round_to)
-    build = time.perf_counter() - t0
+    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     gc.collect()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     pruner.step()
-    step = time.perf_counter() - t0
+    step, step_cpu = time.perf_counter() - t0, time.process_time() - c0
     for a in attns:  # write the pruned widths back (not timed; a few attribute stores)
         a.num_heads = pruner.num_heads[a.qkv]
         a.head_dim = a.qkv.out_features // (3 * a.num_heads)
         a.attn_dim = a.num_heads * a.head_dim
-    out = {"build": build, "step": step, "total": build + step, "params_after": count_params(model)}
+    out = {"build": build, "step": step, "total": build + step,
+           "cpu": {"build": build_cpu, "step": step_cpu, "total": build_cpu + step_cpu},
+           "params_after": count_params(model)}
     if check:
         try:
             with torch.no_grad():
@@ -193,15 +207,18 @@ def bench_case(label, name, kwargs, args, repeats) -> dict:
                 traceback.print_exc()
                 break
     keys_v = ["trace", *PASSES, "other", "total", "total_excl_verify"]
+    keys_t = ("build", "step", "total")
     res["vitcc_median"] = {k: _median([r[k] for r in res["vitcc"]]) for k in keys_v} if res["vitcc"] else None
-    res["tp_median"] = ({k: _median([r[k] for r in res["tp"]]) for k in ("build", "step", "total")}
-                        if res["tp"] else None)
+    res["tp_median"] = {k: _median([r[k] for r in res["tp"]]) for k in keys_t} if res["tp"] else None
+    res["vitcc_cpu_median"] = ({k: _median([r["cpu"][k] for r in res["vitcc"]]) for k in keys_v}
+                               if res["vitcc"] else None)
+    res["tp_cpu_median"] = {k: _median([r["cpu"][k] for r in res["tp"]]) for k in keys_t} if res["tp"] else None
     if res["vitcc"]:
         last = res["vitcc"][-1]
         res["info"] = {k: last[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
                                             "max_abs_error", "widths")}
     if res["tp"]:
-        res["tp_info"] = {k: v for k, v in res["tp"][-1].items() if k not in ("build", "step", "total")}
+        res["tp_info"] = {k: v for k, v in res["tp"][-1].items() if k not in ("build", "step", "total", "cpu")}
     return res
 
 
@@ -214,6 +231,13 @@ def _warmup(args):
     if tp is not None and not args.no_tp:
         m = _make("vit_tiny_patch16_224", kw, 0)
         run_tp(m, x, args.sparsity, args.round_to, check=False)
+
+
+def _loadavg():
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return None
 
 
 def _fmt(v, nd=3):
@@ -235,11 +259,21 @@ def render(meta, width_rows, depth_rows) -> str:
     L.append(f"- date: {meta['date']}")
     L.append(f"- versions: torch {meta['torch']}, timm {meta['timm']}, torch-pruning {meta['torch_pruning']}, "
              f"vitcc {meta['vitcc']}, python {meta['python']}")
-    L.append(f"- machine: {meta['machine']}, nproc={meta['nproc']} (shared with other work; timings are "
-             f"wall-clock and somewhat noisy), torch threads={meta['threads']}, CPU, batch 1x3x224x224, fp32")
+    L.append(f"- machine: {meta['machine']}, nproc={meta['nproc']} (shared with other work, so timings "
+             f"are noisy), torch threads={meta['threads']}, CPU, batch 1x3x224x224, fp32")
     L.append(f"- sparsity {meta['sparsity']}; medians over {meta['repeats_small']} repeats for models under "
              f"{meta['large_params'] / 1e6:.0f}M parameters, {meta['repeats_large']} for larger ones (column `n`); "
              "each repeat uses a freshly built model; one small untimed warm-up compile/prune first.")
+    L.append("- wall-clock pass times are vitcc's own (`report['passes']`, perf_counter, includes the "
+             "PassManager's graph lint between passes); process-CPU times are `time.process_time()` deltas "
+             "around the same passes (via `on_pass`) and the same TP calls (per-pass CPU times and every "
+             "repeat are in the JSON). When CPU ~= wall, the process was not waiting for a core, but other "
+             "work on the shared cores can still slow it down (caches, SMT, memory bandwidth), so compare "
+             "vitcc and TP within one run rather than across runs.")
+    if meta.get("loadavg"):
+        L.append(f"- load average (1/5/15 min) at start: {meta['loadavg'][0]}, at end: {meta['loadavg'][1]}")
+    if meta["torch_pruning"] == "not installed":
+        L.append("- Torch-Pruning is not installed (`pip install --no-deps torch-pruning`): its columns are n/a.")
     L.append("")
     L.append("**Note:** vitcc's total includes `verify`, the equivalence check (it runs the compact model "
              "and the masked original and compares outputs), which Torch-Pruning does not do; the "
@@ -259,33 +293,36 @@ def render(meta, width_rows, depth_rows) -> str:
         if not rows:
             continue
         L.append(f"## {title}\n")
-        L.append("### Side by side (seconds)\n")
-        L.append("| model | params | n | vitcc total | vitcc excl. verify | TP build (DepGraph+MetaPruner) "
-                 "| TP step | TP total | vitcc/TP | params after vitcc | params after TP | TP model runs |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        for r in rows:
-            v, t = r["vitcc_median"] or {}, r["tp_median"] or {}
-            info, ti = r.get("info", {}), r.get("tp_info", {})
-            ratio = (v["total"] / t["total"]) if v.get("total") and t.get("total") else None
-            runs = "n/a"
-            if "tp_error" in r:
-                runs = f"TP failed: {r['tp_error'][:80]}"
-            elif "runs" in ti:
-                runs = "yes" if ti["runs"] else f"NO ({ti.get('run_error', 'non-finite/bad shape')[:80]})"
-            L.append(f"| {r['label']} | {_m(info.get('params_before'))} | {r['repeats']} | {_fmt(v.get('total'))} "
-                     f"| {_fmt(v.get('total_excl_verify'))} | {_fmt(t.get('build'))} | {_fmt(t.get('step'))} "
-                     f"| {_fmt(t.get('total'))} | {_fmt(ratio, 2)} | {_m(info.get('params_after'))} "
-                     f"| {_m(ti.get('params_after'))} | {runs} |")
-        L.append("")
-        L.append("### vitcc per pass (seconds)\n")
-        L.append("| model | trace (separate call) | " + " | ".join(PASSES) + " | other (trace+counting) | total |")
-        L.append("|---|" + "---:|" * (len(PASSES) + 3))
-        for r in rows:
-            v = r["vitcc_median"] or {}
-            L.append(f"| {r['label']} | {_fmt(v.get('trace'))} | "
-                     + " | ".join(_fmt(v.get(p)) for p in PASSES)
-                     + f" | {_fmt(v.get('other'))} | {_fmt(v.get('total'))} |")
-        L.append("")
+        for clock, vkey, tkey in (("wall-clock", "vitcc_median", "tp_median"),
+                                  ("process CPU", "vitcc_cpu_median", "tp_cpu_median")):
+            L.append(f"### Side by side, {clock} seconds\n")
+            L.append("| model | params | n | vitcc total | vitcc excl. verify | TP build (DepGraph+MetaPruner) "
+                     "| TP step | TP total | vitcc/TP | params after vitcc | params after TP | TP model runs |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            for r in rows:
+                v, t = r.get(vkey) or {}, r.get(tkey) or {}
+                info, ti = r.get("info", {}), r.get("tp_info", {})
+                ratio = (v["total"] / t["total"]) if v.get("total") and t.get("total") else None
+                runs = "n/a"
+                if "tp_error" in r:
+                    runs = f"TP failed: {r['tp_error'][:80]}"
+                elif "runs" in ti:
+                    runs = "yes" if ti["runs"] else f"NO ({ti.get('run_error', 'non-finite/bad shape')[:80]})"
+                L.append(f"| {r['label']} | {_m(info.get('params_before'))} | {r['repeats']} "
+                         f"| {_fmt(v.get('total'))} | {_fmt(v.get('total_excl_verify'))} | {_fmt(t.get('build'))} "
+                         f"| {_fmt(t.get('step'))} | {_fmt(t.get('total'))} | {_fmt(ratio, 2)} "
+                         f"| {_m(info.get('params_after'))} | {_m(ti.get('params_after'))} | {runs} |")
+            L.append("")
+        for clock, vkey in (("wall-clock", "vitcc_median"),):
+            L.append(f"### vitcc per pass, {clock} seconds\n")
+            L.append("| model | trace (separate call) | " + " | ".join(PASSES) + " | other (trace+counting) | total |")
+            L.append("|---|" + "---:|" * (len(PASSES) + 3))
+            for r in rows:
+                v = r.get(vkey) or {}
+                L.append(f"| {r['label']} | {_fmt(v.get('trace'))} | "
+                         + " | ".join(_fmt(v.get(p)) for p in PASSES)
+                         + f" | {_fmt(v.get('other'))} | {_fmt(v.get('total'))} |")
+            L.append("")
     notes = []
     for r in width_rows + depth_rows:
         ti = r.get("tp_info", {})
@@ -297,8 +334,10 @@ def render(meta, width_rows, depth_rows) -> str:
             notes.append(f"- {r['label']}: the Torch-Pruning-pruned model did not run: {ti.get('run_error')}")
         if r.get("info", {}).get("params_after") and ti.get("params_after") \
                 and r["info"]["params_after"] != ti["params_after"]:
+            h = (r["info"].get("widths") or {}).get("heads")
+            vh = f"{h['after'] / h['groups']:g}" if h and h.get("groups") else "?"
             notes.append(f"- {r['label']}: params after differ: vitcc {r['info']['params_after']:,} vs "
-                         f"TP {ti['params_after']:,}")
+                         f"TP {ti['params_after']:,} (heads kept per block: vitcc {vh}, TP {ti.get('heads')})")
     L.append("## Checks\n")
     for r in width_rows + depth_rows:
         info, ti = r.get("info", {}), r.get("tp_info", {})
@@ -314,6 +353,10 @@ def render(meta, width_rows, depth_rows) -> str:
     if notes:
         L.append("\nNotable:\n")
         L.extend(notes)
+    L.append("")
+    L.append("Where parameter counts agree, vitcc and Torch-Pruning reach the same widths, but they do not keep the "
+             "same channels (their group-magnitude definitions differ, e.g. in which biases/norm/embedding "
+             "parameters count), so the two pruned models are not expected to agree numerically.")
     L.append("")
     return "\n".join(L)
 
@@ -350,10 +393,11 @@ def main(argv=None):
             t0 = time.perf_counter()
             cache[key] = bench_case(label, name, kwargs, args, reps)
             v, t = cache[key]["vitcc_median"] or {}, cache[key]["tp_median"] or {}
-            print(f"{label:10s} n={reps} vitcc {_fmt(v.get('total'))}s  TP {_fmt(t.get('total'))}s  "
+            print(f"{label:10s} n={reps} vitcc {_fmt(v.get('total'))} s  TP {_fmt(t.get('total'))} s  "
                   f"(case wall {time.perf_counter() - t0:.1f}s)", flush=True)
         return {**cache[key], "label": label}
 
+    load0 = _loadavg()
     t_start = time.perf_counter()
     width_rows = [case(label, name, kw) for label, name, kw in width]
     depth_rows = [case(f"depth {d}", "vit_small_patch16_224", {"depth": d}) for d in depths]
@@ -367,7 +411,7 @@ def main(argv=None):
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "nproc": os.cpu_count(),
         "threads": args.threads, "sparsity": args.sparsity, "repeats_small": args.repeats_small,
         "repeats_large": args.repeats_large, "large_params": args.large_params, "round_to": args.round_to,
-        "quick": args.quick, "wall_seconds": time.perf_counter() - t_start,
+        "quick": args.quick, "wall_seconds": time.perf_counter() - t_start, "loadavg": [load0, _loadavg()],
     }
     try:
         with open("/proc/cpuinfo") as f:

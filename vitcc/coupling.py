@@ -526,7 +526,9 @@ def _cat(a: Analyzer, node: fx.Node) -> Any:
         out.append(ax)
     along = [t[d] for t in ts]
     n = sum(axis_size(x) for x in along)
-    if not spaces_of(along):
+    if not spaces_of(along) or any(axis_size(x) > 1 and not spaces_of([x]) for x in along):
+        for sp in spaces_of(along):  # joined with fixed data (patch tokens): a token axis, not channels
+            freeze(sp, a.why("concatenated with a fixed axis"), fixed=True)
         cat_axis = (n,)
     elif all(ax == along[0] for ax in along):  # k copies of one layout: a fixed k times that layout
         cat_axis = (len(along),) + tuple(along[0])
