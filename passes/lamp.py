@@ -17,8 +17,9 @@ from .magnitude import group_norms
 @register_pass("lamp")
 class Lamp(Pass):
     def run(self, program: Program) -> PassResult:
+        cache: dict = {}
         for g in program.groups:
-            energy = group_norms(program, g, 2.0)
+            energy = group_norms(program, g, 2.0, cache)
             order = torch.argsort(energy)
             sorted_e = energy[order]
             tail = torch.flip(torch.cumsum(torch.flip(sorted_e, [0]), 0), [0]).clamp_min(1e-30)

@@ -8,17 +8,24 @@ from vitcc.pipeline import Pass, PassResult, register_pass
 from vitcc.spaces import index_map
 
 
-def group_norms(program: Program, group, p: float = 2.0) -> torch.Tensor:
-    """Per-index sum of |w|^p over every parameter slice laid on the group (not yet the p-th root)."""
+def group_norms(program: Program, group, p: float = 2.0, cache: dict | None = None) -> torch.Tensor:
+    """Per-index sum of |w|^p over every parameter slice laid on the group (not yet the p-th root).
+
+    `cache` keeps each parameter's per-row sums across groups: a qkv weight is read once, not per group.
+    """
     total = torch.zeros(group.size, dtype=torch.float64)
     state = dict(program.gm.named_parameters())
+    cache = {} if cache is None else cache
     for m in group.members:
         w = state.get(m.param)
         if w is None:
             continue
         axis_space = program.coupling.params[m.param][m.axis]
         idx = torch.as_tensor(_axis_index_map(axis_space, group.space))
-        rows = w.detach().double().abs().pow(p).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
+        key = (m.param, m.axis, p)
+        if key not in cache:
+            cache[key] = w.detach().double().abs().pow(p).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
+        rows = cache[key]
         sel = idx >= 0
         total.index_add_(0, idx[sel], rows[sel])
     return total
@@ -39,6 +46,7 @@ class Magnitude(Pass):
 
     def run(self, program: Program) -> PassResult:
         p = float(self.options.get("p", 2))
+        cache: dict = {}
         for g in program.groups:
-            program.scores[g.name] = group_norms(program, g, p).pow(1.0 / p).float()
+            program.scores[g.name] = group_norms(program, g, p, cache).pow(1.0 / p).float()
         return PassResult(info={"p": p})
