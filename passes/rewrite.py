@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcc.coupling import is_ttype, shape_of
-from vitcc.ir import Program, axis_count, axis_positions
+from vitcc.ir import Program, axis_count
+from vitcc.spaces import axis_kept, normalize
 from vitcc.pipeline import Pass, PassResult, register_pass
 
 _SIZE_METHODS = {"view", "reshape", "expand"}
@@ -56,7 +57,7 @@ def _slice_parameters(gm: fx.GraphModule, params: dict, keep: dict) -> int:
         old = getattr(mod, attr)
         new = old.detach()
         for axis, ax in enumerate(t):
-            idx = axis_positions(ax, keep)
+            idx = axis_kept(normalize(ax), keep)
             if len(idx) != new.shape[axis]:
                 new = new.index_select(axis, torch.as_tensor(idx, dtype=torch.long))
         if new.shape == old.shape:

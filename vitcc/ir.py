@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from .coupling import Coupling
 from .groups import Group
-from .spaces import Axis, Space, find, fsize, kept_positions, normalize
+from .spaces import Axis, axis_kept, find, fsize, normalize
 
 
 @dataclass
@@ -66,18 +66,9 @@ def axis_mask(axis: Axis, keep: dict[int, np.ndarray], aliases: dict) -> np.ndar
     if any(not isinstance(f, int) and find(f).split is None and find(f) in aliases for f in factors):
         return None
     size = int(np.prod([fsize(f) for f in factors], dtype=np.int64)) if factors else 1
-    flat = np.zeros(1, dtype=np.int64)
-    for f in factors:
-        flat = (flat[:, None] * fsize(f) + kept_positions(f, keep)[None, :]).reshape(-1)
+    flat = axis_kept(factors, keep)
     if len(flat) == size:
         return None
     mask = np.zeros(size, dtype=bool)
     mask[flat] = True
     return mask
-
-
-def axis_positions(axis: Axis, keep: dict[int, np.ndarray]) -> np.ndarray:
-    flat = np.zeros(1, dtype=np.int64)
-    for f in normalize(axis):
-        flat = (flat[:, None] * fsize(f) + kept_positions(f, keep)[None, :]).reshape(-1)
-    return flat
