@@ -148,9 +148,19 @@ def inspect_cmd(
         out.print(f"[yellow]frozen[/yellow] at {f['node']}: {f['reason']}")
 
 
+def _load_commands() -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+    for info in pkgutil.iter_modules(commands.__path__):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: errors become one line on stderr, never a traceback."""
     import click
+    _load_commands()
     try:
         app(args=argv, standalone_mode=False)
         return 0
