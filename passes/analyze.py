@@ -10,7 +10,7 @@ from vitcc.pipeline import Pass, PassResult, register_pass
 @register_pass("analyze", kind="structural")
 class Analyze(Pass):
     def run(self, program: Program) -> PassResult:
-        program.coupling = analyze_graph(program.gm)
+        program.coupling = analyze_graph(program.gm, program.example_inputs)
         program.groups = build_groups(program.coupling)
         seen, frozen = set(), []
         for f in program.coupling.frozen:

@@ -6,6 +6,7 @@ touch and are reported, so an unknown op can make vitcc prune less, never prune 
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -14,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .spaces import Axis, Space, axis_size, decompose, find, freeze, fsize, leaves, normalize, spaces_of, union
 
@@ -66,8 +68,10 @@ def fixed_type(shape: tuple[int, ...]) -> TType:
 class Analyzer:
     """Walks the graph once, applying the rule of each node."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple | None = None, depth: int = 0):
         self.gm = gm
+        self.depth = depth
+        self.values = _record_sizes(gm, example_inputs) if example_inputs is not None else None
         self.types: dict[fx.Node, Any] = {}
         self.params: dict[str, TType] = {}
         self.frozen: list[Frozen] = []
@@ -80,17 +84,8 @@ class Analyzer:
     def param(self, qualname: str) -> TType:
         if qualname not in self.params:
             t = self.gm.get_parameter(qualname) if _has_param(self.gm, qualname) else self.gm.get_buffer(qualname)
-            buffer = not isinstance(t, nn.Parameter)
-            axes = []
-            for i, n in enumerate(t.shape):
-                if n == 1:
-                    axes.append(())
-                    continue
-                s = Space(n)
-                if buffer:  # buffers hold indices, masks and statistics: never channels by themselves
-                    freeze(s, f"buffer {qualname}", fixed=True)
-                axes.append((s,))
-            self.params[qualname] = tuple(axes)
+            # buffers too (a constant k bias carries channels); index buffers become fixed where they index
+            self.params[qualname] = tuple((Space(n),) if n != 1 else () for n in t.shape)
         return self.params[qualname]
 
     def type_of(self, a: Any) -> Any:
@@ -195,8 +190,50 @@ class Analyzer:
         ins = [self.type_of(a) for a in node.all_input_nodes]
         if not any(is_ttype(t) or isinstance(t, (list, tuple)) for t in ins) and shape_of(node) is None:
             return None  # pure python arithmetic on sizes, asserts, ...
+        inlined = self.inline(node)
+        if inlined is not None:
+            return inlined
         self.freeze_types(ins, f"no coupling rule for {_target_name(node)}")
         return _out_fixed(node)
+
+    def inline(self, node: fx.Node) -> Any:
+        """A Python function kept whole in the graph (timm's notrace helpers such as window_reverse): trace
+        its body with the call's concrete sizes and apply the rules of the ops inside."""
+        fn = node.target
+        if node.op != "call_function" or not inspect.isfunction(fn) or self.values is None or self.depth > 3:
+            return None
+        try:
+            bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+            tensors, concrete = {}, {}
+            for name, v in bound.arguments.items():
+                if isinstance(v, fx.Node) and shape_of(v) is not None:
+                    tensors[name] = v
+                else:
+                    concrete[name] = fx.node.map_arg(v, lambda n: self.values[n])
+            names = list(tensors)
+            ns = {"_fn": fn, "_concrete": concrete}  # sizes baked in as constants, tensors as inputs
+            exec(f"def _inline({', '.join(names)}):\n    return _fn({', '.join(f'{n}={n}' for n in names)}, **_concrete)", ns)
+            sub = fx.GraphModule({}, fx.Tracer(autowrap_functions=()).trace(ns["_inline"]))
+            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            args = [torch.zeros(shape_of(tensors[p.target]), dtype=tensors[p.target].meta["tensor_meta"].dtype)
+                    for p in placeholders]
+            ShapeProp(sub).propagate(*args)
+        except Exception:  # not traceable on its own: fall back to freezing
+            return None
+        inner = Analyzer(sub, depth=self.depth + 1)
+        inner.frozen, inner.aliases, inner.equal_counts = self.frozen, self.aliases, self.equal_counts
+        for p in placeholders:
+            inner.types[p] = self.types.get(tensors[p.target])
+        result = None
+        for n in sub.graph.nodes:
+            inner.node = n
+            if n.op == "output":
+                result = inner.type_of(n.args[0])
+            elif n.op != "placeholder":
+                inner.types[n] = inner.apply(n)
+        self.node = node
+        return result
 
 
 def _has_param(m: nn.Module, name: str) -> bool:
@@ -257,9 +294,25 @@ def _dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
 
-def analyze(gm: fx.GraphModule) -> Coupling:
-    """Derive coupled channel spaces from a ShapeProp'ed GraphModule."""
-    return Analyzer(gm).run()
+def analyze(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Coupling:
+    """Derive coupled channel spaces from a ShapeProp'ed GraphModule (inputs let opaque calls be inlined)."""
+    return Analyzer(gm, example_inputs).run()
+
+
+def _record_sizes(gm: fx.GraphModule, example_inputs: tuple) -> dict:
+    """Run the graph once and keep every non-tensor value (sizes and shapes) for inlining."""
+    values: dict = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if not isinstance(out, torch.Tensor):
+                values[n] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*example_inputs)
+    return values
 
 
 # ====================================================================================================
@@ -268,7 +321,8 @@ def analyze(gm: fx.GraphModule) -> Coupling:
 _UNARY_FUNCS = [F.gelu, F.relu, F.silu, F.dropout, F.sigmoid, F.tanh, F.hardswish, F.mish, F.elu,
                 F.leaky_relu, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg,
                 torch.sqrt, torch.rsqrt, torch.erf, operator.neg, torch.clone, torch.nn.functional.hardsigmoid,
-                torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like]
+                torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.clamp, torch.clip,
+                F.normalize]  # an Lp normalisation is unchanged by zeros, so masked == compact
 _UNARY_METHODS = ["gelu", "relu", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "float", "half",
                   "double", "to", "type", "type_as", "contiguous", "clone", "detach", "requires_grad_",
                   "zero_", "fill_", "clamp", "clamp_min", "clamp_max", "erf", "sign", "zeros_like", "new_zeros_like",
@@ -498,7 +552,27 @@ def _expand(a: Analyzer, node: fx.Node) -> Any:
     out = []
     for ax, n in zip(pad, shape):
         size = axis_size(ax)
-        out.append(ax if size == n else (n,) if size == 1 else (n // size,) + tuple(ax))
+        if size == n:
+            out.append(ax)
+        elif size == 1:  # a broadcast axis ties nothing: a fresh space that takes whatever it meets
+            out.append((Space(n),))
+        else:
+            out.append((n // size,) + tuple(ax))
+    return tuple(out)
+
+
+@rule(F.pad, "pad")
+def _pad(a: Analyzer, node: fx.Node) -> Any:
+    """Padding grows some axes (spatial ones in Swin); an axis whose size is unchanged passes through."""
+    x = a.type_of(node.args[0])
+    out = []
+    for ax, n_in, n_out in zip(x, shape_of(node.args[0]), shape_of(node)):
+        if n_in == n_out:
+            out.append(ax)
+        else:
+            if spaces_of([ax]):
+                a.freeze_types([(ax,)], "padding of a channel axis")
+            out.append((n_out,))
     return tuple(out)
 
 
@@ -585,7 +659,7 @@ def _select(a: Analyzer, src: fx.Node, x: TType, d: int, j: int, keep_axis: bool
     if not ax:
         return rest[0] + rest[1]
     outer, inner = ax[0], ax[1:]
-    if isinstance(outer, int):
+    if isinstance(outer, int) or find(outer).fixed:
         return rest[0] + ((tuple(inner),) if keep_axis else ()) + rest[1]
     sub = _per_index_spaces(a, src, outer)
     if sub is None:
@@ -676,7 +750,7 @@ def _getitem(a: Analyzer, node: fx.Node) -> Any:
         fill = len(x) - (len([i for i in idx if i is not None]) - 1)
         idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
     out, d = [], 0
-    shape = shape_of(node.args[0])
+    shape, out_shape = shape_of(node.args[0]), shape_of(node)
     pending: list[tuple[int, int]] = []
     for i in idx:
         if i is None:
@@ -686,12 +760,13 @@ def _getitem(a: Analyzer, node: fx.Node) -> Any:
             pending.append((len(out), d))
             out.append(None)
         elif isinstance(i, slice):
-            n = shape[d]
-            if len(range(*i.indices(n))) == n:
+            n_out = out_shape[len(out) - len(pending)] if out_shape is not None else shape[d]
+            if n_out == shape[d]:
                 out.append(x[d])
             else:
-                a.freeze_types([(x[d],)], "slice of a channel axis")
-                out.append((len(range(*i.indices(n))),))
+                if spaces_of([x[d]]):
+                    a.freeze_types([(x[d],)], "slice of a channel axis")
+                out.append((n_out,))
         d += 1
     out.extend(x[d:])
     for pos, dd in reversed(pending):
@@ -707,7 +782,7 @@ def _gather(a: Analyzer, node: fx.Node, x: TType, idx: tuple) -> Any:
     if tensor_pos != [0] or any(i != slice(None) for i in idx[1:]):
         a.freeze_types([x], "advanced indexing")
         return a.out_type()
-    for s in spaces_of([x[0]]):
+    for s in spaces_of([x[0]]) + spaces_of(a.type_of(idx[0]) or ()):
         freeze(s, a.why("gathered axis"), fixed=True)
     ishape = shape_of(idx[0]) or ()
     return fixed_type(ishape) + tuple(x[1:])

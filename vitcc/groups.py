@@ -37,7 +37,8 @@ class Group:
 
 def build_groups(c: Coupling) -> list[Group]:
     """Leaf spaces that carry activations and parameters, in parameter order, with stable names."""
-    live = {find(s).id for t in c.types.values() if is_ttype(t) for s in spaces_of(t)}
+    activations = {n.name for n in c.gm.graph.nodes if n.op != "get_attr"}
+    live = {find(s).id for name, t in c.types.items() if name in activations and is_ttype(t) for s in spaces_of(t)}
     for copies in c.aliases.values():
         live |= {find(s).id for s in copies}
     found: dict[int, tuple[Space, list[Member]]] = {}

@@ -65,7 +65,13 @@ def normalize(axis: Iterable[Factor]) -> Axis:
             out.extend(normalize(r.split[1]))
         elif r.size != 1:
             out.append(r)
-    return tuple(out)
+    merged: list[Factor] = []
+    for f in out:  # adjacent fixed factors carry no identity: one fixed factor of their product
+        if isinstance(f, int) and merged and isinstance(merged[-1], int):
+            merged[-1] *= f
+        else:
+            merged.append(f)
+    return tuple(merged)
 
 
 def leaves(f: Factor) -> Iterator[Space]:
@@ -133,6 +139,14 @@ def decompose(s: Space, kind: str, sizes: list[int]) -> list[Space] | None:
         k, children = r.split
         if k == kind and [c.size for c in children] == list(sizes):
             return children
+        if (kind, k) == ("product", "concat") and len(sizes) == 2 and sizes[0] == len(children) \
+                and all(c.size == sizes[1] for c in children):
+            # k stacked equal parts (a q/k/v bias concat) viewed as k x part: the parts share one layout
+            stack = Space(sizes[0])
+            freeze(stack, "stacked parts", fixed=True)
+            for c in children[1:]:
+                union(children[0], c, "stacked parts")
+            return [stack, children[0]]
         return None
     children = [Space(n) for n in sizes]
     for c in children:
