@@ -32,3 +32,12 @@ def image(batch=2, size=32, seed=1):
 @pytest.fixture
 def vit():
     return tiny_vit()
+
+
+def tiny_swin(v2=False, fused=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    name = "swinv2_tiny_window8_256" if v2 else "swin_tiny_patch4_window7_224"
+    cfg = dict(img_size=64 if v2 else 56, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+               window_size=8 if v2 else 7, num_classes=10)
+    cfg.update(kw)
+    return set_fused(timm.create_model(name, pretrained=False, **cfg).eval(), fused)

@@ -18,3 +18,12 @@ def test_deit_tiny_groups_match_golden():
     kinds = [g["kind"] for g in got["groups"]]
     assert kinds.count("heads") == 12 and kinds.count("mlp") == 12 and kinds.count("residual") == 1
     assert kinds.count("head_dim") == 24 and not got["frozen"]
+
+
+def test_swin_tiny_groups_match_golden():
+    result = CliRunner().invoke(app, ["inspect", "timm:swin_tiny_patch4_window7_224", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got == json.loads((GOLDEN.parent / "swin_tiny_groups.json").read_text())
+    kinds = [g["kind"] for g in got["groups"]]
+    assert kinds.count("residual") == 4 and kinds.count("heads") == 12 and not got["frozen"]

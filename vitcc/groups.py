@@ -62,6 +62,10 @@ def build_groups(c: Coupling) -> list[Group]:
             name = f"{base}#{k}"
         used.add(name)
         groups.append(Group(name, kind, r.size, members, r.frozen, r))
+    residual = [g for g in groups if g.kind == "residual"]
+    if len(residual) > 1:  # hierarchical models: one residual stream per stage, in order
+        for i, g in enumerate(residual):
+            g.name = f"residual.{i}"
     return groups
 
 
