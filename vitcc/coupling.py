@@ -225,13 +225,15 @@ class Analyzer:
         inner.frozen, inner.aliases, inner.equal_counts = self.frozen, self.aliases, self.equal_counts
         for p in placeholders:
             inner.types[p] = self.types.get(tensors[p.target])
-        result = None
+        result, first = None, len(self.frozen)
         for n in sub.graph.nodes:
             inner.node = n
             if n.op == "output":
                 result = inner.type_of(n.args[0])
             elif n.op != "placeholder":
                 inner.types[n] = inner.apply(n)
+        for f in self.frozen[first:]:  # name what froze inside the call after the call
+            f.node = f"{node.name}/{f.node}"
         self.node = node
         return result
 

@@ -22,6 +22,7 @@ class MaskedInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, coupling: Coupling, keep: dict[int, np.ndarray]):
         super().__init__(gm)
         self.masks: dict[str, list[np.ndarray | None]] = {}
+        self._cache: dict = {}
         for name, t in coupling.types.items():
             if is_ttype(t):
                 masks = [axis_mask(ax, keep, coupling.aliases) for ax in t]
@@ -29,17 +30,21 @@ class MaskedInterpreter(fx.Interpreter):
                     self.masks[name] = masks
 
     def _mask(self, name: str, like: torch.Tensor, dims: range | None = None) -> torch.Tensor | None:
+        """The keep-mask of a node's output over `dims`, built once and broadcastable against it."""
         masks = self.masks.get(name)
         if masks is None or not isinstance(like, torch.Tensor) or len(masks) != like.dim():
             return None
-        dims = dims if dims is not None else range(like.dim())
-        out = torch.ones((), dtype=like.dtype)
-        for d in dims:
-            if masks[d] is not None:
-                shape = [1] * like.dim()
-                shape[d] = -1
-                out = out * torch.as_tensor(masks[d], dtype=like.dtype).reshape(shape)
-        return out
+        dims = tuple(dims if dims is not None else range(like.dim()))
+        key = (name, dims, like.dtype)
+        if key not in self._cache:
+            out = torch.ones((), dtype=like.dtype)
+            for d in dims:
+                if masks[d] is not None:
+                    shape = [1] * like.dim()
+                    shape[d] = -1
+                    out = out * torch.as_tensor(masks[d], dtype=like.dtype).reshape(shape)
+            self._cache[key] = out
+        return self._cache[key]
 
     def run_node(self, n: fx.Node) -> Any:
         out = self._masked_norm(n)
@@ -91,4 +96,9 @@ class MaskedInterpreter(fx.Interpreter):
 
 def run_masked(program, keep: dict[int, np.ndarray], *inputs: torch.Tensor) -> Any:
     with torch.no_grad():
-        return MaskedInterpreter(program.original, program.coupling, keep).run(*inputs)
+        return masked_reference(program, keep).run(*inputs)
+
+
+def masked_reference(program, keep: dict[int, np.ndarray]) -> MaskedInterpreter:
+    """Build once, run on many inputs: the masks are computed on first use and kept."""
+    return MaskedInterpreter(program.original, program.coupling, keep)
