@@ -13,21 +13,35 @@ def group_norms(program: Program, group, p: float = 2.0, cache: dict | None = No
 
     `cache` keeps each parameter's per-row sums across groups: a qkv weight is read once, not per group.
     """
-    total = torch.zeros(group.size, dtype=torch.float64)
-    state = dict(program.gm.named_parameters())
     cache = {} if cache is None else cache
+
+    def rows(name: str, w: torch.Tensor, axis: int) -> torch.Tensor:
+        key = (name, axis, p)
+        if key not in cache:
+            cache[key] = w.detach().double().abs().pow(p).movedim(axis, 0).reshape(w.shape[axis], -1).sum(1)
+        return cache[key]
+    return group_slice_sums(program, group, rows)
+
+
+def group_slice_sums(program: Program, group, rows, tensors: dict | None = None) -> torch.Tensor:
+    """Per-index sum, over every member (parameter, axis) of the group, of `rows(name, tensor, axis)`: one
+    value per position of that axis (e.g. the slice's sum of |w|^p, or of w * grad), mapped to group indices.
+
+    `tensors` defaults to the program's parameters; members without a tensor there are skipped.
+    """
+    total = torch.zeros(group.size, dtype=torch.float64)
+    state = dict(program.gm.named_parameters()) if tensors is None else tensors
     for m in group.members:
         w = state.get(m.param)
         if w is None:
             continue
         axis_space = program.coupling.params[m.param][m.axis]
         idx = torch.as_tensor(_axis_index_map(axis_space, group.space))
-        key = (m.param, m.axis, p)
-        if key not in cache:
-            cache[key] = w.detach().double().abs().pow(p).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
-        rows = cache[key]
+        r = rows(m.param, w, m.axis)
+        if r is None:
+            continue
         sel = idx >= 0
-        total.index_add_(0, idx[sel], rows[sel])
+        total.index_add_(0, idx[sel], r.double()[sel])
     return total
 
 

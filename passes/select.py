@@ -1,9 +1,18 @@
 """select: turn scores into kept indices, under the graph's constraints and the user's budget.
 
 `sparsity` removes that fraction of every prunable group of the `prune` kinds (uniform), or with
-`target=params|macs` the uniform fraction is searched so that the compact model loses that fraction of
-parameters or MACs. `scope=global` (set by lamp) ranks channels of one kind across groups instead.
+`target=params|macs|latency` the uniform fraction is searched so that the compact model loses that fraction of
+parameters, MACs or predicted eager latency (vitcc.latency: per-op latencies measured on this machine and
+cached). `scope=global` (set by lamp) ranks channels of one kind across groups instead.
 Counts tied by a fused reshape (q, k and v head dims of one qkv) stay equal; `align` rounds kept widths.
+
+Method passes may also set (see passes/_common.py):
+- `families`: group name -> (family, scores): the groups of one family share one threshold (dimap: a module
+  family, vtp: all gates), honoured while the group's scores are still that tensor (a later pass that
+  rescored the group cancels it);
+- `group_rate`: group name -> multiplier of the uniform fraction (lowrank: lighter MLP pruning);
+- `cost_reference`: (params, MACs) that params/macs targets are measured against (lowrank: the model
+  before it factorised the attention projections).
 """
 from __future__ import annotations
 
@@ -41,8 +50,11 @@ class Select(Pass):
             program.keep = choose(s)
         elif target in ("params", "macs"):
             program.keep = _search(program, s, choose, 0 if target == "params" else 1)
+        elif target == "latency":
+            from vitcc.latency import select_for_latency  # measures ops missing from the cache
+            program.keep, program.report["latency_model"] = select_for_latency(program, s, kinds, align, scope)
         else:
-            raise VitccError(f"unknown target {target!r}; use channels, params or macs")
+            raise VitccError(f"unknown target {target!r}; use channels, params, macs or latency")
         return PassResult(info={"sparsity": s, "target": target})
 
 
@@ -56,13 +68,17 @@ def _kinds(prune) -> set[str]:
     return kinds
 
 
-def _search(program: Program, goal: float, choose, which: int) -> dict:
-    base = estimate(program, {})[which]
+def _search(program: Program, goal: float, choose, which) -> dict:
+    """Smallest uniform fraction whose cost is at least `goal` below the dense cost. `which`: 0 (params),
+    1 (MACs) of cost.estimate, or a function of a selection by root id (the latency model)."""
+    cost = which if callable(which) else (lambda keep: estimate(program, keep)[which])
+    ref = program.options.get("cost_reference")
+    base = ref[which] if ref is not None and not callable(which) else cost({})
     lo, hi, best = 0.0, 0.999, choose(0.0)
     for _ in range(30):
         mid = (lo + hi) / 2
         keep = choose(mid)
-        reduction = 1 - estimate(program, _by_root(program, keep))[which] / max(base, 1)
+        reduction = 1 - cost(_by_root(program, keep)) / (base if base > 0 else 1)
         if reduction < goal:
             lo = mid
         else:
@@ -83,9 +99,11 @@ def _count(n: int, frac: float, kind: str, align: int) -> int:
 
 def _select(program: Program, frac: float, kinds: set[str], align: int, scope: str) -> dict[str, np.ndarray]:
     prunable = [g for g in program.groups if g.prunable and g.kind in kinds]
-    counts = {g.name: _count(g.size, frac, g.kind, align) for g in prunable}
-    if scope == "global" and frac > 0:
-        counts.update(_global_counts(program, prunable, frac, align))
+    rate = program.options.get("group_rate") or {}
+    counts = {g.name: _count(g.size, min(0.999, frac * float(rate.get(g.name, 1.0))), g.kind, align)
+              for g in prunable}
+    if frac > 0:
+        counts.update(_global_counts(program, prunable, frac, align, scope))
     by_root = {find(g.space).id: g for g in program.groups}
     for spaces in program.coupling.equal_counts:
         members = [by_root.get(find(s).id) for s in spaces]
@@ -106,11 +124,23 @@ def _select(program: Program, frac: float, kinds: set[str], align: int, scope: s
     return keep
 
 
-def _global_counts(program: Program, groups, frac: float, align: int) -> dict[str, int]:
-    """One threshold per kind over scores that are comparable across groups (LAMP)."""
+def _families(program: Program, groups, scope: str) -> dict:
+    """Groups that share one threshold: families a method pass registered, else with scope=global one per kind."""
+    registered = program.options.get("families") or {}
+    fams: dict = {}
+    for g in groups:
+        entry = registered.get(g.name)
+        if entry is not None and program.scores.get(g.name) is entry[1]:
+            fams.setdefault(("family", entry[0]), []).append(g)
+        elif scope == "global":
+            fams.setdefault(("kind", g.kind), []).append(g)
+    return fams
+
+
+def _global_counts(program: Program, groups, frac: float, align: int, scope: str = "global") -> dict[str, int]:
+    """One threshold per family over scores that are comparable across its groups (LAMP: one per kind)."""
     counts = {}
-    for kind in {g.kind for g in groups}:
-        same = [g for g in groups if g.kind == kind]
+    for same in _families(program, groups, scope).values():
         allscores = torch.cat([program.scores[g.name] for g in same])
         n_remove = int(round(frac * len(allscores)))
         if n_remove == 0:
@@ -118,5 +148,5 @@ def _global_counts(program: Program, groups, frac: float, align: int) -> dict[st
         thresh = torch.sort(allscores).values[n_remove - 1]
         for g in same:
             removed = int((program.scores[g.name] <= thresh).sum())
-            counts[g.name] = _count(g.size, removed / g.size, kind, align)
+            counts[g.name] = _count(g.size, removed / g.size, g.kind, align)
     return counts

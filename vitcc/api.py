@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils.data import DataLoader
 
 from .frontend import trace
 from .groups import Group
@@ -33,10 +34,24 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             prune: Sequence[str] | str | None = None, target: str = "channels", align: int = 1,
             keep: dict[str, Sequence[int]] | None = None, insert: list[Insertion] | None = None,
             verify: bool = True, structural_options: dict[str, dict] | None = None,
-            on_pass: Callable[[Pass, str], None] | None = None) -> CompileResult:
-    """Trace, analyze, score, select, rewrite, fold, dce and verify.
+            on_pass: Callable[[Pass, str], None] | None = None,
+            data: tuple[DataLoader, DataLoader] | str | None = None, finetune_epochs: int = 0, lr: float = 5e-4,
+            distill: bool = True, seed: int = 0, batch_size: int = 64, calibration_size: int = 64,
+            kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
+            progress: bool = False) -> CompileResult:
+    """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices) instead of scores and a budget.
+
+    `data` is (train, val) DataLoaders or a spec for `vitcc.data.make_loaders` (an ImageFolder tree,
+    `mnist5k`, `digits`; built with `batch_size`, `seed` and the model's normalisation). Before the passes
+    run it is put in `program.options["data"]`, with a fixed calibration batch of `calibration_size`
+    images (and labels) in `options["calibration"]` / `options["calibration_labels"]` for data-driven
+    passes. Verification always runs before fine-tuning (which changes the function on purpose). With
+    `finetune_epochs > 0` the compact module is fine-tuned (`vitcc.train.finetune`: AdamW, cosine, `lr`,
+    `seed`), distilling from the unpruned traced model when `distill`. With data the report gets
+    `accuracy_before` (unpruned), `accuracy_pruned` (before fine-tuning, when fine-tuned),
+    `accuracy_after` (top-1/top-5 on val) and the `finetune` history.
     """
     if example_inputs is None:
         from .frontend import input_shape_for
@@ -46,6 +61,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else trace(copy.deepcopy(model), example_inputs)
     program = Program(gm=gm, example_inputs=example_inputs,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align})
+    loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
+                                              batch_size, calibration_size)
     if keep is not None:
         program.options["sparsity"] = 0.0
     pipeline = build_pipeline(passes, insert, structural_options)
@@ -65,7 +82,46 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         "widths": kept_widths(program),
     })
     program.gm.meta.pop("tensor_meta", None)
+    if loaders is not None:
+        from .train import evaluate, finetune
+        train_loader, val_loader = loaders
+        program.report["accuracy_before"] = accuracy
+        if finetune_epochs > 0:
+            program.report["accuracy_pruned"] = evaluate(program.gm, val_loader)
+            history = finetune(program.gm, train_loader, epochs=finetune_epochs, lr=lr, teacher=teacher,
+                               kd_weight=kd_weight, temperature=temperature, seed=seed,
+                               checkpoint_dir=checkpoint_dir, progress=progress)
+            from .distributed import world_size
+            program.report["finetune"] = {"epochs": finetune_epochs, "lr": lr, "distill": teacher is not None,
+                                          "seed": seed, "world_size": world_size(), **history}
+        program.report["accuracy_after"] = evaluate(program.gm, val_loader)
     return CompileResult(program.gm, program.groups, program.keep, program.report, program)
+
+
+def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs: int, distill: bool, seed: int,
+                 lr: float, batch_size: int, calibration_size: int):
+    """Loaders and calibration batch into program.options (before any pass), the teacher, accuracy before."""
+    from .errors import VitccError
+    if finetune_epochs < 0:
+        raise VitccError(f"finetune epochs must be >= 0, got {finetune_epochs}")
+    if data is None:
+        if finetune_epochs > 0:
+            raise VitccError("fine-tuning needs data: pass --data (e.g. --data mnist5k) or data=(train, val)")
+        return None, None, None
+    from .data import calibration_batch, make_loaders, normalization_for
+    from .train import evaluate
+    if isinstance(data, (str, Path)):
+        mean, std = normalization_for(model)
+        data = make_loaders(str(data), tuple(program.example_inputs[0].shape[1:]), batch_size=batch_size,
+                            mean=mean, std=std, seed=seed, distributed=True)
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise VitccError("data must be (train_loader, val_loader) or a data spec such as 'mnist5k'")
+    train_loader, val_loader = data
+    images, labels = calibration_batch(train_loader, calibration_size, with_labels=True)
+    program.options.update(data=(train_loader, val_loader), calibration=images, calibration_labels=labels,
+                           seed=seed, lr=lr)
+    teacher = copy.deepcopy(program.gm).eval() if distill and finetune_epochs > 0 else None
+    return (train_loader, val_loader), teacher, evaluate(program.gm, val_loader)
 
 
 def kept_widths(program: Program) -> dict[str, dict[str, int]]:

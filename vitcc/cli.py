@@ -47,7 +47,7 @@ def compile_cmd(
     passes: str = typer.Option("magnitude", "--passes", help="method passes, e.g. 'magnitude{p=1}' or 'lamp'"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="fraction to remove, in [0, 1)"),
     prune: str = typer.Option("residual,heads,head_dim,mlp", "--prune", help="group kinds to prune"),
-    target: str = typer.Option("channels", "--target", help="channels (per group), params or macs (global)"),
+    target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
     align: int = typer.Option(1, "--align", help="round kept widths to multiples of N"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
@@ -57,23 +57,50 @@ def compile_cmd(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="unpickle classes outside torch/timm/vitcc"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the equivalence check (not recommended)"),
+    data: Optional[str] = typer.Option(None, "--data", help="image folder with train/ and val/, or mnist5k or digits"),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="fine-tune the compact model N epochs (needs --data)"),
+    lr: float = typer.Option(5e-4, "--lr", help="fine-tuning learning rate (AdamW, cosine schedule)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="batch size for fine-tuning and evaluation"),
+    seed: int = typer.Option(0, "--seed", help="random init, data order and training: same seed, same result"),
+    no_distill: bool = typer.Option(False, "--no-distill", help="fine-tune without distilling from the unpruned model"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean, e.g. 0.5,0.5,0.5 (default: the model's)"),
+    std: Optional[str] = typer.Option(None, "--std", help="normalisation std, e.g. 0.5,0.5,0.5 (default: the model's)"),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="write a checkpoint every epoch here"),
 ) -> None:
-    """Prune MODEL and write a smaller, verified GraphModule."""
+    """Prune MODEL and write a smaller, verified GraphModule (optionally fine-tuned on --data)."""
     from . import api
+    from .distributed import init_distributed, is_main
     from .export import export_onnx
     if not 0.0 <= sparsity < 1.0:
         raise VitccError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if finetune_epochs < 0:
+        raise VitccError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    if finetune_epochs > 0 and data is None:
+        raise VitccError("--finetune-epochs needs --data (an image folder with train/ and val/, mnist5k or digits)")
     _outputs_ok(model, output, onnx, report)
+    init_distributed()  # under torchrun: one process group for fine-tuning, only rank 0 prints and writes
+    torch.manual_seed(seed)  # a timm: model's random init is the same on every rank and every run
     m, example = _load(model, weights, arch, trust_pickle, input_shape)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
+    loaders = _loaders(m, example, data, batch_size, mean, std, seed) if data is not None else None
+    last = "dce" if no_verify else "verify"
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not (console.is_terminal and is_main())) as progress:
         task = progress.add_task("tracing", total=None)
-        on_pass = lambda p, phase: progress.update(task, description=f"{p.name}") if phase == "start" else None
+
+        def on_pass(p, phase):
+            if phase == "start":
+                progress.update(task, description=f"{p.name}")
+            elif p.name == last and finetune_epochs > 0:
+                progress.stop()  # fine-tuning shows its own progress bar
         result = api.compile(m, passes, sparsity=sparsity, example_inputs=example, prune=prune, target=target,
-                             align=align, verify=not no_verify, on_pass=on_pass)
-        if onnx is not None:
+                             align=align, verify=not no_verify, on_pass=on_pass, data=loaders,
+                             finetune_epochs=finetune_epochs, lr=lr, distill=not no_distill, seed=seed,
+                             batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=True)
+        if onnx is not None and is_main():
             progress.update(task, description="onnx export")
             result.report["onnx"] = export_onnx(result.module, example, onnx)
+    if not is_main():
+        return
     rep = result.report
     if output is not None:
         api.save(result.module, output)
@@ -82,6 +109,35 @@ def compile_cmd(
         tmp.write_text(json.dumps(rep, indent=2, default=_json_default))
         tmp.replace(report)
     _summary(rep, model)
+
+
+def _floats(text: Optional[str], name: str):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise VitccError(f"{name} takes comma-separated numbers like 0.5,0.5,0.5, got {text!r}") from None
+
+
+def _loaders(m, example, data: str, batch_size: int, mean: Optional[str], std: Optional[str], seed: int):
+    """(train, val) for --data, shaped like the model input, normalised like the model unless --mean/--std."""
+    from .data import make_loaders, normalization_for
+    model_mean, model_std = normalization_for(m)
+    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
+    return make_loaders(data, tuple(example[0].shape[1:]), batch_size=batch_size,
+                        mean=model_mean if mean_v is None else mean_v, std=model_std if std_v is None else std_v,
+                        seed=seed, distributed=True)
+
+
+def _accuracy_lines(rep: dict) -> list[str]:
+    lines = []
+    for key, label in (("accuracy_before", "accuracy before"), ("accuracy_pruned", "pruned, before fine-tuning"),
+                       ("accuracy_after", "after fine-tuning" if "finetune" in rep else "after pruning")):
+        a = rep.get(key)
+        if a:
+            lines.append(f"{label}: top-1 {a['top1']:.2%}, top-5 {a['top5']:.2%} ({a['n']:,} images)")
+    return lines
 
 
 def _json_default(o):
@@ -110,6 +166,8 @@ def _summary(rep: dict, model: str) -> None:
     if "onnx" in rep:
         out.print(f"onnx: {rep['onnx']['path']} checked, onnxruntime max error {rep['onnx']['max_abs_error']:.3g}")
     out.print("passes: " + ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in rep["passes"]))
+    for line in _accuracy_lines(rep):
+        out.print(line, highlight=False)
     for f in rep.get("frozen", [])[:10]:
         out.print(f"[yellow]frozen[/yellow] at {f['node']}: {f['reason']}")
 

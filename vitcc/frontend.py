@@ -88,6 +88,17 @@ def _safe_getattr(obj, name, *default):
 _CODE_ROOTS = _ROOTS + ("math", "operator", "_operator")
 _SAFE_BUILTINS = {n: getattr(builtins, n) for n in ("Ellipsis", "slice", "range", "len", "int", "float", "bool",
                                                      "tuple", "list", "dict", "set", "frozenset", "min", "max", "abs")}
+
+
+def _safe_import(name, globals=None, locals=None, fromlist=(), level=0):
+    """C code called from the fx forward (torch's op dispatch) imports `torch` through the calling frame's
+    builtins; the checked code itself cannot (no import statements, no dunder names). Only trusted modules."""
+    if level == 0 and _ok_module(name, _CODE_ROOTS):
+        return builtins.__import__(name, globals, locals, fromlist, level)
+    raise VitccError(f"refusing to import {name} while loading a pickled GraphModule")
+
+
+_SAFE_BUILTINS["__import__"] = _safe_import
 _OP_NAMESPACES = (torch, torch.nn.functional, torch.special, torch.linalg, torch.fft, torch._C._nn, operator, math)
 _OP_MODULES = {"torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
                "torch._C._linalg", "torch._C._special", "torch._C._fft", "torch.special", "torch.linalg", "torch.fft",

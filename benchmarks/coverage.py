@@ -1,0 +1,502 @@
+"""Coverage sweep (issue 3): compile every model of a list at S = 0.3 with the default pipeline and record,
+per model, what vitcc did, side by side with what Torch-Pruning does on the same model with no
+model-specific code. Results: benchmarks/results/coverage.md and coverage.json.
+
+    python benchmarks/coverage.py [--models a,b | --quick] [--no-tp] [--tp-skip a,b] [--jobs 1]
+                                  [--timeout 600] [--merge] [--render]
+
+vitcc status per model:
+  full     every group prunable (no group frozen) and report["frozen"] empty
+  partial  compiled and verified, but some dimensions frozen (nodes and reasons recorded)
+  refused  a clean vitcc.errors.VitccError (not a verification failure), e.g. an untraceable model
+  crash    anything else: another exception, a VerificationError (compact != masked: a bug), a timeout
+           or a dead worker; type, message and the last traceback frames are recorded
+
+Every (model, tool) pair runs in its own subprocess with a timeout, so a hang or a crash of one model
+cannot kill the sweep and its memory is freed. Torch-Pruning: `MagnitudePruner(model, x,
+MagnitudeImportance(), pruning_ratio=0.3, ignored_layers=[the classifier])`, defaults otherwise (no
+num_heads, no custom pruners), then one `step()` and a forward pass whose output shape must match.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SPARSITY = 0.3
+ISSUE_MODELS = [
+    "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
+    "swin_base_patch4_window12_384", "swinv2_tiny_window8_256", "deit_small_patch16_224", "vit_base_patch16_224",
+    "pvt_v2_b0", "twins_svt_small", "levit_128", "cait_xxs24_224", "xcit_tiny_12_p16_224", "eva02_tiny_patch14_224",
+    "beit_base_patch16_224", "convit_tiny", "crossvit_tiny_240", "efficientformer_l1", "mobilevit_s",
+    "tnt_s_patch16_224", "maxvit_tiny_tf_224", "focalnet_tiny_srf", "coatnet_0_rw_224", "efficientvit_m0",
+    "hiera_tiny_224",
+]
+# added relatives: 2D RoPE, relative-position ViT, dual (spatial/channel) attention, TinyViT, pooling attention
+EXTRA_MODELS = ["vit_small_patch16_rope_224", "vit_relpos_small_patch16_224", "davit_tiny", "tiny_vit_5m_224",
+                "mvitv2_tiny"]
+MODELS = ISSUE_MODELS + EXTRA_MODELS
+QUICK = ["deit_small_patch16_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0", "levit_128", "efficientvit_m0"]
+# Torch-Pruning is skipped on these by default to keep the sweep well under an hour on 2 shared cores
+TP_SKIP = []
+
+OUT = Path("benchmarks/results/coverage")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# workers (run in a subprocess: `python coverage.py --worker vitcc|tp --model NAME --result FILE`)
+# ---------------------------------------------------------------------------------------------------------
+def _build(name: str):
+    import timm
+    import torch
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def _frames(exc: BaseException, n: int = 4) -> list[str]:
+    out = []
+    for f in traceback.extract_tb(exc.__traceback__)[-n:]:
+        path = f.filename
+        for marker in ("site-packages/", str(REPO) + "/"):
+            if marker in path:
+                path = path.split(marker, 1)[1]
+        out.append(f"{path}:{f.lineno} in {f.name}: {(f.line or '').strip()}")
+    return out
+
+
+def _error(exc: BaseException) -> dict:
+    """Type and message of the exception; frames of the innermost cause (the PassManager wraps pass bugs)."""
+    inner = exc
+    while inner.__cause__ is not None and inner.__cause__ is not inner:
+        inner = inner.__cause__
+    out = {"type": type(exc).__name__, "message": str(exc).strip()[:2000], "frames": _frames(inner)}
+    m = re.match(r"pass '([^']+)' failed", str(exc))
+    if m:
+        out["pass"] = m.group(1)
+    if inner is not exc:
+        out["cause_type"] = type(inner).__name__
+        out["cause_message"] = str(inner).strip()[:2000]
+    return out
+
+
+def _op_label(node) -> str:
+    if node.op == "call_module":
+        try:
+            mod = node.graph.owning_module.get_submodule(node.target)
+            return type(mod).__name__
+        except Exception:
+            return str(node.target)
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        t = node.target
+        mod = getattr(t, "__module__", "") or ""
+        name = getattr(t, "__name__", str(t))
+        if mod.startswith("timm."):  # timm notrace functions: keep the defining module, it says what they are
+            return f"{mod.rsplit('.', 1)[-1]}.{name}"
+        return name
+    return node.op
+
+
+def _where(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+    return ""
+
+
+_NODE_REF = re.compile(r"[\w.]+ \((call_function|call_method|call_module|get_attr|placeholder|output) ([^)]*)\)")
+
+
+def normalize_reason(reason: str) -> str:
+    """Strip node names so one cause reads the same in every block and model."""
+    r = _NODE_REF.sub(lambda m: f"<{m.group(2)}>", reason)
+    r = re.sub(r"\b(getitem|add|mul|view|reshape|permute|transpose|linear|matmul|cat|roll)_\d+\b", r"\1", r)
+    return r
+
+
+def worker_vitcc(name: str) -> dict:
+    import torch
+    import vitcc
+    from vitcc.errors import VerificationError, VitccError
+    row: dict = {"model": name, "tool": "vitcc"}
+    model, x = _build(name)
+    row["input"] = list(x.shape)
+    start = time.perf_counter()
+    try:
+        r = vitcc.compile(model, "magnitude", sparsity=SPARSITY, example_inputs=(x,))
+    except VerificationError as e:  # compact != masked: a bug, not a refusal
+        row.update(status="crash", error=_error(e), seconds=round(time.perf_counter() - start, 2))
+        return row
+    except VitccError as e:
+        row.update(status="refused", error=_error(e), seconds=round(time.perf_counter() - start, 2))
+        return row
+    except Exception as e:  # noqa: BLE001 - recorded, never hidden
+        row.update(status="crash", error=_error(e), seconds=round(time.perf_counter() - start, 2))
+        return row
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    rep = r.report
+    nodes = {n.name: n for n in r.program.original.graph.nodes} if r.program.original is not None else {}
+    frozen = []
+    for f in rep.get("frozen", []):
+        n = nodes.get(f["node"])
+        m = _NODE_REF.search(f["reason"])
+        op = _op_label(n) if n is not None else (m.group(2) if m else "?")
+        frozen.append({"node": f["node"], "op": op, "where": _where(n) if n is not None else "",
+                       "reason": f["reason"], "cause": normalize_reason(f["reason"])})
+    frozen_groups = [{"name": g.name, "kind": g.kind, "size": g.size, "reason": g.frozen}
+                     for g in r.groups if g.frozen is not None]
+    sizes = collections.Counter()
+    for g in r.groups:
+        sizes["all"] += g.size
+        if g.frozen is not None:
+            sizes["frozen"] += g.size
+    row.update(
+        status="full" if not frozen and not frozen_groups else "partial",
+        params_before=rep["params_before"], params_after=rep["params_after"],
+        macs_before=rep["macs_before"], macs_after=rep["macs_after"],
+        max_abs_error=rep.get("max_abs_error"), max_rel_error=rep.get("max_rel_error"),
+        groups=len(r.groups), groups_frozen=len(frozen_groups),
+        channels_frozen=f"{sizes['frozen']}/{sizes['all']}", widths=rep.get("widths"),
+        frozen=frozen, frozen_groups=frozen_groups,
+        passes={p["name"]: p["seconds"] for p in rep.get("passes", [])})
+    with torch.no_grad():
+        row["output_shape_ok"] = tuple(r.module(x).shape) == tuple(model(x).shape)
+    return row
+
+
+def worker_tp(name: str) -> dict:
+    import torch
+    import torch_pruning as tp
+    row: dict = {"model": name, "tool": "tp"}
+    model, x = _build(name)
+    with torch.no_grad():
+        ref = model(x)
+    before = sum(p.numel() for p in model.parameters())
+    clf = model.get_classifier()
+    clfs = [m for m in (clf if isinstance(clf, (tuple, list)) else (clf,)) if isinstance(m, torch.nn.Module)]
+    stage = "build"
+    start = time.perf_counter()
+    try:
+        pruner = tp.pruner.MagnitudePruner(model, example_inputs=x, importance=tp.importance.MagnitudeImportance(),
+                                           pruning_ratio=SPARSITY, ignored_layers=clfs)
+        stage = "step"
+        pruner.step()
+        stage = "forward"
+        with torch.no_grad():
+            y = model(x)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        after = sum(p.numel() for p in model.parameters())
+        row.update(params_before=before, params_after=after)
+        if tuple(y.shape) != tuple(ref.shape):
+            row.update(status="error", stage="shape", error={"type": "ShapeMismatch", "frames": [],
+                       "message": f"output shape {tuple(y.shape)} != {tuple(ref.shape)}"})
+        else:
+            row.update(status="ok")
+    except Exception as e:  # noqa: BLE001
+        row.update(status="error", stage=stage, error=_error(e))
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------
+def run_one(name: str, tool: str, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "row.json"
+        log = Path(tmp) / "log.txt"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--model", name,
+               "--result", str(result)]
+        start = time.perf_counter()
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                rc = None
+        wall = round(time.perf_counter() - start, 1)
+        tail = log.read_text(errors="replace")[-1500:]
+        if result.exists():
+            row = json.loads(result.read_text())
+        elif rc is None:
+            row = {"model": name, "tool": tool, "status": "crash" if tool == "vitcc" else "error",
+                   "stage": "timeout", "error": {"type": "Timeout", "message": f"no result after {timeout:.0f} s",
+                                                 "frames": []}}
+        else:
+            row = {"model": name, "tool": tool, "status": "crash" if tool == "vitcc" else "error",
+                   "stage": "worker", "error": {"type": "WorkerDied", "message": f"worker exit code {rc}",
+                                                "frames": tail.strip().splitlines()[-4:]}}
+        row["wall"] = wall
+        return row
+
+
+def sweep(models: list[str], tools: list[str], timeout: float, jobs: int, tp_skip: set[str], rows: dict) -> None:
+    tasks = [(m, t) for m in models for t in tools if not (t == "tp" and m in tp_skip)]
+
+    def go(task):
+        m, t = task
+        row = run_one(m, t, timeout)
+        rows[(m, t)] = row
+        short = row.get("status")
+        extra = row.get("error", {}).get("message", "")[:120] if "error" in row else ""
+        print(f"[{time.strftime('%H:%M:%S')}] {m:32s} {t:5s} {short:8s} {row.get('wall')}s {extra}", flush=True)
+        save(rows)
+
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        list(ex.map(go, tasks))
+
+
+META: dict = {}
+
+
+def save(rows: dict) -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    data = {"meta": META, "rows": sorted(rows.values(), key=lambda r: (_order(r["model"]), r["tool"]))}
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(OUT.with_suffix(".json"))
+
+
+def _order(name: str) -> int:
+    return MODELS.index(name) if name in MODELS else len(MODELS)
+
+
+def versions() -> dict:
+    import timm
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    for pkg in ("vitcc", "torch-pruning"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------
+def _pct(before, after) -> str:
+    return f"{100 * (1 - after / before):.1f}%" if before else ""
+
+
+def _cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _condense(frozen: list[dict], limit: int = 3) -> str:
+    c = collections.Counter((f["op"], f["cause"]) for f in frozen)
+    parts = [f"{op}: {cause} ×{n}" for (op, cause), n in c.most_common(limit)]
+    if len(c) > limit:
+        parts.append(f"+{len(c) - limit} more")
+    return "; ".join(parts)
+
+
+def _first_line(msg: str, n: int = 160) -> str:
+    line = msg.strip().splitlines()[0] if msg.strip() else ""
+    return line[:n] + ("…" if len(line) > n else "")
+
+
+def causes(vrows: list[dict], trows: list[dict]) -> list[dict]:
+    """Frozen reasons and crash messages aggregated by (op, cause), most frequent (by models) first."""
+    agg: dict = {}
+    for r in vrows:
+        for f in r.get("frozen", []):
+            key = ("frozen", f["op"], f["cause"])
+            a = agg.setdefault(key, {"kind": "frozen", "op": f["op"], "cause": f["cause"], "models": [], "nodes": 0,
+                                     "example": None})
+            a["nodes"] += 1
+            if r["model"] not in a["models"]:
+                a["models"].append(r["model"])
+            if a["example"] is None:
+                a["example"] = {"model": r["model"], "node": f["node"], "where": f["where"], "reason": f["reason"]}
+        if r["status"] in ("crash", "refused"):
+            e = r["error"]
+            site = e["frames"][-1].split(": ")[0] if e.get("frames") else ""
+            typ = e.get("cause_type", e["type"])
+            msg = re.sub(r"\d+", "N", _first_line(e.get("cause_message", e["message"]), 100))
+            where = f"pass {e['pass']}: " if "pass" in e else ""
+            key = (r["status"], typ, site, msg)
+            a = agg.setdefault(key, {"kind": r["status"], "op": typ, "cause": where + msg, "site": site,
+                                     "models": [], "nodes": 0, "example": None})
+            a["models"].append(r["model"])
+            a["nodes"] += 1
+            if a["example"] is None:
+                a["example"] = {"model": r["model"], "message": e["message"][:600], "frames": e.get("frames", [])}
+    return sorted(agg.values(), key=lambda a: (-len(a["models"]), -a["nodes"], a["kind"], a["op"]))
+
+
+def render(data: dict) -> str:
+    meta, rows = data["meta"], data["rows"]
+    for r in rows:  # re-derive causes so a change of normalize_reason needs no new sweep
+        for f in r.get("frozen", []):
+            f["cause"] = normalize_reason(f["reason"])
+    v = {r["model"]: r for r in rows if r["tool"] == "vitcc"}
+    t = {r["model"]: r for r in rows if r["tool"] == "tp"}
+    models = sorted(set(v) | set(t), key=_order)
+    counts = collections.Counter(v[m]["status"] for m in models if m in v)
+    tp_ok = sum(t[m]["status"] == "ok" for m in t)
+    ver = meta.get("versions", {})
+    lines = [
+        "# Coverage sweep: vitcc vs Torch-Pruning at S = 0.3", "",
+        f"**vitcc: {counts['full']} full, {counts['partial']} partial, {counts['refused']} refused, "
+        f"{counts['crash']} crash** (of {len(v)} models). Torch-Pruning: {tp_ok} ok of {len(t)} run"
+        + (f" (not run on: {', '.join(m for m in models if m not in t)})" if len(t) < len(models) else "") + ".",
+        "",
+        "- command: " + "; ".join(f"`{c}`" for c in meta.get("commands", [])),
+        f"- date: {meta.get('date', '')}; wall time of the sweep: {meta.get('wall_minutes', '?')} min",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in ver.items()),
+        f"- machine: {meta.get('machine', '')}, CPU only, fp32, batch 1, input from each model's "
+        "`pretrained_cfg['input_size']`, random weights (`pretrained=False`, seed 0)",
+        f"- vitcc: `vitcc.compile(model, 'magnitude', sparsity={SPARSITY}, example_inputs=(x,))` (default pipeline "
+        "analyze,magnitude,select,rewrite,fold,dce,verify; all kinds; uniform S per group). `full`: no group "
+        "frozen and `report['frozen']` empty; `partial`: verified, some dimensions frozen; `refused`: a "
+        "`VitccError`; `crash`: any other exception, a `VerificationError`, a timeout or a dead worker.",
+        f"- Torch-Pruning: `tp.pruner.MagnitudePruner(model, example_inputs=x, importance="
+        f"tp.importance.MagnitudeImportance(), pruning_ratio={SPARSITY}, ignored_layers=[model.get_classifier()])`, "
+        "everything else default (no `num_heads`, no custom pruners, no model-specific code), one `step()`, then "
+        "`ok` iff the pruned model runs on x and gives the original output shape. Its output values are not "
+        "checked (Torch-Pruning does not claim equivalence to a masked model).",
+        f"- each (model, tool) in its own subprocess, timeout {meta.get('timeout', '?')} s. Times are wall-clock on "
+        "2 CPU cores shared with other work: noisy.",
+        "",
+        "| model | vitcc | params −% | MACs −% | max abs err | max rel err | frozen groups (channels) | "
+        "s | frozen / error (condensed) | TP | TP params −% | TP s | TP error |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|---|--:|--:|---|",
+    ]
+    for m in models:
+        r = v.get(m, {})
+        tr = t.get(m)
+        st = r.get("status", "—")
+        if st in ("full", "partial"):
+            cells = [_pct(r["params_before"], r["params_after"]), _pct(r["macs_before"], r["macs_after"]),
+                     f"{r['max_abs_error']:.1e}", f"{r['max_rel_error']:.1e}",
+                     f"{r['groups_frozen']}/{r['groups']} ({r['channels_frozen']})", f"{r['seconds']}",
+                     _cell(_condense(r["frozen"])) or ("" if st == "full" else
+                                                       "groups frozen: " + ", ".join(g["name"] for g in r["frozen_groups"][:3]))]
+        elif st in ("refused", "crash"):
+            e = r["error"]
+            cells = ["", "", "", "", "", f"{r.get('seconds', r.get('wall', ''))}",
+                     _cell(f"{e['type']}: {_first_line(e['message'])}")]
+        else:
+            cells = [""] * 7
+        if tr is None:
+            tcells = ["not run", "", "", ""]
+        elif tr["status"] == "ok":
+            tcells = ["ok", _pct(tr["params_before"], tr["params_after"]), f"{tr['seconds']}", ""]
+        else:
+            e = tr["error"]
+            pct = _pct(tr["params_before"], tr["params_after"]) if "params_after" in tr else ""
+            tcells = ["error", pct, f"{tr.get('seconds', tr.get('wall', ''))}",
+                      _cell(f"[{tr.get('stage')}] {e['type']}: {_first_line(e['message'], 120)}")]
+        lines.append("| " + " | ".join([m, st, *cells, *tcells]) + " |")
+    lines += ["", "## Top causes", "",
+              "Frozen reasons (node names stripped) and crash/refusal messages, aggregated by op across models, most "
+              "models first; `nodes` counts frozen nodes (or failing models). One concrete example each.", ""]
+    for i, a in enumerate(causes(list(v.values()), list(t.values())), 1):
+        ex = a["example"]
+        if a["kind"] == "frozen":
+            lines.append(f"{i}. **frozen — `{a['op']}`: {a['cause']}** — {len(a['models'])} models, {a['nodes']} "
+                         f"nodes ({', '.join(a['models'])})  ")
+            lines.append(f"   e.g. {ex['model']}, node `{ex['node']}`" + (f" in `{ex['where']}`" if ex["where"] else "")
+                         + f": {ex['reason']}")
+        else:
+            lines.append(f"{i}. **{a['kind']} — `{a['op']}`: {a['cause']}** — {len(a['models'])} models "
+                         f"({', '.join(a['models'])})  ")
+            lines.append(f"   e.g. {ex['model']}: `{_first_line(ex['message'], 400)}`  ")
+            for fr in ex["frames"][-3:]:
+                lines.append(f"   `{fr}`  ")
+    lines += ["", "## Per model: frozen dimensions", ""]
+    for m in models:
+        r = v.get(m, {})
+        if r.get("status") == "partial":
+            lines.append(f"### {m}")
+            c = collections.Counter((f["op"], f["cause"]) for f in r["frozen"])
+            for (op, cause), n in c.most_common():
+                nodes = [f["node"] for f in r["frozen"] if (f["op"], f["cause"]) == (op, cause)]
+                lines.append(f"- `{op}` ×{n}: {cause} — nodes: " + ", ".join(f"`{x}`" for x in nodes[:6])
+                             + (f", … (+{len(nodes) - 6})" if len(nodes) > 6 else ""))
+            kinds = collections.Counter(g["kind"] for g in r["frozen_groups"])
+            if kinds:
+                lines.append("- frozen groups by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+                             + "; e.g. " + ", ".join(f"`{g['name']}`" for g in r["frozen_groups"][:4]))
+            lines.append("")
+    lines += ["## Torch-Pruning errors", ""]
+    for m in models:
+        tr = t.get(m)
+        if tr is not None and tr["status"] != "ok":
+            e = tr["error"]
+            lines.append(f"- {m} [{tr.get('stage')}] {e['type']}: {_cell(_first_line(e['message'], 300))}"
+                         + (f" (at `{e['frames'][-1]}`)" if e.get("frames") else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma-separated timm names (default: the full list)")
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--tp-skip", default=",".join(TP_SKIP), help="models on which Torch-Pruning is not run")
+    ap.add_argument("--jobs", type=int, default=1, help="models run in parallel (default 1)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per model and tool")
+    ap.add_argument("--merge", action="store_true", help="update rows of an existing coverage.json")
+    ap.add_argument("--render", action="store_true", help="only rewrite coverage.md from coverage.json")
+    ap.add_argument("--out", default="benchmarks/results/coverage")
+    ap.add_argument("--worker", choices=["vitcc", "tp"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    global OUT
+    if args.worker:
+        row = (worker_vitcc if args.worker == "vitcc" else worker_tp)(args.model)
+        Path(args.result).write_text(json.dumps(row, default=str))
+        return
+    OUT = Path(args.out)
+    if args.render:
+        data = json.loads(OUT.with_suffix(".json").read_text())
+        OUT.with_suffix(".md").write_text(render(data))
+        return
+    models = QUICK if args.quick else (args.models.split(",") if args.models else MODELS)
+    tools = ["vitcc"] + ([] if args.no_tp else ["tp"])
+    rows: dict = {}
+    cmd = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
+    META.update(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commands=[cmd.strip()],
+                versions=versions(), timeout=args.timeout,
+                machine=f"{platform.machine()}, nproc={os.cpu_count()}, load avg at start "
+                        + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if args.merge and OUT.with_suffix(".json").exists():
+        old = json.loads(OUT.with_suffix(".json").read_text())
+        rows = {(r["model"], r["tool"]): r for r in old["rows"]}
+        META.update({k: val for k, val in old["meta"].items() if k not in ("commands",)},
+                    commands=old["meta"].get("commands", []) + [cmd.strip()])
+        META["date"] += f" (merged {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})"
+    start = time.perf_counter()
+    sweep(models, tools, args.timeout, args.jobs, set(filter(None, args.tp_skip.split(","))), rows)
+    minutes = round((time.perf_counter() - start) / 60, 1)
+    META["wall_minutes"] = minutes if not args.merge else f"{META.get('wall_minutes', '?')} + {minutes}"
+    save(rows)
+    OUT.with_suffix(".md").write_text(render({"meta": META, "rows": json.loads(OUT.with_suffix(".json").read_text())["rows"]}))
+    print(OUT.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

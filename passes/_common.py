@@ -1,0 +1,210 @@
+"""Machinery shared by the method passes of the four papers (gohsp, dimap, vtp, lowrank).
+
+* **Score ownership.** Each method scores the group kinds it was designed for (*primary* scores) and fills
+  every group nobody scored with a magnitude score (*fallback*), so select never ranks a group by
+  position. A primary score overwrites anything; a fallback score is written only where no score exists
+  yet or where the score is another pass's fallback. So in a pipeline the last pass that scores a group as
+  primary wins, and fallbacks never override a real method. Claims live in `program.options["claims"]`
+  (group name -> (pass, primary, score tensor)); a claim is live only while `program.scores[name]` is the
+  tensor it registered, so a core pass that rescores everything (magnitude, lamp, random, taylor) cancels
+  it. `program.report["score_source"]` lists the live claims.
+* **Threshold families.** A method may ask for one threshold shared by several groups (dimap: per module
+  family; vtp: one global gate threshold): `program.options["families"][name] = (family, scores)`, read by
+  select while the group's scores are still that tensor.
+* **Default kinds.** A method narrows the default `prune` kinds (when the user gave none) to those it was
+  designed for; several methods in one pipeline take the union.
+* **Data and training** through `vitcc.train.finetune`, with one-line errors when data is missing.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from vitcc.errors import VitccError
+from vitcc.ir import Program
+from vitcc.spaces import axis_kept, find, normalize
+
+from .magnitude import _axis_index_map, group_norms
+
+
+# -- score ownership ---------------------------------------------------------------------------------
+
+def claim(program: Program, pass_name: str, group_name: str, scores: torch.Tensor, *, primary: bool = True,
+          family: str | None = None) -> bool:
+    """Write scores for a group under the ownership rules above; returns whether they were written."""
+    claims = program.options.setdefault("claims", {})
+    current = program.scores.get(group_name)
+    owner = claims.get(group_name)
+    live = owner is not None and owner[2] is current
+    if owner is not None and owner[0] == "lowrank:rank" and live:
+        return False  # rank groups of a low-rank factorisation are scored by singular values only
+    if not primary and current is not None and (not live or owner[1]):
+        return False  # someone scored it for real: a fallback never overrides that
+    t = scores.detach().float().clone()
+    program.scores[group_name] = t
+    claims[group_name] = (pass_name, primary, t)
+    fams = program.options.setdefault("families", {})
+    if family is None:
+        fams.pop(group_name, None)
+    else:
+        fams[group_name] = (family, t)
+    _report_sources(program)
+    return True
+
+
+def _report_sources(program: Program) -> None:
+    claims = program.options.get("claims", {})
+    program.report["score_source"] = {
+        name: f"{who}{'' if primary else ' (fallback: magnitude)'}"
+        for name, (who, primary, t) in claims.items() if program.scores.get(name) is t}
+
+
+def fill_fallback(program: Program, pass_name: str) -> None:
+    """Group L2 norm for every group that no pass has scored (a primary method may overwrite it later)."""
+    cache: dict = {}
+    for g in program.groups:
+        claim(program, pass_name, g.name, group_norms(program, g, 2.0, cache).sqrt(), primary=False)
+
+
+def owned_by_other(program: Program, pass_name: str, group_name: str) -> bool:
+    """Is the group's current score a live primary claim of another pass?"""
+    owner = program.options.get("claims", {}).get(group_name)
+    return owner is not None and owner[1] and owner[0] != pass_name and program.scores.get(group_name) is owner[2]
+
+
+def default_kinds(program: Program, kinds) -> set[str]:
+    """Narrow the default `prune` kinds to `kinds` (union over methods) when the user gave none."""
+    mine = program.options.get("prune_from_methods")
+    if program.options.get("prune") is None or mine is not None:
+        union = sorted(set(mine or ()) | set(kinds))
+        program.options["prune_from_methods"] = union
+        program.options["prune"] = ",".join(union)
+    return _kinds_of(program)
+
+
+def _kinds_of(program: Program) -> set[str]:
+    from .select import _kinds
+    return _kinds(program.options.get("prune"))
+
+
+def prunable(program: Program, kinds) -> list:
+    return [g for g in program.groups if g.prunable and g.kind in set(kinds)]
+
+
+# -- selections as parameter masks -----------------------------------------------------------------------
+
+def provisional_keep(program: Program, scores: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """What select would keep now (same budget and options), without touching the program."""
+    from .select import Select
+    tmp = copy.copy(program)
+    tmp.scores = {**program.scores, **(scores or {})}
+    tmp.keep = {}
+    tmp.options = dict(program.options)
+    tmp.report = {}
+    Select().run(tmp)
+    return tmp.keep
+
+
+def keep_by_root(program: Program, keep: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+    return {find(program.group(n).space).id: np.asarray(v, dtype=np.int64) for n, v in keep.items()}
+
+
+def param_masks(program: Program, keep: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Boolean keep-mask of every parameter that loses entries under `keep` (group name -> kept indices)."""
+    roots = keep_by_root(program, keep)
+    state = dict(program.gm.named_parameters())
+    out = {}
+    for name, t in program.coupling.params.items():
+        w = state.get(name)
+        if w is None:
+            continue
+        mask = None
+        for axis, ax in enumerate(t):
+            idx = axis_kept(normalize(ax), roots)
+            if len(idx) == w.shape[axis]:
+                continue
+            m = torch.zeros(w.shape[axis], dtype=torch.bool)
+            m[torch.as_tensor(idx, dtype=torch.long)] = True
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            m = m.reshape(shape)
+            mask = m if mask is None else mask & m
+        if mask is not None:
+            out[name] = mask.expand_as(w).clone()
+    return out
+
+
+def index_map_of(program: Program, group, param: str, axis: int) -> torch.Tensor:
+    """For each position of `param`'s `axis`, the group index it lies on (-1 where none)."""
+    return torch.as_tensor(_axis_index_map(program.coupling.params[param][axis], group.space))
+
+
+def group_energy(program: Program, group, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-index sum of squares over the group's slices of `tensors` (name -> tensor shaped like the param)."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        w = tensors.get(m.param)
+        if w is None:
+            continue
+        idx = index_map_of(program, group, m.param, m.axis)
+        rows = w.detach().double().pow(2).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
+        sel = idx >= 0
+        total.index_add_(0, idx[sel], rows[sel])
+    return total
+
+
+# -- data and training -------------------------------------------------------------------------------------
+
+_HOW = ("pass --data (e.g. --data mnist5k, or an image folder with train/ and val/) or "
+        "vitcc.compile(..., data=make_loaders(...))")
+
+
+def calibration(program: Program, pass_name: str) -> torch.Tensor:
+    x = program.options.get("calibration")
+    if x is None:
+        raise VitccError(f"pass {pass_name!r} needs calibration data: {_HOW}")
+    return x
+
+
+def train_loader(program: Program, pass_name: str, why: str):
+    data = program.options.get("data")
+    if data is None:
+        raise VitccError(f"pass {pass_name!r} needs training data for {why}: {_HOW}")
+    return data[0]
+
+
+def sparsity_train(program: Program, pass_name: str, options: dict, *, epochs: int, extra_loss=None,
+                   on_step=None) -> dict:
+    """Train program.gm in place (vitcc.train.finetune, no distillation) for a sparsity-training phase."""
+    from vitcc.train import finetune
+    loader = train_loader(program, pass_name, "its sparsity-training phase")
+    gm = program.gm
+    history = finetune(gm, loader, epochs=int(epochs),
+                       lr=float(options.get("lr", program.options.get("sparsity_lr", program.options.get("lr", 5e-4)))),
+                       extra_loss=extra_loss, on_step=on_step, seed=int(program.options.get("seed", 0)),
+                       weight_decay=float(options.get("weight_decay", 0.05)),
+                       progress=bool(program.options.get("progress", False)))
+    gm.eval()
+    return history
+
+
+def epochs_of(program: Program, options: dict, default: int = 0) -> int:
+    e = options.get("epochs", program.options.get("sparsity_epochs"))
+    e = default if e is None else int(e)
+    if e < 0:
+        raise VitccError(f"sparsity-training epochs must be >= 0, got {e}")
+    return e
+
+
+def rebase(program: Program) -> None:
+    """The weights changed on purpose (sparsity training, factorisation): the masked reference is now them."""
+    program.original = copy.deepcopy(program.gm)
+
+
+def budget(program: Program) -> float:
+    s = float(program.options.get("sparsity", 0.0) or 0.0)
+    if not 0.0 <= s < 1.0:
+        raise VitccError(f"sparsity must be in [0, 1), got {s}")
+    return s

@@ -1,0 +1,188 @@
+"""lowrank: low-rank attention projections + lighter MLP pruning, the hybrid of Kumar, "Vision Transformer
+Compression with Structured Pruning and Low Rank Approximation" (2022, arXiv 2203.13444). No data needed.
+
+What the paper **states**: pruning alone (VTP) mostly prunes the MLP and loses much accuracy; the hybrid
+replaces the attention projections by low-rank approximations and prunes the MLP at a lower rate (50%
+compression with +14% relative error increase, against 44% and +20% for pruning alone).
+
+What vitcc **reconstructs**:
+- every attention projection (a Linear whose rows carry heads/head dims: qkv, or q, k, v; or whose columns
+  do: proj) is replaced, by torch.fx graph surgery, with two Linears `in -> r -> out` from the truncated
+  SVD `W ~ (U_r S_r^1/2)(S_r^1/2 V_r^T)` (the bias stays on the second). The Frobenius error is exactly
+  the energy of the discarded singular values. A factorisation only saves parameters while
+  `r < in*out/(in+out)`; vitcc never builds one that does not (projections too small to save are left);
+- the rank: `energy=E` (smallest rank keeping the fraction E of sum(sigma^2)) or `rank_ratio=q` (q times
+  the break-even rank) fix it; by default it comes from the budget: the factorisation is built at the
+  largest rank that saves parameters, each rank dimension is a group scored by its singular value, and
+  select removes rank dimensions and MLP neurons together to meet `sparsity`/`target`;
+- lighter MLP pruning: MLP neurons are scored by magnitude (a fallback score: `lowrank,vtp` takes vtp's
+  gates for them, the paper's "MLP dims by vtp or magnitude") and pruned at `mlp_rate` (default 0.5)
+  times the fraction removed from the ranks (only when the rank comes from the budget; with a fixed
+  rank the MLP takes whatever the budget still needs). Default kinds: mlp (rank groups are of kind mlp);
+- params/macs targets are measured against the model before factorisation (`options["cost_reference"]`);
+- the masked reference (`program.original`) becomes the factorised model, so verify checks the pruning;
+  `report["lowrank"]` gives, per projection, the rank bound and the relative error of the factorisation.
+Order: **lowrank first** in `--passes`: it changes the graph and re-runs the analysis, so scores written
+before it would name stale groups (it refuses to run after another method pass).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from vitcc.cost import estimate
+from vitcc.errors import VitccError
+from vitcc.ir import Program
+from vitcc.pipeline import Pass, PassResult, make_pass, register_pass
+
+from ._common import claim, default_kinds, fill_fallback, rebase
+from .dimap import module_families
+
+
+def break_even(in_f: int, out_f: int) -> int:
+    """Largest rank whose factorisation has fewer weights than the dense matrix: r (in + out) < in * out."""
+    return (in_f * out_f - 1) // (in_f + out_f)
+
+
+def factorise(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(down (r, in), up (out, r), singular values) with up @ down the best rank-r approximation."""
+    W = weight.detach().double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    sq = S[:rank].sqrt()
+    down = sq[:, None] * Vh[:rank]
+    up = U[:, :rank] * sq[None, :]
+    return down.to(weight.dtype), up.to(weight.dtype), S
+
+
+def choose_rank(S: torch.Tensor, in_f: int, out_f: int, energy=None, rank_ratio=None) -> int:
+    r_max = min(break_even(in_f, out_f), len(S))
+    if energy is not None:
+        e = float(energy)
+        if not 0.0 < e <= 1.0:
+            raise VitccError(f"lowrank{{energy={energy}}}: expected a fraction in (0, 1]")
+        cum = torch.cumsum(S.double() ** 2, 0) / (S.double() ** 2).sum().clamp_min(1e-300)
+        r = int(torch.searchsorted(cum, torch.tensor(e - 1e-12, dtype=cum.dtype)).item()) + 1
+    elif rank_ratio is not None:
+        q = float(rank_ratio)
+        if not 0.0 < q <= 1.0:
+            raise VitccError(f"lowrank{{rank_ratio={rank_ratio}}}: expected a fraction in (0, 1]")
+        r = int(math.floor(q * in_f * out_f / (in_f + out_f)))
+    else:
+        r = r_max
+    return max(1, min(r, r_max))
+
+
+def attention_projections(program: Program) -> list[tuple[str, fx.Node]]:
+    """(Linear target, its call node) of every attention projection called once as a module."""
+    calls: dict[str, list[fx.Node]] = {}
+    for n in program.gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
+    out = []
+    for wname, fam in module_families(program).items():
+        if fam not in ("QKV", "PRJ"):
+            continue
+        target = wname[: -len(".weight")]
+        try:
+            mod = program.gm.get_submodule(target)
+        except AttributeError:
+            continue
+        if type(mod) is nn.Linear and len(calls.get(target, [])) == 1:
+            out.append((target, calls[target][0]))
+    return out
+
+
+def replace_linear(gm: fx.GraphModule, target: str, node: fx.Node, down: torch.Tensor, up: torch.Tensor) -> None:
+    """Swap the Linear `target` for `target.down` (no bias) then `target.up` (the old bias)."""
+    lin = gm.get_submodule(target)
+    r = down.shape[0]
+    pair = nn.Module()
+    pair.down = nn.Linear(lin.in_features, r, bias=False, dtype=lin.weight.dtype, device=lin.weight.device)
+    pair.up = nn.Linear(r, lin.out_features, bias=lin.bias is not None, dtype=lin.weight.dtype,
+                        device=lin.weight.device)
+    with torch.no_grad():
+        pair.down.weight.copy_(down)
+        pair.up.weight.copy_(up)
+        if lin.bias is not None:
+            pair.up.bias.copy_(lin.bias)
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, pair)
+    with gm.graph.inserting_before(node):
+        d = gm.graph.call_module(target + ".down", node.args, node.kwargs)
+    node.target = target + ".up"
+    node.args, node.kwargs = (d,), {}
+
+
+@register_pass("lowrank")
+class Lowrank(Pass):
+    def requires(self, program: Program) -> None:
+        if program.scores:
+            raise VitccError("lowrank changes the graph and re-runs the analysis: put it first in --passes "
+                             "(e.g. lowrank,vtp), scores of earlier passes would name stale groups")
+
+    def run(self, program: Program) -> PassResult:
+        energy, ratio = self.options.get("energy"), self.options.get("rank_ratio")
+        if energy is not None and ratio is not None:
+            raise VitccError("lowrank: give energy or rank_ratio, not both")
+        fixed = energy is not None or ratio is not None
+        mlp_rate = float(self.options.get("mlp_rate", 0.5))
+        if mlp_rate < 0:
+            raise VitccError(f"lowrank{{mlp_rate={mlp_rate}}} must be >= 0")
+        gm = program.gm
+        program.options.setdefault("cost_reference", estimate(program, {}))
+        with torch.no_grad():
+            before = gm(*program.example_inputs)
+        done, singular = {}, {}
+        for target, node in attention_projections(program):
+            lin = gm.get_submodule(target)
+            out_f, in_f = lin.weight.shape
+            if break_even(in_f, out_f) < 1:
+                continue
+            S = torch.linalg.svdvals(lin.weight.detach().double())
+            r = choose_rank(S, in_f, out_f, energy, ratio)
+            down, up, S = factorise(lin.weight, r)
+            total = float((S ** 2).sum())
+            done[target] = {"in": in_f, "out": out_f, "rank": r, "break_even": break_even(in_f, out_f),
+                            "params_before": in_f * out_f, "params_after": r * (in_f + out_f),
+                            "energy_kept": float((S[:r] ** 2).sum()) / max(total, 1e-300),
+                            "relative_fro_error": math.sqrt(max(0.0, float((S[r:] ** 2).sum())) / max(total, 1e-300))}
+            singular[target] = S[:r].float()
+            replace_linear(gm, target, node, down, up)
+        if not done:
+            raise VitccError("lowrank found no attention projection it can factorise with fewer parameters")
+        gm.recompile()
+        ShapeProp(gm).propagate(*program.example_inputs)
+        make_pass("analyze").run(program)
+        rebase(program)
+        with torch.no_grad():
+            after = gm(*program.example_inputs)
+        rank_groups = {}
+        for g in program.groups:
+            for m in g.members:
+                t = m.param[: -len(".down.weight")] if m.param.endswith(".down.weight") else None
+                if t in done and m.axis == 0:
+                    rank_groups[g.name] = t
+        program.options["lowrank"] = {"rank_groups": sorted(rank_groups), "projections": done}
+        kinds = default_kinds(program, ("mlp",))
+        for name, t in rank_groups.items():
+            g = program.group(name)
+            if fixed:
+                g.frozen = f"lowrank: rank fixed by {'energy' if energy is not None else 'rank_ratio'}"
+            claim(program, "lowrank:rank", name, singular[t])
+        if not fixed:
+            rates = program.options.setdefault("group_rate", {})
+            for g in program.groups:
+                if g.kind == "mlp" and g.name not in rank_groups:
+                    rates[g.name] = mlp_rate
+        fill_fallback(program, "lowrank")
+        program.report["lowrank"] = {
+            "mode": "energy" if energy is not None else "rank_ratio" if ratio is not None else "budget",
+            "energy": energy, "rank_ratio": ratio, "mlp_rate": None if fixed else mlp_rate,
+            "projections": done, "output_change_max_abs": float((after - before).abs().max()),
+            "kinds": sorted(kinds)}
+        return PassResult(info={"factorised": len(done)})

@@ -1,0 +1,98 @@
+"""`vitcc bench` and `vitcc profile` on a tiny model: tables, JSON and errors (no timing assertions)."""
+import json
+
+import pytest
+import torch
+
+from vitcc.cli import run
+
+from conftest import tiny_vit
+
+SHAPE = ["--input-shape", "1,3,32,32"]
+QUICK = ["--rounds", "2", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(tiny_vit(), path)
+    return path
+
+
+def test_bench_compiles_and_prints_a_table(tmp_path, model_file, capsys):
+    out = tmp_path / "bench.json"
+    code = run(["bench", str(model_file), "--sparsity", "0.5", "--batch", "1,2", "--json", str(out), *QUICK, *SHAPE])
+    assert code == 0
+    shown = capsys.readouterr().out
+    for text in ("parameters", "MACs", "eager batch 1", "eager batch 2", "onnx batch 1", "onnx batch 2",
+                 "speed-up", "ideal", "efficiency", "model", "compiled"):
+        assert text in shown, text
+    data = json.loads(out.read_text())
+    assert data["sizes"]["compiled"]["macs"] < data["sizes"]["model"]["macs"]
+    assert {(r["runtime"], r["batch"]) for r in data["runs"]} == {("eager", 1), ("eager", 2), ("onnx", 1), ("onnx", 2)}
+    for r in data["runs"]:
+        c = r["compare"]["compiled"]
+        assert c["ideal"] == pytest.approx(data["sizes"]["model"]["macs"] / data["sizes"]["compiled"]["macs"])
+        assert c["efficiency"] == pytest.approx(c["speedup"] / c["ideal"])
+        assert r["stats"]["model"]["n"] == 2 and r["stats"]["compiled"]["wall"] > 0
+    assert data["threads"] == 1 and data["machine"]["threads"] == 1 and "loadavg_start" in data
+
+
+def test_bench_model_and_compiled_file(tmp_path, model_file, capsys):
+    small = tmp_path / "small.pt"
+    assert run(["compile", str(model_file), "--sparsity", "0.5", "--align", "8", "-o", str(small), *SHAPE]) == 0
+    capsys.readouterr()
+    assert run(["bench", str(model_file), str(small), "--runtime", "eager", *QUICK, *SHAPE]) == 0
+    shown = capsys.readouterr().out
+    assert "eager batch 1" in shown and "onnx" not in shown.split("┃", 1)[1] and "efficiency" in shown
+
+
+def test_bench_model_alone(model_file, capsys):
+    assert run(["bench", str(model_file), "--runtime", "eager", *QUICK, *SHAPE]) == 0
+    shown = capsys.readouterr().out
+    assert "eager batch 1" in shown and "efficiency" not in shown
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch"),
+    (["--batch", "a,b"], "--batch"),
+    (["--runtime", "tensorrt"], "--runtime"),
+    (["--sparsity", "1.5"], "--sparsity"),
+])
+def test_bench_bad_arguments_exit_2(model_file, capsys, args, message):
+    assert run(["bench", str(model_file), *args, *SHAPE]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err
+
+
+def test_bench_compiled_and_sparsity_is_a_usage_error(model_file, capsys):
+    assert run(["bench", str(model_file), str(model_file), "--sparsity", "0.5", *SHAPE]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_profile_fills_the_cache_and_prints_predictions(tmp_path, model_file, capsys):
+    out = tmp_path / "profile.json"
+    code = run(["profile", str(model_file), "--grid", "0.25,0.5", "--threads", "1", "--check", "--rounds", "2",
+                "--json", str(out), *SHAPE])
+    assert code == 0
+    shown = capsys.readouterr().out
+    assert "predicted" in shown and "meas. kept" in shown and "cache:" in shown
+    data = json.loads(out.read_text())
+    assert [r["fraction"] for r in data["rows"]] == [0.25, 0.5]
+    assert all(0 < r["predicted_kept"] <= 1.0 + 1e-9 for r in data["rows"])
+    assert all(r["measured_ms"] > 0 for r in data["rows"])
+    assert data["entries"] > 0 and (tmp_path / "cache" / "latency").is_dir()
+    assert data["cache"].startswith(str(tmp_path / "cache"))
+    # a second profile of the same model is served from the cache
+    assert run(["profile", str(model_file), "--grid", "0.25,0.5", "--threads", "1", "--json", str(out), *SHAPE]) == 0
+    assert json.loads(out.read_text())["measured_now"] == 0
+
+
+def test_profile_bad_grid_exit_2(model_file, capsys):
+    assert run(["profile", str(model_file), "--grid", "1.5", *SHAPE]) == 2
+    assert "--grid" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""`vitcc compile --data ... --finetune-epochs` and `vitcc evaluate`, as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vitcc
+from vitcc.cli import run
+
+from conftest import tiny_vit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on 2 shared, busy cores spin-wait: a tiny step takes 0.5 s instead of 0.03 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(tiny_vit(img_size=8, patch_size=4), path)  # input shape 1,3,8,8 from its timm config
+    return path
+
+
+def test_compile_finetune_then_evaluate(tmp_path, model_file, capsys):
+    out, rep, ckpt = tmp_path / "small.pt", tmp_path / "report.json", tmp_path / "ckpt"
+    code = run(["compile", str(model_file), "--passes", "taylor", "--sparsity", "0.5", "--data", "digits",
+                "--finetune-epochs", "1", "--batch-size", "128", "--lr", "2e-3", "--seed", "3", "--mean", "0.5",
+                "--std", "0.5", "--checkpoint-dir", str(ckpt), "-o", str(out), "--report", str(rep)])
+    assert code == 0
+    shown = capsys.readouterr().out
+    assert "verified" in shown and "after fine-tuning: top-1" in shown and "accuracy before" in shown
+    report = json.loads(rep.read_text())
+    assert report["max_abs_error"] < 1e-4 and report["params_after"] < report["params_before"]
+    assert report["finetune"]["epochs"] == 1 and report["finetune"]["distill"] is True
+    assert report["finetune"]["seed"] == 3 and len(report["finetune"]["loss"]) == 1
+    for key in ("accuracy_before", "accuracy_pruned", "accuracy_after"):
+        assert report[key]["n"] == 359
+    assert (ckpt / "epoch001.pt").exists()
+    assert run(["evaluate", str(out), "--data", "digits", "--mean", "0.5", "--std", "0.5", "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)
+    assert acc == report["accuracy_after"]  # the written model is the fine-tuned one
+    assert run(["evaluate", str(out), "--data", "digits", "--mean", "0.5", "--std", "0.5"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert isinstance(vitcc.load(out), torch.fx.GraphModule)
+    # a fresh process, as users run it: loading a compiled GraphModule must not depend on earlier imports
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = "import sys, torch, vitcc; print(tuple(vitcc.load(sys.argv[1])(torch.zeros(2, 3, 8, 8)).shape))"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "(2, 10)", proc.stderr[-2000:]
+
+
+def test_no_distill_and_default_normalisation(tmp_path, model_file):
+    rep = tmp_path / "r.json"
+    assert run(["compile", str(model_file), "--sparsity", "0.25", "--data", "digits", "--finetune-epochs", "1",
+                "--batch-size", "256", "--no-distill", "--report", str(rep)]) == 0
+    assert json.loads(rep.read_text())["finetune"]["distill"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compile", "MODEL", "--finetune-epochs", "1"], "--finetune-epochs needs --data"),
+    (["compile", "MODEL", "--data", "imagenet"], "unknown data 'imagenet'"),
+    (["compile", "MODEL", "--passes", "taylor"], "needs calibration data"),
+    (["compile", "MODEL", "--data", "digits", "--mean", "a,b"], "--mean takes comma-separated numbers"),
+    (["evaluate", "MODEL", "--data", "nowhere"], "unknown data 'nowhere'"),
+])
+def test_bad_data_usage_is_one_line_exit_2(tmp_path, model_file, capsys, args, message):
+    out = tmp_path / "o.pt"
+    args = [str(model_file) if a == "MODEL" else a for a in args]
+    assert run(args + (["-o", str(out)] if args[0] == "compile" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitcc: error:") and message in err and "Traceback" not in err
+    assert not out.exists()

@@ -1,0 +1,40 @@
+"""A fast subset of the coverage sweep (benchmarks/coverage.py): architectures of its list that compile
+today, as tiny configs (few blocks, narrow, small images), each compiled at S = 0.3 with the default
+pipeline. Every one must verify; `full` ones must freeze nothing; `partial` ones must still prune.
+"""
+import pytest
+import timm
+import torch
+
+import vitcc
+
+# name, reduced kwargs, image size, status in the sweep (benchmarks/results/coverage.md)
+CASES = [
+    # hierarchical, spatial-reduction attention (strided conv on k/v), depthwise-conv MLP
+    ("pvt_v2_b0", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4)), 64, "full"),
+    # relative position bias table, layer scale, no fused qkv bias
+    ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), 32, "full"),
+    # hierarchical, mask-unit attention with pooling of q, stage-wise widths
+    ("hiera_tiny_224", dict(img_size=64, embed_dim=24, num_heads=1, stages=(1, 1, 1, 1)), 64, "full"),
+    # talking-heads attention, class-attention blocks
+    ("cait_xxs24_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, depth_token_only=1),
+     32, "partial"),
+]
+
+
+@pytest.mark.parametrize("name, kw, size, status", CASES, ids=[c[0] for c in CASES])
+def test_coverage_subset_compiles_and_verifies(name, kw, size, status):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    r = vitcc.compile(model, "magnitude", sparsity=0.3, example_inputs=(x,))
+    rep = r.report
+    assert rep["max_rel_error"] < 1e-4
+    with torch.no_grad():
+        assert r.module(x).shape == model(x).shape
+    frozen_groups = [g.name for g in r.groups if g.frozen is not None]
+    if status == "full":
+        assert not rep["frozen"], rep["frozen"]
+        assert not frozen_groups, frozen_groups
+    assert rep["params_after"] < rep["params_before"]
+    assert rep["macs_after"] < rep["macs_before"]

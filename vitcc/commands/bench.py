@@ -1,0 +1,169 @@
+"""`vitcc bench MODEL [COMPILED]`: latency of a model and its compiled version, eager and onnxruntime.
+
+Both models are timed in one process, interleaved (one call of each per round, rotating order), on the
+same inputs and thread count; the table shows medians, the speed-up, the ideal speed-up (the MAC ratio)
+and the efficiency = speed-up / ideal. Without COMPILED, `--sparsity S` compiles MODEL first
+(`--target`, `--align`, `--passes` as for `vitcc compile`); with neither, MODEL alone is timed.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vitcc.cli import DEFAULT_MODEL, _load, app
+from vitcc.errors import VitccError
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        out = [int(b) for b in text.replace(" ", "").split(",") if b]
+    except ValueError:
+        out = []
+    if not out or any(b <= 0 for b in out):
+        raise VitccError(f"bad --batch {text!r}: expected positive integers like 1,32")
+    return out
+
+
+def _runtimes(text: str) -> list[str]:
+    out = [r.strip().lower() for r in text.split(",") if r.strip()]
+    out = ["onnx" if r in ("ort", "onnxruntime") else r for r in out]
+    bad = set(out) - {"eager", "onnx"}
+    if bad or not out:
+        raise VitccError(f"bad --runtime {text!r}: use eager, onnx or eager,onnx")
+    return out
+
+
+def run_bench(models: dict[str, torch.nn.Module], example: tuple, *, batches: list[int], runtimes: list[str],
+              threads: int, rounds: int, warmup: int = 2, workdir: Path | None = None,
+              on_progress=None) -> dict:
+    """Time every model at every (runtime, batch), interleaved; sizes at batch 1. Returns a JSON-able dict."""
+    from vitcc.export import export_onnx
+    from vitcc.latency import interleaved, loadavg, machine_info, onnx_feed, onnx_session, summarize, with_batch
+    from vitcc.metrics import count_macs, count_params
+
+    torch.set_num_threads(threads)
+    first = next(iter(models))
+    sizes = {name: {"params": count_params(m), "macs": count_macs(m, example)} for name, m in models.items()}
+    result = {"machine": machine_info(threads), "threads": threads, "rounds": rounds, "warmup": warmup,
+              "input_shape": list(example[0].shape), "loadavg_start": loadavg(), "sizes": sizes, "runs": []}
+    sessions = {}
+    if "onnx" in runtimes:
+        tmp = Path(tempfile.mkdtemp(prefix="vitcc-bench-", dir=workdir))
+        for name, m in models.items():
+            if on_progress:
+                on_progress(f"onnx export {name}")
+            path = tmp / f"{len(sessions)}.onnx"
+            export_onnx(m.eval(), example, path)
+            sessions[name] = onnx_session(path, threads)
+    for runtime in runtimes:
+        for b in batches:
+            xs = with_batch(example, b)
+            if on_progress:
+                on_progress(f"{runtime} batch {b}")
+            if runtime == "eager":
+                fns = {n: (lambda m=m: m(*xs)) for n, m in models.items()}
+                for m in models.values():
+                    m.eval()
+            else:
+                fns = {n: (lambda s=s, f=onnx_feed(s, xs): s.run(None, f)) for n, s in sessions.items()}
+            stats = summarize(interleaved(fns, rounds=rounds, warmup=warmup))
+            run = {"runtime": runtime, "batch": b, "stats": stats}
+            base = stats[first]
+            for n in models:
+                if n == first:
+                    continue
+                ideal = sizes[first]["macs"] / max(sizes[n]["macs"], 1)
+                run.setdefault("compare", {})[n] = {
+                    "speedup": base["wall"] / stats[n]["wall"], "speedup_cpu": base["cpu"] / stats[n]["cpu"],
+                    "ideal": ideal, "efficiency": base["wall"] / stats[n]["wall"] / ideal,
+                    "efficiency_cpu": base["cpu"] / stats[n]["cpu"] / ideal}
+            result["runs"].append(run)
+    result["loadavg_end"] = loadavg()
+    return result
+
+
+def print_table(result: dict, title: str) -> None:
+    out = Console(width=None if Console().is_terminal else 120)
+    names = list(result["sizes"])
+    t = Table(title=title, show_header=True)
+    t.add_column("")
+    for n in names:
+        t.add_column(n, justify="right")
+    if len(names) > 1:
+        for col in ("speed-up", "ideal", "efficiency"):
+            t.add_column(col, justify="right")
+    pad = [""] * (3 if len(names) > 1 else 0)
+    t.add_row("parameters", *[f"{result['sizes'][n]['params']:,}" for n in names], *pad)
+    t.add_row("MACs (batch 1)", *[f"{result['sizes'][n]['macs']:,}" for n in names], *pad)
+    for run in result["runs"]:
+        cells = [f"{run['stats'][n]['wall']:.2f} ms" for n in names]
+        extra = []
+        if len(names) > 1:
+            c = run["compare"][names[1]]
+            extra = [f"{c['speedup']:.2f}x", f"{c['ideal']:.2f}x", f"{c['efficiency']:.0%}"]
+        t.add_row(f"{run['runtime']} batch {run['batch']}", *cells, *extra)
+    out.print(t)
+    eff = "efficiency = speed-up / ideal (MAC ratio); " if len(names) > 1 else ""
+    out.print(f"medians of {result['rounds']} interleaved rounds, {result['threads']} thread(s); {eff}"
+              f"load average {result['loadavg_start']} -> {result['loadavg_end']} on "
+              f"{result['machine']['ncpu']} CPUs")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="timm:NAME, a torch.save'd module (.pt), or a state dict with --arch"),
+    compiled: Optional[str] = typer.Argument(None, help="a compiled model (.pt) to compare with MODEL"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="without COMPILED: compile MODEL with this "
+                                             "sparsity first"),
+    target: str = typer.Option("macs", "--target", help="with --sparsity: channels, params, macs or latency"),
+    align: int = typer.Option(8, "--align", help="with --sparsity: round kept widths to multiples of N"),
+    passes: str = typer.Option("magnitude", "--passes", help="with --sparsity: method passes"),
+    batch: str = typer.Option("1", "--batch", help="batch sizes, e.g. 1,32"),
+    runtime: str = typer.Option("eager,onnx", "--runtime", help="eager, onnx or both"),
+    threads: int = typer.Option(1, "--threads", help="intra-op threads (torch and onnxruntime)"),
+    rounds: int = typer.Option(10, "--rounds", help="interleaved rounds (one call of each model per round)"),
+    warmup: int = typer.Option(2, "--warmup", help="untimed rounds first"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+    arch: Optional[str] = typer.Option(None, "--arch"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+) -> None:
+    """Time MODEL (and COMPILED) in eager PyTorch and onnxruntime on this machine; print a table."""
+    from vitcc import api
+    batches, runtimes = _batches(batch), _runtimes(runtime)
+    if threads < 1 or rounds < 1 or warmup < 0:
+        raise VitccError("--threads and --rounds must be >= 1, --warmup >= 0")
+    if compiled is not None and sparsity is not None:
+        raise VitccError("give either COMPILED or --sparsity, not both")
+    if json_out is not None and not json_out.parent.exists():
+        raise VitccError(f"output folder {json_out.parent} does not exist; create it first")
+    torch.set_num_threads(threads)
+    m, example = _load(model, weights, arch, trust_pickle, input_shape)
+    models = {"model": m.eval()}
+    if compiled is not None:
+        models["compiled"] = api.load(compiled, trust_pickle=trust_pickle).eval()
+    elif sparsity is not None:
+        if not 0.0 <= sparsity < 1.0:
+            raise VitccError(f"--sparsity must be in [0, 1), got {sparsity}")
+        r = api.compile(m, passes, sparsity=sparsity, example_inputs=example, target=target, align=align)
+        models["compiled"] = r.module.eval()
+    console = Console(stderr=True)
+    progress = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if console.is_terminal else None
+    result = run_bench(models, example, batches=batches, runtimes=runtimes, threads=threads, rounds=rounds,
+                       warmup=warmup, on_progress=progress)
+    result["model"], result["compiled"] = model, compiled
+    print_table(result, f"vitcc bench {model}" + (f" {compiled}" if compiled else
+                                                   f" (compiled at --sparsity {sparsity} --target {target} "
+                                                   f"--align {align})" if sparsity is not None else ""))
+    if json_out is not None:
+        tmp = json_out.with_name(json_out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(json_out)

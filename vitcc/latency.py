@@ -1,0 +1,650 @@
+"""Latency: interleaved timing, and a per-op latency model measured on this machine (``--target latency``).
+
+The model predicts the eager PyTorch latency of a compact model from its kept widths, without building
+it: every compute op of the traced graph (linear, conv, attention, matmul, norm, softmax, elementwise
+activations and arithmetic) is timed in isolation at its compact shape, and the ops vitcc does not time
+(reshapes, indexing, Python dispatch) are one constant, calibrated once per model as the measured
+latency of the whole dense model minus the sum of its timed ops. Op timings are cached in
+``$VITCC_CACHE/latency/<machine>.json`` (default ``~/.cache/vitcc``), keyed by op and shapes; the file
+name is a hash of the CPU model, CPU count, torch version, thread count and dtype, so a cache never
+answers for another machine or setting. ``vitcc profile`` fills it ahead of time; ``select`` measures
+whatever is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .coupling import is_ttype, shape_of
+from .ir import Program, axis_count
+
+__all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyModel", "time_fn",
+           "interleaved", "loadavg", "cpu_clock_ok"]
+
+CACHE_ENV = "VITCC_CACHE"
+FORMAT = 3
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+def loadavg() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on Unix
+        return "n/a"
+
+
+def cpu_clock_ok(threads: int | None = None) -> bool:
+    """With one intra-op thread every kernel runs on the calling thread, so its CPU time is the op's cost
+    without the time the scheduler gave to other processes (the machine may be shared)."""
+    return int(threads or torch.get_num_threads()) == 1
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, samples: int = 7, min_sample_ms: float = 2.0,
+            budget_ms: float = 400.0, clock: str = "wall") -> float:
+    """Median milliseconds per call of ``fn``; short ops are looped so one sample lasts ``min_sample_ms``.
+
+    ``clock="thread"`` measures the calling thread's CPU time (see :func:`cpu_clock_ok`), ``"wall"``
+    wall-clock time. Fewer samples (at least 3) are taken when ``samples`` would exceed ``budget_ms``.
+    """
+    now = time.thread_time if clock == "thread" else time.perf_counter
+    with torch.inference_mode():
+        for _ in range(max(1, warmup)):
+            t0 = time.perf_counter()
+            fn()
+            once = (time.perf_counter() - t0) * 1e3
+        inner = max(1, int(math.ceil(min_sample_ms / max(once, 1e-4))))
+        n = max(3, min(samples, int(budget_ms / max(once * inner, 1e-6))))
+        out = []
+        for _ in range(n):
+            t0 = now()
+            for _ in range(inner):
+                fn()
+            out.append((now() - t0) * 1e3 / inner)
+    return float(statistics.median(out))
+
+
+def time_ratio(fn: Callable[[], Any], ref: Callable[[], Any], *, warmup: int = 2, samples: int = 7,
+               min_sample_ms: float = 2.0, budget_ms: float = 600.0, clock: str = "wall") -> float:
+    """Median over paired samples of (time of ``fn``) / (time of ``ref``), the two alternating.
+
+    A shared machine speeds up and slows down over seconds (other processes, caches, clocks); timing
+    every op against a reference measured right beside it cancels most of that drift.
+    """
+    now = time.thread_time if clock == "thread" else time.perf_counter
+    with torch.inference_mode():
+        once = {}
+        for name, f in (("fn", fn), ("ref", ref)):
+            for _ in range(max(1, warmup)):
+                t0 = time.perf_counter()
+                f()
+                once[name] = (time.perf_counter() - t0) * 1e3
+        inner = {k: max(1, int(math.ceil(min_sample_ms / max(v, 1e-4)))) for k, v in once.items()}
+        per = once["fn"] * inner["fn"] + once["ref"] * inner["ref"]
+        n = max(3, min(samples, int(budget_ms / max(per, 1e-6))))
+        ratios = []
+        for i in range(n):
+            pair = {}
+            for name, f in ((("fn", fn), ("ref", ref)) if i % 2 == 0 else (("ref", ref), ("fn", fn))):
+                t0 = now()
+                for _ in range(inner[name]):
+                    f()
+                pair[name] = (now() - t0) / inner[name]
+            ratios.append(pair["fn"] / max(pair["ref"], 1e-12))
+    return float(statistics.median(ratios))
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 10, warmup: int = 2,
+                on_round: Callable[[int], None] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Milliseconds per call of every function, one call of each per round, in a rotating order.
+
+    Dense and compact models timed this way share whatever else the machine is doing: compare them
+    within one call, never across calls. Returns ``{name: {"wall": [...], "cpu": [...]}}`` (process CPU
+    time, which excludes time the process waited for a core); take medians.
+    """
+    names = list(fns)
+    out = {n: {"wall": [], "cpu": []} for n in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                fns[n]()
+        for r in range(rounds):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                c0, t0 = time.process_time(), time.perf_counter()
+                fns[n]()
+                t1, c1 = time.perf_counter(), time.process_time()
+                out[n]["wall"].append((t1 - t0) * 1e3)
+                out[n]["cpu"].append((c1 - c0) * 1e3)
+            if on_round is not None:
+                on_round(r)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vitcc")
+    return Path(root) / "latency"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ncpu() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def machine_info(threads: int | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """What a latency measurement depends on; its hash names the cache file."""
+    return {"cpu": _cpu_model(), "arch": platform.machine(), "ncpu": _ncpu(), "torch": torch.__version__,
+            "threads": int(threads or torch.get_num_threads()), "dtype": str(dtype).replace("torch.", ""),
+            "format": FORMAT}
+
+
+def machine_key(info: dict) -> str:
+    return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LatencyTable:
+    """Op key -> median milliseconds, for one machine key; a JSON file under :func:`cache_dir`."""
+
+    def __init__(self, info: dict | None = None, path: str | Path | None = None):
+        self.info = info or machine_info()
+        self.path = Path(path) if path is not None else cache_dir() / f"{machine_key(self.info)}.json"
+        self.entries: dict[str, float] = {}
+        self.dirty = False
+        self.measured = 0  # ops timed by this process
+
+    @classmethod
+    def load(cls, info: dict | None = None, path: str | Path | None = None) -> "LatencyTable":
+        table = cls(info, path)
+        table.entries.update(_read(table.path, table.info))
+        return table
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: str) -> float | None:
+        return self.entries.get(key)
+
+    def set(self, key: str, ms: float) -> None:
+        self.entries[key] = float(ms)
+        self.dirty = True
+
+    def save(self) -> Path:
+        """Merge with what is on disk (another process may have added entries) and replace atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_read(self.path, self.info), **self.entries}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"info": self.info, "entries": merged}, indent=0, sort_keys=True))
+        tmp.replace(self.path)
+        self.entries = merged
+        self.dirty = False
+        return self.path
+
+
+def _read(path: Path, info: dict) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("info") != info or not isinstance(data.get("entries"), dict):
+        return {}  # another machine/setting hashed to this name, or a foreign file: ignore it
+    return {str(k): float(v) for k, v in data["entries"].items() if isinstance(v, (int, float))}
+
+
+# -------------------------------------------------------------------------------------- op extraction
+
+_FREE_MODULES = (nn.Identity, nn.Dropout)
+_ACT_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU,
+                nn.ReLU6, nn.Hardsigmoid, nn.Softmax)
+_ELEMENTWISE_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+                      torch.add, torch.sub, torch.mul, torch.div, torch.sigmoid, torch.tanh, torch.exp,
+                      F.gelu, F.relu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.mish, F.elu, F.leaky_relu,
+                      F.relu6, F.hardsigmoid}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "gelu", "relu", "sigmoid", "tanh", "exp",
+                        "sqrt", "rsqrt", "neg", "abs"}
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+
+
+class _Op:
+    """One timed op: a cache key and a factory that returns a zero-argument function to time."""
+    __slots__ = ("key", "make")
+
+    def __init__(self, key: str, make: Callable[[], Callable[[], Any]]):
+        self.key, self.make = key, make
+
+
+def _s(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def _rand(shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*[int(d) for d in shape], dtype=dtype)
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+class _Shapes:
+    """Compact shapes of the nodes of a traced graph under a selection (group-root id -> kept indices)."""
+
+    def __init__(self, program: Program, keep: dict):
+        self.c, self.keep, self.cache = program.coupling, keep, {}
+
+    def axis(self, ax) -> int:
+        return axis_count(ax, self.keep, self.c.aliases)
+
+    def node(self, n: Any) -> tuple[int, ...] | None:
+        if not isinstance(n, fx.Node):
+            return None
+        if n.name not in self.cache:
+            orig = shape_of(n)
+            t = self.c.types.get(n.name)
+            if orig is not None and is_ttype(t) and len(t) == len(orig):
+                self.cache[n.name] = tuple(self.axis(ax) for ax in t)
+            else:
+                self.cache[n.name] = orig
+        return self.cache[n.name]
+
+    def param(self, name: str, fallback: tuple) -> tuple[int, ...]:
+        t = self.c.params.get(name)
+        if t is None or len(t) != len(fallback):
+            return tuple(fallback)
+        return tuple(self.axis(ax) for ax in t)
+
+
+def _dtype(n: fx.Node) -> torch.dtype:
+    tm = n.meta.get("tensor_meta")
+    return getattr(tm, "dtype", torch.float32) or torch.float32
+
+
+def compact_ops(program: Program, keep: dict) -> list[_Op]:
+    """The timed ops of the compact model that the selection ``keep`` (root id -> indices) would give."""
+    gm = program.gm
+    sh = _Shapes(program, keep)
+    modules = dict(gm.named_modules())
+    ops: list[_Op] = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        out = sh.node(node)
+        if out is not None and 0 in out:
+            continue  # a branch with no channels left: folded away
+        op = None
+        try:
+            op = _op(node, sh, modules)
+        except Exception:  # an op shape vitcc cannot reproduce: part of the constant remainder
+            op = None
+        if op is not None:
+            ops.append(op)
+    return ops
+
+
+def _op(node: fx.Node, sh: _Shapes, modules: dict) -> _Op | None:
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    if mod is not None:
+        if isinstance(mod, _FREE_MODULES):
+            return None
+        if isinstance(mod, nn.Linear):
+            x = sh.node(node.args[0])
+            w = sh.param(f"{node.target}.weight", mod.weight.shape)
+            return _linear(x, w, mod.bias is not None)
+        if isinstance(mod, nn.Conv2d):
+            x = sh.node(node.args[0])
+            w = sh.param(f"{node.target}.weight", mod.weight.shape)
+            groups = mod.groups
+            if groups > 1 and groups == mod.in_channels == mod.out_channels:
+                groups = w[0]
+            return _conv2d(x, w, mod.bias is not None, mod.stride, mod.padding, mod.dilation, groups)
+        if isinstance(mod, nn.LayerNorm):
+            x = sh.node(node.args[0])
+            return _layer_norm(x, len(mod.normalized_shape), mod.weight is not None, mod.eps)
+        if isinstance(mod, _ACT_MODULES) and not any(True for _ in mod.parameters()):
+            return _elementwise(f"module:{type(mod).__name__}", node, sh, lambda *a: mod(*a))
+        return None
+    t = node.target
+    if t is F.linear:
+        x, w = sh.node(node.args[0]), sh.node(_arg(node, 1, "weight"))
+        return _linear(x, w, _arg(node, 2, "bias") is not None)
+    if t is F.layer_norm:
+        x = sh.node(node.args[0])
+        k = len(_arg(node, 1, "normalized_shape"))
+        return _layer_norm(x, k, _arg(node, 2, "weight") is not None, _arg(node, 4, "eps", 1e-5))
+    if t is F.scaled_dot_product_attention:
+        q, k, v = (sh.node(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+        mask = _arg(node, 3, "attn_mask")
+        m = sh.node(mask) if isinstance(mask, fx.Node) else None
+        causal = bool(node.kwargs.get("is_causal", False))
+        return _sdpa(q, k, v, m, causal)
+    if t in _MATMULS:
+        a, b = sh.node(node.args[0]), sh.node(node.args[1])
+        if a is None or b is None:
+            return None
+        return _Op(f"matmul|{_s(a)}|{_s(b)}", lambda: _bind(torch.matmul, _rand(a), _rand(b)))
+    if t in _SOFTMAX:
+        x = sh.node(node.args[0])
+        dim = _arg(node, 1, "dim", -1)
+        if x is None or not isinstance(dim, int):
+            return None
+        return _Op(f"softmax|{_s(x)}|{dim}", lambda: _bind(torch.softmax, _rand(x), dim))
+    if t in _ELEMENTWISE_FUNCS:
+        return _elementwise(_name(t), node, sh, t)
+    if node.op == "call_method" and t in _ELEMENTWISE_METHODS:
+        return _elementwise(f"method:{t}", node, sh, lambda self, *a, **k: getattr(self, t)(*a, **k))
+    return None
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _bind(fn, *args, **kwargs) -> Callable[[], Any]:
+    return lambda: fn(*args, **kwargs)
+
+
+def _linear(x, w, bias: bool) -> _Op | None:
+    if x is None or w is None or w[1] == 0 or w[0] == 0:
+        return None
+    m = int(np.prod(x[:-1], dtype=np.int64)) if len(x) > 1 else 1
+    lead = tuple(x[:-1])
+    key = f"linear|{_s(lead)}|{w[1]}|{w[0]}|{int(bias)}"
+    return _Op(key, lambda: _bind(F.linear, _rand((*lead, w[1])), _rand(w), _rand((w[0],)) if bias else None))
+
+
+def _conv2d(x, w, bias, stride, padding, dilation, groups) -> _Op | None:
+    if x is None or len(x) != 4:
+        return None
+    key = f"conv2d|{_s(x)}|{_s(w)}|{int(bias)}|{stride}|{padding}|{dilation}|{groups}"
+    x = (x[0], w[1] * groups, *x[2:])
+    return _Op(key, lambda: _bind(F.conv2d, _rand(x), _rand(w), _rand((w[0],)) if bias else None,
+                                  stride, padding, dilation, groups))
+
+
+def _layer_norm(x, k: int, affine: bool, eps) -> _Op | None:
+    if x is None:
+        return None
+    ns = tuple(x[-k:])
+    key = f"layer_norm|{_s(x)}|{k}|{int(affine)}"
+    return _Op(key, lambda: _bind(F.layer_norm, _rand(x), ns, _rand(ns) if affine else None,
+                                  _rand(ns) if affine else None, float(eps)))
+
+
+def _sdpa(q, k, v, m, causal: bool) -> _Op | None:
+    if q is None or k is None or v is None:
+        return None
+    key = f"sdpa|{_s(q)}|{_s(k)}|{_s(v)}|{_s(m) if m else '-'}|{int(causal)}"
+    return _Op(key, lambda: _bind(F.scaled_dot_product_attention, _rand(q), _rand(k), _rand(v),
+                                  attn_mask=_rand(m) if m else None, is_causal=causal, scale=0.125))
+
+
+def _elementwise(name: str, node: fx.Node, sh: _Shapes, fn) -> _Op | None:
+    args, parts = [], []
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            s = sh.node(a)
+            if s is None:
+                if isinstance(a.meta.get("tensor_meta"), (list, tuple)):
+                    return None
+                return None  # a Python value computed in the graph (a size): not an op worth timing
+            args.append(("t", s, _dtype(a)))
+            parts.append(_s(s) or "scalar")
+        elif isinstance(a, (int, float, bool)) or a is None:
+            args.append(("c", a, None))
+            parts.append(repr(a))
+        else:
+            return None
+    if not any(kind == "t" for kind, _, _ in args):
+        return None
+    kwargs = {k: v for k, v in node.kwargs.items()}
+    if any(isinstance(v, fx.Node) for v in kwargs.values()):
+        return None
+    key = f"ew|{name}|{'|'.join(parts)}|{sorted(kwargs.items())!r}"
+
+    def make():
+        vals = [_rand(s, dt) if kind == "t" else s for kind, s, dt in args]
+        return _bind(fn, *vals, **kwargs)
+    return _Op(key, make)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+def fingerprint(gm: fx.GraphModule, example_inputs: tuple) -> str:
+    h = hashlib.sha1(gm.code.encode())
+    for name, p in list(gm.named_parameters()) + list(gm.named_buffers()):
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+    for x in example_inputs:
+        h.update(f"in:{tuple(getattr(x, 'shape', ()))}:{getattr(x, 'dtype', '')}".encode())
+    return h.hexdigest()[:16]
+
+
+REF_KEY = "ref|linear|197x256|256|0"
+
+
+def _reference() -> Callable[[], Any]:
+    """The kernel every timing is taken relative to: a ViT-S-sized GEMM (a fraction of a millisecond)."""
+    x, w = torch.randn(197, 256), torch.randn(256, 256)
+    return lambda: F.linear(x, w)
+
+
+class LatencyModel:
+    """Predicted eager latency (ms) of the compact model for a selection of ``program``'s groups.
+
+    Every op is timed relative to a reference GEMM measured right beside it, and stored as that ratio
+    times the reference's own time when the cache was first filled, so entries measured at different
+    moments of a shared machine's day stay on one scale.
+    """
+
+    def __init__(self, program: Program, table: LatencyTable | None = None, *, samples: int = 7):
+        self.program = program
+        self.table = table if table is not None else LatencyTable.load()
+        self.samples = samples
+        self.clock = "thread" if cpu_clock_ok(self.table.info["threads"]) else "wall"
+        self._ref = None
+        self._dense_ops: float | None = None
+        self._overhead: float | None = None
+
+    @property
+    def ref_ms(self) -> float:
+        ms = self.table.get(REF_KEY)
+        if ms is None:
+            ms = time_fn(_reference(), samples=max(self.samples, 9), clock=self.clock)
+            self.table.set(REF_KEY, ms)
+        return ms
+
+    def _timed(self, fn: Callable[[], Any], **kw) -> float:
+        if self._ref is None:
+            self._ref = _reference()
+        return time_ratio(fn, self._ref, clock=self.clock, **kw) * self.ref_ms
+
+    def op_ms(self, op: _Op) -> float:
+        ms = self.table.get(op.key)
+        if ms is None:
+            fn = op.make()
+            ms = self._timed(fn, samples=self.samples)
+            del fn
+            self.table.set(op.key, ms)
+            self.table.measured += 1
+        return ms
+
+    def ops_ms(self, keep: dict) -> float:
+        return float(sum(self.op_ms(op) for op in compact_ops(self.program, keep)))
+
+    def breakdown(self, keep: dict) -> dict[str, float]:
+        """Milliseconds per op kind (linear, sdpa, layer_norm, ...)."""
+        out: dict[str, float] = {}
+        for op in compact_ops(self.program, keep):
+            kind = op.key.split("|", 1)[0]
+            if kind == "ew":
+                kind = op.key.split("|", 2)[1].replace("module:", "").replace("method:", "")
+            out[kind] = out.get(kind, 0.0) + self.op_ms(op)
+        return out
+
+    def dense_measured_ms(self) -> float:
+        """Whole dense model, median of several runs; cached per graph fingerprint and input shapes."""
+        p = self.program
+        key = f"model|{fingerprint(p.gm, p.example_inputs)}"
+        ms = self.table.get(key)
+        if ms is None:
+            gm = p.original if p.original is not None else p.gm
+            gm.eval()
+            ms = self._timed(lambda: gm(*p.example_inputs), samples=9, min_sample_ms=0.0, budget_ms=4000.0)
+            self.table.set(key, ms)
+        return ms
+
+    @property
+    def overhead_ms(self) -> float:
+        """Latency of what is not timed op by op (views, indexing, Python): assumed not to shrink."""
+        if self._overhead is None:
+            self._dense_ops = self.ops_ms({})
+            self._overhead = max(0.0, self.dense_measured_ms() - self._dense_ops)
+        return self._overhead
+
+    def predict(self, keep: dict) -> float:
+        return self.ops_ms(keep) + self.overhead_ms
+
+    def save(self) -> Path | None:
+        return self.table.save() if self.table.dirty else None
+
+
+# ------------------------------------------------------------------------------------ runtimes
+
+def with_batch(example_inputs: tuple, batch: int, seed: int = 0) -> tuple:
+    """The example inputs with batch size ``batch`` (float tensors redrawn, others repeated)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in example_inputs:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            out.append(t)
+            continue
+        shape = (batch, *t.shape[1:])
+        if t.is_floating_point():
+            out.append(torch.randn(shape, generator=g, dtype=t.dtype))
+        else:
+            out.append(t[torch.arange(batch) % t.shape[0]])
+    return tuple(out)
+
+
+def onnx_session(path: str | Path, threads: int):
+    """An onnxruntime CPU session with all graph optimizations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_feed(session, inputs: tuple) -> dict:
+    names = [i.name for i in session.get_inputs()]
+    arrays = [t.detach().cpu().numpy() for t in inputs if isinstance(t, torch.Tensor)]
+    return dict(zip(names, arrays))
+
+
+def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Median, min and relative spread (IQR / median) of interleaved samples, per clock."""
+    out = {}
+    for name, clocks in samples.items():
+        row = {}
+        for clock, xs in clocks.items():
+            if not xs:
+                continue
+            q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+            med = statistics.median(xs)
+            row[clock] = med
+            row[f"{clock}_min"] = min(xs)
+            row[f"{clock}_iqr"] = (q[2] - q[0]) / med if med else 0.0
+        row["n"] = len(clocks.get("wall", []))
+        out[name] = row
+    return out
+
+
+# ------------------------------------------------------------------------------- --target latency
+
+def select_for_latency(program: Program, goal: float, kinds: set, align: int, scope: str) -> tuple[dict, dict]:
+    """Kept indices that remove at least ``goal`` of the predicted latency, as little more as the widths allow.
+
+    First select's `_search` finds the smallest uniform fraction that gets there. Heads come in coarse
+    steps (a block has a handful), so that fraction can overshoot by several points where one head
+    fewer per block lands; then the heads of the largest fraction that fell short are kept and the
+    fraction of the other kinds is searched again, and the closer of the two selections wins.
+    """
+    from vitcc.errors import VitccError
+    from vitcc.passes.select import _by_root, _search, _select
+
+    model = LatencyModel(program)
+    choose = lambda frac: _select(program, frac, kinds, align, scope)
+    base = model.predict({})
+    reduction = lambda keep: 1 - model.predict(_by_root(program, keep)) / base if base > 0 else 0.0
+    most = reduction(choose(0.999))
+    if goal > 0 and most < goal:
+        model.save()
+        raise VitccError(f"--target latency: removing {goal:.0%} of the latency is out of reach; pruning every "
+                         f"group to its minimum removes {most:.0%} (of {base:.3g} ms predicted, "
+                         f"{model.overhead_ms:.3g} ms do not shrink with widths)")
+    keep = _search(program, goal, choose, model.predict)
+    best, how = keep, "uniform"
+    heads = {g.name for g in program.groups if g.kind == "heads"} & set(keep)
+    if goal > 0 and heads and len(kinds) > 1:
+        lo = _largest_short_of(goal, lambda f: reduction(choose(f)))
+        fewer = {n for n in heads if len(keep[n]) < len(choose(lo).get(n, ()))}
+        if fewer:
+            kept_heads = {n: v for n, v in choose(lo).items() if n in heads}
+            others = lambda frac: {**_select(program, frac, kinds - {"heads"}, align, scope), **kept_heads}
+            if reduction(others(0.999)) >= goal:
+                alt = _search(program, goal, others, model.predict)
+                if goal <= reduction(alt) < reduction(best):
+                    best, how = alt, "heads of a smaller fraction, other kinds searched again"
+    after = model.predict(_by_root(program, best))
+    model.save()
+    return best, {"predicted_ms_before": base, "predicted_ms_after": after,
+                  "predicted_reduction": 1 - after / base if base > 0 else 0.0, "selection": how,
+                  "overhead_ms": model.overhead_ms, "ops_measured": model.table.measured,
+                  "cache": str(model.table.path), "threads": model.table.info["threads"], "clock": model.clock,
+                  "input_shapes": [list(getattr(x, "shape", ())) for x in program.example_inputs]}
+
+
+def _largest_short_of(goal: float, reduction_at: Callable[[float], float]) -> float:
+    lo, hi = 0.0, 0.999
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if reduction_at(mid) < goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo
