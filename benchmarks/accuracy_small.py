@@ -22,8 +22,13 @@ group Taylor (MetaPruner, heads + head dims + MLP, embedding dimension ignored, 
 same budget; set up as in benchmarks/compile_time.py). Nothing prunes the residual stream.
 
 Sweeps without fine-tuning (dimap's claims are about one-shot accuracy): structured dimap, dimap with one
-global ranking, LAMP and uniform magnitude at 30/50/70% of channels; and the paper as written, weight
-masks (`dimap{granularity=weight}`), against one global ranking and uniform per-layer magnitude.
+global ranking, LAMP and uniform magnitude at 30/50/70% of the parameters; and the paper as written,
+weight masks (`dimap{granularity=weight}`) at 30/50/70% of each family's weights, against one global
+ranking and uniform per-layer magnitude.
+
+Data reach the passes as `vitcc.compile(data=...)` puts them (`options["data"]`, a fixed calibration batch
+of 64 training images with labels, `seed`), by a pass inserted after analyze: compile's own data path
+would also evaluate the unpruned model on every call (the base accuracy is measured once here).
 
 Usage:  python benchmarks/accuracy_small.py [--quick] [--models vit,swin] [--seeds 3] [--no-cache]
 Writes benchmarks/results/accuracy_small.md and .json. `--quick` (about 5 minutes on 2 free cores): the ViT
@@ -86,6 +91,7 @@ METHODS = [
     ("tp-magnitude", "tp:magnitude", None),
     ("tp-taylor", "tp:taylor", None),
 ]
+ABLATIONS = {"gohsp{ranking=norm}", "vtp{scores=norm}"}  # run on the ViT only (time budget)
 TARGETS = [("params", 0.4), ("macs", 0.5)]
 SWEEP = [0.3, 0.5, 0.7]
 SWEEP_STRUCT = [("magnitude", "magnitude", HM), ("lamp", "lamp", HM), ("dimap", "dimap", None),
@@ -184,6 +190,20 @@ def tp_prune(base, key, importance, target, goal, x, calib) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------- runs
 
+class GiveData(vitcc.Pass):
+    """What compile(data=...) gives the passes, without its evaluation of the unpruned model."""
+    name = "give-data"
+
+    def __init__(self, loaders, calib, seed):
+        super().__init__()
+        self.loaders, self.calib, self.seed = loaders, calib, seed
+
+    def run(self, program):
+        program.options.update(data=self.loaders, calibration=self.calib[0], calibration_labels=self.calib[1],
+                               seed=self.seed)
+        return vitcc.PassResult(modified=False)
+
+
 def run_one(args, key, base, loaders, calib, x, label, spec, prune, target, goal, seed) -> dict:
     t0 = time.perf_counter()
     row = {"model": key, "method": label, "target": target, "goal": goal, "seed": seed}
@@ -192,8 +212,8 @@ def run_one(args, key, base, loaders, calib, x, label, spec, prune, target, goal
             small = tp_prune(base, key, spec[3:], target, goal, x, calib)
         else:
             pipeline = spec.format(seed=seed, sp=args.sparsity_epochs)
-            res = vitcc.compile(base, pipeline, sparsity=goal, target=target, prune=prune,
-                                example_inputs=(x,), data=loaders, seed=seed, calibration_size=64)
+            res = vitcc.compile(base, pipeline, sparsity=goal, target=target, prune=prune, example_inputs=(x,),
+                                insert=[vitcc.Insertion(GiveData(loaders, calib, seed), after="analyze")])
             small = res.module
             row["widths"] = res.report["widths"]
             row["max_abs_error"] = res.report.get("max_abs_error")
@@ -220,7 +240,7 @@ def run_sweep(key, base, loaders, x, levels) -> list[dict]:
     rows = []
     for s in levels:
         for label, spec, prune in SWEEP_STRUCT:
-            res = vitcc.compile(base, spec, sparsity=s, prune=prune, example_inputs=(x,))
+            res = vitcc.compile(base, spec, sparsity=s, target="params", prune=prune, example_inputs=(x,))
             rows.append({"model": key, "kind": "channels", "method": label, "sparsity": s,
                          "params_removed": 1 - res.report["params_after"] / res.report["params_before"],
                          "top1": evaluate(res.module, loaders[1])["top1"]})
@@ -370,7 +390,8 @@ def render(meta, base, summ, sweeps, claim_rows) -> str:
         if sw:
             levels = sorted({r["sparsity"] for r in sw})
             L.append("### One shot, no fine-tuning: top-1 by sparsity\n")
-            L.append("Channels (heads, head dims, MLP neurons; `sparsity` of each kind):\n")
+            L.append("Channels (heads, head dims, MLP neurons; `target=params`: that fraction of all parameters "
+                     "removed):\n")
             L.append("| method | " + " | ".join(f"{s:.0%}" for s in levels) + " |")
             L.append("| --- |" + " --- |" * len(levels))
             for label, _, _ in SWEEP_STRUCT:
@@ -438,6 +459,8 @@ def main(argv=None):
         if key in matrix_models:
             for target, goal in targets:
                 for label, spec, prune in methods:
+                    if key != "vit" and label in ABLATIONS:
+                        continue
                     for seed in seeds:
                         loaders = make_loaders("mnist5k", (1, 28, 28), batch_size=64, mean=(0.5,), std=(0.5,), seed=seed)
                         rows.append(run_one(args, key, model, loaders, calib, x, label, spec, prune, target, goal, seed))

@@ -218,7 +218,17 @@ def worker_tp(name: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------
-def run_one(name: str, tool: str, timeout: float) -> dict:
+def _rss_gb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         log = Path(tmp) / "log.txt"
@@ -227,17 +237,32 @@ def run_one(name: str, tool: str, timeout: float) -> dict:
         start = time.perf_counter()
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-                rc = None
+            rc, peak, killed = None, 0.0, None
+            while True:  # poll: a timeout or a worker past the memory limit is killed (2 cores, 23 GB shared)
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                peak = max(peak, _rss_gb(proc.pid))
+                if time.perf_counter() - start > timeout:
+                    killed = "timeout"
+                elif peak > max_rss_gb:
+                    killed = "memory"
+                if killed:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+                    break
         wall = round(time.perf_counter() - start, 1)
         tail = log.read_text(errors="replace")[-1500:]
         if result.exists():
             row = json.loads(result.read_text())
-        elif rc is None:
+        elif killed == "memory":
+            row = {"model": name, "tool": tool, "status": "crash" if tool == "vitcc" else "error",
+                   "stage": "memory", "error": {"type": "MemoryLimit", "frames": [],
+                                                "message": f"worker killed: resident memory above {max_rss_gb:g} GB "
+                                                           f"after {wall:.0f} s (limit of this sweep)"}}
+        elif killed == "timeout":
             row = {"model": name, "tool": tool, "status": "crash" if tool == "vitcc" else "error",
                    "stage": "timeout", "error": {"type": "Timeout", "message": f"no result after {timeout:.0f} s",
                                                  "frames": []}}
@@ -246,15 +271,17 @@ def run_one(name: str, tool: str, timeout: float) -> dict:
                    "stage": "worker", "error": {"type": "WorkerDied", "message": f"worker exit code {rc}",
                                                 "frames": tail.strip().splitlines()[-4:]}}
         row["wall"] = wall
+        row["peak_rss_gb"] = round(peak, 2)
         return row
 
 
-def sweep(models: list[str], tools: list[str], timeout: float, jobs: int, tp_skip: set[str], rows: dict) -> None:
+def sweep(models: list[str], tools: list[str], timeout: float, jobs: int, tp_skip: set[str], rows: dict,
+          max_rss_gb: float = 8.0) -> None:
     tasks = [(m, t) for m in models for t in tools if not (t == "tp" and m in tp_skip)]
 
     def go(task):
         m, t = task
-        row = run_one(m, t, timeout)
+        row = run_one(m, t, timeout, max_rss_gb)
         rows[(m, t)] = row
         short = row.get("status")
         extra = row.get("error", {}).get("message", "")[:120] if "error" in row else ""
@@ -376,8 +403,9 @@ def render(data: dict) -> str:
         "everything else default (no `num_heads`, no custom pruners, no model-specific code), one `step()`, then "
         "`ok` iff the pruned model runs on x and gives the original output shape. Its output values are not "
         "checked (Torch-Pruning does not claim equivalence to a masked model).",
-        f"- each (model, tool) in its own subprocess, timeout {meta.get('timeout', '?')} s. Times are wall-clock on "
-        "2 CPU cores shared with other work: noisy.",
+        f"- each (model, tool) in its own subprocess, timeout {meta.get('timeout', '?')} s, killed above "
+        f"{meta.get('max_rss_gb', 8.0):g} GB resident memory (the machine has 23 GB shared with other work). Times "
+        "are wall-clock on 2 CPU cores shared with other work: noisy.",
         "",
         "| model | vitcc | params −% | MACs −% | max abs err | max rel err | frozen groups (channels) | "
         "s | frozen / error (condensed) | TP | TP params −% | TP s | TP error |",
@@ -458,6 +486,8 @@ def main() -> None:
     ap.add_argument("--tp-skip", default=",".join(TP_SKIP), help="models on which Torch-Pruning is not run")
     ap.add_argument("--jobs", type=int, default=1, help="models run in parallel (default 1)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per model and tool")
+    ap.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a worker above this resident memory")
+    ap.add_argument("--tools", default="vitcc,tp", help="which of vitcc,tp to run (default both)")
     ap.add_argument("--merge", action="store_true", help="update rows of an existing coverage.json")
     ap.add_argument("--render", action="store_true", help="only rewrite coverage.md from coverage.json")
     ap.add_argument("--out", default="benchmarks/results/coverage")
@@ -476,7 +506,7 @@ def main() -> None:
         OUT.with_suffix(".md").write_text(render(data))
         return
     models = QUICK if args.quick else (args.models.split(",") if args.models else MODELS)
-    tools = ["vitcc"] + ([] if args.no_tp else ["tp"])
+    tools = [t for t in args.tools.split(",") if t in ("vitcc", "tp") and not (args.no_tp and t == "tp")]
     rows: dict = {}
     cmd = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
     META.update(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commands=[cmd.strip()],
@@ -490,7 +520,8 @@ def main() -> None:
                     commands=old["meta"].get("commands", []) + [cmd.strip()])
         META["date"] += f" (merged {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})"
     start = time.perf_counter()
-    sweep(models, tools, args.timeout, args.jobs, set(filter(None, args.tp_skip.split(","))), rows)
+    META["max_rss_gb"] = args.max_rss_gb
+    sweep(models, tools, args.timeout, args.jobs, set(filter(None, args.tp_skip.split(","))), rows, args.max_rss_gb)
     minutes = round((time.perf_counter() - start) / 60, 1)
     META["wall_minutes"] = minutes if not args.merge else f"{META.get('wall_minutes', '?')} + {minutes}"
     save(rows)

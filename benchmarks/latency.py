@@ -316,6 +316,13 @@ def micro(args) -> dict:
             q = [torch.randn(1, 6, 197, d) for _ in range(3)]
             r = time_ratio(lambda: F.scaled_dot_product_attention(*q, scale=0.125), full, samples=9, clock="thread")
             out["sdpa"].append({"head_dim": d, "relative": r, "ideal": d / 64})
+        q0 = [torch.randn(32, 6, 197, 64) for _ in range(3)]
+        full = lambda: F.scaled_dot_product_attention(*q0, scale=0.125)
+        out["sdpa_b32"] = []
+        for d in (32, 35, 40, 46, 48, 56, 57, 64):
+            q = [torch.randn(32, 6, 197, d) for _ in range(3)]
+            r = time_ratio(lambda: F.scaled_dot_product_attention(*q, scale=0.125), full, samples=5, clock="thread")
+            out["sdpa_b32"].append({"head_dim": d, "relative": r, "ideal": d / 64})
         x0, w0 = torch.randn(1, 197, 384), torch.randn(1536, 384)
         fullw = lambda: F.linear(x0, w0)
         for k in (256, 264, 268, 270, 272, 276, 280, 288):
@@ -460,8 +467,7 @@ def render(data: dict) -> str:
                      f"{w['mlp']['after'] // max(w['mlp']['groups'], 1)} | {_pct(v['macs'] / info['dense']['macs'], 1)} | "
                      + " | ".join(cells) + " |")
         L.append("")
-        if data.get("align_choice"):
-            L.append(data["align_choice"] + "\n")
+        L.append(align_choice(sweep) + "\n")
 
     mic = data.get("micro")
     if mic:
@@ -471,6 +477,13 @@ def render(data: dict) -> str:
         L.append("|---|" + "---:|" * len(mic["sdpa"]))
         L.append("| time / time(64) | " + " | ".join(f"{r['relative']:.2f}" for r in mic["sdpa"]) + " |")
         L.append("| time / ideal | " + " | ".join(f"{r['relative'] / r['ideal']:.2f}" for r in mic["sdpa"]) + " |")
+        if mic.get("sdpa_b32"):
+            L.append("\nSDPA at batch 32 (same shapes otherwise):\n")
+            L.append("| head dim | " + " | ".join(str(r["head_dim"]) for r in mic["sdpa_b32"]) + " |")
+            L.append("|---|" + "---:|" * len(mic["sdpa_b32"]))
+            L.append("| time / time(64) | " + " | ".join(f"{r['relative']:.2f}" for r in mic["sdpa_b32"]) + " |")
+            L.append("| time / ideal | " + " | ".join(f"{r['relative'] / r['ideal']:.2f}" for r in mic["sdpa_b32"])
+                     + " |")
         L.append("\nLinear 197 x k -> 4k (DeiT-S fc1 is k = 384):\n")
         L.append("| k | " + " | ".join(str(r["in"]) for r in mic["linear"]) + " |")
         L.append("|---|" + "---:|" * len(mic["linear"]))
@@ -480,6 +493,21 @@ def render(data: dict) -> str:
         L.append("## Findings\n")
         L.append(data["findings"] + "\n")
     return "\n".join(L)
+
+
+def align_choice(sweep: dict) -> str:
+    """Which --align is fastest relative to its ideal, averaged over the sweep's runtimes and batches."""
+    info, runs = sweep["variants"], sweep["runs"]
+    score = {}
+    for n, v in info.items():
+        effs = [r["compare"][n]["efficiency_cpu"] for r in runs if n in r.get("compare", {})]
+        if effs:
+            score[v["align"]] = (statistics.mean(effs), effs)
+    if not score:
+        return ""
+    best = max(score, key=lambda a: score[a][0])
+    parts = ", ".join(f"align {a}: {m:.1%}" for a, (m, _) in sorted(score.items()))
+    return (f"Mean efficiency (CPU time) over the runs above: {parts}. Best: **align {best}**.")
 
 
 def headline(data: dict) -> list:
@@ -510,7 +538,7 @@ def main(argv=None):
     ap.add_argument("--tp-round-to", type=int, default=None)
     ap.add_argument("--no-micro", dest="micro", action="store_false")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds at batch < 8")
+    ap.add_argument("--rounds", type=int, default=25, help="interleaved rounds at batch < 8")
     ap.add_argument("--rounds-large", type=int, default=5, help="interleaved rounds at batch >= 8")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="DeiT-S only, 50%%, batch 1, few rounds, no sweep")

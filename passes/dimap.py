@@ -27,7 +27,7 @@ What vitcc **reconstructs / adds**:
   removed (`target=params|macs`: the fraction of all parameters, spread evenly over the families), the
   structured selection keeps every channel, `report["weight_sparsity"]` says what was removed and
   `options["weight_masks"]` holds the masks (to keep them through fine-tuning, re-apply them after each
-  step: `vitcc.train.finetune(on_step=...)`);
+  step: `vitcc.train.finetune(..., on_step=mask_hook(masks))`);
 - `scope=module` (default) | `global` (one ranking across all families: the ablation of the paper's
   module-aware claim) | `layer` (per-group uniform fractions).
 
@@ -57,6 +57,18 @@ def distortion(energy: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(e)
     out[order] = e[order] / cum
     return out.reshape(energy.shape)
+
+
+def mask_hook(masks: dict[str, torch.Tensor]):
+    """`on_step` for vitcc.train.finetune that re-applies weight masks after every optimizer step, so the
+    zeros of `dimap{granularity=weight}` (`program.options["weight_masks"]`) survive fine-tuning."""
+    def hook(model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, m in masks.items():
+            p = params.get(name)
+            if p is not None and p.shape == m.shape:
+                p.mul_(m.to(p.dtype))
+    return hook
 
 
 def module_families(program: Program) -> dict[str, str]:

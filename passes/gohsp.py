@@ -223,7 +223,9 @@ class Gohsp(Pass):
             claim(program, "gohsp", name, s)
         fill_fallback(program, "gohsp")
         if epochs > 0:
-            info.update(self._admm(program, epochs, set(scores)))
+            admm = self._admm(program, epochs, set(scores))
+            info.update(admm)
+            program.report.setdefault("gohsp", {})["admm"] = admm
         return PassResult(info=info)
 
     def _admm(self, program: Program, epochs: int, head_groups: set[str]) -> dict:
@@ -274,8 +276,8 @@ class Gohsp(Pass):
             support[torch.as_tensor(state["keep"][g.name], dtype=torch.long)] = 1.0
             claim(program, "gohsp", g.name, support + e / e.max().clamp_min(1e-30) * 0.5)
         rebase(program)
-        removed = sum(float((W[n].detach() * ~param_masks(program, state["keep"]).get(n, masks[n])).pow(2).sum())
-                      for n in names)
+        last = param_masks(program, state["keep"])
+        removed = sum(float((W[n].detach() * ~last.get(n, masks[n])).pow(2).sum()) for n in names)
         total = sum(float(W[n].detach().pow(2).sum()) for n in names)
         return {"rho": rho, "admm_updates": state["updates"], "every": every,
                 "energy_outside_support": removed / max(total, 1e-30), "loss": history.get("loss")}

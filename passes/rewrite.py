@@ -33,7 +33,7 @@ class Rewrite(Pass):
             if node.op == "call_module":
                 _update_module(gm.get_submodule(node.target), node, c, size)
             elif node.target in _SIZE_METHODS or node.target is torch.reshape:
-                _rewrite_sizes(node, t, size)
+                _rewrite_sizes(node, t, size, program.is_channel_axis)
             elif node.target is F.layer_norm or node.target is getattr(F, "rms_norm", None):
                 x = c.types[node.args[0].name]
                 k = len(node.args[1])
@@ -70,7 +70,7 @@ def _slice_parameters(gm: fx.GraphModule, params: dict, keep: dict) -> int:
     return changed
 
 
-def _rewrite_sizes(node: fx.Node, t, size) -> None:
+def _rewrite_sizes(node: fx.Node, t, size, is_channel) -> None:
     if not is_ttype(t):
         return
     sizes = node.args[1:]
@@ -79,8 +79,9 @@ def _rewrite_sizes(node: fx.Node, t, size) -> None:
         sizes = sizes[0]
     if len(sizes) != len(t):
         return
-    orig = shape_of(node)
-    new = [size(ax) if size(ax) != n else s for ax, n, s in zip(t, orig, sizes)]
+    # a channel axis always gets its compact size as a constant: a size read from another tensor's shape
+    # (timm's `B, N, C = x.shape` ... `.reshape(B, N, C)`) may belong to a differently pruned space
+    new = [size(ax) if is_channel(ax) else s for ax, s in zip(t, sizes)]
     node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
 
 

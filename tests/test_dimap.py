@@ -79,6 +79,14 @@ def test_weight_granularity_masks_weights_and_keeps_shapes():
         assert torch.equal(sd[name] == 0, ~r.program.options["weight_masks"][name])
     assert float((sd["patch_embed.proj.weight"] == 0).float().mean()) == 0.0  # never pruned
     assert r.report["max_abs_error"] < 1e-4
+    # the masks survive fine-tuning when re-applied after every step
+    from torch.utils.data import DataLoader, TensorDataset
+    from vitcc.passes.dimap import mask_hook
+    from vitcc.train import finetune
+    data = DataLoader(TensorDataset(image(batch=32, seed=7), torch.arange(32) % 10), batch_size=16)
+    finetune(r.module, data, epochs=1, progress=False, on_step=mask_hook(r.program.options["weight_masks"]))
+    sd = dict(r.module.named_parameters())
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"] == 0, ~r.program.options["weight_masks"]["blocks.0.attn.qkv.weight"])
     # the budget as a fraction of all parameters
     p = vitcc.compile(m, "dimap{granularity=weight}", sparsity=0.3, target="params", example_inputs=(x,))
     assert abs(p.report["weight_sparsity"]["of_all_parameters"] - 0.3) < 2e-3

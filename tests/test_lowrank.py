@@ -96,3 +96,22 @@ def test_hybrid_with_vtp_gates_on_the_mlp_verifies_and_is_deterministic():
     src = a.report["score_source"]
     assert src["blocks.0.mlp.hidden"] == "vtp" and src["blocks.0.attn.qkv.hidden"] == "lowrank:rank"
     assert 1 - a.report["params_after"] / a.report["params_before"] >= 0.4
+
+
+@pytest.mark.parametrize("passes", ["gohsp,dimap", "lowrank,vtp{epochs=1}"])
+def test_methods_run_from_the_command_line_on_offline_data(tmp_path, passes):
+    import json
+    from vitcc.cli import run
+    src, out, rep = tmp_path / "model.pt", tmp_path / "small.pt", tmp_path / "report.json"
+    torch.save(tiny_vit(), src)
+    code = run(["compile", str(src), "--passes", passes, "--sparsity", "0.3", "--data", "digits", "--batch-size",
+                "256", "--input-shape", "1,3,32,32", "-o", str(out), "--report", str(rep)])
+    assert code == 0
+    report = json.loads(rep.read_text())
+    assert report["max_abs_error"] < 1e-4 and report["params_after"] < report["params_before"]
+    w = report["widths"]
+    assert w["residual"]["after"] == w["residual"]["before"]  # no --prune: the methods' own kinds
+    first = passes.split(",")[0].split("{")[0]
+    assert any(v.startswith(first) for v in report["score_source"].values())
+    x = torch.randn(1, 3, 32, 32)
+    assert vitcc.load(out)(x).shape == (1, 10)

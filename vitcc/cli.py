@@ -46,9 +46,11 @@ def compile_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help="timm:NAME, a torch.save'd module (.pt), or a state dict with --arch"),
     passes: str = typer.Option("magnitude", "--passes", help="method passes, e.g. 'magnitude{p=1}' or 'lamp'"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="fraction to remove, in [0, 1)"),
-    prune: str = typer.Option("residual,heads,head_dim,mlp", "--prune", help="group kinds to prune"),
+    prune: Optional[str] = typer.Option(None, "--prune", help="group kinds to prune (default: residual,heads,"
+                                        "head_dim,mlp, or the kinds the method passes were designed for)"),
     target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
-    align: int = typer.Option(1, "--align", help="round kept widths to multiples of N"),
+    align: int = typer.Option(8, "--align", help="round kept widths to multiples of N (8: CPU GEMM and attention "
+                              "kernels run unaligned widths up to 40% slower; benchmarks/results/latency.md)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
     report: Optional[Path] = typer.Option(None, "--report", help="write a JSON report"),

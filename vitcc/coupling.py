@@ -330,7 +330,7 @@ _UNARY_METHODS = ["gelu", "relu", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt"
                   "zero_", "fill_", "clamp", "clamp_min", "clamp_max", "erf", "sign", "zeros_like", "new_zeros_like",
                   "pow", "square", "reciprocal", "mul_", "add_", "sigmoid_", "relu_", "float32"]
 _UNARY_MODULES = [nn.GELU, nn.ReLU, nn.SiLU, nn.Dropout, nn.Identity, nn.Tanh, nn.Sigmoid, nn.Hardswish,
-                  nn.Mish, nn.ELU, nn.LeakyReLU, nn.Hardsigmoid, nn.ReLU6, nn.GLU.__base__]
+                  nn.Mish, nn.ELU, nn.LeakyReLU, nn.Hardsigmoid, nn.ReLU6]
 
 
 @rule(*_UNARY_FUNCS, *_UNARY_METHODS, *_UNARY_MODULES)
@@ -486,9 +486,9 @@ def _norm(a: Analyzer, x: TType, k: int, params: list[TType]) -> TType:
 def _batchnorm(a: Analyzer, node: fx.Node) -> Any:
     mod = a.modules[node.target]
     x = a.type_of(node.args[0])
-    for p in ("weight", "bias"):
+    for p in ("weight", "bias", "running_mean", "running_var"):
         if getattr(mod, p, None) is not None:
-            a.tie(x[1], a.param(f"{node.target}.{p}")[0], "batchnorm affine")
+            a.tie(x[1], a.param(f"{node.target}.{p}")[0], "batchnorm channels")
     return x
 
 
@@ -618,6 +618,20 @@ def _cat(a: Analyzer, node: fx.Node) -> Any:
     return tuple(out)
 
 
+@rule(torch.stack)
+def _stack(a: Analyzer, node: fx.Node) -> Any:
+    """Stacking k tensors: their axes tie, and a new fixed axis of size k enumerates them."""
+    ts = a.type_of(node.args[0])
+    if not all(is_ttype(t) for t in ts) or len({len(t) for t in ts}) != 1:
+        return a.unknown(node)
+    out = list(ts[0])
+    for t in ts[1:]:
+        out = [a.tie(x, y, "stack") for x, y in zip(out, t)]
+    d = _dim(_arg(node, 1, "dim", 0), len(out) + 1)
+    out.insert(d, (len(ts),))
+    return tuple(out)
+
+
 @rule("unbind", torch.unbind)
 def _unbind(a: Analyzer, node: fx.Node) -> Any:
     x = a.type_of(node.args[0])
@@ -685,7 +699,7 @@ def _per_index_spaces(a: Analyzer, src: fx.Node, outer: Space):
     if parent is not None:
         kind, children = find(parent).split
         inner = list(normalize(tuple(children[1:])))
-        ok = (kind == "product" and find(children[0]) is find(outer) and len(src.users) == 1
+        ok = (kind == "product" and find(children[0]) is find(outer) and _only_selects(src)
               and all(find(c).members == 1 for c in children)
               and all(not isinstance(c, int) and c.members == 1 and not c.frozen and not c.fixed for c in inner))
         if ok:
@@ -709,6 +723,12 @@ def _per_index_spaces(a: Analyzer, src: fx.Node, outer: Space):
             result = per_index
     cache[key] = result
     return result
+
+
+def _only_selects(src: fx.Node) -> bool:
+    """Every use of the stacked tensor takes one slice of it (unbind, or x[0], x[1], ...)."""
+    return len(src.users) == 1 or all(u.target is operator.getitem and isinstance(u.args[1], (int, tuple))
+                                      for u in src.users)
 
 
 def _parent_of(a: Analyzer, s: Space) -> Space | None:
@@ -751,6 +771,10 @@ def _getitem(a: Analyzer, node: fx.Node) -> Any:
         k = idx.index(Ellipsis)
         fill = len(x) - (len([i for i in idx if i is not None]) - 1)
         idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+    ints = [k for k, i in enumerate(idx) if isinstance(i, int)]
+    if len(ints) == 1 and None not in idx and all(i == slice(None) for i in idx if not isinstance(i, int)) \
+            and spaces_of([x[ints[0]]]):  # qkv[0]: select along a stacked factor, as unbind does
+        return _select(a, node.args[0], x, ints[0], idx[ints[0]])
     out, d = [], 0
     shape, out_shape = shape_of(node.args[0]), shape_of(node)
     pending: list[tuple[int, int]] = []

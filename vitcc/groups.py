@@ -52,8 +52,11 @@ def build_groups(c: Coupling) -> list[Group]:
                     entry = found.setdefault(r.id, (r, []))
                     if all((m.param, m.axis) != (pname, axis) for m in entry[1]):
                         entry[1].append(Member(pname, axis))
+    params = {name for name, _ in c.gm.named_parameters()}
     groups, used = [], set()
     for r, members in found.values():
+        if not any(m.param in params for m in members):
+            continue  # only buffers (a shift mask, an index table): sizes, not channels
         kind = _kind(r, members)
         name = _name(kind, r, members)
         base, k = name, 1

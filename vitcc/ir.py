@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from .coupling import Coupling
 from .groups import Group
-from .spaces import Axis, axis_kept, find, fsize, normalize
+from .spaces import Axis, axis_kept, find, fsize, normalize, spaces_of
 
 
 @dataclass
@@ -36,6 +36,16 @@ class Program:
             if g.name == name:
                 return g
         raise KeyError(name)
+
+    def is_channel_axis(self, axis: Axis) -> bool:
+        """Whether an axis carries a group's channels (directly, or through the copies a select made)."""
+        roots = {find(g.space).id for g in self.groups}
+        aliases = self.coupling.aliases
+        for leaf in spaces_of([axis]):
+            r = find(leaf)
+            if r.id in roots or (r in aliases and find(aliases[r][0]).id in roots):
+                return True
+        return False
 
     def keep_by_root(self) -> dict[int, np.ndarray]:
         return {find(g.space).id: np.asarray(self.keep[g.name], dtype=np.int64)
