@@ -495,7 +495,7 @@ def _batchnorm(a: Analyzer, node: fx.Node) -> Any:
 # -- layout ops ------------------------------------------------------------------------------------
 
 @rule("view", "reshape", torch.reshape, "flatten", torch.flatten, "unflatten", "squeeze", "unsqueeze",
-      torch.squeeze, torch.unsqueeze, "view_as", "reshape_as")
+      torch.squeeze, torch.unsqueeze, "view_as", "reshape_as", nn.Flatten, nn.Unflatten)
 def _reshape(a: Analyzer, node: fx.Node) -> Any:
     x = a.type_of(node.args[0])
     out_shape = shape_of(node)
@@ -561,6 +561,17 @@ def _expand(a: Analyzer, node: fx.Node) -> Any:
         else:
             out.append((n // size,) + tuple(ax))
     return tuple(out)
+
+
+@rule(nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+      nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
+      F.adaptive_max_pool2d, F.avg_pool1d, F.adaptive_avg_pool1d)
+def _pool(a: Analyzer, node: fx.Node) -> Any:
+    """Pooling works per channel (N, C, *spatial): channels pass, spatial axes take the output's sizes."""
+    x, out = a.type_of(node.args[0]), shape_of(node)
+    if not is_ttype(x) or out is None or len(out) != len(x) or len(x) < 3:
+        return a.unknown(node)
+    return (x[0] if axis_size(x[0]) == out[0] else (out[0],), x[1]) + fixed_type(out[2:])
 
 
 @rule(F.pad, "pad")
