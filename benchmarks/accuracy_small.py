@@ -291,7 +291,10 @@ def compare(summ, model, target, a, b, key="top1"):
     note = " (difference within the seed spread)" if abs(ma - mb) <= spread and sa[key]["n"] > 1 else ""
     if sa[key]["n"] == 1:
         note = " (1 seed)"
-    return verdict, f"{a} {ma:.1%} vs {b} {mb:.1%} ({key.replace('top1_pruned', 'before FT').replace('top1', 'after FT')}){note}"
+    text = f"{a} {ma:.1%} vs {b} {mb:.1%} after FT{note}"
+    if key == "top1" and sa["top1_pruned"] and sb["top1_pruned"]:
+        text += f"; before FT {sa['top1_pruned']['mean']:.1%} vs {sb['top1_pruned']['mean']:.1%}"
+    return verdict, text
 
 
 def claims(summ, sweeps, base_acc, models):
@@ -318,17 +321,23 @@ def claims(summ, sweeps, base_acc, models):
                 hd = 1 - w["head_dim"]["after"] / w["head_dim"]["before"]
                 out.append(("vtp", f"pruning lands mostly in the MLP ({t})", "held" if mlp > hd else "not held",
                             f"MLP neurons removed {mlp:.0%}, head dims removed {hd:.0%} (seed 0)"))
-            sl, sv = summ.get((model, "lowrank", target)), summ.get((model, "vtp", target))
-            if sl and sv and sl["top1"] and sv["top1"]:
+            for alone in ("vtp", "magnitude"):
+                sl, sv = summ.get((model, "lowrank", target)), summ.get((model, alone, target))
+                if not (sl and sv and sl["top1"] and sv["top1"]):
+                    continue
                 e0 = 1 - acc0
                 ril = ((1 - sl["top1"]["mean"]) - e0) / max(e0, 1e-9)
                 riv = ((1 - sv["top1"]["mean"]) - e0) / max(e0, 1e-9)
-                comp = sl["params_removed"]["mean"] >= sv["params_removed"]["mean"] - 0.005
+                metric = "params_removed" if target == "params" else "macs_removed"
+                comp = sl[metric]["mean"] >= sv[metric]["mean"] - 0.005
+                spread = max(sl["top1"]["sd"], sv["top1"]["sd"])
+                within = abs(sl["top1"]["mean"] - sv["top1"]["mean"]) <= spread and sl["top1"]["n"] > 1
                 out.append(("lowrank", f"at equal or higher compression the hybrid has a lower relative error "
-                            f"increase than pruning alone (vtp) ({t})",
+                            f"increase than pruning alone ({alone}) ({t})",
                             "held" if ril < riv and comp else "not held",
-                            f"relative error increase lowrank {ril:+.0%} vs vtp {riv:+.0%}; params removed "
-                            f"{sl['params_removed']['mean']:.1%} vs {sv['params_removed']['mean']:.1%}"))
+                            f"relative error increase lowrank {ril:+.0%} vs {alone} {riv:+.0%} (base error "
+                            f"{e0:.1%}){' (accuracy difference within the seed spread)' if within else ''}; "
+                            f"{metric.replace('_', ' ')} {sl[metric]['mean']:.1%} vs {sv[metric]['mean']:.1%}"))
             v, txt = compare(summ, model, target, "dimap", "magnitude")
             out.append(("dimap", f"structured dimap >= uniform magnitude after fine-tuning ({t})", v, txt))
         sw = [r for r in sweeps if r["model"] == model]
@@ -436,7 +445,20 @@ def main(argv=None):
     ap.add_argument("--base-epochs", type=int, default=None, help="override the base recipe's epochs (smoke tests)")
     ap.add_argument("--sweep", default=None, help="comma list of sparsities for the one-shot sweeps")
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy_small"))
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only re-render the markdown (tables and verdicts) from a results JSON of an earlier run")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        meta = data["meta"]
+        meta.setdefault("notes", []).append(
+            "tables and verdicts re-rendered from the JSON of the run above with: python "
+            + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
+        summ = summarise(data["rows"])
+        models = list(data["base"])
+        claim_rows = claims(summ, data["sweeps"], {k: v["top1"] for k, v in data["base"].items()}, models)
+        Path(args.out).with_suffix(".md").write_text(render(meta, data["base"], summ, data["sweeps"], claim_rows))
+        return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     load0 = " ".join(f"{v:.1f}" for v in os.getloadavg())

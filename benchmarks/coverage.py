@@ -69,8 +69,14 @@ def _build(name: str):
 
 
 def _frames(exc: BaseException, n: int = 4) -> list[str]:
+    """The last n frames, preceded by the deepest frame in vitcc's own code (vitcc/, passes/) if not among them."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    picked = tb[-n:]
+    own = [f for f in tb if "/vitcc/" in f.filename or "/passes/" in f.filename or f.filename.startswith("<eval_with")]
+    if own and own[-1] not in picked:
+        picked = [own[-1], *picked]
     out = []
-    for f in traceback.extract_tb(exc.__traceback__)[-n:]:
+    for f in picked:
         path = f.filename
         for marker in ("site-packages/", str(REPO) + "/"):
             if marker in path:
@@ -126,9 +132,85 @@ _NODE_REF = re.compile(r"[\w.]+ \((call_function|call_method|call_module|get_att
 
 def normalize_reason(reason: str) -> str:
     """Strip node names so one cause reads the same in every block and model."""
-    r = _NODE_REF.sub(lambda m: f"<{m.group(2)}>", reason)
+    r = re.sub(r"^no coupling rule for .*", "no coupling rule", reason)  # names a module path or the op
+    r = _NODE_REF.sub(lambda m: f"<{m.group(2)}>", r)
     r = re.sub(r"\b(getitem|add|mul|view|reshape|permute|transpose|linear|matmul|cat|roll)_\d+\b", r"\1", r)
     return r
+
+
+def _short(a) -> str:
+    import torch.fx as fx
+    if isinstance(a, fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_short(x) for x in a)
+        return f"({inner}{',' if len(a) == 1 and isinstance(a, tuple) else ''})" if isinstance(a, tuple) else f"[{inner}]"
+    if isinstance(a, slice):
+        return ":".join("" if v is None else str(v) for v in (a.start, a.stop)) + ("" if a.step is None else f":{a.step}")
+    if a is Ellipsis:
+        return "..."
+    return repr(a)
+
+
+def _node_code(node) -> str:
+    """The node as one line of code, its argument shapes after it: what the rule saw."""
+    from vitcc.coupling import shape_of
+    args = ", ".join([_short(a) for a in node.args] + [f"{k}={_short(v)}" for k, v in node.kwargs.items()])
+    shapes = []
+    for a in node.all_input_nodes:
+        sh = shape_of(a)
+        if sh is not None:
+            shapes.append(f"{a.name}: {list(sh)}")
+    out = shape_of(node)
+    code = f"{node.name} = {_op_label(node)}({args})"
+    return (code[:300] + "  # " + ", ".join(shapes)[:300] + (f" -> {list(out)}" if out is not None else ""))
+
+
+def _locate(model, x) -> dict | None:
+    """Compile again without verify; run the compact graph, then the masked reference (what verify compares
+    against), node by node on the example input: the first node that raises, with its input shapes."""
+    import torch
+    import vitcc
+    from vitcc.masking import masked_reference
+    try:
+        r = vitcc.compile(model, "magnitude", sparsity=SPARSITY, example_inputs=(x,), verify=False)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"compile without verify failed too: {type(e).__name__}: {str(e)[:200]}"}
+
+    class Failed(Exception):
+        pass
+
+    def watch(interp, graph: str):
+        inner = interp.run_node
+
+        def run_node(n):
+            try:
+                return inner(n)
+            except Exception as e:  # noqa: BLE001
+                shapes = {a.name: list(interp.env[a].shape) for a in n.all_input_nodes
+                          if isinstance(interp.env.get(a), torch.Tensor)}
+                params = {}
+                if n.op == "call_module":
+                    mod = interp.module.get_submodule(n.target)
+                    params = {k: list(v.shape) for k, v in [*mod.named_parameters(recurse=False),
+                                                             *mod.named_buffers(recurse=False)] if v.dim() > 0}
+                raise Failed({"graph": graph, "node": n.name, "op": _op_label(n),
+                              "where": _where(n) or (n.target if n.op == "call_module" else ""),
+                              "input_shapes": shapes, "params": params,
+                              "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                              "frames": _frames(e, 3)}) from e
+        interp.run_node = run_node
+        return interp
+
+    try:
+        with torch.no_grad():
+            watch(torch.fx.Interpreter(r.module), "compact").run(x)
+            watch(masked_reference(r.program, r.program.keep_by_root()), "masked reference").run(x)
+    except Failed as f:
+        return f.args[0]
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return {"error": "compact and masked reference both run on the example input (a random input of verify failed)"}
 
 
 def worker_vitcc(name: str) -> dict:
@@ -149,6 +231,8 @@ def worker_vitcc(name: str) -> dict:
         return row
     except Exception as e:  # noqa: BLE001 - recorded, never hidden
         row.update(status="crash", error=_error(e), seconds=round(time.perf_counter() - start, 2))
+        if row["error"].get("pass") == "verify":  # the compact graph does not run: find the node that fails
+            row["error"]["node"] = _locate(model, x)
         return row
     row["seconds"] = round(time.perf_counter() - start, 2)
     rep = r.report
@@ -159,7 +243,8 @@ def worker_vitcc(name: str) -> dict:
         m = _NODE_REF.search(f["reason"])
         op = _op_label(n) if n is not None else (m.group(2) if m else "?")
         frozen.append({"node": f["node"], "op": op, "where": _where(n) if n is not None else "",
-                       "reason": f["reason"], "cause": normalize_reason(f["reason"])})
+                       "reason": f["reason"], "cause": normalize_reason(f["reason"]),
+                       "code": _node_code(n) if n is not None else ""})
     frozen_groups = [{"name": g.name, "kind": g.kind, "size": g.size, "reason": g.frozen}
                      for g in r.groups if g.frozen is not None]
     sizes = collections.Counter()
@@ -276,12 +361,12 @@ def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0) -> di
 
 
 def sweep(models: list[str], tools: list[str], timeout: float, jobs: int, tp_skip: set[str], rows: dict,
-          max_rss_gb: float = 8.0) -> None:
+          max_rss_gb: float = 8.0, tp_timeout: float | None = None) -> None:
     tasks = [(m, t) for m in models for t in tools if not (t == "tp" and m in tp_skip)]
 
     def go(task):
         m, t = task
-        row = run_one(m, t, timeout, max_rss_gb)
+        row = run_one(m, t, tp_timeout if t == "tp" and tp_timeout else timeout, max_rss_gb)
         rows[(m, t)] = row
         short = row.get("status")
         extra = row.get("error", {}).get("message", "")[:120] if "error" in row else ""
@@ -330,6 +415,18 @@ def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+KINDS = (("residual", "res"), ("heads", "heads"), ("head_dim", "hd"), ("mlp", "mlp"))
+
+
+def _kinds(widths: dict) -> str:
+    """Which of the four kinds got pruned: `x` absent (no such group), `=x` present but nothing removed."""
+    out = []
+    for kind, short in KINDS:
+        w = widths.get(kind)
+        out.append(f"~~{short}~~" if w is None else (short if w["after"] < w["before"] else f"={short}"))
+    return " ".join(out)
+
+
 def _condense(frozen: list[dict], limit: int = 3) -> str:
     c = collections.Counter((f["op"], f["cause"]) for f in frozen)
     parts = [f"{op}: {cause} ×{n}" for (op, cause), n in c.most_common(limit)]
@@ -355,20 +452,24 @@ def causes(vrows: list[dict], trows: list[dict]) -> list[dict]:
             if r["model"] not in a["models"]:
                 a["models"].append(r["model"])
             if a["example"] is None:
-                a["example"] = {"model": r["model"], "node": f["node"], "where": f["where"], "reason": f["reason"]}
+                a["example"] = {"model": r["model"], "node": f["node"], "where": f["where"], "reason": f["reason"],
+                                "code": f.get("code", "")}
         if r["status"] in ("crash", "refused"):
             e = r["error"]
             site = e["frames"][-1].split(": ")[0] if e.get("frames") else ""
             typ = e.get("cause_type", e["type"])
             msg = re.sub(r"\d+", "N", _first_line(e.get("cause_message", e["message"]), 100))
             where = f"pass {e['pass']}: " if "pass" in e else ""
-            key = (r["status"], typ, site, msg)
-            a = agg.setdefault(key, {"kind": r["status"], "op": typ, "cause": where + msg, "site": site,
+            loc = e.get("node") or {}
+            op = f"{loc['op']} ({loc['graph']})" if "op" in loc else typ
+            key = (r["status"], op, typ, msg)
+            a = agg.setdefault(key, {"kind": r["status"], "op": op, "cause": where + f"{typ}: " + msg, "site": site,
                                      "models": [], "nodes": 0, "example": None})
             a["models"].append(r["model"])
             a["nodes"] += 1
             if a["example"] is None:
-                a["example"] = {"model": r["model"], "message": e["message"][:600], "frames": e.get("frames", [])}
+                a["example"] = {"model": r["model"], "message": e["message"][:600], "frames": e.get("frames", []),
+                                "node": loc}
     return sorted(agg.values(), key=lambda a: (-len(a["models"]), -a["nodes"], a["kind"], a["op"]))
 
 
@@ -403,13 +504,22 @@ def render(data: dict) -> str:
         "everything else default (no `num_heads`, no custom pruners, no model-specific code), one `step()`, then "
         "`ok` iff the pruned model runs on x and gives the original output shape. Its output values are not "
         "checked (Torch-Pruning does not claim equivalence to a masked model).",
-        f"- each (model, tool) in its own subprocess, timeout {meta.get('timeout', '?')} s, killed above "
+        f"- each (model, tool) in its own subprocess, timeout {meta.get('timeout', '?')} s"
+        + (f" ({meta['tp_timeout']:g} s for Torch-Pruning)" if meta.get("tp_timeout") else "") + ", killed above "
         f"{meta.get('max_rss_gb', 8.0):g} GB resident memory (the machine has 23 GB shared with other work). Times "
         "are wall-clock on 2 CPU cores shared with other work: noisy.",
         "",
-        "| model | vitcc | params −% | MACs −% | max abs err | max rel err | frozen groups (channels) | "
-        "s | frozen / error (condensed) | TP | TP params −% | TP s | TP error |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|---|--:|--:|---|",
+        "Columns: `kinds pruned` lists residual/heads/head-dim/MLP: plain = some channels removed, `=x` = groups of "
+        "that kind exist but kept everything (frozen, or too few channels to remove 30%), ~~x~~ = no group of that "
+        "kind was found (its spaces were frozen or fixed before grouping). `frozen groups` counts groups whose "
+        "space is frozen (channels in brackets); frozen spaces that never became groups are not counted there, see "
+        "`kinds pruned`.",
+        "",
+        *[f"- note: {n}" for n in meta.get("notes", [])],
+        "",
+        "| model | vitcc | params −% | MACs −% | max abs err | max rel err | kinds pruned | frozen groups "
+        "(channels) | s | frozen / error (condensed) | TP | TP params −% | TP s | TP error |",
+        "|---|---|--:|--:|--:|--:|---|--:|--:|---|---|--:|--:|---|",
     ]
     for m in models:
         r = v.get(m, {})
@@ -417,16 +527,18 @@ def render(data: dict) -> str:
         st = r.get("status", "—")
         if st in ("full", "partial"):
             cells = [_pct(r["params_before"], r["params_after"]), _pct(r["macs_before"], r["macs_after"]),
-                     f"{r['max_abs_error']:.1e}", f"{r['max_rel_error']:.1e}",
+                     f"{r['max_abs_error']:.1e}", f"{r['max_rel_error']:.1e}", _kinds(r.get("widths") or {}),
                      f"{r['groups_frozen']}/{r['groups']} ({r['channels_frozen']})", f"{r['seconds']}",
                      _cell(_condense(r["frozen"])) or ("" if st == "full" else
                                                        "groups frozen: " + ", ".join(g["name"] for g in r["frozen_groups"][:3]))]
         elif st in ("refused", "crash"):
             e = r["error"]
-            cells = ["", "", "", "", "", f"{r.get('seconds', r.get('wall', ''))}",
-                     _cell(f"{e['type']}: {_first_line(e['message'])}")]
+            loc = e.get("node") or {}
+            at = f" — at `{loc['node']}` ({loc['op']}, {loc['graph']})" if "node" in loc else ""
+            cells = ["", "", "", "", "", "", f"{r.get('seconds', r.get('wall', ''))}",
+                     _cell(f"{e['type']}: {_first_line(e['message'])}{at}")]
         else:
-            cells = [""] * 7
+            cells = [""] * 8
         if tr is None:
             tcells = ["not run", "", "", ""]
         elif tr["status"] == "ok":
@@ -446,12 +558,23 @@ def render(data: dict) -> str:
             lines.append(f"{i}. **frozen — `{a['op']}`: {a['cause']}** — {len(a['models'])} models, {a['nodes']} "
                          f"nodes ({', '.join(a['models'])})  ")
             lines.append(f"   e.g. {ex['model']}, node `{ex['node']}`" + (f" in `{ex['where']}`" if ex["where"] else "")
-                         + f": {ex['reason']}")
+                         + f": {ex['reason']}" + ("  " if ex.get("code") else ""))
+            if ex.get("code"):
+                lines.append(f"   `{ex['code']}`")
         else:
             lines.append(f"{i}. **{a['kind']} — `{a['op']}`: {a['cause']}** — {len(a['models'])} models "
                          f"({', '.join(a['models'])})  ")
             lines.append(f"   e.g. {ex['model']}: `{_first_line(ex['message'], 400)}`  ")
-            for fr in ex["frames"][-3:]:
+            loc = ex.get("node") or {}
+            if "node" in loc:
+                lines.append(f"   fails at node `{loc['node']}` ({loc['op']}" + (f" `{loc['where']}`" if loc.get("where")
+                             else "") + f") of the {loc['graph']} graph on the example input; inputs "
+                             + ", ".join(f"{k} {v}" for k, v in loc["input_shapes"].items())
+                             + ("; params " + ", ".join(f"{k} {v}" for k, v in loc["params"].items()) if loc["params"]
+                                else "") + "  ")
+            elif loc.get("error"):
+                lines.append(f"   (locating the node: {loc['error']})  ")
+            for fr in ex["frames"][-4:]:
                 lines.append(f"   `{fr}`  ")
     lines += ["", "## Per model: frozen dimensions", ""]
     for m in models:
@@ -486,6 +609,8 @@ def main() -> None:
     ap.add_argument("--tp-skip", default=",".join(TP_SKIP), help="models on which Torch-Pruning is not run")
     ap.add_argument("--jobs", type=int, default=1, help="models run in parallel (default 1)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per model and tool")
+    ap.add_argument("--tp-timeout", type=float, default=300,
+                    help="seconds for Torch-Pruning (default 300: it hangs or blows up memory on some models)")
     ap.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a worker above this resident memory")
     ap.add_argument("--tools", default="vitcc,tp", help="which of vitcc,tp to run (default both)")
     ap.add_argument("--merge", action="store_true", help="update rows of an existing coverage.json")
@@ -520,8 +645,9 @@ def main() -> None:
                     commands=old["meta"].get("commands", []) + [cmd.strip()])
         META["date"] += f" (merged {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})"
     start = time.perf_counter()
-    META["max_rss_gb"] = args.max_rss_gb
-    sweep(models, tools, args.timeout, args.jobs, set(filter(None, args.tp_skip.split(","))), rows, args.max_rss_gb)
+    META.update(max_rss_gb=args.max_rss_gb, tp_timeout=args.tp_timeout)
+    sweep(models, tools, args.timeout, args.jobs, set(filter(None, args.tp_skip.split(","))), rows, args.max_rss_gb,
+          args.tp_timeout)
     minutes = round((time.perf_counter() - start) / 60, 1)
     META["wall_minutes"] = minutes if not args.merge else f"{META.get('wall_minutes', '?')} + {minutes}"
     save(rows)

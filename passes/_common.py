@@ -89,10 +89,6 @@ def _kinds_of(program: Program) -> set[str]:
     return _kinds(program.options.get("prune"))
 
 
-def prunable(program: Program, kinds) -> list:
-    return [g for g in program.groups if g.prunable and g.kind in set(kinds)]
-
-
 # -- selections as parameter masks -----------------------------------------------------------------------
 
 def provisional_keep(program: Program, scores: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:

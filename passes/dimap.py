@@ -76,7 +76,7 @@ def module_families(program: Program) -> dict[str, str]:
     fam: dict[str, str] = {}
     for g in program.groups:
         for m in g.members:
-            if not m.param.endswith("weight") or program.coupling.params[m.param].__len__() != 2:
+            if not m.param.endswith("weight") or len(program.coupling.params[m.param]) != 2:
                 continue
             if g.kind in ("heads", "head_dim"):
                 fam.setdefault(m.param, "QKV" if m.axis == 0 else "PRJ")

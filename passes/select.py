@@ -145,8 +145,11 @@ def _global_counts(program: Program, groups, frac: float, align: int, scope: str
         n_remove = int(round(frac * len(allscores)))
         if n_remove == 0:
             continue
-        thresh = torch.sort(allscores).values[n_remove - 1]
-        for g in same:
-            removed = int((program.scores[g.name] <= thresh).sum())
-            counts[g.name] = _count(g.size, removed / g.size, g.kind, align)
+        # exactly the n_remove lowest scores of the family (ties broken by position, so equal scores, e.g.
+        # untrained gates, never remove more than asked)
+        lowest = torch.argsort(allscores, stable=True)[:n_remove]
+        owner = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(same)])
+        removed = torch.bincount(owner[lowest], minlength=len(same))
+        for i, g in enumerate(same):
+            counts[g.name] = _count(g.size, int(removed[i]) / g.size, g.kind, align)
     return counts

@@ -34,10 +34,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, register_pass
 
-from ._common import claim, default_kinds, epochs_of, fill_fallback, index_map_of, rebase, sparsity_train
+from ._common import (claim, default_kinds, epochs_of, fill_fallback, index_map_of, rebase, sparsity_train,
+                      train_loader)
 from .magnitude import group_norms
 
 GATED_KINDS = ("head_dim", "mlp")
@@ -131,17 +133,13 @@ class Vtp(Pass):
         default_kinds(program, GATED_KINDS)
         lam = float(self.options.get("lam", 1e-4))
         if str(self.options.get("scores", "gate")) not in ("gate", "norm"):
-            from vitcc.errors import VitccError
             raise VitccError(f"vtp{{scores={self.options['scores']}}}: expected gate or norm")
         epochs = epochs_of(program, self.options, default=1)
         if epochs < 1:
-            from vitcc.errors import VitccError
             raise VitccError("vtp needs at least one epoch of gate sparsity training (vtp{epochs=N} or sparsity_epochs)")
         rank_groups = set((program.options.get("lowrank") or {}).get("rank_groups", ()))
         groups = [g for g in program.groups if g.prunable and g.kind in GATED_KINDS and g.name not in rank_groups]
-        # data first: fail before touching the graph
-        from ._common import train_loader
-        train_loader(program, "vtp", "its gate sparsity training")
+        train_loader(program, "vtp", "its gate sparsity training")  # data first: fail before touching the graph
         placed = insert_gates(program, groups)
         gates = gate_params(program, placed)
         params = list(gates.values())

@@ -1,7 +1,6 @@
 """gohsp: Markov-chain head ranking from calibration data, and the ADMM sparsity stage."""
 from __future__ import annotations
 
-import networkx as nx
 import numpy as np
 import pytest
 import torch

@@ -161,6 +161,9 @@ def test_compact_ops_follow_the_selection():
     assert "linear|1x17|24|32|1" in small and "linear|1x17|32|24|1" in small
     assert not any("|0|" in k for k in small if k.startswith("linear"))  # emptied mlp of block 1: folded
     assert any(k.startswith("sdpa|1x1x17x16|") for k in small)
+    paired = {op.key: op.dense.key for op in compact_ops(p, keep) if op.dense is not None}
+    assert paired["linear|1x17|24|32|1"] == "linear|1x17|48|192|1"  # timed beside its dense self
+    assert all(op.dense is None for op in compact_ops(p, {}))
 
 
 def test_timers_return_positive_medians():

@@ -97,3 +97,19 @@ def test_norm_scores_ablation(digits):
                       data=digits)
     assert r.report["max_abs_error"] < 1e-4
     assert "vtp" not in {f for f, _ in r.program.options.get("families", {}).values()}
+
+
+def test_tied_gates_never_remove_more_than_asked():
+    from vitcc import Pass, PassResult
+    from vitcc.passes._common import claim
+
+    class TiedGates(Pass):  # e.g. gates that training did not move: one family, all scores equal
+        name = "tied-gates"
+
+        def run(self, program):
+            for g in program.groups:
+                if g.kind == "mlp":
+                    claim(program, "vtp", g.name, torch.ones(g.size), family="vtp")
+            return PassResult()
+    r = vitcc.compile(tiny_vit(), [TiedGates()], sparsity=0.25, prune="mlp", example_inputs=(image(),))
+    assert sum(len(r.selection[f"blocks.{i}.mlp.hidden"]) for i in range(2)) == 384 - 96

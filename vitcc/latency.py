@@ -1,14 +1,18 @@
 """Latency: interleaved timing, and a per-op latency model measured on this machine (``--target latency``).
 
 The model predicts the eager PyTorch latency of a compact model from its kept widths, without building
-it: every compute op of the traced graph (linear, conv, attention, matmul, norm, softmax, elementwise
-activations and arithmetic) is timed in isolation at its compact shape, and the ops vitcc does not time
-(reshapes, indexing, Python dispatch) are one constant, calibrated once per model as the measured
-latency of the whole dense model minus the sum of its timed ops. Op timings are cached in
-``$VITCC_CACHE/latency/<machine>.json`` (default ``~/.cache/vitcc``), keyed by op and shapes; the file
-name is a hash of the CPU model, CPU count, torch version, thread count and dtype, so a cache never
-answers for another machine or setting. ``vitcc profile`` fills it ahead of time; ``select`` measures
-whatever is missing.
+it. Every compute op of the traced graph (linear, conv, attention, matmul, layer norm, softmax,
+elementwise activations and arithmetic) is timed on its own at the shape the selection gives it, as a
+ratio to the same op at its dense shape timed right beside it, and the dense op as a ratio to a
+reference GEMM (so a shared machine's ups and downs cancel); with one intra-op thread, in the
+thread's CPU time (so time spent waiting for a core does not count). What
+is not timed op by op (views, reshapes, indexing, Python dispatch) is one constant, calibrated once
+per model as the measured latency of the whole dense model minus the sum of its timed ops.
+
+Timings are cached in ``$VITCC_CACHE/latency/<key>.json`` (default ``~/.cache/vitcc``), one entry per
+op and shapes; the key hashes the CPU model, CPU count, torch version, thread count and dtype, and the
+file repeats them, so a cache never answers for another machine or setting. ``vitcc profile`` fills it
+ahead of time; ``select`` (``target="latency"``, :func:`select_for_latency`) measures what is missing.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,11 +36,12 @@ from torch import nn
 from .coupling import is_ttype, shape_of
 from .ir import Program, axis_count
 
-__all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyModel", "time_fn",
-           "interleaved", "loadavg", "cpu_clock_ok"]
+__all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyModel", "compact_ops",
+           "select_for_latency", "time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok",
+           "with_batch", "onnx_session", "onnx_feed"]
 
 CACHE_ENV = "VITCC_CACHE"
-FORMAT = 3
+FORMAT = 4
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -238,11 +243,12 @@ _SOFTMAX = {F.softmax, torch.softmax, "softmax"}
 
 
 class _Op:
-    """One timed op: a cache key and a factory that returns a zero-argument function to time."""
-    __slots__ = ("key", "make")
+    """One timed op: a cache key, a factory that returns a zero-argument function to time, and the same
+    node's op at its dense shape (None when the shapes are the same)."""
+    __slots__ = ("key", "make", "dense")
 
     def __init__(self, key: str, make: Callable[[], Callable[[], Any]]):
-        self.key, self.make = key, make
+        self.key, self.make, self.dense = key, make, None
 
 
 def _s(shape) -> str:
@@ -293,7 +299,7 @@ def _dtype(n: fx.Node) -> torch.dtype:
 def compact_ops(program: Program, keep: dict) -> list[_Op]:
     """The timed ops of the compact model that the selection ``keep`` (root id -> indices) would give."""
     gm = program.gm
-    sh = _Shapes(program, keep)
+    sh, dense = _Shapes(program, keep), (_Shapes(program, {}) if keep else None)
     modules = dict(gm.named_modules())
     ops: list[_Op] = []
     for node in gm.graph.nodes:
@@ -302,9 +308,11 @@ def compact_ops(program: Program, keep: dict) -> list[_Op]:
         out = sh.node(node)
         if out is not None and 0 in out:
             continue  # a branch with no channels left: folded away
-        op = None
         try:
             op = _op(node, sh, modules)
+            if op is not None and dense is not None:
+                d = _op(node, dense, modules)
+                op.dense = d if d is not None and d.key != op.key else None
         except Exception:  # an op shape vitcc cannot reproduce: part of the constant remainder
             op = None
         if op is not None:
@@ -417,9 +425,7 @@ def _elementwise(name: str, node: fx.Node, sh: _Shapes, fn) -> _Op | None:
         if isinstance(a, fx.Node):
             s = sh.node(a)
             if s is None:
-                if isinstance(a.meta.get("tensor_meta"), (list, tuple)):
-                    return None
-                return None  # a Python value computed in the graph (a size): not an op worth timing
+                return None  # a Python value computed in the graph (a size), or a tuple: nothing to time
             args.append(("t", s, _dtype(a)))
             parts.append(_s(s) or "scalar")
         elif isinstance(a, (int, float, bool)) or a is None:
@@ -452,6 +458,7 @@ def fingerprint(gm: fx.GraphModule, example_inputs: tuple) -> str:
 
 
 REF_KEY = "ref|linear|197x256|256|0"
+DISPATCH_KEY = "dispatch|view"
 
 
 def _reference() -> Callable[[], Any]:
@@ -491,11 +498,33 @@ class LatencyModel:
         return time_ratio(fn, self._ref, clock=self.clock, **kw) * self.ref_ms
 
     def op_ms(self, op: _Op) -> float:
+        """An op at its dense shape: timed against the reference GEMM. At a compact shape: timed against
+        the same op at its dense shape, right beside it (ops of one kind and size slow down alike when
+        the machine is busy, so their ratio is steadier than either time), times the dense op's time."""
+        if op.dense is None:
+            return self._absolute_ms(op)
+        key = f"rel|{op.key}|{op.dense.key}"
+        r = self.table.get(key)
+        if r is None:
+            try:
+                fn, ref = op.make(), op.dense.make()
+                r = time_ratio(fn, ref, samples=self.samples, clock=self.clock)
+                del fn, ref
+            except Exception:  # an op vitcc cannot rebuild on its own: left to the calibrated constant
+                r = 0.0
+            self.table.set(key, r)
+            self.table.measured += 1
+        return r * self._absolute_ms(op.dense)
+
+    def _absolute_ms(self, op: _Op) -> float:
         ms = self.table.get(op.key)
         if ms is None:
-            fn = op.make()
-            ms = self._timed(fn, samples=self.samples)
-            del fn
+            try:
+                fn = op.make()
+                ms = self._timed(fn, samples=self.samples)
+                del fn
+            except Exception:  # an op vitcc cannot rebuild on its own: left to the calibrated constant
+                ms = 0.0
             self.table.set(op.key, ms)
             self.table.measured += 1
         return ms
@@ -527,11 +556,26 @@ class LatencyModel:
 
     @property
     def overhead_ms(self) -> float:
-        """Latency of what is not timed op by op (views, indexing, Python): assumed not to shrink."""
+        """Latency of what is not timed op by op (views, indexing, Python): assumed not to shrink.
+
+        The dense model's measured latency minus its timed ops; at least one Python-level tensor call
+        per untimed node (ops timed alone can add up to more than the model when the machine is busy)."""
         if self._overhead is None:
             self._dense_ops = self.ops_ms({})
-            self._overhead = max(0.0, self.dense_measured_ms() - self._dense_ops)
+            untimed = sum(1 for n in self.program.gm.graph.nodes
+                          if n.op in ("call_module", "call_function", "call_method")) - len(compact_ops(self.program, {}))
+            floor = max(0, untimed) * self.dispatch_ms()
+            self._overhead = max(floor, self.dense_measured_ms() - self._dense_ops)
         return self._overhead
+
+    def dispatch_ms(self) -> float:
+        """One cheap tensor call from Python (a view), the floor of what an untimed node costs."""
+        ms = self.table.get(DISPATCH_KEY)
+        if ms is None:
+            x = torch.zeros(4, 4)
+            ms = time_fn(lambda: x.view(16), samples=9, clock=self.clock)
+            self.table.set(DISPATCH_KEY, ms)
+        return ms
 
     def predict(self, keep: dict) -> float:
         return self.ops_ms(keep) + self.overhead_ms

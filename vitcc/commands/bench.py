@@ -1,13 +1,15 @@
 """`vitcc bench MODEL [COMPILED]`: latency of a model and its compiled version, eager and onnxruntime.
 
 Both models are timed in one process, interleaved (one call of each per round, rotating order), on the
-same inputs and thread count; the table shows medians, the speed-up, the ideal speed-up (the MAC ratio)
-and the efficiency = speed-up / ideal. Without COMPILED, `--sparsity S` compiles MODEL first
+same inputs and thread count; the table shows median latencies, the speed-up (median over rounds of the
+per-round ratio), the ideal speed-up (the MAC ratio) and the efficiency = speed-up / ideal. With one
+thread the JSON also has the same figures in process CPU time, which a busy machine disturbs less. Without COMPILED, `--sparsity S` compiles MODEL first
 (`--target`, `--align`, `--passes` as for `vitcc compile`); with neither, MODEL alone is timed.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -73,17 +75,18 @@ def run_bench(models: dict[str, torch.nn.Module], example: tuple, *, batches: li
                     m.eval()
             else:
                 fns = {n: (lambda s=s, f=onnx_feed(s, xs): s.run(None, f)) for n, s in sessions.items()}
-            stats = summarize(interleaved(fns, rounds=rounds, warmup=warmup))
+            samples = interleaved(fns, rounds=rounds, warmup=warmup)
+            stats = summarize(samples)
             run = {"runtime": runtime, "batch": b, "stats": stats}
-            base = stats[first]
             for n in models:
                 if n == first:
                     continue
                 ideal = sizes[first]["macs"] / max(sizes[n]["macs"], 1)
-                run.setdefault("compare", {})[n] = {
-                    "speedup": base["wall"] / stats[n]["wall"], "speedup_cpu": base["cpu"] / stats[n]["cpu"],
-                    "ideal": ideal, "efficiency": base["wall"] / stats[n]["wall"] / ideal,
-                    "efficiency_cpu": base["cpu"] / stats[n]["cpu"] / ideal}
+                # median over rounds of the per-round ratio: load that changes slower than a round cancels
+                sp, spc = (statistics.median(a / c for a, c in zip(samples[first][k], samples[n][k]))
+                           for k in ("wall", "cpu"))
+                run.setdefault("compare", {})[n] = {"speedup": sp, "speedup_cpu": spc, "ideal": ideal,
+                                                    "efficiency": sp / ideal, "efficiency_cpu": spc / ideal}
             result["runs"].append(run)
     result["loadavg_end"] = loadavg()
     return result
