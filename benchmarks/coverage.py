@@ -2,8 +2,13 @@
 per model, what vitcc did, side by side with what Torch-Pruning does on the same model with no
 model-specific code. Results: benchmarks/results/coverage.md and coverage.json.
 
-    python benchmarks/coverage.py [--models a,b | --quick] [--no-tp] [--tp-skip a,b] [--jobs 1]
-                                  [--timeout 600] [--merge] [--render]
+    python benchmarks/coverage.py [--models a,b | --quick] [--no-tp | --tools vitcc,tp] [--tp-skip a,b]
+                                  [--jobs 1] [--timeout 600] [--tp-timeout 300] [--max-rss-gb 8]
+                                  [--out benchmarks/results/coverage] [--merge] [--render]
+
+--merge updates rows of an existing coverage.json (and lists both commands); --render rewrites the .md
+from the .json. A crash in verify is located: the program is captured before verify and the compact
+graph, then the masked reference, are run node by node; the first node that raises is recorded.
 
 vitcc status per model:
   full     every group prunable (no group frozen) and report["frozen"] empty
@@ -172,13 +177,27 @@ def _locate(model, x) -> dict | None:
     import torch
     import vitcc
     from vitcc.masking import masked_reference
-    try:
-        r = vitcc.compile(model, "magnitude", sparsity=SPARSITY, example_inputs=(x,), verify=False)
-    except Exception as e:  # noqa: BLE001
-        return {"error": f"compile without verify failed too: {type(e).__name__}: {str(e)[:200]}"}
 
-    class Failed(Exception):
+    captured = {}
+
+    class Capture(vitcc.Pass):  # grabs the program as verify gets it, whatever fails after
+        name = "coverage-capture"
+        kind = "structural"
+
+        def run(self, program):
+            captured["program"] = program
+            return vitcc.PassResult(modified=False)
+
+    try:
+        vitcc.compile(model, "magnitude", sparsity=SPARSITY, example_inputs=(x,),
+                      insert=[vitcc.Insertion(Capture(), before="verify")])
+    except Exception:  # noqa: BLE001 - the failure being located
         pass
+    program = captured.get("program")
+    if program is None:
+        return {"error": "the pipeline failed before verify on this second compile"}
+
+    located: dict = {}
 
     def watch(interp, graph: str):
         inner = interp.run_node
@@ -194,22 +213,25 @@ def _locate(model, x) -> dict | None:
                     mod = interp.module.get_submodule(n.target)
                     params = {k: list(v.shape) for k, v in [*mod.named_parameters(recurse=False),
                                                              *mod.named_buffers(recurse=False)] if v.dim() > 0}
-                raise Failed({"graph": graph, "node": n.name, "op": _op_label(n),
-                              "where": _where(n) or (n.target if n.op == "call_module" else ""),
-                              "input_shapes": shapes, "params": params,
-                              "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                              "frames": _frames(e, 3)}) from e
+                if not located:  # fx re-raises with its own message; keep the first failing node here
+                    located.update({"graph": graph, "node": n.name, "op": _op_label(n),
+                                    "where": _where(n) or (n.target if n.op == "call_module" else ""),
+                                    "code": f"{n.name} = {_op_label(n)}(" + ", ".join(
+                                        [_short(a) for a in n.args] + [f"{k}={_short(v)}" for k, v in n.kwargs.items()]
+                                    )[:300] + ")",
+                                    "input_shapes": shapes, "params": params,
+                                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                                    "frames": _frames(e, 3)})
+                raise
         interp.run_node = run_node
         return interp
 
     try:
         with torch.no_grad():
-            watch(torch.fx.Interpreter(r.module), "compact").run(x)
-            watch(masked_reference(r.program, r.program.keep_by_root()), "masked reference").run(x)
-    except Failed as f:
-        return f.args[0]
+            watch(torch.fx.Interpreter(program.gm), "compact").run(x)
+            watch(masked_reference(program, program.keep_by_root()), "masked reference").run(x)
     except Exception as e:  # noqa: BLE001
-        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return located or {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     return {"error": "compact and masked reference both run on the example input (a random input of verify failed)"}
 
 
@@ -572,6 +594,8 @@ def render(data: dict) -> str:
                              + ", ".join(f"{k} {v}" for k, v in loc["input_shapes"].items())
                              + ("; params " + ", ".join(f"{k} {v}" for k, v in loc["params"].items()) if loc["params"]
                                 else "") + "  ")
+                if loc.get("code"):
+                    lines.append(f"   `{loc['code']}`  ")
             elif loc.get("error"):
                 lines.append(f"   (locating the node: {loc['error']})  ")
             for fr in ex["frames"][-4:]:

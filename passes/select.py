@@ -107,13 +107,11 @@ def _select(program: Program, frac: float, kinds: set[str], align: int, scope: s
     by_root = {find(g.space).id: g for g in program.groups}
     for spaces in program.coupling.equal_counts:
         members = [by_root.get(find(s).id) for s in spaces]
-        if any(m is None for m in members):
-            continue
-        names = [m.name for m in members]
-        if all(n in counts for n in names):
+        names = [m.name for m in members if m is not None]
+        if len(names) == len(members) and all(n in counts for n in names):
             k = min(counts[n] for n in names)
             counts.update({n: k for n in names})
-        else:  # one of them must stay whole, so all of them do
+        else:  # one of them must stay whole (frozen, or not a channel group at all), so all of them do
             for n in names:
                 counts.pop(n, None)
     keep = {}

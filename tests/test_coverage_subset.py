@@ -12,13 +12,14 @@ import vitcc
 CASES = [
     # hierarchical, spatial-reduction attention (strided conv on k/v), depthwise-conv MLP
     ("pvt_v2_b0", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4)), 64, "full"),
-    # relative position bias table, layer scale, no fused qkv bias
-    ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), 32, "full"),
-    # hierarchical, mask-unit attention with pooling of q, stage-wise widths
-    ("hiera_tiny_224", dict(img_size=64, embed_dim=24, num_heads=1, stages=(1, 1, 1, 1)), 64, "full"),
-    # talking-heads attention, class-attention blocks
+    # talking-heads attention, class-attention blocks, layer scale
     ("cait_xxs24_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, depth_token_only=1),
-     32, "partial"),
+     32, "full"),
+    # locally-grouped attention (a notrace module today: partial) + global sub-sampled attention, conv pos. encoding
+    ("twins_svt_small", dict(img_size=64, embed_dims=(32, 64, 96, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4)),
+     64, "partial"),
+    # cross-covariance attention (softmax over the head-dim axis: partial), local patch interaction, class attention
+    ("xcit_tiny_12_p16_224", dict(img_size=64, embed_dim=48, depth=2, num_heads=3), 64, "partial"),
 ]
 
 

@@ -159,6 +159,8 @@ class _GivenSelection(Pass):
         for spaces in program.coupling.equal_counts:
             tied = [by_root[find(s).id] for s in spaces if find(s).id in by_root]
             counts = {len(program.keep.get(g.name, range(g.size))) for g in tied}
+            if len(tied) < len(spaces):  # a partner that is no group keeps its full size
+                counts |= {s.size for s in spaces}
             if len(counts) > 1:
                 raise VitccError("groups " + ", ".join(g.name for g in tied) + " share one fused reshape and "
                                  "must keep the same number of channels")
