@@ -92,3 +92,24 @@ def test_swin_random_selections_verify(seed, sparsity, v2, kinds):
     r = vitcc.compile(model, f"random{{seed={seed}}}", sparsity=sparsity, prune=kinds,
                       example_inputs=(image(1, 64 if v2 else 56),))
     assert r.report["max_rel_error"] < 1e-4
+
+
+def test_swinv2_planted_zeros_give_back_the_original():
+    model = tiny_swin(v2=True)
+    C, D = 48, 12  # stage 1: 4 heads of 12
+    attn = model.layers[1].blocks[1].attn
+    with torch.no_grad():
+        for part in range(3):  # head 1: q, k and v rows, and the q and v biases
+            attn.qkv.weight[part * C + D: part * C + 2 * D] = 0
+        attn.q_bias[D:2 * D] = 0
+        attn.v_bias[D:2 * D] = 0
+        fc1 = model.layers[0].blocks[0].mlp.fc1
+        fc1.weight[[3, 4, 50]] = 0
+        fc1.bias[[3, 4, 50]] = 0
+    x = image(2, 64)
+    want = model(x)
+    keep = {"layers.1.blocks.1.attn.heads": [0, 2, 3],
+            "layers.0.blocks.0.mlp.hidden": [j for j in range(96) if j not in (3, 4, 50)]}
+    r = vitcc.compile(model, "magnitude", keep=keep, example_inputs=(x,))
+    torch.testing.assert_close(r.module(x), want, rtol=1e-5, atol=1e-5)
+    assert r.module.get_submodule("layers.1.blocks.1.attn.qkv").weight.shape[0] == 3 * 3 * 12
