@@ -6,7 +6,6 @@ so the graph needs no vitcc code at inference.
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx

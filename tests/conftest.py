@@ -30,6 +30,15 @@ def image(batch=2, size=32, seed=1):
 
 
 @pytest.fixture
+def one_thread():
+    """Two OpenMP threads on 2 shared, busy cores spin-wait: a tiny step takes 0.5 s instead of 0.03 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def vit():
     return tiny_vit()
 

@@ -10,13 +10,7 @@ from vitcc.frontend import trace
 from conftest import tiny_vit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on 2 shared, busy cores spin-wait: a tiny step takes 0.5 s instead of 0.03 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mnist5k_split_is_per_class_first_400_train_last_100_val():

@@ -13,13 +13,7 @@ from vitcc.train import distillation_loss, evaluate, finetune
 from conftest import tiny_vit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on 2 shared, busy cores spin-wait: a tiny step takes 0.5 s instead of 0.03 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_vit(seed=0, num_classes=10):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .spaces import Axis, Space, axis_size, decompose, find, freeze, fsize, leaves, normalize, spaces_of, union
+from .spaces import Axis, Space, axis_size, decompose, find, freeze, fsize, normalize, spaces_of, union
 
 TType = tuple  # tuple[Axis, ...]
 Rule = Callable[["Analyzer", fx.Node], Any]
