@@ -202,6 +202,19 @@ def test_target_latency_matches_macs_when_time_is_proportional_to_macs(fake_timi
     assert lat.report["macs_after"] == pytest.approx(macs.report["macs_after"], rel=0.05)
 
 
+def test_target_latency_does_not_overshoot_on_a_head_step(fake_timings, monkeypatch):
+    # attention made expensive: one head fewer per block (3 -> 2) removes far more than 40%, so the
+    # uniform search overshoots; the refinement keeps 3 heads and prunes the other kinds further
+    heavy = lambda key, orig=fake_ms: orig(key) * (40 if key.startswith("sdpa") else 1)
+    monkeypatch.setattr(__import__("test_latency"), "fake_ms", heavy)
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.4, target="latency", example_inputs=(image(batch=1),))
+    lm = r.report["latency_model"]
+    assert "smaller fraction" in lm["selection"]
+    assert r.report["widths"]["heads"]["after"] == 6
+    assert 0.4 <= lm["predicted_reduction"] < 0.5
+    assert r.report["max_abs_error"] < 1e-4
+
+
 def test_target_latency_out_of_reach_is_an_error(fake_timings, monkeypatch):
     monkeypatch.setattr(LatencyModel, "dense_measured_ms", lambda self: self.ops_ms({}) + 1e6)
     with pytest.raises(VitccError, match="out of reach"):

@@ -643,10 +643,11 @@ def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str,
 def select_for_latency(program: Program, goal: float, kinds: set, align: int, scope: str) -> tuple[dict, dict]:
     """Kept indices that remove at least ``goal`` of the predicted latency, as little more as the widths allow.
 
-    First select's `_search` finds the smallest uniform fraction that gets there. Heads come in coarse
-    steps (a block has a handful), so that fraction can overshoot by several points where one head
-    fewer per block lands; then the heads of the largest fraction that fell short are kept and the
-    fraction of the other kinds is searched again, and the closer of the two selections wins.
+    First select's `_search` finds the smallest uniform fraction that gets there. Heads and head dims
+    come in coarse steps (a block has a handful of heads; head dims step by the alignment), so that
+    fraction can overshoot by several points where one of them takes a step; then those kinds keep the
+    widths of the largest fraction that fell short, the fraction of the other kinds is searched again,
+    and the closest selection that still reaches the goal wins.
     """
     from vitcc.errors import VitccError
     from vitcc.passes.select import _by_root, _search, _select
@@ -663,17 +664,21 @@ def select_for_latency(program: Program, goal: float, kinds: set, align: int, sc
                          f"{model.overhead_ms:.3g} ms do not shrink with widths)")
     keep = _search(program, goal, choose, model.predict)
     best, how = keep, "uniform"
-    heads = {g.name for g in program.groups if g.kind == "heads"} & set(keep)
-    if goal > 0 and heads and len(kinds) > 1:
-        lo = _largest_short_of(goal, lambda f: reduction(choose(f)))
-        fewer = {n for n in heads if len(keep[n]) < len(choose(lo).get(n, ()))}
-        if fewer:
-            kept_heads = {n: v for n, v in choose(lo).items() if n in heads}
-            others = lambda frac: {**_select(program, frac, kinds - {"heads"}, align, scope), **kept_heads}
-            if reduction(others(0.999)) >= goal:
-                alt = _search(program, goal, others, model.predict)
-                if goal <= reduction(alt) < reduction(best):
-                    best, how = alt, "heads of a smaller fraction, other kinds searched again"
+    if goal > 0:
+        short = choose(_largest_short_of(goal, lambda f: reduction(choose(f))))
+        # kinds whose widths move in coarse steps and took one between the two fractions
+        jumped = [k for k in COARSE_KINDS if k in kinds and _kept(program, keep, k) < _kept(program, short, k)]
+        for held in _subsets(jumped):
+            if len(held) == len(kinds):
+                continue
+            kept = {n: v for n, v in short.items() if program.group(n).kind in held}
+            rest = lambda frac, held=held, kept=kept: {**_select(program, frac, kinds - set(held), align, scope),
+                                                       **kept}
+            if reduction(rest(0.999)) < goal:
+                continue
+            alt = _search(program, goal, rest, model.predict)
+            if goal <= reduction(alt) < reduction(best):
+                best, how = alt, f"{' and '.join(held)} of a smaller fraction, other kinds searched again"
     after = model.predict(_by_root(program, best))
     model.save()
     return best, {"predicted_ms_before": base, "predicted_ms_after": after,
@@ -681,6 +686,18 @@ def select_for_latency(program: Program, goal: float, kinds: set, align: int, sc
                   "overhead_ms": model.overhead_ms, "ops_measured": model.table.measured,
                   "cache": str(model.table.path), "threads": model.table.info["threads"], "clock": model.clock,
                   "input_shapes": [list(getattr(x, "shape", ())) for x in program.example_inputs]}
+
+
+COARSE_KINDS = ("heads", "head_dim")  # a block has a handful of heads; head dims step by --align
+
+
+def _kept(program: Program, keep: dict, kind: str) -> int:
+    return sum(len(keep.get(g.name, range(g.size))) for g in program.groups if g.kind == kind)
+
+
+def _subsets(items: list) -> list[tuple]:
+    from itertools import combinations
+    return [c for r in range(1, len(items) + 1) for c in combinations(items, r)]
 
 
 def _largest_short_of(goal: float, reduction_at: Callable[[float], float]) -> float:

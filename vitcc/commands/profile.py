@@ -139,6 +139,10 @@ def profile_cmd(
               f"{res['overhead_ms']:.2f} ms; clock: {res['clock']}")
     out.print(f"cache: {res['cache']} ({res['entries']} entries, {res['measured_now']} measured now); "
               f"load average {res['loadavg']}")
+    if res["clock"] == "wall":
+        out.print(f"note: with {res['machine']['threads']} threads ops are timed in wall-clock time, which other "
+                  "processes on this machine disturb; `--threads 1` (and `torch.set_num_threads(1)` or "
+                  "OMP_NUM_THREADS=1 for compile) times them in CPU time")
     if json_out is not None:
         tmp = json_out.with_name(json_out.name + ".tmp")
         tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
