@@ -26,8 +26,8 @@ What vitcc **reconstructs / adds**:
   compares like with like). It takes the whole budget: `sparsity` is the fraction of each family's weights
   removed (`target=params|macs`: the fraction of all parameters, spread evenly over the families), the
   structured selection keeps every channel, `report["weight_sparsity"]` says what was removed and
-  `options["weight_masks"]` holds the masks (to keep them through fine-tuning, re-apply them after each
-  step: `vitcc.train.finetune(..., on_step=mask_hook(masks))`);
+  `options["weight_masks"]` holds the masks; `vitcc.compile(..., finetune_epochs=N)` re-applies them after
+  every optimizer step (`vitcc.train.keep_zeros`), so fine-tuning keeps the zeros;
 - `scope=module` (default) | `global` (one ranking across all families: the ablation of the paper's
   module-aware claim) | `layer` (per-group uniform fractions).
 
@@ -57,18 +57,6 @@ def distortion(energy: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(e)
     out[order] = e[order] / cum
     return out.reshape(energy.shape)
-
-
-def mask_hook(masks: dict[str, torch.Tensor]):
-    """`on_step` for vitcc.train.finetune that re-applies weight masks after every optimizer step, so the
-    zeros of `dimap{granularity=weight}` (`program.options["weight_masks"]`) survive fine-tuning."""
-    def hook(model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, m in masks.items():
-            p = params.get(name)
-            if p is not None and p.shape == m.shape:
-                p.mul_(m.to(p.dtype))
-    return hook
 
 
 def module_families(program: Program) -> dict[str, str]:

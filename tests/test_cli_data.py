@@ -52,6 +52,14 @@ def test_compile_finetune_then_evaluate(tmp_path, model_file, capsys):
     assert proc.returncode == 0 and proc.stdout.strip() == "(2, 10)", proc.stderr[-2000:]
 
 
+def test_sparsity_epochs_reach_the_passes(tmp_path, model_file):
+    rep = tmp_path / "r.json"
+    assert run(["compile", str(model_file), "--passes", "vtp", "--sparsity", "0.3", "--data", "digits",
+                "--sparsity-epochs", "2", "--batch-size", "256", "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["vtp"]["epochs"] == 2 and report["max_abs_error"] < 1e-4
+
+
 def test_no_distill_and_default_normalisation(tmp_path, model_file):
     rep = tmp_path / "r.json"
     assert run(["compile", str(model_file), "--sparsity", "0.25", "--data", "digits", "--finetune-epochs", "1",
@@ -63,6 +71,8 @@ def test_no_distill_and_default_normalisation(tmp_path, model_file):
     (["compile", "MODEL", "--finetune-epochs", "1"], "--finetune-epochs needs --data"),
     (["compile", "MODEL", "--data", "imagenet"], "unknown data 'imagenet'"),
     (["compile", "MODEL", "--passes", "taylor"], "needs calibration data"),
+    (["compile", "MODEL", "--passes", "vtp", "--sparsity-epochs", "1"], "--sparsity-epochs needs --data"),
+    (["compile", "MODEL", "--sparsity-epochs", "-1"], "--sparsity-epochs must be >= 0"),
     (["compile", "MODEL", "--data", "digits", "--mean", "a,b"], "--mean takes comma-separated numbers"),
     (["evaluate", "MODEL", "--data", "nowhere"], "unknown data 'nowhere'"),
 ])

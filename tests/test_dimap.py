@@ -79,14 +79,17 @@ def test_weight_granularity_masks_weights_and_keeps_shapes():
         assert torch.equal(sd[name] == 0, ~r.program.options["weight_masks"][name])
     assert float((sd["patch_embed.proj.weight"] == 0).float().mean()) == 0.0  # never pruned
     assert r.report["max_abs_error"] < 1e-4
-    # the masks survive fine-tuning when re-applied after every step
+    # compile's fine-tuning keeps the zeros (masks re-applied after every optimizer step)
     from torch.utils.data import DataLoader, TensorDataset
-    from vitcc.passes.dimap import mask_hook
-    from vitcc.train import finetune
     data = DataLoader(TensorDataset(image(batch=32, seed=7), torch.arange(32) % 10), batch_size=16)
-    finetune(r.module, data, epochs=1, progress=False, on_step=mask_hook(r.program.options["weight_masks"]))
-    sd = dict(r.module.named_parameters())
-    assert torch.equal(sd["blocks.0.attn.qkv.weight"] == 0, ~r.program.options["weight_masks"]["blocks.0.attn.qkv.weight"])
+    t = vitcc.compile(m, "dimap{granularity=weight}", sparsity=0.5, example_inputs=(x,), data=(data, data),
+                      finetune_epochs=1, calibration_size=16)
+    masks = t.program.options["weight_masks"]
+    tuned = dict(t.module.named_parameters())
+    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])  # it trained
+    for name, mask in masks.items():
+        assert torch.equal(tuned[name] == 0, ~mask), name
+    assert t.report["weight_sparsity"]["zeros"] == ws["zeros"]
     # the budget as a fraction of all parameters
     p = vitcc.compile(m, "dimap{granularity=weight}", sparsity=0.3, target="params", example_inputs=(x,))
     assert abs(p.report["weight_sparsity"]["of_all_parameters"] - 0.3) < 2e-3

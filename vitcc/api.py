@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch.utils.data import DataLoader
 
+from .errors import VitccError
 from .frontend import trace
 from .groups import Group
 from .ir import Program
@@ -37,6 +38,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             on_pass: Callable[[Pass, str], None] | None = None,
             data: tuple[DataLoader, DataLoader] | str | None = None, finetune_epochs: int = 0, lr: float = 5e-4,
             distill: bool = True, seed: int = 0, batch_size: int = 64, calibration_size: int = 64,
+            sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
             progress: bool = False) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
@@ -51,7 +53,11 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     `finetune_epochs > 0` the compact module is fine-tuned (`vitcc.train.finetune`: AdamW, cosine, `lr`,
     `seed`), distilling from the unpruned traced model when `distill`. With data the report gets
     `accuracy_before` (unpruned), `accuracy_pruned` (before fine-tuning, when fine-tuned),
-    `accuracy_after` (top-1/top-5 on val) and the `finetune` history.
+    `accuracy_after` (top-1/top-5 on val) and the `finetune` history. Weight masks a pass leaves in
+    `options["weight_masks"]` (`dimap{granularity=weight}`) are re-applied after every fine-tuning step.
+
+    `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
+    gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
     """
     if example_inputs is None:
         from .frontend import input_shape_for
@@ -63,6 +69,10 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align})
     loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
                                               batch_size, calibration_size)
+    if sparsity_epochs is not None:
+        if sparsity_epochs < 0:
+            raise VitccError(f"sparsity epochs must be >= 0, got {sparsity_epochs}")
+        program.options["sparsity_epochs"] = int(sparsity_epochs)
     if keep is not None:
         program.options["sparsity"] = 0.0
     pipeline = build_pipeline(passes, insert, structural_options)
@@ -83,14 +93,16 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     })
     program.gm.meta.pop("tensor_meta", None)
     if loaders is not None:
-        from .train import evaluate, finetune
+        from .train import evaluate, finetune, keep_zeros
         train_loader, val_loader = loaders
         program.report["accuracy_before"] = accuracy
         if finetune_epochs > 0:
             program.report["accuracy_pruned"] = evaluate(program.gm, val_loader)
+            masks = program.options.get("weight_masks")
+            on_step = keep_zeros(masks) if masks else None
             history = finetune(program.gm, train_loader, epochs=finetune_epochs, lr=lr, teacher=teacher,
                                kd_weight=kd_weight, temperature=temperature, seed=seed,
-                               checkpoint_dir=checkpoint_dir, progress=progress)
+                               checkpoint_dir=checkpoint_dir, progress=progress, on_step=on_step)
             from .distributed import world_size
             program.report["finetune"] = {"epochs": finetune_epochs, "lr": lr, "distill": teacher is not None,
                                           "seed": seed, "world_size": world_size(), **history}
@@ -101,7 +113,6 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs: int, distill: bool, seed: int,
                  lr: float, batch_size: int, calibration_size: int):
     """Loaders and calibration batch into program.options (before any pass), the teacher, accuracy before."""
-    from .errors import VitccError
     if finetune_epochs < 0:
         raise VitccError(f"finetune epochs must be >= 0, got {finetune_epochs}")
     if data is None:

@@ -65,6 +65,9 @@ def compile_cmd(
     batch_size: int = typer.Option(64, "--batch-size", help="batch size for fine-tuning and evaluation"),
     seed: int = typer.Option(0, "--seed", help="random init, data order and training: same seed, same result"),
     no_distill: bool = typer.Option(False, "--no-distill", help="fine-tune without distilling from the unpruned model"),
+    sparsity_epochs: Optional[int] = typer.Option(None, "--sparsity-epochs", help="epochs of the sparsity-training "
+                                                  "phase of gohsp (stage 2, default 0) and vtp (gates, default 1); "
+                                                  "needs --data"),
     mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean, e.g. 0.5,0.5,0.5 (default: the model's)"),
     std: Optional[str] = typer.Option(None, "--std", help="normalisation std, e.g. 0.5,0.5,0.5 (default: the model's)"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="write a checkpoint every epoch here"),
@@ -79,6 +82,10 @@ def compile_cmd(
         raise VitccError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     if finetune_epochs > 0 and data is None:
         raise VitccError("--finetune-epochs needs --data (an image folder with train/ and val/, mnist5k or digits)")
+    if sparsity_epochs is not None and sparsity_epochs < 0:
+        raise VitccError(f"--sparsity-epochs must be >= 0, got {sparsity_epochs}")
+    if sparsity_epochs and data is None:
+        raise VitccError("--sparsity-epochs needs --data (an image folder with train/ and val/, mnist5k or digits)")
     _outputs_ok(model, output, onnx, report)
     init_distributed()  # under torchrun: one process group for fine-tuning, only rank 0 prints and writes
     torch.manual_seed(seed)  # a timm: model's random init is the same on every rank and every run
@@ -97,7 +104,8 @@ def compile_cmd(
         result = api.compile(m, passes, sparsity=sparsity, example_inputs=example, prune=prune, target=target,
                              align=align, verify=not no_verify, on_pass=on_pass, data=loaders,
                              finetune_epochs=finetune_epochs, lr=lr, distill=not no_distill, seed=seed,
-                             batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=True)
+                             batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=True,
+                             sparsity_epochs=sparsity_epochs)
         if onnx is not None and is_main():
             progress.update(task, description="onnx export")
             result.report["onnx"] = export_onnx(result.module, example, onnx)

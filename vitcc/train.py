@@ -264,6 +264,18 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
 
 
 @torch.no_grad()
+def keep_zeros(masks: dict[str, Tensor]) -> Callable[[nn.Module], None]:
+    """`on_step` for `finetune` that re-applies weight masks (parameter name -> bool mask, True = kept)
+    after every optimizer step, so weights pruned by masking stay zero while the rest train."""
+    def hook(model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, m in masks.items():
+            p = params.get(name)
+            if p is not None and p.shape == m.shape:
+                p.mul_(m.to(p.dtype))
+    return hook
+
+
 def evaluate(model: nn.Module, loader: DataLoader) -> dict:
     """Top-1 and top-5 accuracy (fractions in [0, 1]) and the number of images `n`.
 
