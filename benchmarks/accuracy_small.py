@@ -19,7 +19,8 @@ dims and MLP neurons; gohsp (Markov head ranking + ADMM stage), gohsp{ranking=no
 weight norm), dimap (structured, module families), vtp (gates), vtp{scores=norm} (ablation: same trained
 model, norm ranking), lowrank (SVD attention + MLP at half the rate); Torch-Pruning's group magnitude and
 group Taylor (MetaPruner, heads + head dims + MLP, embedding dimension ignored, ratio searched to meet the
-same budget; set up as in benchmarks/compile_time.py). Nothing prunes the residual stream.
+same budget; set up as in benchmarks/compile_time.py; on Swin MLP neurons only, as Torch-Pruning cannot
+prune WindowAttention's heads with its relative-position-bias table). Nothing prunes the residual stream.
 
 Sweeps without fine-tuning (dimap's claims are about one-shot accuracy): structured dimap, dimap with one
 global ranking, LAMP and uniform magnitude at 30/50/70% of the parameters; and the paper as written,
@@ -31,8 +32,9 @@ of 64 training images with labels, `seed`), by a pass inserted after analyze: co
 would also evaluate the unpruned model on every call (the base accuracy is measured once here).
 
 Usage:  python benchmarks/accuracy_small.py [--quick] [--models vit,swin] [--seeds 3] [--no-cache]
-Writes benchmarks/results/accuracy_small.md and .json. `--quick` (about 5 minutes on 2 free cores): the ViT
-matrix at 40% parameters with 1 seed and short base training, and the sweeps at 50%. Trained base models are
+Writes benchmarks/results/accuracy_small.md and .json. `--quick` (under 5 minutes on 2 cores, base models
+included): 1,000 training images (100 per class), short base training, the ViT matrix at 40% parameters
+with 1 seed, and the sweeps at 50%; it writes to benchmarks/results/accuracy_small_quick.*. Trained base models are
 cached under ~/.cache/vitcc/accuracy_small (keyed by model and epochs).
 """
 from __future__ import annotations
@@ -75,7 +77,8 @@ MODELS = {
                                                   depths=(2, 2), num_heads=(3, 6), num_classes=10, in_chans=1)),
 }
 BASE_EPOCHS = {"vit": 30, "swin": 20}
-QUICK_BASE_EPOCHS = {"vit": 5, "swin": 3}
+QUICK_BASE_EPOCHS = {"vit": 16, "swin": 10}
+QUICK_PER_CLASS = 100  # --quick trains (base and fine-tuning) on 1,000 of the 4,000 training images, batch 32
 HM = "heads,head_dim,mlp"
 # label, pipeline (seed substituted), prune kinds (None: the method's own default), ablation of
 METHODS = [
@@ -111,8 +114,21 @@ def make_model(key: str, seed: int = 0) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kw)
 
 
-def base_model(key: str, epochs: int, loaders, use_cache: bool) -> tuple[torch.nn.Module, dict]:
-    path = CACHE / f"{key}_e{epochs}.pt"
+def loaders_for(seed: int, per_class: int | None):
+    """mnist5k (train, val), batch 64; with `per_class`, training uses the first `per_class` images of each
+    class, in batches of 32 (more steps for the short --quick training)."""
+    train, val = make_loaders("mnist5k", (1, 28, 28), batch_size=64, mean=(0.5,), std=(0.5,), seed=seed)
+    if per_class is None:
+        return train, val
+    labels = train.dataset.labels
+    idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(int(labels.max()) + 1)])
+    sub = torch.utils.data.Subset(train.dataset, idx.tolist())
+    return torch.utils.data.DataLoader(sub, batch_size=32, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed)), val
+
+
+def base_model(key: str, epochs: int, loaders, use_cache: bool, per_class: int | None = None) -> tuple[torch.nn.Module, dict]:
+    path = CACHE / (f"{key}_e{epochs}.pt" if per_class is None else f"{key}_e{epochs}_n{per_class}.pt")
     model = make_model(key)
     if use_cache and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -142,12 +158,14 @@ def _tp_vit_attention_forward(self, x, attn_mask=None, is_causal=False):
 
 
 def tp_prune(base, key, importance, target, goal, x, calib) -> torch.nn.Module:
-    """Torch-Pruning MetaPruner at the ratio (bisection) that removes `goal` of params/MACs."""
+    """Torch-Pruning MetaPruner at the ratio (bisection) that removes `goal` of params/MACs.
+
+    ViT: heads, head dims and MLP neurons (timm's Attention forward patched as in compile_time.py).
+    Swin: MLP neurons only: Torch-Pruning has no handling of WindowAttention's relative-position-bias
+    table (indexed by head), so its qkv/proj are ignored, like the patch merging reductions.
+    """
     if tp is None:
         raise RuntimeError("torch-pruning is not installed")
-    if key != "vit":
-        raise RuntimeError("the benchmark's Torch-Pruning setup covers timm's ViT Attention only "
-                           "(Swin's WindowAttention needs head-aware relative-position-bias pruning)")
     from timm.models.vision_transformer import Attention
     measure = (lambda m: count_params(m)) if target == "params" else (lambda m: count_macs(m, (x,)))
     dense = measure(base)
@@ -155,18 +173,23 @@ def tp_prune(base, key, importance, target, goal, x, calib) -> torch.nn.Module:
     def build(ratio):
         m = copy.deepcopy(base).eval()
         attns = [a for a in m.modules() if isinstance(a, Attention)]
-        heads = {}
+        heads, ignored = {}, [m.head.fc if key == "swin" else m.head, m.patch_embed.proj]
         for a in attns:
             a.forward = _tp_vit_attention_forward.__get__(a, type(a))
             a.fused_attn = False
             heads[a.qkv] = a.num_heads
+        for mod in m.modules():
+            if type(mod).__name__ == "WindowAttention":
+                ignored += [mod.qkv, mod.proj]
+            elif type(mod).__name__ == "PatchMerging":
+                ignored.append(mod.reduction)
         imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude"
                else tp.importance.GroupTaylorImportance())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(m, x, importance=imp, pruning_ratio=ratio, global_pruning=False,
-                                          ignored_layers=[m.head, m.patch_embed.proj], num_heads=heads,
-                                          prune_num_heads=True, prune_head_dims=True, head_pruning_ratio=ratio)
+                                          ignored_layers=ignored, num_heads=heads, prune_num_heads=bool(heads),
+                                          prune_head_dims=bool(heads), head_pruning_ratio=ratio)
             if importance == "taylor":
                 m.zero_grad()
                 F.cross_entropy(m(calib[0]), calib[1]).backward()
@@ -185,7 +208,11 @@ def tp_prune(base, key, importance, target, goal, x, calib) -> torch.nn.Module:
             lo = mid
         else:
             hi, best = mid, m
-    return best if best is not None else build(hi)
+    if best is None:
+        most = 1 - measure(build(0.95)) / dense
+        raise RuntimeError(f"Torch-Pruning removes at most {most:.0%} of the {target} of this model "
+                           f"(ratio 0.95 of what it can prune), short of {goal:.0%}")
+    return best
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -369,7 +396,7 @@ def render(meta, base, summ, sweeps, claim_rows) -> str:
              f"{meta['load'][0]} / {meta['load'][1]} (the cores are shared with other work)")
     L.append(f"- versions: torch {meta['torch']}, timm {meta['timm']}, torch-pruning {meta['torch_pruning']}, "
              f"vitcc {meta['vitcc']}")
-    L.append(f"- data: mnist5k (4,000 train / 1,000 val); base recipe AdamW lr 1e-3, wd 0.05, batch 64, cosine, "
+    L.append(f"- data: mnist5k ({meta.get('train_images', 4000):,} train / 1,000 val); base recipe AdamW lr 1e-3, wd 0.05, batch 64, cosine, "
              f"seed 0; fine-tuning after pruning: {meta['ft_epochs']} epoch(s), lr 5e-4, KD from the unpruned "
              f"model (weight 0.5); sparsity training of gohsp/vtp: {meta['sparsity_epochs']} epoch(s); seeds "
              f"{meta['seeds']} (fine-tuning order, random baseline, sparsity training; one base model).")
@@ -444,12 +471,16 @@ def main(argv=None):
                     help="torch threads (1 is fastest on shared cores; 2 on two free cores)")
     ap.add_argument("--methods", default=None, help="comma list of method labels (default: all)")
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--train-per-class", type=int, default=None,
+                    help="train on the first N training images of each class (default: all 400; --quick: 100)")
     ap.add_argument("--base-epochs", type=int, default=None, help="override the base recipe's epochs (smoke tests)")
     ap.add_argument("--sweep", default=None, help="comma list of sparsities for the one-shot sweeps")
-    ap.add_argument("--out", default=str(HERE / "results" / "accuracy_small"))
+    ap.add_argument("--out", default=None, help="output path without suffix (default: results/accuracy_small, "
+                    "or accuracy_small_quick with --quick)")
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="only re-render the markdown (tables and verdicts) from a results JSON of an earlier run")
     args = ap.parse_args(argv)
+    args.out = args.out or str(HERE / "results" / ("accuracy_small_quick" if args.quick else "accuracy_small"))
     if args.render:
         data = json.loads(Path(args.render).read_text())
         meta = data["meta"]
@@ -470,11 +501,12 @@ def main(argv=None):
     matrix_models = ["vit"] if args.quick else models
     levels = [float(v) for v in args.sweep.split(",")] if args.sweep else [0.5] if args.quick else SWEEP
     methods = [m for m in METHODS if args.methods is None or m[0] in args.methods.split(",")]
+    per_class = args.train_per_class or (QUICK_PER_CLASS if args.quick else None)
     base, rows, sweeps, notes = {}, [], [], []
     for key in models:
-        loaders = make_loaders("mnist5k", (1, 28, 28), batch_size=64, mean=(0.5,), std=(0.5,), seed=0)
+        loaders = loaders_for(0, per_class)
         epochs = args.base_epochs or (QUICK_BASE_EPOCHS if args.quick else BASE_EPOCHS)[key]
-        model, info = base_model(key, epochs, loaders, not args.no_cache)
+        model, info = base_model(key, epochs, loaders, not args.no_cache, per_class)
         x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         info.update(params=count_params(model), macs=count_macs(model, (x,)) // 2, top1=evaluate(model, loaders[1])["top1"])
         base[key] = info
@@ -486,21 +518,23 @@ def main(argv=None):
                     if key != "vit" and label in ABLATIONS:
                         continue
                     for seed in seeds:
-                        loaders = make_loaders("mnist5k", (1, 28, 28), batch_size=64, mean=(0.5,), std=(0.5,), seed=seed)
+                        loaders = loaders_for(seed, per_class)
                         rows.append(run_one(args, key, model, loaders, calib, x, label, spec, prune, target, goal, seed))
         sweeps += run_sweep(key, model, loaders, x, levels)
     summ = summarise(rows)
     base_acc = {k: v["top1"] for k, v in base.items()}
     claim_rows = claims(summ, sweeps, base_acc, models)
     if args.quick:
-        notes.append("--quick: short base training, 1 seed, 40% parameters only, sweeps at 50% only; Swin is "
-                     "swept but not fine-tuned. Treat verdicts as a smoke test, not evidence.")
+        notes.append(f"--quick: {QUICK_PER_CLASS} training images per class, short base training, 1 seed, 40% "
+                     "parameters only, sweeps at 50% only; Swin is swept but not fine-tuned. Treat verdicts as a "
+                     "smoke test, not evidence.")
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
             "nproc": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "timm": timm.__version__, "vitcc": vitcc.__version__,
             "torch_pruning": md.version("torch-pruning") if tp is not None else "not installed",
             "ft_epochs": args.ft_epochs, "sparsity_epochs": args.sparsity_epochs, "seeds": seeds,
+            "train_images": len(loaders_for(0, per_class)[0].dataset),
             "wall_minutes": (time.perf_counter() - start) / 60,
             "load": (load0, " ".join(f"{v:.1f}" for v in os.getloadavg())), "notes": notes}
     out = Path(args.out)

@@ -2,14 +2,18 @@
 
 Removing channel i of a group changes the loss by about -sum_{w in slices of i} w * dL/dw (first-order
 Taylor expansion around the current weights, Molchanov et al. 2019, "Importance Estimation for Neural
-Network Pruning"). The score of index i is the absolute value of that sum over every parameter slice the
-group lays on i (all members: a head's q, k, v rows and its proj columns; a residual channel's slices of
-every layer reading or writing the stream), computed per calibration batch and averaged over batches.
+Network Pruning"), summed over every parameter slice the group lays on i (all members: a head's q, k, v
+rows and its proj columns; a residual channel's slices of every layer reading or writing the stream).
+`reduce=abs` (default) scores index i by sum |w * dL/dw| over those weights, the form Torch-Pruning's
+GroupTaylorImportance uses; `reduce=group` by |sum w * dL/dw|, Molchanov's estimate for removing the whole
+group, in which terms of opposite sign cancel. Computed per calibration batch and averaged over batches.
+On mnist5k `reduce=group` kept less accuracy after fine-tuning than random pruning
+(benchmarks/results/accuracy_small.md of 2026-11-25, first run), hence the default.
 
 The loss is cross-entropy against the calibration labels when the data has them (`taylor{target=labels}`,
 the default) or against the unpruned model's own predictions (`taylor{target=pred}`), so it also works
 for data whose classes the model does not know. Options: `batch` (calibration images per backward,
-default 16). Calibration comes from `program.options["calibration"]` (`vitcc.compile(..., data=...)`,
+default 16), `reduce` (abs | group). Calibration comes from `program.options["calibration"]` (`vitcc.compile(..., data=...)`,
 `vitcc compile --data`).
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ def calibration_of(program: Program, method: str) -> tuple[torch.Tensor, torch.T
 
 @register_pass("taylor")
 class Taylor(Pass):
-    """First-order Taylor scores |sum over the group's slices of w * dL/dw|, averaged over calibration batches."""
+    """First-order Taylor scores (sum |w * dL/dw| or |sum w * dL/dw| over a group index's slices), averaged
+    over calibration batches."""
 
     def run(self, program: Program) -> PassResult:
         x, labels = calibration_of(program, "taylor")
@@ -43,6 +48,10 @@ class Taylor(Pass):
         if target not in ("labels", "pred"):
             raise VitccError(f"taylor{{target={target}}}: expected labels or pred")
         use_labels = target == "labels" and labels is not None
+        reduce = str(self.options.get("reduce", "abs"))
+        if reduce not in ("abs", "group"):
+            raise VitccError(f"taylor{{reduce={reduce}}}: expected abs or group")
+        elementwise = reduce == "abs"
         bs = max(1, int(self.options.get("batch", 16)))
         gm = program.gm
         params = dict(gm.named_parameters())
@@ -70,6 +79,8 @@ class Taylor(Pass):
                     loss = F.cross_entropy(logits, yb)
                     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                 wg = {n: (p.detach().double() * g.double()) for (n, p), g in zip(params.items(), grads) if g is not None}
+                if elementwise:
+                    wg = {n: t.abs() for n, t in wg.items()}
                 cache: dict = {}
 
                 def rows(name, t, axis):
@@ -87,5 +98,5 @@ class Taylor(Pass):
             gm.train(was_training)
         for g in program.groups:
             program.scores[g.name] = (totals[g.name] / max(batches, 1)).float()
-        return PassResult(info={"images": len(x), "batches": batches,
+        return PassResult(info={"images": len(x), "batches": batches, "reduce": reduce,
                                 "target": "labels" if use_labels else "pred"})

@@ -30,11 +30,12 @@ def analyzed(model, calibration, labels=None):
     return p
 
 
-def test_scores_one_per_index_and_match_a_hand_computation():
+@pytest.mark.parametrize("reduce", ["abs", "group"])
+def test_scores_one_per_index_and_match_a_hand_computation(reduce):
     model = small_vit()
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
     p = analyzed(model, x, y)
-    make_pass("taylor", {"batch": 8}).run(p)
+    make_pass("taylor", {"batch": 8, "reduce": reduce}).run(p)
     for g in p.groups:
         s = p.scores[g.name]
         assert s.shape == (g.size,) and torch.isfinite(s).all() and (s >= 0).all()
@@ -42,7 +43,10 @@ def test_scores_one_per_index_and_match_a_hand_computation():
     loss = F.cross_entropy(model(x), y)
     fc1, fc2 = model.blocks[1].mlp.fc1, model.blocks[1].mlp.fc2
     g1w, g1b, g2w = torch.autograd.grad(loss, [fc1.weight, fc1.bias, fc2.weight])
-    want = ((fc1.weight * g1w).sum(1) + fc1.bias * g1b + (fc2.weight * g2w).sum(0)).abs()
+    if reduce == "abs":  # sum |w * g| over the neuron's fc1 row, bias and fc2 column
+        want = (fc1.weight * g1w).abs().sum(1) + (fc1.bias * g1b).abs() + (fc2.weight * g2w).abs().sum(0)
+    else:  # |sum w * g|
+        want = ((fc1.weight * g1w).sum(1) + fc1.bias * g1b + (fc2.weight * g2w).sum(0)).abs()
     torch.testing.assert_close(p.scores["blocks.1.mlp.hidden"], want.detach(), rtol=1e-4, atol=1e-7)
     assert all(q.grad is None for q in p.gm.parameters())
 
