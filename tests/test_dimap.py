@@ -12,12 +12,7 @@ from vitcc.passes.dimap import distortion
 HM = "heads,head_dim,mlp"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares 2 cores: oversubscribed OpenMP threads are far slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_distortion_is_share_of_energy_of_larger_weights():
@@ -93,6 +88,19 @@ def test_weight_granularity_masks_weights_and_keeps_shapes():
     # the budget as a fraction of all parameters
     p = vitcc.compile(m, "dimap{granularity=weight}", sparsity=0.3, target="params", example_inputs=(x,))
     assert abs(p.report["weight_sparsity"]["of_all_parameters"] - 0.3) < 2e-3
+
+
+def test_weight_masks_are_exported_to_onnx_as_zeros(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    from vitcc.export import export_onnx
+    x = image()
+    r = vitcc.compile(tiny_vit(), "dimap{granularity=weight}", sparsity=0.5, example_inputs=(x,))
+    res = export_onnx(r.module, (x,), tmp_path / "w.onnx")
+    assert res["max_abs_error"] < 1e-4
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "w.onnx")).graph.initializer]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros >= r.report["weight_sparsity"]["zeros"]  # the masks travel as zeros in the initializers
 
 
 def test_composition_with_gohsp_resolves_the_same_in_either_order():

@@ -16,12 +16,7 @@ from vitcc.passes.gohsp import attention_outputs, head_graph, markov_ranking
 from vitcc.pipeline import make_pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares 2 cores: oversubscribed OpenMP threads are far slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -221,8 +221,7 @@ def test_target_latency_out_of_reach_is_an_error(fake_timings, monkeypatch):
         vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, target="latency", example_inputs=(image(batch=1),))
 
 
-def test_target_latency_measured_for_real_on_a_tiny_model():
-    torch.set_num_threads(1)
+def test_target_latency_measured_for_real_on_a_tiny_model(one_thread):
     r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.02, target="latency", example_inputs=(image(batch=1),))
     lm = r.report["latency_model"]
     assert lm["predicted_reduction"] >= 0.02 and lm["ops_measured"] > 0

@@ -12,12 +12,7 @@ from vitcc.data import make_loaders
 from vitcc.passes.lowrank import break_even, choose_rank, factorise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares 2 cores: oversubscribed OpenMP threads are far slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("rank", [1, 7, 20])

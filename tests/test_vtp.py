@@ -15,12 +15,7 @@ from vitcc.passes.vtp import fold_gates, gate_params, insert_gates
 from vitcc.pipeline import make_pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares 2 cores: oversubscribed OpenMP threads are far slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
