@@ -396,7 +396,7 @@ def render(meta, base, summ, sweeps, claim_rows) -> str:
              f"{meta['load'][0]} / {meta['load'][1]} (the cores are shared with other work)")
     L.append(f"- versions: torch {meta['torch']}, timm {meta['timm']}, torch-pruning {meta['torch_pruning']}, "
              f"vitcc {meta['vitcc']}")
-    L.append(f"- data: mnist5k ({meta.get('train_images', 4000):,} train / 1,000 val); base recipe AdamW lr 1e-3, wd 0.05, batch 64, cosine, "
+    L.append(f"- data: mnist5k ({meta.get('train_images', 4000):,} train / 1,000 val); base recipe AdamW lr 1e-3, wd 0.05, batch {meta.get('batch', 64)}, cosine, "
              f"seed 0; fine-tuning after pruning: {meta['ft_epochs']} epoch(s), lr 5e-4, KD from the unpruned "
              f"model (weight 0.5); sparsity training of gohsp/vtp: {meta['sparsity_epochs']} epoch(s); seeds "
              f"{meta['seeds']} (fine-tuning order, random baseline, sparsity training; one base model).")
@@ -534,7 +534,7 @@ def main(argv=None):
             "timm": timm.__version__, "vitcc": vitcc.__version__,
             "torch_pruning": md.version("torch-pruning") if tp is not None else "not installed",
             "ft_epochs": args.ft_epochs, "sparsity_epochs": args.sparsity_epochs, "seeds": seeds,
-            "train_images": len(loaders_for(0, per_class)[0].dataset),
+            "train_images": len(loaders_for(0, per_class)[0].dataset), "batch": loaders_for(0, per_class)[0].batch_size,
             "wall_minutes": (time.perf_counter() - start) / 60,
             "load": (load0, " ".join(f"{v:.1f}" for v in os.getloadavg())), "notes": notes}
     out = Path(args.out)

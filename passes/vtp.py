@@ -136,7 +136,8 @@ class Vtp(Pass):
             raise VitccError(f"vtp{{scores={self.options['scores']}}}: expected gate or norm")
         epochs = epochs_of(program, self.options, default=1)
         if epochs < 1:
-            raise VitccError("vtp needs at least one epoch of gate sparsity training (vtp{epochs=N} or sparsity_epochs)")
+            raise VitccError("vtp needs at least one epoch of gate sparsity training: vtp{epochs=N} or "
+                             "--sparsity-epochs N")
         rank_groups = set((program.options.get("lowrank") or {}).get("rank_groups", ()))
         groups = [g for g in program.groups if g.prunable and g.kind in GATED_KINDS and g.name not in rank_groups]
         train_loader(program, "vtp", "its gate sparsity training")  # data first: fail before touching the graph

@@ -263,7 +263,6 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
     return history
 
 
-@torch.no_grad()
 def keep_zeros(masks: dict[str, Tensor]) -> Callable[[nn.Module], None]:
     """`on_step` for `finetune` that re-applies weight masks (parameter name -> bool mask, True = kept)
     after every optimizer step, so weights pruned by masking stay zero while the rest train."""
@@ -276,6 +275,7 @@ def keep_zeros(masks: dict[str, Tensor]) -> Callable[[nn.Module], None]:
     return hook
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader) -> dict:
     """Top-1 and top-5 accuracy (fractions in [0, 1]) and the number of images `n`.
 
