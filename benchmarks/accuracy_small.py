@@ -68,6 +68,9 @@ try:
 except Exception:  # not installed: its rows say so
     tp = None
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compile_time import tp_mlp_only_ignored  # noqa: E402  (the Swin setup shared with latency.py)
+
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("VITCC_BENCH_CACHE", Path.home() / ".cache" / "vitcc" / "accuracy_small"))
 MODELS = {
@@ -173,16 +176,11 @@ def tp_prune(base, key, importance, target, goal, x, calib) -> torch.nn.Module:
     def build(ratio):
         m = copy.deepcopy(base).eval()
         attns = [a for a in m.modules() if isinstance(a, Attention)]
-        heads, ignored = {}, [m.head.fc if key == "swin" else m.head, m.patch_embed.proj]
+        heads, ignored = {}, tp_mlp_only_ignored(m) if key == "swin" else [m.head, m.patch_embed.proj]
         for a in attns:
             a.forward = _tp_vit_attention_forward.__get__(a, type(a))
             a.fused_attn = False
             heads[a.qkv] = a.num_heads
-        for mod in m.modules():
-            if type(mod).__name__ == "WindowAttention":
-                ignored += [mod.qkv, mod.proj]
-            elif type(mod).__name__ == "PatchMerging":
-                ignored.append(mod.reduction)
         imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude"
                else tp.importance.GroupTaylorImportance())
         with warnings.catch_warnings():

@@ -185,6 +185,30 @@ def run_tp(model: torch.nn.Module, x: torch.Tensor, sparsity: float, round_to: i
     return out
 
 
+def tp_mlp_only_ignored(model: torch.nn.Module) -> list:
+    """What Torch-Pruning must leave alone to prune a timm Swin with no model code: its relative-position-bias
+    table is indexed by head, which TP does not follow, and its residual pruning breaks the stage norms, so
+    only MLP neurons are pruned (classifier, patch embedding, window attention and patch merging ignored)."""
+    head = model.head.fc if hasattr(model.head, "fc") else model.head
+    ignored = [head, model.patch_embed.proj]
+    for m in model.modules():
+        if type(m).__name__ == "WindowAttention":
+            ignored += [m.qkv, m.proj]
+        elif type(m).__name__ == "PatchMerging":
+            ignored.append(m.reduction)
+    return ignored
+
+
+def tp_mlp_pruner(model: torch.nn.Module, x: torch.Tensor, ratio: float, importance=None):
+    """Torch-Pruning's MetaPruner on MLP neurons only (`tp_mlp_only_ignored`); group magnitude by default."""
+    import warnings
+    imp = importance or tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.pruner.MetaPruner(model, x, importance=imp, pruning_ratio=ratio, global_pruning=False,
+                                    ignored_layers=tp_mlp_only_ignored(model))
+
+
 # --------------------------------------------------------------------------------------- driver
 
 def bench_case(label, name, kwargs, args, repeats) -> dict:

@@ -10,7 +10,8 @@ For DeiT-S, ViT-B and Swin-T (random weights), at 25%, 50% and 75% of MACs remov
   it is the cleaner figure of what the model costs);
 * speed-up = dense / compact, ideal = dense MACs / compact MACs, efficiency = speed-up / ideal;
 * Torch-Pruning (if installed) prunes the same model at the ratio that gives vitcc's widths (its timm
-  ViT setup, benchmarks/compile_time.py::run_tp), timed beside it;
+  ViT setup, benchmarks/compile_time.py::run_tp; on Swin MLP neurons only, the part it can prune there
+  without model code), timed beside it;
 * `--target latency` at 25% and 50% (the per-op latency model of vitcc.latency, eager, batch 1, filled
   from the cache under $VITCC_CACHE or measured during the compile): the measured latency reduction
   against the requested one;
@@ -56,9 +57,9 @@ from vitcc.latency import (interleaved, loadavg, machine_info, onnx_feed, onnx_s
 from vitcc.metrics import count_macs, count_params  # noqa: E402
 
 try:
-    from compile_time import run_tp, tp  # the Torch-Pruning setup for timm ViTs (its own example's)
+    from compile_time import run_tp, tp, tp_mlp_pruner  # Torch-Pruning set up for timm ViTs (its example's)
 except Exception:  # pragma: no cover
-    run_tp, tp = None, None
+    run_tp, tp, tp_mlp_pruner = None, None, None
 
 MODELS = {"deit_s": ("DeiT-S", "deit_small_patch16_224"),
           "vit_b": ("ViT-B", "vit_base_patch16_224"),
@@ -110,10 +111,40 @@ def build_variants(name: str, x: torch.Tensor, args) -> tuple[dict, dict]:
     return mods, info
 
 
+def prune_tp_mlp(name: str, x: torch.Tensor, goal: float, dense_macs: int):
+    """Swin: Torch-Pruning on MLP neurons only (what it can prune without model code), ratio bisected to
+    keep `goal` of the MACs."""
+    lo, hi, tried, best = 0.0, 0.95, [], None
+    for _ in range(8):
+        ratio = (lo + hi) / 2
+        model = _make(name)
+        tp_mlp_pruner(model, x, ratio).step()
+        kept = count_macs(model, (x,)) / dense_macs
+        tried.append((ratio, kept))
+        if best is None or abs(kept - goal) < abs(best[1] - goal):
+            best = (ratio, kept, model)
+        if abs(kept - goal) <= 0.005:
+            break
+        lo, hi = (ratio, hi) if kept > goal else (lo, ratio)
+    ratio, kept, model = best
+    if kept > goal + 0.02:
+        raise RuntimeError(f"Torch-Pruning can prune only the MLP neurons of Swin (no head-aware handling of its "
+                           f"relative-position-bias table); at ratio {ratio:.2f} it keeps {kept:.1%} of the MACs, "
+                           f"short of {goal:.1%}")
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    return model, {"pruning_ratio": ratio, "round_to": None, "params": count_params(model),
+                   "macs": count_macs(model, (x,)), "setup": "MLP neurons only",
+                   "mlp_hidden": model.layers[0].blocks[0].mlp.fc1.out_features, "tried": tried}
+
+
 def prune_tp(name: str, x: torch.Tensor, rep: dict, dense_macs: int, args):
     """Torch-Pruning at the ratio that gives vitcc's residual width; one secant step towards vitcc's MACs."""
     import warnings
     goal = rep["macs_after"] / dense_macs
+    if name.startswith("swin"):
+        return prune_tp_mlp(name, x, goal, dense_macs)
     w = rep["widths"]["residual"]
     ratio = 1 - w["after"] / w["before"]
     tried = []
@@ -634,7 +665,9 @@ def render(data: dict) -> str:
     L.append(f"- vitcc: `vitcc.compile(model, 'magnitude', sparsity=s, target='macs', align={meta['align']})`; "
              "Torch-Pruning: its timm ViT setup (benchmarks/compile_time.py `run_tp`: MetaPruner, "
              f"GroupMagnitudeImportance(p=2), heads and head dims pruned, round_to={meta['tp_round_to']}) at the "
-             "ratio that matches vitcc's MACs (closest of up to 3 tries)")
+             "ratio that matches vitcc's MACs (closest of up to 3 tries); on Swin, where that setup's model does not "
+             "run, MLP neurons only (`tp_mlp_only_ignored`: window attention and patch merging left alone; ratio "
+             "bisected)")
     L.append(f"- timing: all variants of a model in one process, interleaved (each round calls each once, rotating "
              f"order), {meta['warmup']} warm-up rounds, medians over {meta['rounds']} rounds at batch 1 and "
              f"{meta['rounds_large']} at batch 32. **wall** = wall-clock; **cpu** = process CPU time, which leaves "
@@ -697,10 +730,11 @@ def render(data: dict) -> str:
             if "onnx_error" in v:
                 notes.append(f"- {n}: ONNX export failed: `{v['onnx_error']}`")
             if n.startswith("tp-") and "tried" in v:
+                what = (f"{v['setup']}, first block's mlp {v.get('mlp_hidden')}" if v.get("setup") else
+                        f"heads {v.get('heads')}, head dim {v.get('head_dim')}, embed {v.get('embed_dim')}, "
+                        f"mlp {v.get('mlp_hidden')}")
                 notes.append(f"- {n}: Torch-Pruning ratio {v['pruning_ratio']:.4f} (tried "
-                             + ", ".join(f"{r:.4f} -> MACs kept {k:.3f}" for r, k in v["tried"])
-                             + f"); heads {v.get('heads')}, head dim {v.get('head_dim')}, embed {v.get('embed_dim')}, "
-                             f"mlp {v.get('mlp_hidden')}")
+                             + ", ".join(f"{r:.4f} -> MACs kept {k:.3f}" for r, k in v["tried"]) + f"); {what}")
             if n.startswith("vitcc") and "widths" in v:
                 notes.append(f"- {n}: widths " + ", ".join(f"{k} {x['after']}/{x['before']}"
                                                          for k, x in v["widths"].items())
