@@ -22,6 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vitcc: structured pruning for vision transformers, with verified equivalence.")
 console = Console(stderr=True)
 DEFAULT_MODEL = "timm:deit_tiny_patch16_224"
+# Kept widths rounded to multiples of 16: unaligned widths run up to 1.5x slower per FLOP in MKL's GEMMs, and
+# onnxruntime at batch 32 needs 16 where eager PyTorch is content with 8 (benchmarks/results/latency.md).
+DEFAULT_ALIGN = 16
 
 
 def _load(model: str, weights, arch, trust_pickle, input_shape):
@@ -49,8 +52,8 @@ def compile_cmd(
     prune: Optional[str] = typer.Option(None, "--prune", help="group kinds to prune (default: residual,heads,"
                                         "head_dim,mlp, or the kinds the method passes were designed for)"),
     target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
-    align: int = typer.Option(8, "--align", help="round kept widths to multiples of N (8: CPU GEMM and attention "
-                              "kernels run unaligned widths up to 40% slower; benchmarks/results/latency.md)"),
+    align: int = typer.Option(DEFAULT_ALIGN, "--align", help="round kept widths to multiples of N (unaligned widths "
+                              "run up to 1.5x slower per FLOP on CPU; benchmarks/results/latency.md)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
     report: Optional[Path] = typer.Option(None, "--report", help="write a JSON report"),

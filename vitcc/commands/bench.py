@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcc.cli import DEFAULT_MODEL, _load, app
+from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app
 from vitcc.errors import VitccError
 
 
@@ -126,7 +126,7 @@ def bench_cmd(
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="without COMPILED: compile MODEL with this "
                                              "sparsity first"),
     target: str = typer.Option("macs", "--target", help="with --sparsity: channels, params, macs or latency"),
-    align: int = typer.Option(8, "--align", help="with --sparsity: round kept widths to multiples of N"),
+    align: int = typer.Option(DEFAULT_ALIGN, "--align", help="with --sparsity: round kept widths to multiples of N"),
     passes: str = typer.Option("magnitude", "--passes", help="with --sparsity: method passes"),
     batch: str = typer.Option("1", "--batch", help="batch sizes, e.g. 1,32"),
     runtime: str = typer.Option("eager,onnx", "--runtime", help="eager, onnx or both"),

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcc.cli import DEFAULT_MODEL, _load, app
+from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app
 from vitcc.errors import VitccError
 
 
@@ -89,7 +89,7 @@ def _with_keep(program, keep):
 @app.command("profile")
 def profile_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help="timm:NAME, a torch.save'd module (.pt), or a state dict with --arch"),
-    align: int = typer.Option(8, "--align", help="align kept widths as `compile --align` will"),
+    align: int = typer.Option(DEFAULT_ALIGN, "--align", help="align kept widths as `compile --align` will"),
     grid: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", "--grid",
                              help="uniform fractions of every group to remove"),
     prune: str = typer.Option("residual,heads,head_dim,mlp", "--prune", help="group kinds to prune"),
