@@ -45,11 +45,15 @@ class Select(Pass):
         for g in program.groups:
             if g.name not in program.scores:
                 program.scores[g.name] = torch.arange(g.size, 0, -1, dtype=torch.float32)
-        choose = lambda frac: _select(program, frac, kinds, align, scope)
         if target == "channels":
-            program.keep = choose(s)
+            program.keep = _select(program, s, kinds, align, scope)
         elif target in ("params", "macs"):
-            program.keep = _search(program, s, choose, 0 if target == "params" else 1)
+            which = 0 if target == "params" else 1
+            ref = program.options.get("cost_reference")
+            cost = lambda keep: estimate(program, keep)[which]
+            program.keep, how = search_budget(program, s, kinds, align, scope, cost,
+                                              ref[which] if ref is not None else None, target)
+            program.report["selection"] = how
         elif target == "latency":
             from vitcc.latency import select_for_latency  # measures ops missing from the cache
             program.keep, program.report["latency_model"] = select_for_latency(program, s, kinds, align, scope)
@@ -68,22 +72,74 @@ def _kinds(prune) -> set[str]:
     return kinds
 
 
-def _search(program: Program, goal: float, choose, which) -> dict:
-    """Smallest uniform fraction whose cost is at least `goal` below the dense cost. `which`: 0 (params),
-    1 (MACs) of cost.estimate, or a function of a selection by root id (the latency model)."""
-    cost = which if callable(which) else (lambda keep: estimate(program, keep)[which])
-    ref = program.options.get("cost_reference")
-    base = ref[which] if ref is not None and not callable(which) else cost({})
-    lo, hi, best = 0.0, 0.999, choose(0.0)
+def search_budget(program: Program, goal: float, kinds: set[str], align: int, scope: str, cost,
+                  base: float | None = None, what: str = "cost") -> tuple[dict, str]:
+    """Kept indices that remove at least `goal` of `cost` (a function of a selection by root id; measured
+    against `base`, default the dense cost), as little more as the widths allow; and how it was found.
+
+    First the smallest uniform fraction that gets there. Widths move in steps (a block has a handful of
+    heads; widths step by the alignment: a Swin head dim of 32 at align 16 is 32 or 16), so that fraction
+    can overshoot by several points where a kind takes a step; then each set of the kinds that stepped
+    keeps the widths of the largest fraction that fell short, the fraction of the other kinds is searched
+    again, and the closest selection that still reaches the goal wins.
+    """
+    choose = lambda frac: _select(program, frac, kinds, align, scope)
+    if goal <= 0:
+        return choose(0.0), "uniform"
+    base = cost({}) if base is None else base
+    reduction = lambda keep: 1 - cost(_by_root(program, keep)) / base if base > 0 else 0.0
+    most = reduction(choose(0.999))
+    if most < goal:
+        raise VitccError(f"removing {goal:.0%} of the {what} is out of reach: pruning every group of the kinds "
+                         f"{', '.join(sorted(kinds))} to its minimum removes {most:.0%}; ask for less or prune more kinds")
+    best = _search(goal, choose, reduction)
+    how = "uniform"
+    short = choose(_largest_short_of(goal, lambda f: reduction(choose(f))))
+    jumped = [k for k in sorted(kinds) if _kept(program, best, k) < _kept(program, short, k)]
+    for held in _subsets(jumped):
+        if len(held) == len(kinds):
+            continue
+        kept = {n: v for n, v in short.items() if program.group(n).kind in held}
+        rest = lambda frac, held=held, kept=kept: {**_select(program, frac, kinds - set(held), align, scope), **kept}
+        if reduction(rest(0.999)) < goal:
+            continue
+        alt = _search(goal, rest, reduction)
+        if goal <= reduction(alt) < reduction(best):
+            best, how = alt, f"{' and '.join(held)} of a smaller fraction, other kinds searched again"
+    return best, how
+
+
+def _search(goal: float, choose, reduction) -> dict:
+    """The selection of the smallest uniform fraction whose reduction reaches `goal` (bisection)."""
+    lo, hi, best = 0.0, 0.999, choose(0.999)
     for _ in range(30):
         mid = (lo + hi) / 2
         keep = choose(mid)
-        reduction = 1 - cost(_by_root(program, keep)) / (base if base > 0 else 1)
-        if reduction < goal:
+        if reduction(keep) < goal:
             lo = mid
         else:
             hi, best = mid, keep
-    return best if goal > 0 else choose(0.0)
+    return best
+
+
+def _largest_short_of(goal: float, reduction_at) -> float:
+    lo, hi = 0.0, 0.999
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if reduction_at(mid) < goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _kept(program: Program, keep: dict, kind: str) -> int:
+    return sum(len(keep.get(g.name, range(g.size))) for g in program.groups if g.kind == kind)
+
+
+def _subsets(items: list) -> list[tuple]:
+    from itertools import combinations
+    return [c for r in range(1, len(items) + 1) for c in combinations(items, r)]
 
 
 def _by_root(program: Program, keep: dict) -> dict:

@@ -46,3 +46,16 @@ def test_bad_budget_is_a_clear_error():
         selected(sparsity=1.5)
     with pytest.raises(VitccError, match="unknown group kind"):
         selected(sparsity=0.5, prune="tokens")
+
+
+def test_macs_target_does_not_overshoot_on_a_coarse_head_dim_step():
+    # head dim 32 at align 16 can only be 32 or 16: the uniform fraction that reaches 50% of the MACs
+    # halves every head dim and overshoots (to 53%); the search keeps the head dims and prunes the rest further
+    import vitcc
+    from conftest import image, tiny_vit
+    r = vitcc.compile(tiny_vit(embed_dim=192, num_heads=6, depth=2), "magnitude", sparsity=0.5, target="macs",
+                      align=16, example_inputs=(image(),))
+    removed = 1 - r.report["macs_after"] / r.report["macs_before"]
+    assert 0.5 <= removed < 0.52, removed
+    assert "searched again" in r.report["selection"]
+    assert r.report["max_abs_error"] < 1e-4

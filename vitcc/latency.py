@@ -641,44 +641,20 @@ def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str,
 # ------------------------------------------------------------------------------- --target latency
 
 def select_for_latency(program: Program, goal: float, kinds: set, align: int, scope: str) -> tuple[dict, dict]:
-    """Kept indices that remove at least ``goal`` of the predicted latency, as little more as the widths allow.
-
-    First select's `_search` finds the smallest uniform fraction that gets there. Heads and head dims
-    come in coarse steps (a block has a handful of heads; head dims step by the alignment), so that
-    fraction can overshoot by several points where one of them takes a step; then those kinds keep the
-    widths of the largest fraction that fell short, the fraction of the other kinds is searched again,
-    and the closest selection that still reaches the goal wins.
-    """
+    """Kept indices that remove at least ``goal`` of the predicted latency (select's `search_budget` on the
+    per-op latency model), and what the model predicted."""
     from vitcc.errors import VitccError
-    from vitcc.passes.select import _by_root, _search, _select
+    from vitcc.passes.select import _by_root, _select, search_budget
 
     model = LatencyModel(program)
-    choose = lambda frac: _select(program, frac, kinds, align, scope)
     base = model.predict({})
-    reduction = lambda keep: 1 - model.predict(_by_root(program, keep)) / base if base > 0 else 0.0
-    most = reduction(choose(0.999))
+    most = 1 - model.predict(_by_root(program, _select(program, 0.999, kinds, align, scope))) / base if base > 0 else 0.0
     if goal > 0 and most < goal:
         model.save()
         raise VitccError(f"--target latency: removing {goal:.0%} of the latency is out of reach; pruning every "
                          f"group to its minimum removes {most:.0%} (of {base:.3g} ms predicted, "
                          f"{model.overhead_ms:.3g} ms do not shrink with widths)")
-    keep = _search(program, goal, choose, model.predict)
-    best, how = keep, "uniform"
-    if goal > 0:
-        short = choose(_largest_short_of(goal, lambda f: reduction(choose(f))))
-        # kinds whose widths move in coarse steps and took one between the two fractions
-        jumped = [k for k in COARSE_KINDS if k in kinds and _kept(program, keep, k) < _kept(program, short, k)]
-        for held in _subsets(jumped):
-            if len(held) == len(kinds):
-                continue
-            kept = {n: v for n, v in short.items() if program.group(n).kind in held}
-            rest = lambda frac, held=held, kept=kept: {**_select(program, frac, kinds - set(held), align, scope),
-                                                       **kept}
-            if reduction(rest(0.999)) < goal:
-                continue
-            alt = _search(program, goal, rest, model.predict)
-            if goal <= reduction(alt) < reduction(best):
-                best, how = alt, f"{' and '.join(held)} of a smaller fraction, other kinds searched again"
+    best, how = search_budget(program, goal, kinds, align, scope, model.predict, base, "latency")
     after = model.predict(_by_root(program, best))
     model.save()
     return best, {"predicted_ms_before": base, "predicted_ms_after": after,
@@ -686,26 +662,3 @@ def select_for_latency(program: Program, goal: float, kinds: set, align: int, sc
                   "overhead_ms": model.overhead_ms, "ops_measured": model.table.measured,
                   "cache": str(model.table.path), "threads": model.table.info["threads"], "clock": model.clock,
                   "input_shapes": [list(getattr(x, "shape", ())) for x in program.example_inputs]}
-
-
-COARSE_KINDS = ("heads", "head_dim")  # a block has a handful of heads; head dims step by --align
-
-
-def _kept(program: Program, keep: dict, kind: str) -> int:
-    return sum(len(keep.get(g.name, range(g.size))) for g in program.groups if g.kind == kind)
-
-
-def _subsets(items: list) -> list[tuple]:
-    from itertools import combinations
-    return [c for r in range(1, len(items) + 1) for c in combinations(items, r)]
-
-
-def _largest_short_of(goal: float, reduction_at: Callable[[float], float]) -> float:
-    lo, hi = 0.0, 0.999
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if reduction_at(mid) < goal:
-            lo = mid
-        else:
-            hi = mid
-    return lo
