@@ -92,9 +92,8 @@ def search_budget(program: Program, goal: float, kinds: set[str], align: int, sc
     if most < goal:
         raise VitccError(f"removing {goal:.0%} of the {what} is out of reach: pruning every group of the kinds "
                          f"{', '.join(sorted(kinds))} to its minimum removes {most:.0%}; ask for less or prune more kinds")
-    best = _search(goal, choose, reduction)
-    how = "uniform"
-    short = choose(_largest_short_of(goal, lambda f: reduction(choose(f))))
+    lo, hi = _bisect(goal, lambda frac: reduction(choose(frac)))
+    best, short, how = choose(hi), choose(lo), "uniform"
     jumped = [k for k in sorted(kinds) if _kept(program, best, k) < _kept(program, short, k)]
     for held in _subsets(jumped):
         if len(held) == len(kinds):
@@ -103,26 +102,14 @@ def search_budget(program: Program, goal: float, kinds: set[str], align: int, sc
         rest = lambda frac, held=held, kept=kept: {**_select(program, frac, kinds - set(held), align, scope), **kept}
         if reduction(rest(0.999)) < goal:
             continue
-        alt = _search(goal, rest, reduction)
+        alt = rest(_bisect(goal, lambda frac: reduction(rest(frac)))[1])
         if goal <= reduction(alt) < reduction(best):
             best, how = alt, f"{' and '.join(held)} of a smaller fraction, other kinds searched again"
     return best, how
 
 
-def _search(goal: float, choose, reduction) -> dict:
-    """The selection of the smallest uniform fraction whose reduction reaches `goal` (bisection)."""
-    lo, hi, best = 0.0, 0.999, choose(0.999)
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        keep = choose(mid)
-        if reduction(keep) < goal:
-            lo = mid
-        else:
-            hi, best = mid, keep
-    return best
-
-
-def _largest_short_of(goal: float, reduction_at) -> float:
+def _bisect(goal: float, reduction_at) -> tuple[float, float]:
+    """Uniform fractions lo < hi, 1e-9 apart, with reduction_at(lo) < goal <= reduction_at(hi)."""
     lo, hi = 0.0, 0.999
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -130,7 +117,7 @@ def _largest_short_of(goal: float, reduction_at) -> float:
             lo = mid
         else:
             hi = mid
-    return lo
+    return lo, hi
 
 
 def _kept(program: Program, keep: dict, kind: str) -> int:
