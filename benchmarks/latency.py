@@ -619,7 +619,7 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    Swin-T asked for 50% of MACs lost 56% at align 16 (every head dim halved).
 5. **Noise.** The machine is shared (see the load averages); wall-clock medians of interleaved runs
    still move by a few points between runs when the load is high, the CPU-time figures much less.
-6. **Why Swin-T at 50% of MACs stays near 87-90% of the ideal while DeiT-S and ViT-B reach 94-98%**
+6. **Why Swin-T at 50% of MACs stays near 88-92% of the ideal while DeiT-S and ViT-B reach 94-104%**
    (the breakdown tables above, eager, batch 1). Nothing in the compact graphs is extra: per aten op the
    compact graph makes exactly the calls of the traced dense graph (dense-fx), DeiT-S keeps its 12 fused
    SDPA calls, and Swin's window attention is unfused in the dense timm model too (timm sets

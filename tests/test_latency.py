@@ -198,7 +198,7 @@ def test_target_latency_matches_macs_when_time_is_proportional_to_macs(fake_timi
     macs = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.4, target="macs", example_inputs=(image(batch=1),))
     a, b = lat.report["widths"], macs.report["widths"]
     assert abs(a["residual"]["after"] - b["residual"]["after"]) <= 2
-    assert abs(a["mlp"]["after"] - b["mlp"]["after"]) <= 2 * 8
+    assert abs(a["mlp"]["after"] - b["mlp"]["after"]) <= 0.05 * b["mlp"]["before"]  # the step-aware refinement
     assert lat.report["macs_after"] == pytest.approx(macs.report["macs_after"], rel=0.05)
 
 
