@@ -78,6 +78,23 @@ def _err(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------- variants
 
+def compile_variant(dense, x, s: float, target: str, args, mods: dict, info: dict, key: str):
+    """vitcc's magnitude compile of `dense` into mods[key] / info[key]; the error in info[key] on failure."""
+    t0 = time.perf_counter()
+    try:
+        r = vitcc.compile(dense, "magnitude", sparsity=s, target=target, align=args.align, example_inputs=(x,))
+    except Exception as e:
+        info[key] = {"error": _err(e), "sparsity": s}
+        traceback.print_exc()
+        return None
+    mods[key] = r.module.eval()
+    rep = r.report
+    info[key] = {"sparsity": s, "target": target, "align": args.align, "params": rep["params_after"],
+                 "macs": rep["macs_after"], "widths": rep["widths"], "max_abs_error": rep.get("max_abs_error"),
+                 "compile_s": time.perf_counter() - t0}
+    return r
+
+
 def build_variants(name: str, x: torch.Tensor, args) -> tuple[dict, dict]:
     """name -> module, and name -> info (params, MACs, how it was built, errors)."""
     dense = _make(name)
@@ -85,17 +102,10 @@ def build_variants(name: str, x: torch.Tensor, args) -> tuple[dict, dict]:
     for s in args.sparsities:
         key = f"vitcc-{int(s * 100)}"
         t0 = time.perf_counter()
-        try:
-            r = vitcc.compile(dense, "magnitude", sparsity=s, target="macs", align=args.align, example_inputs=(x,))
-        except Exception as e:
-            info[key] = {"error": _err(e), "sparsity": s}
-            traceback.print_exc()
+        r = compile_variant(dense, x, s, "macs", args, mods, info, key)
+        if r is None:
             continue
-        mods[key] = r.module.eval()
         rep = r.report
-        info[key] = {"sparsity": s, "target": "macs", "align": args.align, "params": rep["params_after"],
-                     "macs": rep["macs_after"], "widths": rep["widths"], "max_abs_error": rep.get("max_abs_error"),
-                     "compile_s": time.perf_counter() - t0}
         print(f"  {key}: MACs kept {rep['macs_after'] / rep['macs_before']:.3f}, widths "
               f"{ {k: v['after'] for k, v in rep['widths'].items()} }, {time.perf_counter() - t0:.1f}s", flush=True)
         if args.tp and run_tp is not None:
@@ -312,18 +322,11 @@ def latency_targets(key: str, args) -> dict:
     for s in args.latency_targets:
         k = f"latency-{int(s * 100)}"
         t0 = time.perf_counter()
-        try:
-            r = vitcc.compile(dense, "magnitude", sparsity=s, target="latency", align=args.align,
-                              example_inputs=(x,))
-        except Exception as e:
-            info[k] = {"error": _err(e), "sparsity": s}
-            traceback.print_exc()
+        r = compile_variant(dense, x, s, "latency", args, mods, info, k)
+        if r is None:
             continue
-        mods[k] = r.module.eval()
         rep = r.report
-        info[k] = {"sparsity": s, "target": "latency", "align": args.align, "params": rep["params_after"],
-                   "macs": rep["macs_after"], "widths": rep["widths"], "latency_model": rep["latency_model"],
-                   "max_abs_error": rep.get("max_abs_error"), "compile_s": time.perf_counter() - t0}
+        info[k]["latency_model"] = rep["latency_model"]
         print(f"  {k}: predicted reduction {rep['latency_model']['predicted_reduction']:.3f}, MACs kept "
               f"{rep['macs_after'] / rep['macs_before']:.3f}, {rep['latency_model']['ops_measured']} ops measured, "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
