@@ -1,6 +1,6 @@
 """fold: a branch left with no channels becomes the constant it computes.
 
-A Linear whose input width was pruned to zero outputs its bias (an attention block with no heads left
+A linear whose input width was pruned to zero outputs its bias (an attention block with no heads left
 is its projection bias; an MLP with no neurons is fc2's bias). Ops on constants only are then evaluated
 once and stored, so dce can drop the whole branch. Each fold is checked by running the graph.
 """
@@ -10,39 +10,52 @@ import copy
 
 import torch
 import torch.fx as fx
-from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, register_pass
 
-_PASSTHROUGH = (nn.Identity, nn.Dropout)
+aten = torch.ops.aten
 
 
 @register_pass("fold", kind="structural")
 class Fold(Pass):
     def run(self, program: Program) -> PassResult:
         gm = program.gm
-        empty = [n for n in gm.graph.nodes if n.op == "call_module"
-                 and isinstance(gm.get_submodule(n.target), nn.Linear)
-                 and gm.get_submodule(n.target).in_features == 0]
+        empty = [n for n in gm.graph.nodes if n.target is aten.linear.default
+                 and n.args[1].op == "get_attr" and _attr(gm, n.args[1].target).shape[1] == 0]
         if not empty:
             return PassResult(modified=False)
         backup = copy.deepcopy(gm)
         with torch.no_grad():
             ref = gm(*program.example_inputs)
         for i, node in enumerate(empty):
-            mod = gm.get_submodule(node.target)
-            bias = mod.bias if mod.bias is not None else torch.zeros(mod.out_features)
+            weight = _attr(gm, node.args[1].target)
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            bias = _attr(gm, b.target) if b is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
             _replace_with_constant(gm, node, bias.detach(), f"_vitcc_folded_{i}")
         _fold_constants(gm)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         with torch.no_grad():
             out = gm(*program.example_inputs)
-        if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+        if not _same(out, ref):
             program.gm = backup  # the constant did not broadcast like the branch did: keep the branch
             return PassResult(modified=False, info={"reverted": True})
         return PassResult(info={"folded": len(empty)})
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _same(a, b) -> bool:
+    la, lb = tree_leaves(a), tree_leaves(b)
+    return len(la) == len(lb) and all(
+        torch.allclose(x, y, rtol=1e-5, atol=1e-5) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb))
 
 
 def _replace_with_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, name: str) -> None:
@@ -61,11 +74,7 @@ def _fold_constants(gm: fx.GraphModule) -> None:
         changed = False
         for node in list(gm.graph.nodes):
             ins = node.all_input_nodes
-            if node.op not in ("call_function", "call_method", "call_module") or not ins:
-                continue
-            if not all(i.op == "get_attr" for i in ins):
-                continue
-            if node.op == "call_module" and not isinstance(gm.get_submodule(node.target), _PASSTHROUGH):
+            if node.op != "call_function" or not ins or not all(i.op == "get_attr" for i in ins):
                 continue
             interp = fx.Interpreter(gm)
             for i in ins:

@@ -6,9 +6,8 @@ import torch
 import torch.fx as fx
 from safetensors.torch import save_file
 
-from vitcc import frontend
 from vitcc.errors import VerificationError, VitccError
-from vitcc.frontend import input_shape_for, load_model, register_leaf_module, trace
+from vitcc.frontend import input_shape_for, load_model
 
 
 def tiny_vit():
@@ -194,88 +193,3 @@ def test_input_shape(deit):
         input_shape_for(plain)
     plain.vitcc_input_shape = (1, 4)
     assert input_shape_for(plain) == (1, 4)
-
-
-# ---------------------------------------------------------------- tracing
-def test_trace_matches_eager_and_round_trips(tmp_path):
-    m = tiny_vit()
-    x = torch.randn(input_shape_for(m))
-    gm = trace(m, (x,))
-    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
-    # ShapeProp gives tensor_meta to every tensor-valued node (x.shape, asserts etc. only get meta["type"])
-    assert all("tensor_meta" in n.meta for n in gm.graph.nodes
-               if n.op != "output" and issubclass(n.meta["type"], torch.Tensor))
-    assert gm.graph.find_nodes(op="placeholder")[0].meta["tensor_meta"].shape == (1, 3, 32, 32)
-    assert gm.meta["source_class"] == "VisionTransformer"
-    assert gm.meta["pretrained_cfg"]["architecture"] == "vit_tiny_patch16_224"
-    assert torch.allclose(gm(x), m(x))
-    torch.save(gm, tmp_path / "gm.pt")
-    gm2 = load_model(str(tmp_path / "gm.pt"))
-    assert isinstance(gm2, fx.GraphModule) and gm2.meta["source_class"] == "VisionTransformer"
-    assert input_shape_for(gm2) == (1, 3, 32, 32)
-    gm3 = trace(gm2, (x,))
-    assert torch.allclose(gm3(x), m(x)) and gm3.meta["source_class"] == "VisionTransformer"
-
-
-def test_trace_swin_uses_timm_notrace_functions(tmp_path):
-    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1),
-                          embed_dim=24, num_heads=(1, 1, 1, 1)).eval()
-    x = torch.randn(1, 3, 224, 224)
-    gm = trace(m, (x,))
-    assert torch.allclose(gm(x), m(x), atol=1e-5)
-    torch.save(gm, tmp_path / "gm.pt")
-    assert torch.allclose(load_model(str(tmp_path / "gm.pt"))(x), m(x), atol=1e-5)
-
-
-class Gate(torch.nn.Module):
-    def forward(self, x):
-        if x.sum() > 0:
-            return x * 2
-        return x
-
-
-class Gated(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(4, 4)
-        self.gate = Gate()
-
-    def forward(self, x):
-        return self.gate(self.proj(x))
-
-
-def test_untraceable_model_names_the_module():
-    m, x = Gated().eval(), torch.randn(2, 4)
-    with pytest.raises(VitccError, match=r"cannot trace Gated: .*in module 'gate'.*register_leaf_module\(Gate\)"):
-        trace(m, (x,))
-    register_leaf_module(Gate)
-    try:
-        gm = trace(m, (x,))
-        assert torch.equal(gm(x), m(x)) and any(n.target == "gate" for n in gm.graph.nodes)
-    finally:
-        frontend._leaf_modules.discard(Gate)
-
-
-def clamp_if_positive(x):
-    return x.clamp(max=1) if x.sum() > 0 else x
-
-
-class UsesHelper(torch.nn.Module):
-    def forward(self, x):
-        return clamp_if_positive(x * 3)
-
-
-def test_register_leaf_function_traces_and_reloads(tmp_path):
-    m, x = UsesHelper(), torch.randn(2, 4).abs()
-    with pytest.raises(VitccError, match="cannot trace UsesHelper"):
-        trace(m, (x,))
-    frontend.register_leaf_function(clamp_if_positive)
-    try:
-        gm = trace(m, (x,))
-        assert any(n.target is clamp_if_positive for n in gm.graph.nodes) and torch.equal(gm(x), m(x))
-        torch.save(gm, tmp_path / "gm.pt")
-        assert torch.equal(load_model(str(tmp_path / "gm.pt"))(x), m(x))
-    finally:
-        frontend._leaf_functions.discard(clamp_if_positive)
-    with pytest.raises(VitccError, match="refusing to import .*clamp_if_positive"):
-        load_model(str(tmp_path / "gm.pt"))

@@ -14,7 +14,7 @@ from conftest import image, tiny_swin
 
 def groups_of(model, size):
     x = image(1, size)
-    return {g.name: g for g in build_groups(analyze(trace(model, (x,)), (x,)))}
+    return {g.name: g for g in build_groups(analyze(trace(model, (x,))))}
 
 
 def members(g):

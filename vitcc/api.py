@@ -13,11 +13,12 @@ import torch.fx as fx
 from torch.utils.data import DataLoader
 
 from .errors import VitccError
-from .frontend import trace
+from .capture import capture, export_program, source_meta, unlift
 from .groups import Group
 from .ir import Program
 from .spaces import find
 from .metrics import count_macs, count_params
+from .ops import OpTable, default_table
 from .pipeline import Insertion, Pass, PassManager, build_pipeline, format_pipeline
 
 
@@ -40,7 +41,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             distill: bool = True, seed: int = 0, batch_size: int = 64, calibration_size: int = 64,
             sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
-            progress: bool = False) -> CompileResult:
+            progress: bool = False, rules: OpTable | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices) instead of scores and a budget.
@@ -56,6 +57,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     `accuracy_after` (top-1/top-5 on val) and the `finetune` history. Weight masks a pass leaves in
     `options["weight_masks"]` (`dimap{granularity=weight}`) are re-applied after every fine-tuning step.
 
+    `rules` is the op table this compile uses (`vitcc.default_table()` plus your `table.rule(...)` additions).
+
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
     """
@@ -64,9 +67,10 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         example_inputs = (torch.randn(input_shape_for(model)),)
     example_inputs = tuple(example_inputs)
     model = model.eval()
-    gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else trace(copy.deepcopy(model), example_inputs)
+    gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else capture(copy.deepcopy(model), example_inputs)
     program = Program(gm=gm, example_inputs=example_inputs,
-                      options={"sparsity": sparsity, "prune": prune, "target": target, "align": align})
+                      options={"sparsity": sparsity, "prune": prune, "target": target, "align": align},
+                      ops=rules.copy() if rules is not None else default_table())
     loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
                                               batch_size, calibration_size)
     if sparsity_epochs is not None:
@@ -184,15 +188,41 @@ def _any_meta(gm: fx.GraphModule) -> dict:
     return {}
 
 
-def save(module: fx.GraphModule, path: str | Path) -> None:
-    """Write atomically: a failed save never leaves a partial file."""
+def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None = None) -> None:
+    """Write atomically: a failed save never leaves a partial file.
+
+    `.pt2` is torch.export.save of the program (a graph as data: loads with `torch.export.load(path).module()`,
+    needs neither vitcc nor unpickling), with a dynamic batch; any other suffix is torch.save of the module.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(module, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export.save wants the .pt2 suffix
+    try:
+        if path.suffix == ".pt2":
+            if example_inputs is None:
+                shape = source_meta(module).get("input_shape")
+                if not shape:
+                    raise VitccError(f"cannot save {path}: pass example_inputs (the model's input shape is unknown)")
+                example_inputs = (torch.randn(tuple(shape)),)
+            was_training = module.training
+            ep, _ = export_program(module.eval(), tuple(example_inputs))
+            module.train(was_training)
+            torch.export.save(ep, tmp)
+        else:
+            torch.save(module, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
-    """Load a compiled model through the safe unpickler (only torch/timm/vitcc classes)."""
+    """Load a compiled model: a `.pt2` program (as a trainable GraphModule), or a `.pt` through the safe
+    unpickler (only torch/timm/vitcc classes)."""
+    if Path(path).suffix == ".pt2":
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as e:
+            raise VitccError(f"cannot read {path}: {(str(e).splitlines() or [type(e).__name__])[0]}; "
+                             "expected a file written by torch.export.save") from None
+        return unlift(ep)
     from .frontend import load_model
     return load_model(str(path), trust_pickle=trust_pickle)

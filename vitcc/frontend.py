@@ -1,4 +1,4 @@
-"""Model frontend: load a model from a spec or file (safely), pick its input shape, trace it to torch.fx."""
+"""Model frontend: load a model from a spec or file (safely) and pick its input shape."""
 from __future__ import annotations
 
 import _compat_pickle, ast, builtins, difflib, enum, inspect, io, json, math, operator, pickle, sys, types
@@ -12,22 +12,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from vitcc.errors import VitccError
 
-__all__ = ["load_model", "input_shape_for", "trace", "register_leaf_module", "register_leaf_function"]
+__all__ = ["load_model", "input_shape_for", "trace"]
 
-_leaf_modules: set[type] = set()
 _leaf_functions: set = set()
-
-
-def register_leaf_module(cls: type) -> type:
-    """Keep instances of `cls` opaque when tracing (e.g. data-dependent control flow). Usable as a decorator."""
-    _leaf_modules.add(cls)
-    return cls
-
-
-def register_leaf_function(fn):
-    """Record calls to `fn` as one graph node instead of tracing into it; also lets saved graphs calling it reload."""
-    _leaf_functions.add(fn)
-    return fn
 
 
 # ---------------------------------------------------------------- safe unpickling
@@ -318,89 +305,13 @@ def input_shape_for(model: torch.nn.Module, override: str | tuple | None = None)
     raise VitccError(f"cannot tell the input shape of {type(model).__name__}; pass --input-shape, e.g. 1,3,224,224")
 
 
-# ---------------------------------------------------------------- tracing
-class VitccTracer(fx.Tracer):
-    """fx tracer with timm's and the user's leaf modules / functions; remembers which module it failed in."""
-
-    def __init__(self):
-        fns = {f for f in timm_fx.get_notrace_functions() if callable(f)} | _leaf_functions
-        super().__init__(autowrap_functions=tuple(fns))
-        self.failed_in = None
-
-    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return (super().is_leaf_module(m, qualname) or timm_fx.is_notrace_module(type(m))
-                or isinstance(m, tuple(_leaf_modules)))
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            self.failed_in = self.failed_in or (self.path_of_module(m), type(m).__name__)
-            raise
-
-
+# ---------------------------------------------------------------- capture
 def _vitcc_meta(model) -> dict:
-    """What an earlier trace recorded about the source model (also after a save/load round trip)."""
-    meta = dict(getattr(model, "vitcc_meta", None) or {})
-    return {**meta, **getattr(model, "meta", {})} if isinstance(model, fx.GraphModule) else meta
-
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
+    from .capture import source_meta
+    return source_meta(model)
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """Trace `model` with its first len(example_inputs) forward parameters as inputs; nodes get tensor_meta."""
-    meta = _vitcc_meta(model)
-    src = meta.get("source_class") or type(model).__name__
-    params = list(inspect.signature(model.forward).parameters.values())
-    concrete = {}
-    for p in params[len(example_inputs):]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.default is p.empty:
-            raise VitccError(f"{src}.forward needs argument {p.name!r}; give one example input per required argument")
-        concrete[p.name] = p.default
-    tracer = VitccTracer()
-    try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-    except Exception as e:
-        where = f"in module {tracer.failed_in[0]!r}" if tracer.failed_in else "in the top-level forward"
-        leaf = tracer.failed_in[1] if tracer.failed_in else "<ClassName>"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise VitccError(f"cannot trace {src}: {first}, {where}; mark it as a leaf with vitcc.frontend."
-                         f"register_leaf_module({leaf}) or timm.layers.register_notrace_module") from None
-    _drop_placeholders(graph, len(example_inputs))
-    gm = fx.GraphModule(model, graph)
-    cfg = getattr(model, "pretrained_cfg", None) or meta.get("pretrained_cfg")
-    meta.update(source_class=src, input_shape=tuple(example_inputs[0].shape) if example_inputs else None)
-    if isinstance(cfg, dict):
-        meta["pretrained_cfg"] = {k: v for k, v in cfg.items() if _jsonable(v)}
-    gm.meta.update(meta)
-    gm.vitcc_meta = meta  # GraphModule pickling drops .meta but keeps plain attributes
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as e:
-        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
-        raise VitccError(f"cannot run {src} on inputs of shape {shapes}: {(str(e).splitlines() or [''])[0]}") from None
-    return gm
-
-
-def _drop_placeholders(graph: fx.Graph, keep: int) -> None:
-    """concrete_args still leave placeholders (and asserts on them) behind: remove them when nothing else uses them."""
-    for ph in [n for n in graph.nodes if n.op == "placeholder"][keep:]:
-        doomed, todo = set(), [ph]
-        while todo:
-            n = todo.pop()
-            doomed.add(n)
-            todo += [u for u in n.users if u not in doomed]
-        if not any(n.op == "output" for n in doomed):
-            for n in reversed(list(graph.nodes)):
-                if n in doomed:
-                    graph.erase_node(n)
-    graph.lint()
+    """Capture `model` with torch.export (see vitcc.capture)."""
+    from .capture import capture
+    return capture(model, example_inputs)

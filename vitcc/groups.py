@@ -42,7 +42,14 @@ def build_groups(c: Coupling) -> list[Group]:
     for copies in c.aliases.values():
         live |= {find(s).id for s in copies}
     found: dict[int, tuple[Space, list[Member]]] = {}
-    for pname, t in c.params.items():
+    first_use = {}
+    for i, n in enumerate(c.gm.graph.nodes):
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                first_use.setdefault(a.target, i)
+    order = sorted(c.params, key=lambda p: first_use.get(p, len(first_use)))
+    for pname in order:  # in the order the graph uses them: stable names, as the model reads
+        t = c.params[pname]
         for axis, ax in enumerate(t):
             for f in ax:
                 for leaf in leaves(f):

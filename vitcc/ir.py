@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .coupling import Coupling
+from .coupling import Coupling, is_ttype, shape_of
 from .groups import Group
+from .ops import OpTable, default_table
 from .spaces import Axis, axis_kept, find, fsize, normalize, spaces_of
 
 
@@ -26,6 +27,7 @@ class Program:
     keep: dict[str, np.ndarray] = field(default_factory=dict)  # group name -> kept indices (sorted)
     options: dict[str, Any] = field(default_factory=dict)  # sparsity, prune kinds, target, align, ...
     report: dict[str, Any] = field(default_factory=dict)
+    ops: OpTable = field(default_factory=default_table)  # this compile's op table (built-ins + user rules)
 
     def __post_init__(self) -> None:
         if self.original is None:
@@ -82,3 +84,26 @@ def axis_mask(axis: Axis, keep: dict[int, np.ndarray], aliases: dict) -> np.ndar
     mask = np.zeros(size, dtype=bool)
     mask[flat] = True
     return mask
+
+
+class CompactShapes:
+    """Compact shapes of a captured graph's nodes under a selection (group-root id -> kept indices), for the
+    op table's MAC counts and latency entries; nodes without a channel type keep their captured shape."""
+
+    def __init__(self, program: Program, keep: dict):
+        self.coupling, self.keep, self.cache = program.coupling, keep, {}
+
+    def axis(self, ax) -> int:
+        return axis_count(ax, self.keep, self.coupling.aliases)
+
+    def node(self, n: Any) -> tuple[int, ...] | None:
+        if not isinstance(n, fx.Node):
+            return None
+        if n.name not in self.cache:
+            orig = shape_of(n)
+            t = self.coupling.types.get(n.name)
+            if orig is not None and is_ttype(t) and len(t) == len(orig):
+                self.cache[n.name] = tuple(self.axis(ax) for ax in t)
+            else:
+                self.cache[n.name] = orig
+        return self.cache[n.name]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import os
 import platform
 import statistics
@@ -27,14 +26,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
-from .coupling import is_ttype, shape_of
-from .ir import Program, axis_count
+from .ir import CompactShapes, Program
+from .ops._timing import TimedOp
 
 __all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyModel", "compact_ops",
            "select_for_latency", "time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok",
@@ -229,221 +226,29 @@ def _read(path: Path, info: dict) -> dict[str, float]:
 
 # -------------------------------------------------------------------------------------- op extraction
 
-_FREE_MODULES = (nn.Identity, nn.Dropout)
-_ACT_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU,
-                nn.ReLU6, nn.Hardsigmoid, nn.Softmax)
-_ELEMENTWISE_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-                      torch.add, torch.sub, torch.mul, torch.div, torch.sigmoid, torch.tanh, torch.exp,
-                      F.gelu, F.relu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.mish, F.elu, F.leaky_relu,
-                      F.relu6, F.hardsigmoid}
-_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "gelu", "relu", "sigmoid", "tanh", "exp",
-                        "sqrt", "rsqrt", "neg", "abs"}
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
-_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
-
-
-class _Op:
-    """One timed op: a cache key, a factory that returns a zero-argument function to time, and the same
-    node's op at its dense shape (None when the shapes are the same)."""
-    __slots__ = ("key", "make", "dense")
-
-    def __init__(self, key: str, make: Callable[[], Callable[[], Any]]):
-        self.key, self.make, self.dense = key, make, None
-
-
-def _s(shape) -> str:
-    return "x".join(str(int(d)) for d in shape)
-
-
-def _rand(shape, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*[int(d) for d in shape], dtype=dtype)
-
-
-def _name(target) -> str:
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-class _Shapes:
-    """Compact shapes of the nodes of a traced graph under a selection (group-root id -> kept indices)."""
-
-    def __init__(self, program: Program, keep: dict):
-        self.c, self.keep, self.cache = program.coupling, keep, {}
-
-    def axis(self, ax) -> int:
-        return axis_count(ax, self.keep, self.c.aliases)
-
-    def node(self, n: Any) -> tuple[int, ...] | None:
-        if not isinstance(n, fx.Node):
-            return None
-        if n.name not in self.cache:
-            orig = shape_of(n)
-            t = self.c.types.get(n.name)
-            if orig is not None and is_ttype(t) and len(t) == len(orig):
-                self.cache[n.name] = tuple(self.axis(ax) for ax in t)
-            else:
-                self.cache[n.name] = orig
-        return self.cache[n.name]
-
-    def param(self, name: str, fallback: tuple) -> tuple[int, ...]:
-        t = self.c.params.get(name)
-        if t is None or len(t) != len(fallback):
-            return tuple(fallback)
-        return tuple(self.axis(ax) for ax in t)
-
-
-def _dtype(n: fx.Node) -> torch.dtype:
-    tm = n.meta.get("tensor_meta")
-    return getattr(tm, "dtype", torch.float32) or torch.float32
-
-
-def compact_ops(program: Program, keep: dict) -> list[_Op]:
-    """The timed ops of the compact model that the selection ``keep`` (root id -> indices) would give."""
+def compact_ops(program: Program, keep: dict) -> list[TimedOp]:
+    """The timed ops of the compact model that the selection ``keep`` (root id -> indices) would give: each
+    node's op table `latency` entry at the compact shapes (and at the dense ones, for the ratio)."""
     gm = program.gm
-    sh, dense = _Shapes(program, keep), (_Shapes(program, {}) if keep else None)
-    modules = dict(gm.named_modules())
-    ops: list[_Op] = []
+    sh, dense = CompactShapes(program, keep), (CompactShapes(program, {}) if keep else None)
+    ops: list[TimedOp] = []
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
+        info = program.ops.get(node.target) if node.op == "call_function" else None
+        if info is None or info.latency is None:
             continue
         out = sh.node(node)
         if out is not None and 0 in out:
             continue  # a branch with no channels left: folded away
         try:
-            op = _op(node, sh, modules)
+            op = info.latency(node, sh)
             if op is not None and dense is not None:
-                d = _op(node, dense, modules)
+                d = info.latency(node, dense)
                 op.dense = d if d is not None and d.key != op.key else None
         except Exception:  # an op shape vitcc cannot reproduce: part of the constant remainder
             op = None
         if op is not None:
             ops.append(op)
     return ops
-
-
-def _op(node: fx.Node, sh: _Shapes, modules: dict) -> _Op | None:
-    mod = modules.get(node.target) if node.op == "call_module" else None
-    if mod is not None:
-        if isinstance(mod, _FREE_MODULES):
-            return None
-        if isinstance(mod, nn.Linear):
-            x = sh.node(node.args[0])
-            w = sh.param(f"{node.target}.weight", mod.weight.shape)
-            return _linear(x, w, mod.bias is not None)
-        if isinstance(mod, nn.Conv2d):
-            x = sh.node(node.args[0])
-            w = sh.param(f"{node.target}.weight", mod.weight.shape)
-            groups = mod.groups
-            if groups > 1 and groups == mod.in_channels == mod.out_channels:
-                groups = w[0]
-            return _conv2d(x, w, mod.bias is not None, mod.stride, mod.padding, mod.dilation, groups)
-        if isinstance(mod, nn.LayerNorm):
-            x = sh.node(node.args[0])
-            return _layer_norm(x, len(mod.normalized_shape), mod.weight is not None, mod.eps)
-        if isinstance(mod, _ACT_MODULES) and not any(True for _ in mod.parameters()):
-            return _elementwise(f"module:{type(mod).__name__}", node, sh, lambda *a: mod(*a))
-        return None
-    t = node.target
-    if t is F.linear:
-        x, w = sh.node(node.args[0]), sh.node(_arg(node, 1, "weight"))
-        return _linear(x, w, _arg(node, 2, "bias") is not None)
-    if t is F.layer_norm:
-        x = sh.node(node.args[0])
-        k = len(_arg(node, 1, "normalized_shape"))
-        return _layer_norm(x, k, _arg(node, 2, "weight") is not None, _arg(node, 4, "eps", 1e-5))
-    if t is F.scaled_dot_product_attention:
-        q, k, v = (sh.node(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
-        mask = _arg(node, 3, "attn_mask")
-        m = sh.node(mask) if isinstance(mask, fx.Node) else None
-        causal = bool(node.kwargs.get("is_causal", False))
-        return _sdpa(q, k, v, m, causal)
-    if t in _MATMULS:
-        a, b = sh.node(node.args[0]), sh.node(node.args[1])
-        if a is None or b is None:
-            return None
-        return _Op(f"matmul|{_s(a)}|{_s(b)}", lambda: _bind(torch.matmul, _rand(a), _rand(b)))
-    if t in _SOFTMAX:
-        x = sh.node(node.args[0])
-        dim = _arg(node, 1, "dim", -1)
-        if x is None or not isinstance(dim, int):
-            return None
-        return _Op(f"softmax|{_s(x)}|{dim}", lambda: _bind(torch.softmax, _rand(x), dim))
-    if t in _ELEMENTWISE_FUNCS:
-        return _elementwise(_name(t), node, sh, t)
-    if node.op == "call_method" and t in _ELEMENTWISE_METHODS:
-        return _elementwise(f"method:{t}", node, sh, lambda self, *a, **k: getattr(self, t)(*a, **k))
-    return None
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _bind(fn, *args, **kwargs) -> Callable[[], Any]:
-    return lambda: fn(*args, **kwargs)
-
-
-def _linear(x, w, bias: bool) -> _Op | None:
-    if x is None or w is None or w[1] == 0 or w[0] == 0:
-        return None
-    m = int(np.prod(x[:-1], dtype=np.int64)) if len(x) > 1 else 1
-    lead = tuple(x[:-1])
-    key = f"linear|{_s(lead)}|{w[1]}|{w[0]}|{int(bias)}"
-    return _Op(key, lambda: _bind(F.linear, _rand((*lead, w[1])), _rand(w), _rand((w[0],)) if bias else None))
-
-
-def _conv2d(x, w, bias, stride, padding, dilation, groups) -> _Op | None:
-    if x is None or len(x) != 4:
-        return None
-    key = f"conv2d|{_s(x)}|{_s(w)}|{int(bias)}|{stride}|{padding}|{dilation}|{groups}"
-    x = (x[0], w[1] * groups, *x[2:])
-    return _Op(key, lambda: _bind(F.conv2d, _rand(x), _rand(w), _rand((w[0],)) if bias else None,
-                                  stride, padding, dilation, groups))
-
-
-def _layer_norm(x, k: int, affine: bool, eps) -> _Op | None:
-    if x is None:
-        return None
-    ns = tuple(x[-k:])
-    key = f"layer_norm|{_s(x)}|{k}|{int(affine)}"
-    return _Op(key, lambda: _bind(F.layer_norm, _rand(x), ns, _rand(ns) if affine else None,
-                                  _rand(ns) if affine else None, float(eps)))
-
-
-def _sdpa(q, k, v, m, causal: bool) -> _Op | None:
-    if q is None or k is None or v is None:
-        return None
-    key = f"sdpa|{_s(q)}|{_s(k)}|{_s(v)}|{_s(m) if m else '-'}|{int(causal)}"
-    return _Op(key, lambda: _bind(F.scaled_dot_product_attention, _rand(q), _rand(k), _rand(v),
-                                  attn_mask=_rand(m) if m else None, is_causal=causal, scale=0.125))
-
-
-def _elementwise(name: str, node: fx.Node, sh: _Shapes, fn) -> _Op | None:
-    args, parts = [], []
-    for a in node.args:
-        if isinstance(a, fx.Node):
-            s = sh.node(a)
-            if s is None:
-                return None  # a Python value computed in the graph (a size), or a tuple: nothing to time
-            args.append(("t", s, _dtype(a)))
-            parts.append(_s(s) or "scalar")
-        elif isinstance(a, (int, float, bool)) or a is None:
-            args.append(("c", a, None))
-            parts.append(repr(a))
-        else:
-            return None
-    if not any(kind == "t" for kind, _, _ in args):
-        return None
-    kwargs = {k: v for k, v in node.kwargs.items()}
-    if any(isinstance(v, fx.Node) for v in kwargs.values()):
-        return None
-    key = f"ew|{name}|{'|'.join(parts)}|{sorted(kwargs.items())!r}"
-
-    def make():
-        vals = [_rand(s, dt) if kind == "t" else s for kind, s, dt in args]
-        return _bind(fn, *vals, **kwargs)
-    return _Op(key, make)
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -497,7 +302,7 @@ class LatencyModel:
             self._ref = _reference()
         return time_ratio(fn, self._ref, clock=self.clock, **kw) * self.ref_ms
 
-    def op_ms(self, op: _Op) -> float:
+    def op_ms(self, op: TimedOp) -> float:
         """An op at its dense shape: timed against the reference GEMM. At a compact shape: timed against
         the same op at its dense shape, right beside it (ops of one kind and size slow down alike when
         the machine is busy, so their ratio is steadier than either time), times the dense op's time."""
@@ -516,7 +321,7 @@ class LatencyModel:
             self.table.measured += 1
         return r * self._absolute_ms(op.dense)
 
-    def _absolute_ms(self, op: _Op) -> float:
+    def _absolute_ms(self, op: TimedOp) -> float:
         ms = self.table.get(op.key)
         if ms is None:
             try:

@@ -17,19 +17,23 @@ import numpy as np
 Factor = Union[int, "Space"]
 Axis = tuple  # tuple[Factor, ...]; the empty tuple is a size-1 axis
 
-_ids = count()
-
-
 @dataclass(eq=False)
 class Space:
+    """Ids come from the counter of the analysis that made the space (`ids`), so they are unique per analysis
+    and no state is shared between compiles."""
     size: int
-    id: int = field(default_factory=lambda: next(_ids))
+    ids: "count" = field(default_factory=count, repr=False)
+    id: int = -1
     parent: "Space | None" = None
     split: tuple[str, list["Space"]] | None = None  # ("product" | "concat", children)
     frozen: str | None = None  # why this class may not be pruned
     fixed: str | None = None  # tied to a fixed dimension: not a channel space at all
     tags: set = field(default_factory=set)
     members: int = 1  # union-find class size
+
+    def __post_init__(self) -> None:
+        if self.id < 0:
+            self.id = next(self.ids)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"S{self.id}[{self.size}]"
@@ -142,13 +146,13 @@ def decompose(s: Space, kind: str, sizes: list[int]) -> list[Space] | None:
         if (kind, k) == ("product", "concat") and len(sizes) == 2 and sizes[0] == len(children) \
                 and all(c.size == sizes[1] for c in children):
             # k stacked equal parts (a q/k/v bias concat) viewed as k x part: the parts share one layout
-            stack = Space(sizes[0])
+            stack = Space(sizes[0], r.ids)
             freeze(stack, "stacked parts", fixed=True)
             for c in children[1:]:
                 union(children[0], c, "stacked parts")
             return [stack, children[0]]
         return None
-    children = [Space(n) for n in sizes]
+    children = [Space(n, r.ids) for n in sizes]
     for c in children:
         c.tags |= {t for t in r.tags if t == "normalized"}
     r.split = (kind, children)

@@ -1,0 +1,114 @@
+"""Capture: torch.export turns any PyTorch model into the aten-level graph every pass works on.
+
+The exported program is unlifted into a plain `torch.fx.GraphModule` (parameters and buffers under their
+state-dict names, reached by get_attr) so passes can slice tensors in place and the result trains
+(`.train()`/`.eval()`) like any module. The batch dimension is exported dynamic, so the compact program
+takes any batch size. Nodes get `tensor_meta` at the example input's shape.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import VitccError
+
+__all__ = ["capture", "export_program", "source_meta", "unlift"]
+
+
+def source_meta(model: Any) -> dict:
+    """What an earlier capture recorded about the source model (survives save/load as a plain attribute)."""
+    meta = dict(getattr(model, "vitcc_meta", None) or {})
+    return {**meta, **getattr(model, "meta", {})} if isinstance(model, fx.GraphModule) else meta
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """nn.MultiheadAttention's fast path is one opaque kernel: capture the composite ops instead."""
+    mha = getattr(torch.backends, "mha", None)
+    before = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(before)
+
+
+def _batched(example_inputs: tuple) -> tuple:
+    """A batch of 2 lets torch.export keep the batch symbolic (a size-1 dimension would be specialised)."""
+    return tuple(x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1
+                 else x for x in example_inputs)
+
+
+def export_program(model: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True):
+    """torch.export.export with a dynamic batch dimension on every tensor input (falling back to static)."""
+    args = _batched(example_inputs) if dynamic_batch else tuple(example_inputs)
+    errors = []
+    for dynamic in ((True, False) if dynamic_batch else (False,)):
+        shapes = tuple({0: torch.export.Dim("batch", min=1, max=1 << 20)} if isinstance(x, torch.Tensor) and x.dim()
+                       else None for x in args) if dynamic else None
+        try:
+            with _no_mha_fastpath(), torch.enable_grad():
+                return torch.export.export(model, args if dynamic else tuple(example_inputs),
+                                           dynamic_shapes=shapes, strict=False), dynamic
+        except Exception as e:  # torch.export explains itself at length: keep its first line
+            errors.append(e)
+    e = errors[-1]
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    raise VitccError(f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: {first[:300]}; "
+                     "make forward free of data-dependent Python control flow on tensor values "
+                     "(see https://pytorch.org/docs/stable/export.html), or pass a model that exports") from None
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """Export `model`, unlift it into a plain GraphModule, and record shapes at `example_inputs`."""
+    meta = source_meta(model)
+    src = meta.get("source_class") or type(model).__name__
+    model = model.eval()
+    ep, dynamic = export_program(model, tuple(example_inputs))
+    gm = unlift(ep)
+    cfg = getattr(model, "pretrained_cfg", None) or meta.get("pretrained_cfg")
+    meta.update(source_class=src, input_shape=tuple(example_inputs[0].shape) if example_inputs else None,
+                dynamic_batch=dynamic)
+    if isinstance(cfg, dict):
+        meta["pretrained_cfg"] = {k: v for k, v in cfg.items() if _jsonable(v)}
+    gm.meta.update(meta)
+    gm.vitcc_meta = meta  # GraphModule pickling drops .meta but keeps plain attributes
+    propagate_shapes(gm, example_inputs, src)
+    return gm
+
+
+def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a plain GraphModule: tensors as attributes, so it slices, trains and saves."""
+    unlifted = ep.module()
+    gm = fx.GraphModule(unlifted, unlifted.graph)
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and not n.users:  # the input guard torch.export inserts
+            gm.graph.erase_node(n)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm.eval()
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, src: str = "the model") -> None:
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
+        raise VitccError(f"cannot run {src} on inputs of shape {shapes}: {(str(e).splitlines() or [''])[0]}") from None
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,139 @@
+"""Indexing ops: select and slice along axes, gathers with index tensors, repeat_interleave, im2col."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitcc.coupling import arg, dim, fixed_type, is_ttype, shape_of
+from vitcc.spaces import axis_size, decompose, freeze, fsize, normalize, spaces_of
+
+from . import Family
+
+aten = torch.ops.aten
+family = Family("indexing")
+
+
+@family.coupling(aten.select)
+def select(a, node: fx.Node) -> Any:
+    """x[i] along an axis: a stacked channel factor (qkv[0]) selects per-index spaces; a fixed axis drops."""
+    x = a.type_of(node.args[0])
+    d = dim(node.args[1], len(x))
+    factors = normalize(x[d])
+    if len(factors) == 1 and not isinstance(factors[0], int):
+        idx = node.args[2]
+        return a.select(node.args[0], x, d, idx + fsize(factors[0]) if idx < 0 else idx)
+    if spaces_of([x[d]]):
+        a.freeze_types([(x[d],)], "index into a channel axis")
+    return tuple(x[:d]) + tuple(x[d + 1:])
+
+
+@family.coupling(aten.slice, aten.narrow)
+def slice_(a, node: fx.Node) -> Any:
+    x = a.type_of(node.args[0])
+    d = dim(arg(node, 1, "dim", 0), len(x))
+    n_in, n_out = shape_of(node.args[0])[d], shape_of(node)[d]
+    if n_in == n_out:
+        return x
+    step = arg(node, 4, "step", 1) if node.target.overloadpacket is aten.slice else 1
+    strided = _strided(a, x[d], node, n_out, step)
+    if strided is not None:
+        return tuple(x[:d]) + (strided,) + tuple(x[d + 1:])
+    if spaces_of([x[d]]):
+        a.freeze_types([(x[d],)], "slice of a channel axis")
+    return tuple(x[:d]) + ((n_out,),) + tuple(x[d + 1:])
+
+
+def _strided(a, ax, node: fx.Node, n_out: int, step: int):
+    """x[..., s::k] of a channel axis is one index of a (n/k, k) product: RoPE's even/odd pairs. The pair
+    factor is fixed, the outer factor stays a channel space shared by every such slice."""
+    start = arg(node, 2, "start", 0) or 0
+    factors = normalize(ax)
+    if node.target.overloadpacket is not aten.slice or step <= 1 or len(factors) != 1 \
+            or isinstance(factors[0], int) or not (0 <= start < step):
+        return None
+    n = fsize(factors[0])
+    if n % step or n_out != n // step:
+        return None
+    parts = decompose(factors[0], "product", [n // step, step])
+    if parts is None:
+        return None
+    freeze(parts[1], a.why("interleaved pair factor"), fixed=True)
+    return (parts[0],)
+
+
+@family.rewrite(aten.slice)
+def rewrite_slice(node: fx.Node, ctx) -> None:
+    """A strided slice of a channel axis that ends at the axis' full size ends at its compact size."""
+    x = ctx.types.get(node.args[0].name)
+    if not is_ttype(x) or len(node.args) < 4 or not isinstance(node.args[3], int):
+        return
+    d = dim(node.args[1], len(x))
+    if ctx.is_channel(x[d]) and node.args[3] >= axis_size(normalize(x[d])):
+        node.args = (*node.args[:3], ctx.size(x[d]), *node.args[4:])
+
+
+@family.coupling(aten.index)
+def index(a, node: fx.Node) -> Any:
+    """Indexing with one tensor along one axis (a relative position table, heads first or last): the
+    gathered axis takes the index tensor's shape and is no channel; the other axes pass through."""
+    x, indices = a.type_of(node.args[0]), list(node.args[1])
+    pos = [k for k, i in enumerate(indices) if i is not None]
+    if len(pos) != 1 or not isinstance(indices[pos[0]], fx.Node):
+        a.freeze_types([x], "advanced indexing with several index tensors")
+        return a.out_type()
+    p = pos[0]
+    for s in spaces_of([x[p]]) + spaces_of(a.type_of(indices[p]) or ()):
+        freeze(s, a.why("gathered axis"), fixed=True)
+    return tuple(x[:p]) + fixed_type(shape_of(indices[p]) or ()) + tuple(x[p + 1:])
+
+
+@family.coupling(aten.index_select)
+def index_select(a, node: fx.Node) -> Any:
+    x = a.type_of(node.args[0])
+    d = dim(node.args[1], len(x))
+    for s in spaces_of([x[d]]):
+        freeze(s, a.why("gathered axis"), fixed=True)
+    return tuple(x[:d]) + ((shape_of(node)[d],),) + tuple(x[d + 1:])
+
+
+@family.coupling(aten.repeat_interleave)
+def repeat_interleave(a, node: fx.Node) -> Any:
+    """Each channel repeated r times in place: the axis becomes (channels, r), r a fixed factor (GQA's
+    shared k/v heads). A repeat count given as a tensor, or no dim, freezes."""
+    x = a.type_of(node.args[0])
+    r, d = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    if not is_ttype(x) or not isinstance(r, int) or d is None:
+        return a.unknown(node, "repeat_interleave without a fixed count and dim")
+    d = dim(d, len(x))
+    return tuple(x[:d]) + (tuple(normalize(x[d])) + ((r,) if r != 1 else ()),) + tuple(x[d + 1:])
+
+
+@family.coupling(aten.im2col)
+def im2col(a, node: fx.Node) -> Any:
+    """F.unfold: (N, C, H, W) -> (N, C*kh*kw, L). Channels pass through as the outer factor."""
+    x = a.type_of(node.args[0])
+    out = shape_of(node)
+    if not is_ttype(x) or len(x) != 4 or out is None:
+        return a.unknown(node)
+    k = out[1] // max(1, axis_size(x[1]))
+    return (x[0], tuple(normalize(x[1])) + ((k,) if k != 1 else ()), (out[2],) if out[2] != 1 else ())
+
+
+@family.coupling(aten.col2im)
+def col2im(a, node: fx.Node) -> Any:
+    """F.fold: (N, C*kh*kw, L) -> (N, C, H, W), the inverse of im2col: C is the outer factor."""
+    x = a.type_of(node.args[0])
+    out = shape_of(node)
+    if not is_ttype(x) or len(x) != 3 or out is None:
+        return a.unknown(node)
+    factors = normalize(x[1])
+    k = axis_size(factors) // max(1, out[1])
+    if k > 1 and factors and isinstance(factors[-1], int) and factors[-1] == k:
+        c = factors[:-1]
+    elif k == 1:
+        c = factors
+    else:
+        return a.unknown(node, "col2im whose channels are not the outer factor")
+    return (x[0], tuple(c)) + fixed_type(tuple(out[2:]))

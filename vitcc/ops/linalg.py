@@ -1,0 +1,188 @@
+"""Linear algebra: linear, convolution, matmul and einsum.
+
+A Linear's input's last axis is tied to its weight's columns and its output's last axis is the weight's
+rows. An activation x activation product is attention: its contracted axis is a head dim and its batch
+axes carry heads. MACs are counted at the compact shapes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitcc.coupling import is_param_node, is_ttype, named_arg, shape_of, tag
+
+from . import Family
+from ._timing import TimedOp, bind, rand, shape_key
+
+aten = torch.ops.aten
+family = Family("linalg")
+
+
+@family.coupling(aten.linear)
+def linear(a, node: fx.Node) -> Any:
+    x, w, b = (a.type_of(named_arg(node, n)) for n in ("input", "weight", "bias"))
+    a.tie(x[-1], w[1], "linear input")
+    if b is not None:
+        a.tie(b[0], w[0], "linear bias")
+    return tuple(x[:-1]) + (w[0],)
+
+
+@family.macs(aten.linear)
+def linear_macs(node: fx.Node, shapes) -> int:
+    return math.prod(shapes.node(node)) * shapes.node(node.args[1])[1]
+
+
+@family.latency(aten.linear)
+def timed_linear(node: fx.Node, shapes) -> TimedOp | None:
+    x, w = shapes.node(node.args[0]), shapes.node(node.args[1])
+    bias = named_arg(node, "bias") is not None
+    if x is None or w is None or 0 in w:
+        return None
+    lead = tuple(x[:-1])
+    key = f"linear|{shape_key(lead)}|{w[1]}|{w[0]}|{int(bias)}"
+    return TimedOp(key, lambda: bind(torch.nn.functional.linear, rand((*lead, w[1])), rand(w),
+                                     rand((w[0],)) if bias else None))
+
+
+CONVS = [aten.conv1d, aten.conv2d, aten.conv3d]
+
+
+@family.coupling(*CONVS)
+def conv(a, node: fx.Node) -> Any:
+    x, w, b = (a.type_of(named_arg(node, n)) for n in ("input", "weight", "bias"))
+    groups = named_arg(node, "groups", 1)
+    out = list(a.out_type())
+    cin, cout = shape_of(node.args[0])[1], shape_of(node.args[1])[0]
+    if groups == 1:
+        a.tie(x[1], w[1], "conv input channels")
+        out[1] = w[0]
+    elif groups == cin == cout:
+        out[1] = a.tie(x[1], w[0], "depthwise conv channels")
+    else:
+        a.freeze_types([x, w], "grouped convolution")
+        return tuple(out)
+    if b is not None:
+        a.tie(b[0], w[0], "conv bias")
+    return tuple(out)
+
+
+@family.rewrite(*CONVS)
+def rewrite_groups(node: fx.Node, ctx) -> None:
+    """A depthwise convolution keeps one group per kept channel."""
+    groups = named_arg(node, "groups", 1)
+    if groups == 1:
+        return
+    kept = ctx.size(ctx.types[node.args[1].name][0])
+    args = list(node.args) + [None] * (7 - len(node.args))
+    defaults = [None, None, None, [1], [0], [1], 1]
+    args = [d if v is None and i >= 3 else v for i, (v, d) in enumerate(zip(args, defaults))]
+    args[6] = kept
+    node.args = tuple(args)
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("stride", "padding", "dilation", "groups")}
+
+
+@family.macs(*CONVS)
+def conv_macs(node: fx.Node, shapes) -> int:
+    return math.prod(shapes.node(node)) * math.prod(shapes.node(node.args[1])[1:])
+
+
+@family.latency(aten.conv2d)
+def timed_conv2d(node: fx.Node, shapes) -> TimedOp | None:
+    x, w = shapes.node(node.args[0]), shapes.node(node.args[1])
+    if x is None or w is None or len(x) != 4:
+        return None
+    bias = named_arg(node, "bias") is not None
+    stride, padding, dilation = (named_arg(node, n, d) for n, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
+    groups = named_arg(node, "groups", 1)
+    if groups > 1 and groups == shape_of(node.args[0])[1]:
+        groups = w[0]
+    key = f"conv2d|{shape_key(x)}|{shape_key(w)}|{int(bias)}|{stride}|{padding}|{dilation}|{groups}"
+    xs = (x[0], w[1] * groups, *x[2:])
+    return TimedOp(key, lambda: bind(torch.nn.functional.conv2d, rand(xs), rand(w), rand((w[0],)) if bias else None,
+                                     stride, padding, dilation, groups))
+
+
+MATMULS = [aten.matmul, aten.bmm, aten.mm]
+
+
+@family.coupling(*MATMULS)
+def matmul(a, node: fx.Node) -> Any:
+    x, y = a.type_of(node.args[0]), a.type_of(node.args[1])
+    if not (is_ttype(x) and is_ttype(y)) or len(x) < 2 or len(y) < 2:
+        return a.unknown(node)
+    a.tie(x[-1], y[-2], "matmul contraction")
+    both_activations = not any(is_param_node(n) for n in node.args[:2])
+    if both_activations:  # attention: contracted channels are head dims, batch axes carry heads
+        tag(x[-1], "head_dim_qk")
+        tag(y[-1], "head_dim_v")
+    batch = a.broadcast([tuple(x[:-2]), tuple(y[:-2])]) if len(x) > 2 or len(y) > 2 else ()
+    if both_activations:
+        for ax in batch:
+            tag(ax, "heads")
+    return tuple(batch) + (x[-2], y[-1])
+
+
+@family.macs(*MATMULS)
+def matmul_macs(node: fx.Node, shapes) -> int:
+    return math.prod(shapes.node(node)) * shapes.node(node.args[0])[-1]
+
+
+@family.latency(*MATMULS)
+def timed_matmul(node: fx.Node, shapes) -> TimedOp | None:
+    x, y = shapes.node(node.args[0]), shapes.node(node.args[1])
+    if x is None or y is None:
+        return None
+    return TimedOp(f"matmul|{shape_key(x)}|{shape_key(y)}", lambda: bind(torch.matmul, rand(x), rand(y)))
+
+
+def _einsum_parts(node: fx.Node):
+    eq = node.args[0].replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    ins = lhs.split(",")
+    if "." in eq or not rhs and "->" not in eq:
+        return None
+    return ins, rhs
+
+
+@family.coupling(aten.einsum)
+def einsum(a, node: fx.Node) -> Any:
+    """The subscripts say it: a letter shared by operands is tied, a letter missing from the output is
+    contracted. Between two activations a contracted letter is a head dim and a kept shared one carries
+    heads, as for matmul. Ellipses and repeated letters within an operand freeze."""
+    parts = _einsum_parts(node)
+    ts = [a.type_of(x) for x in node.args[1]]
+    if parts is None or not all(is_ttype(t_) for t_ in ts) or len(parts[0]) != len(ts) \
+            or any(len(s) != len(t_) or len(set(s)) != len(s) for s, t_ in zip(parts[0], ts)):
+        return a.unknown(node, "einsum with an ellipsis, a repeated index or unknown operands")
+    ins, rhs = parts
+    letters: dict[str, Any] = {}
+    for subs, t_ in zip(ins, ts):
+        for ch, ax in zip(subs, t_):
+            letters[ch] = a.tie(letters[ch], ax, f"einsum index {ch}") if ch in letters else ax
+    if len(ins) == 2 and not any(is_param_node(n) for n in node.args[1]):
+        shared = set(ins[0]) & set(ins[1])
+        contracted = shared - set(rhs)
+        for ch in shared & set(rhs):
+            tag(letters[ch], "heads")
+        for ch in contracted:
+            tag(letters[ch], "head_dim_qk")
+        for ch in set(ins[1]) - set(ins[0]) if contracted else ():
+            tag(letters[ch], "head_dim_v")
+    return tuple(letters[ch] for ch in rhs)
+
+
+@family.macs(aten.einsum)
+def einsum_macs(node: fx.Node, shapes) -> int:
+    parts = _einsum_parts(node)
+    if parts is None:
+        return 0
+    sizes: dict[str, int] = {}
+    for subs, x in zip(parts[0], node.args[1]):
+        s = shapes.node(x)
+        if s is None or len(s) != len(subs):
+            return 0
+        sizes.update(zip(subs, s))
+    return math.prod(sizes.values()) if len(parts[0]) > 1 else 0

@@ -1,0 +1,108 @@
+"""Normalisations. The normalized axis of a layer norm is the residual stream's mark ("normalized").
+
+Masked semantics: a norm whose normalized axes lost channels takes its statistics over the kept channels
+only (divisor: the kept count). Zeroing channels under a full-width norm is not removing them; this rule
+is what makes residual pruning exact.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitcc.coupling import named_arg, tag
+
+from . import Family
+from ._timing import TimedOp, bind, rand, shape_key
+
+aten = torch.ops.aten
+family = Family("norms")
+NORMS = [aten.layer_norm, aten.rms_norm]
+
+
+@family.coupling(*NORMS)
+def layer_norm(a, node: fx.Node) -> Any:
+    x = list(a.type_of(node.args[0]))
+    k = len(node.args[1])
+    params = [a.type_of(named_arg(node, n)) for n in ("weight", "bias")]
+    for i in range(len(x) - k, len(x)):
+        for p in params:
+            if p is not None:
+                x[i] = a.tie(x[i], p[i - len(x)], "norm affine")
+        tag(x[i], "normalized")
+    return tuple(x)
+
+
+@family.rewrite(*NORMS)
+def rewrite_normalized_shape(node: fx.Node, ctx) -> None:
+    x = ctx.types[node.args[0].name]
+    k = len(node.args[1])
+    node.args = (node.args[0], [ctx.size(ax) for ax in x[-k:]]) + tuple(node.args[2:])
+
+
+@family.masked(*NORMS)
+def masked_norm(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
+    """Statistics over the kept channels of the normalized axes."""
+    x, k = args[0], len(args[1])
+    m = interp.mask(node.name, x, range(x.dim() - k, x.dim()))
+    if m is None:
+        return None
+    rms = node.target.overloadpacket is aten.rms_norm
+    names = ("input", "normalized_shape", "weight", "eps") if rms else \
+        ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, args)) | kwargs
+    w, b, eps = bound.get("weight"), bound.get("bias"), bound.get("eps")
+    dims = tuple(range(x.dim() - k, x.dim()))
+    count = m.expand(x.shape).sum(dims, keepdim=True)
+    x = x * m
+    if rms:
+        var = (x * x).sum(dims, keepdim=True) / count
+        y = x * torch.rsqrt(var + (eps if eps is not None else torch.finfo(x.dtype).eps))
+    else:
+        mean = x.sum(dims, keepdim=True) / count
+        xc = (x - mean) * m
+        var = (xc * xc).sum(dims, keepdim=True) / count
+        y = xc * torch.rsqrt(var + (1e-5 if eps is None else eps))
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
+
+@family.latency(aten.layer_norm)
+def timed_layer_norm(node: fx.Node, shapes) -> TimedOp | None:
+    x = shapes.node(node.args[0])
+    if x is None:
+        return None
+    k = len(node.args[1])
+    ns = tuple(x[-k:])
+    affine = named_arg(node, "weight") is not None
+    eps = float(named_arg(node, "eps", 1e-5))
+    key = f"layer_norm|{shape_key(x)}|{k}|{int(affine)}"
+    return TimedOp(key, lambda: bind(torch.nn.functional.layer_norm, rand(x), ns, rand(ns) if affine else None,
+                                     rand(ns) if affine else None, eps))
+
+
+@family.coupling(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten.instance_norm)
+def batch_norm(a, node: fx.Node) -> Any:
+    x = a.type_of(node.args[0])
+    for n in ("weight", "bias", "running_mean", "running_var"):
+        p = a.type_of(named_arg(node, n))
+        if p is not None:
+            a.tie(x[1], p[0], "batchnorm channels")
+    if isinstance(node.meta.get("tensor_meta"), (list, tuple)):
+        return (x,) + tuple(a.out_type()[1:])
+    return x
+
+
+@family.coupling(aten.group_norm)
+def group_norm(a, node: fx.Node) -> Any:
+    x = a.type_of(node.args[0])
+    a.freeze_types([(x[1],)], "group_norm statistics are per group of channels")
+    for n in ("weight", "bias"):
+        p = a.type_of(named_arg(node, n))
+        if p is not None:
+            a.tie(x[1], p[0], "group norm affine")
+    return x

@@ -1,0 +1,82 @@
+"""Reductions, softmax and pooling.
+
+A sum or an Lp norm over a channel axis is exact under masking (removed channels are zeros and add
+nothing), so it is allowed; a mean, max or variance over channels is not and freezes. Softmax over a
+channel axis stays frozen: the removed channels would still take probability mass.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitcc.coupling import dim, fixed_type, is_ttype, named_arg, shape_of
+from vitcc.spaces import spaces_of
+
+from . import Family
+from ._timing import TimedOp, bind, rand, shape_key
+
+aten = torch.ops.aten
+family = Family("reductions")
+
+_ZERO_NEUTRAL = {aten.sum, aten.linalg_vector_norm, aten.norm}
+
+
+@family.coupling(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm,
+                 aten.norm, aten.max, aten.min, aten.logsumexp, aten.prod, aten.any, aten.all, aten.argmax)
+def reduce(a, node: fx.Node) -> Any:
+    x = a.type_of(node.args[0])
+    packet = node.target.overloadpacket
+    dims = named_arg(node, "dim")
+    if not is_ttype(x):
+        return a.unknown(node)
+    if dims is None or dims == []:
+        if spaces_of(x):
+            a.freeze_types([x], "reduction over all axes")
+        return a.out_type()
+    keep = bool(named_arg(node, "keepdim", False))
+    dims = {dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
+    reduced = [x[d] for d in dims]
+    if spaces_of(reduced) and packet not in _ZERO_NEUTRAL:
+        a.freeze_types([tuple(reduced)], f"{packet.__name__} over a channel axis (removed zeros would change it)")
+    out = tuple(() if (i in dims and keep) else ax for i, ax in enumerate(x) if keep or i not in dims)
+    if packet in (aten.max, aten.min) and isinstance(node.meta.get("tensor_meta"), (list, tuple)):
+        return (out, out)  # values and indices
+    return out
+
+
+@family.coupling(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+def softmax(a, node: fx.Node) -> Any:
+    x = a.type_of(node.args[0])
+    d = dim(node.args[1], len(x))
+    if spaces_of([x[d]]):
+        a.freeze_types([(x[d],)], "softmax over a channel axis: removed channels would still take probability "
+                                  "mass, so masking is not removal")
+    return x
+
+
+@family.latency(aten.softmax, aten._softmax)
+def timed_softmax(node: fx.Node, shapes) -> TimedOp | None:
+    x, d = shapes.node(node.args[0]), node.args[1]
+    if x is None or not isinstance(d, int):
+        return None
+    return TimedOp(f"softmax|{shape_key(x)}|{d}", lambda: bind(torch.softmax, rand(x), d))
+
+
+POOLS = [aten.avg_pool1d, aten.avg_pool2d, aten.max_pool1d, aten.max_pool2d, aten.adaptive_avg_pool1d,
+         aten.adaptive_avg_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
+         aten.max_pool2d_with_indices]
+
+
+@family.coupling(*POOLS)
+def pool(a, node: fx.Node) -> Any:
+    """Pooling works per channel (N, C, *spatial): channels pass, spatial axes take the output's sizes."""
+    x = a.type_of(node.args[0])
+    out = shape_of(node)
+    if isinstance(node.meta.get("tensor_meta"), (list, tuple)):
+        out = tuple(node.meta["tensor_meta"][0].shape)
+    if not is_ttype(x) or out is None or len(out) != len(x) or len(x) < 3:
+        return a.unknown(node)
+    res = (x[0] if shape_of(node.args[0])[0] == out[0] else fixed_type((out[0],))[0], x[1]) + fixed_type(out[2:])
+    return (res, res) if isinstance(node.meta.get("tensor_meta"), (list, tuple)) else res
