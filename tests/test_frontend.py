@@ -115,54 +115,7 @@ def test_missing_corrupt_and_unknown(tmp_path):
         load_model("model.onnx")
 
 
-# ---------------------------------------------------------------- pickle safety
-class Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-class EvilGraphModule:
-    """Abuses GraphModule's pickle format, whose forward source is exec'd by torch on load."""
-
-    def __init__(self, code, imports):
-        self.code, self.imports = code, imports
-
-    def __reduce__(self):
-        return (fx.graph_module.reduce_graph_module, ({"_code": self.code}, self.imports))
-
-
-def test_hostile_pickle_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    torch.save({"model": Evil(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(VitccError, match=r"refusing to unpickle (posix|os|nt)\.system .*--trust-pickle"):
-        load_model(str(tmp_path / "evil.pt"))
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("code,imports", [
-    ("def forward(self, x):\n    return x\n", "import os\nos.system('touch {m}')\n"),
-    ("def forward(self, x):\n    return x\n", "from os import system\n"),
-    ("def forward(self, x):\n    torch._utils._import_dotted_name('os').system('touch {m}')\n    return x\n", "import torch\n"),
-    ("def forward(self, x):\n    getattr(torch, 'load')('{m}')\n    return x\n", "import torch\n"),
-    ("def forward(self, x):\n    x.__class__.__init__.__globals__['os'].system('touch {m}')\n    return x\n", ""),
-    ("def forward(self, x):\n    t = torch\n    return x\n", "import torch\n"),
-    ("def forward(self, x):\n    import os\n    return x\n", ""),
-    ("import os\nos.system('touch {m}')\n", ""),
-    ("torch.fx._symbolic_trace.wrap(print('x'))\ndef forward(self, x):\n    return x\n", "import torch\n"),
-    ("def forward(self, x, f=torch.load):\n    return x\n", "import torch\n"),
-    ("def forward(self, x):\n    return torch.ops.load_library('{m}')\n", "import torch\n"),
-])
-def test_hostile_graph_module_code_refused(tmp_path, code, imports):
-    marker = tmp_path / "pwned"
-    torch.save(EvilGraphModule(code.format(m=marker), imports.format(m=marker)), tmp_path / "evil.pt")
-    with pytest.raises(VitccError, match="refusing"):
-        load_model(str(tmp_path / "evil.pt"))
-    assert not marker.exists()
-
-
+# ---------------------------------------------------------------- trust (hostile files: test_hostile_files.py)
 def _make_linear():
     return torch.nn.Linear(2, 3)
 
@@ -209,8 +162,8 @@ def test_trace_matches_eager_and_round_trips(tmp_path):
     assert gm.meta["source_class"] == "VisionTransformer"
     assert gm.meta["pretrained_cfg"]["architecture"] == "vit_tiny_patch16_224"
     assert torch.allclose(gm(x), m(x))
-    torch.save(gm, tmp_path / "gm.pt")
-    gm2 = load_model(str(tmp_path / "gm.pt"))
+    torch.save(gm, tmp_path / "gm.pt")  # a pickled GraphModule carries code: it needs trust
+    gm2 = load_model(str(tmp_path / "gm.pt"), trust_pickle=True)
     assert isinstance(gm2, fx.GraphModule) and gm2.meta["source_class"] == "VisionTransformer"
     assert input_shape_for(gm2) == (1, 3, 32, 32)
     gm3 = trace(gm2, (x,))
@@ -224,7 +177,7 @@ def test_trace_swin_uses_timm_notrace_functions(tmp_path):
     gm = trace(m, (x,))
     assert torch.allclose(gm(x), m(x), atol=1e-5)
     torch.save(gm, tmp_path / "gm.pt")
-    assert torch.allclose(load_model(str(tmp_path / "gm.pt"))(x), m(x), atol=1e-5)
+    assert torch.allclose(load_model(str(tmp_path / "gm.pt"), trust_pickle=True)(x), m(x), atol=1e-5)
 
 
 class Gate(torch.nn.Module):
@@ -274,8 +227,8 @@ def test_register_leaf_function_traces_and_reloads(tmp_path):
         gm = trace(m, (x,))
         assert any(n.target is clamp_if_positive for n in gm.graph.nodes) and torch.equal(gm(x), m(x))
         torch.save(gm, tmp_path / "gm.pt")
-        assert torch.equal(load_model(str(tmp_path / "gm.pt"))(x), m(x))
+        assert torch.equal(load_model(str(tmp_path / "gm.pt"), trust_pickle=True)(x), m(x))
     finally:
         frontend._leaf_functions.discard(clamp_if_positive)
-    with pytest.raises(VitccError, match="refusing to import .*clamp_if_positive"):
+    with pytest.raises(VitccError, match="pickled torch.fx GraphModule.*--trust-pickle.*\.pt2"):
         load_model(str(tmp_path / "gm.pt"))
