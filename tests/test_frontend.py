@@ -230,5 +230,5 @@ def test_register_leaf_function_traces_and_reloads(tmp_path):
         assert torch.equal(load_model(str(tmp_path / "gm.pt"), trust_pickle=True)(x), m(x))
     finally:
         frontend._leaf_functions.discard(clamp_if_positive)
-    with pytest.raises(VitccError, match="pickled torch.fx GraphModule.*--trust-pickle.*\.pt2"):
+    with pytest.raises(VitccError, match=r"pickled torch\.fx GraphModule.*--trust-pickle.*\.pt2"):
         load_model(str(tmp_path / "gm.pt"))
