@@ -30,7 +30,7 @@ from .coupling import is_ttype
 from .errors import VerificationError
 from .ir import Program, axis_mask
 from .masking import MaskedInterpreter
-from .spaces import find, spaces_of
+from .spaces import axis_size, find, spaces_of
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_)
 _ADD_NAMES = ("add", "add_", "__add__", "__iadd__", "iadd")
@@ -78,16 +78,19 @@ def compared_nodes(program: Program) -> list[str]:
     """The internal tensors verify compares, in graph order: the residual stream and its branches.
 
     A residual-stream tensor is the output of an add whose last axis carries a `residual` group (the
-    residual adds, the position-embedding add); its computed inputs are the skip and the branch outputs
-    (attention, MLP, after any layer scale). Chosen from the graph and its types, never from node names,
-    so it holds for fx-traced and torch.export (aten) graphs alike. Parameters and inputs are not
-    compared: they do not depend on the rewrite's arithmetic.
+    residual adds, the position-embedding add), or of an add of two computed tensors of one shape (a
+    skip connection, also where the stream itself is not prunable, as behind torchvision's
+    MultiheadAttention); its computed inputs are the skip and the branch outputs (attention, MLP, after
+    any layer scale). Broadcasting adds (a bias table or mask on attention logits) are not the stream.
+    Chosen from the graph and its types, never from node names, so it holds for fx-traced and
+    torch.export (aten) graphs alike. Parameters and inputs are not compared: they do not depend on the
+    rewrite's arithmetic.
     """
     c = program.coupling
     roots = {find(g.space).id for g in program.groups if g.kind == "residual"}
     chosen: dict[str, None] = {}
     for node in program.original.graph.nodes:
-        if not is_add(node) or not _on_residual(c.types.get(node.name), roots):
+        if not is_add(node) or not (_on_residual(c.types.get(node.name), roots) or _is_skip(node, c.types)):
             continue
         for arg in node.all_input_nodes:
             if arg.op in _COMPUTED and is_ttype(c.types.get(arg.name)):
@@ -98,6 +101,19 @@ def compared_nodes(program: Program) -> list[str]:
 
 def _on_residual(t: Any, roots: set[int]) -> bool:
     return is_ttype(t) and bool(t) and any(find(s).id in roots for s in spaces_of([t[-1]]))
+
+
+def _is_skip(add: fx.Node, types: dict) -> bool:
+    """Two computed operands and the result, all of one shape: the merge of a skip connection."""
+    args = [a for a in add.args if isinstance(a, fx.Node)]
+    if len(args) != 2 or any(a.op not in _COMPUTED for a in args):
+        return False
+    shapes = [_sizes(types.get(n.name)) for n in (*args, add)]
+    return shapes[0] is not None and shapes[0] == shapes[1] == shapes[2]
+
+
+def _sizes(t: Any) -> tuple[int, ...] | None:
+    return tuple(axis_size(a) for a in t) if is_ttype(t) else None
 
 
 def tensor_leaves(obj: Any, prefix: str = "output") -> Iterator[tuple[str, torch.Tensor]]:
