@@ -88,9 +88,10 @@ def compared_nodes(program: Program) -> list[str]:
     """
     c = program.coupling
     roots = {find(g.space).id for g in program.groups if g.kind == "residual"}
+    live = _input_dependent(program.original.graph)
     chosen: dict[str, None] = {}
     for node in program.original.graph.nodes:
-        if not is_add(node) or not (_on_residual(c.types.get(node.name), roots) or _is_skip(node, c.types)):
+        if not is_add(node) or not (_on_residual(c.types.get(node.name), roots) or _is_skip(node, c.types, live)):
             continue
         for arg in node.all_input_nodes:
             if arg.op in _COMPUTED and is_ttype(c.types.get(arg.name)):
@@ -103,10 +104,20 @@ def _on_residual(t: Any, roots: set[int]) -> bool:
     return is_ttype(t) and bool(t) and any(find(s).id in roots for s in spaces_of([t[-1]]))
 
 
-def _is_skip(add: fx.Node, types: dict) -> bool:
-    """Two computed operands and the result, all of one shape: the merge of a skip connection."""
+def _input_dependent(graph: fx.Graph) -> set[str]:
+    """Nodes computed from a graph input (not only from parameters, buffers and constants)."""
+    live: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a.name in live for a in n.all_input_nodes):
+            live.add(n.name)
+    return live
+
+
+def _is_skip(add: fx.Node, types: dict, live: set[str]) -> bool:
+    """Two operands computed from the input, and the result, all of one shape: a skip connection's merge
+    (a bias table added to attention logits has that shape at batch 1, but not the input dependence)."""
     args = [a for a in add.args if isinstance(a, fx.Node)]
-    if len(args) != 2 or any(a.op not in _COMPUTED for a in args):
+    if len(args) != 2 or any(a.op not in _COMPUTED or a.name not in live for a in args):
         return False
     shapes = [_sizes(types.get(n.name)) for n in (*args, add)]
     return shapes[0] is not None and shapes[0] == shapes[1] == shapes[2]
@@ -219,7 +230,7 @@ def _run_both(reference: _MaskedRecorder, compact: _CompactRecorder, xs: tuple, 
     types = {n: program.coupling.types.get(n) for n in want}
     want_leaves, got_leaves = dict(tensor_leaves(want_out)), dict(tensor_leaves(got_out))
     producers = _output_producers(program.original)
-    for name in sorted(want_leaves.keys() | got_leaves.keys()):
+    for name in [*want_leaves, *(n for n in got_leaves if n not in want_leaves)]:
         want[name], got[name] = want_leaves.get(name), got_leaves.get(name)
         types[name] = program.coupling.types.get(producers[name]) if name in producers else None
     refs = {}
@@ -251,12 +262,13 @@ def _compare(check: Check, want: torch.Tensor | None, got: Any, t: Any, keep: di
         return None
     ref, got = ref.double(), got.double()
     err = (got - ref).abs().max().item() if ref.numel() else 0.0
+    err = math.inf if math.isnan(err) else err  # NaN on either side is as wrong as it gets
     scale = ref.abs().max().item() if ref.numel() else 0.0
     check.max_abs_error = max(check.max_abs_error, err)
     check.max_rel_error = max(check.max_rel_error, err / max(scale, 1e-12))
     check.scale = max(check.scale, scale)
     check.constant &= ref.numel() == 0 or bool((ref == ref.flatten()[0]).all())
-    check.ok &= err <= atol + rtol * scale  # NaN on either side fails here
+    check.ok &= err <= atol + rtol * scale
     return ref
 
 
