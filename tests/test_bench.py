@@ -47,7 +47,7 @@ def test_bench_model_and_compiled_file(tmp_path, model_file, capsys):
     small = tmp_path / "small.pt"
     assert run(["compile", str(model_file), "--sparsity", "0.5", "--align", "8", "-o", str(small), *SHAPE]) == 0
     capsys.readouterr()
-    assert run(["bench", str(model_file), str(small), "--runtime", "eager", *QUICK, *SHAPE]) == 0
+    assert run(["bench", str(model_file), str(small), "--trust-pickle", "--runtime", "eager", *QUICK, *SHAPE]) == 0
     shown = capsys.readouterr().out
     assert "eager batch 1" in shown and "onnx" not in shown.split("┃", 1)[1] and "efficiency" in shown
 

@@ -6,6 +6,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import vitcc
+from vitcc import safe_pickle
+from vitcc.frontend import load_model
 from vitcc.data import make_loaders
 from vitcc.errors import VitccError
 from vitcc.train import distillation_loss, evaluate, finetune
@@ -117,8 +119,11 @@ def test_finetune_compact_graphmodule_with_checkpoints_and_resume(digits, tmp_pa
         finetune(interrupted, train, epochs=2, lr=2e-3, checkpoint_dir=tmp_path, on_step=stop_in_epoch_2, progress=False)
     assert (tmp_path / "epoch001.pt").exists() and (tmp_path / "last.pt").exists()
     assert not (tmp_path / "epoch002.pt").exists()
-    saved = vitcc.load(tmp_path / "epoch001.pt")  # a checkpoint is the whole module
-    assert isinstance(saved, torch.fx.GraphModule) and evaluate(saved, val)["n"] == len(val.dataset)
+    ckpt = safe_pickle.load(tmp_path / "epoch001.pt")  # a checkpoint is data: a state dict, no trust needed
+    assert ckpt["epoch"] == 1 and ckpt["model"].keys() == small.state_dict().keys()
+    vitcc.save(small, tmp_path / "small.pt")  # the compiled structure the weights go into
+    saved = load_model(str(tmp_path / "small.pt"), weights=str(tmp_path / "epoch001.pt"), trust_pickle=True)
+    assert torch.equal(saved.head.weight, ckpt["model"]["head.weight"]) and evaluate(saved, val)["n"] == len(val.dataset)
     resumed = copy.deepcopy(small)
     h = finetune(resumed, train, epochs=2, lr=2e-3, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert len(h["loss"]) == 2 and (tmp_path / "epoch002.pt").exists()

@@ -1,9 +1,15 @@
+import dataclasses
+import operator
+
 import pytest
 import torch
+import torch.fx as fx
+from torch import nn
 
 import vitcc
 from vitcc.errors import VerificationError
 from vitcc.pipeline import Insertion, Pass, PassResult
+from vitcc.verification import compared_nodes, is_add, tensor_leaves
 
 from conftest import image, tiny_vit
 
@@ -27,3 +33,110 @@ def test_a_wrong_rewrite_fails_verification():
 def test_report_holds_the_errors():
     r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),))
     assert 0 <= r.report["max_abs_error"] < 1e-5 and "max_rel_error" in r.report
+
+
+# --- internal tensors, vacuous checks, pytree outputs -------------------------------------------------
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class Wrapped(nn.Module):
+    """A timm ViT whose forward returns a dict, a dataclass or a nested tuple instead of a tensor."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.m = kind, tiny_vit()
+
+    def forward(self, x):
+        f = self.m.forward_features(x)
+        logits = self.m.forward_head(f)
+        if self.kind == "dict":
+            return {"logits": logits, "features": f}
+        if self.kind == "dataclass":
+            return Out(logits, f)
+        return logits, [f, f[:, 0]]
+
+
+@pytest.mark.parametrize("kind", ["dict", "dataclass", "tuple"])
+def test_structured_outputs_verify_every_leaf(kind):
+    r = vitcc.compile(Wrapped(kind).eval(), "magnitude", sparsity=0.5, example_inputs=(image(),))
+    names = {t["name"] for t in r.report["verify"]["tensors"]}
+    leaves = {"dict": {"output['logits']", "output['features']"},
+              "dataclass": {"output.logits", "output.features"},
+              "tuple": {"output[0]", "output[1][0]", "output[1][1]"}}[kind]
+    assert leaves <= names and not r.report["verify"]["vacuous"]
+
+
+def test_tensor_leaves_name_every_path():
+    t = torch.zeros(1)
+    got = [name for name, _ in tensor_leaves({"a": (t, [t]), "b": Out(t, t), "c": 3})]
+    assert got == ["output['a'][0]", "output['a'][1][0]", "output['b'].logits", "output['b'].features"]
+
+
+def test_report_lists_every_tensor_and_the_worst():
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),))
+    v = r.report["verify"]
+    assert all(set(t) == {"name", "max_abs_error", "max_rel_error", "scale"} for t in v["tensors"])
+    worst = max(v["tensors"], key=lambda t: t["max_rel_error"])
+    assert v["worst"] == worst["name"] and v["vacuous"] == []
+    assert r.report["max_abs_error"] == max(t["max_abs_error"] for t in v["tensors"])
+
+
+def test_compared_nodes_are_the_residual_adds_and_their_inputs():
+    """Chosen from the graph: 1 position-embedding add + 2 adds per block, each with its two inputs."""
+    r = vitcc.compile(tiny_vit(depth=2), "magnitude", sparsity=0.5, example_inputs=(image(),))
+    nodes = {n.name: n for n in r.program.original.graph.nodes}
+    chosen = compared_nodes(r.program)
+    adds = [n for n in chosen if is_add(nodes[n])]
+    assert len(adds) == 5
+    inputs = {a.name for n in adds for a in nodes[n].all_input_nodes if a.op != "get_attr"}
+    assert set(chosen) == set(adds) | inputs
+    compact = {n.name: n for n in r.program.gm.graph.nodes}  # rewrite, fold and dce keep node names
+    assert all(compact[n].target == nodes[n].target for n in chosen)
+
+
+def test_is_add_knows_fx_and_aten_graphs():
+    class Add(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    x = torch.randn(2, 3)
+    aten = torch.export.export(Add(), (x, x)).graph_module
+    fx_graph = fx.symbolic_trace(Add())
+    for gm in (aten, fx_graph):
+        assert [n.name for n in gm.graph.nodes if is_add(n)] == ["add"]
+    g = fx.Graph()
+    a = g.placeholder("a")
+    for target in (operator.iadd, torch.add, torch.ops.aten.add_.Tensor):
+        assert is_add(g.call_function(target, (a, a)))
+    assert is_add(g.call_method("add", (a, a))) and not is_add(g.call_function(torch.mul, (a, a)))
+
+
+def test_zero_classifier_of_torchvision_vit_is_checked_inside():
+    """torchvision's ViT zero-initialises its head: the output check is vacuous, the stream decides."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                          num_classes=10).eval()
+    r = vitcc.compile(m, "magnitude", sparsity=0.5, example_inputs=(image(),))
+    v = r.report["verify"]
+    assert v["vacuous"] == ["output"] and len(v["tensors"]) > 4
+
+
+class IgnoresInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(torch.ones_like(x)))
+
+
+def test_a_check_that_ignores_the_input_is_vacuous_and_refused_when_alone():
+    with pytest.raises(VerificationError, match="vacuous"):
+        vitcc.compile(IgnoresInput(), "magnitude", sparsity=0.5, example_inputs=(torch.randn(2, 4),))

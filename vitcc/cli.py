@@ -175,7 +175,7 @@ def _summary(rep: dict, model: str) -> None:
     out.print(t)
     if "max_abs_error" in rep:
         out.print(f"verified: max |compact - masked| = {rep['max_abs_error']:.3g} "
-                  f"(relative {rep['max_rel_error']:.3g})")
+                  f"(relative {rep['max_rel_error']:.3g}, worst {rep.get('verify', {}).get('worst')})")
     if "onnx" in rep:
         out.print(f"onnx: {rep['onnx']['path']} checked, onnxruntime max error {rep['onnx']['max_abs_error']:.3g}")
     out.print("passes: " + ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in rep["passes"]))

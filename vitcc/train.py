@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
+from . import safe_pickle
 from .distributed import all_reduce_sum, barrier, init_distributed, is_distributed, is_main
 from .errors import VitccError
 
@@ -165,9 +166,9 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
 
     History: `loss` and `acc` (training, per epoch, averaged over ranks), `val_top1`/`val_top5` per epoch
     when `val_loader` is given, `seconds` per epoch. With `checkpoint_dir`, rank 0 writes after every epoch
-    `epochNNN.pt` (the whole module: `vitcc.load`/`vitcc evaluate` read it) and `last.pt` (optimizer,
-    schedule, RNG and history); `resume=True` continues from `last.pt` with the same result as an
-    uninterrupted run.
+    `epochNNN.pt` (`{"epoch", "model": state dict}`: data only, read with `vitcc evaluate COMPILED --weights
+    DIR/epochNNN.pt` or `load_state_dict`) and `last.pt` (optimizer, schedule, RNG and history); `resume=True`
+    continues from `last.pt` with the same result as an uninterrupted run.
     """
     if epochs < 0:
         raise VitccError(f"epochs must be >= 0, got {epochs}")
@@ -200,7 +201,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
     if ckpt is not None and is_main():
         ckpt.mkdir(parents=True, exist_ok=True)
     if resume and ckpt is not None and (ckpt / "last.pt").exists():
-        state = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=True)
+        state = safe_pickle.load(ckpt / "last.pt")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -251,7 +252,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
             reporter.epoch(epoch, row)
             if ckpt is not None and is_main():
                 net.eval()
-                _save_atomic(net, ckpt / f"epoch{epoch + 1:03d}.pt")
+                _save_atomic({"epoch": epoch + 1, "model": net.state_dict()}, ckpt / f"epoch{epoch + 1:03d}.pt")
                 _save_atomic({"epoch": epoch + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict(), "history": history, "rng": torch.get_rng_state(),
                               "seed": int(seed)}, ckpt / "last.pt")

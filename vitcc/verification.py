@@ -1,0 +1,321 @@
+"""What verify compares: the compact graph against the masked reference, tensor by tensor.
+
+The output alone is not enough: a zero-initialised classifier (torchvision's ViT as built, timm's hiera)
+makes both sides zero, so a wrong rewrite would pass. Verify therefore also compares the residual stream
+at every block boundary and every branch (attention, MLP) that feeds it, each at the kept positions
+(the compact tensor holds only the kept channels; the reference is gathered at their flat positions).
+
+Errors are relative to each tensor's scale, the largest |reference| at the kept positions: the same
+rule the output check has always used (a tensor passes when `max|compact - ref| <= atol + rtol * scale`),
+and robust where a tensor's RMS is tiny next to a few large channels, as residual streams often are.
+
+A check whose reference is constant, or identical on two different inputs, proves nothing and is
+reported as `vacuous`; it is still compared (a mismatch is a failure), but only the other checks give
+the comparison its meaning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .coupling import is_ttype
+from .errors import VerificationError
+from .ir import Program, axis_mask
+from .masking import MaskedInterpreter
+from .spaces import axis_size, find, spaces_of
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_)
+_ADD_NAMES = ("add", "add_", "__add__", "__iadd__", "iadd")
+_COMPUTED = ("call_function", "call_method", "call_module")
+
+
+@dataclass
+class Check:
+    """One compared tensor, accumulated over the verification inputs."""
+    name: str
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    scale: float = 0.0
+    constant: bool = True  # the reference was constant on every input so far
+    independent: bool = False  # the reference was identical on two different inputs
+    ok: bool = True
+    problem: str = ""  # why it could not be compared value by value (shape, structure, a crash)
+
+    @property
+    def vacuous(self) -> bool:
+        return self.constant or self.independent
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+                "scale": self.scale}
+
+
+def is_add(node: fx.Node) -> bool:
+    """An addition in any capture: fx (operator.add, torch.add, Tensor.add) or aten (aten.add.Tensor)."""
+    if node.op == "call_method":
+        return node.target in _ADD_NAMES
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if t in _ADD_FUNCTIONS:
+        return True
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__ in ("add", "add_")
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t.__name__ in ("add", "add_")
+    return False
+
+
+def compared_nodes(program: Program) -> list[str]:
+    """The internal tensors verify compares, in graph order: the residual stream and its branches.
+
+    A residual-stream tensor is the output of an add whose last axis carries a `residual` group (the
+    residual adds, the position-embedding add), or of an add of two computed tensors of one shape (a
+    skip connection, also where the stream itself is not prunable, as behind torchvision's
+    MultiheadAttention); its computed inputs are the skip and the branch outputs (attention, MLP, after
+    any layer scale). Broadcasting adds (a bias table or mask on attention logits) are not the stream.
+    Chosen from the graph and its types, never from node names, so it holds for fx-traced and
+    torch.export (aten) graphs alike. Parameters and inputs are not compared: they do not depend on the
+    rewrite's arithmetic.
+    """
+    c = program.coupling
+    roots = {find(g.space).id for g in program.groups if g.kind == "residual"}
+    live = _input_dependent(program.original.graph)
+    chosen: dict[str, None] = {}
+    for node in program.original.graph.nodes:
+        if not is_add(node) or not (_on_residual(c.types.get(node.name), roots) or _is_skip(node, c.types, live)):
+            continue
+        for arg in node.all_input_nodes:
+            if arg.op in _COMPUTED and is_ttype(c.types.get(arg.name)):
+                chosen[arg.name] = None
+        chosen[node.name] = None
+    return list(chosen)
+
+
+def _on_residual(t: Any, roots: set[int]) -> bool:
+    return is_ttype(t) and bool(t) and any(find(s).id in roots for s in spaces_of([t[-1]]))
+
+
+def _input_dependent(graph: fx.Graph) -> set[str]:
+    """Nodes computed from a graph input (not only from parameters, buffers and constants)."""
+    live: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a.name in live for a in n.all_input_nodes):
+            live.add(n.name)
+    return live
+
+
+def _is_skip(add: fx.Node, types: dict, live: set[str]) -> bool:
+    """Two operands computed from the input, and the result, all of one shape: a skip connection's merge
+    (a bias table added to attention logits has that shape at batch 1, but not the input dependence)."""
+    args = [a for a in add.args if isinstance(a, fx.Node)]
+    if len(args) != 2 or any(a.op not in _COMPUTED or a.name not in live for a in args):
+        return False
+    shapes = [_sizes(types.get(n.name)) for n in (*args, add)]
+    return shapes[0] is not None and shapes[0] == shapes[1] == shapes[2]
+
+
+def _sizes(t: Any) -> tuple[int, ...] | None:
+    return tuple(axis_size(a) for a in t) if is_ttype(t) else None
+
+
+def tensor_leaves(obj: Any, prefix: str = "output") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a model output, named by its path (dicts, tuples, lists, dataclasses, HF outputs)."""
+    leaves, _ = pytree.tree_flatten_with_path(obj)
+    for path, leaf in leaves:
+        name = prefix + pytree.keystr(path)
+        if isinstance(leaf, torch.Tensor):
+            yield name, leaf
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):  # not registered with pytree
+            for f in dataclasses.fields(leaf):
+                yield from tensor_leaves(getattr(leaf, f.name), f"{name}.{f.name}")
+
+
+class _Recording:
+    """Mixin for an fx.Interpreter: keeps the values of the named nodes, and only those."""
+
+    def __init__(self, *args: Any, names: Sequence[str], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.names = list(names)  # graph order, for the report
+        self._wanted = set(names)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self._wanted:
+            self.values[n.name] = out
+        return out
+
+
+class _CompactRecorder(_Recording, fx.Interpreter):
+    pass
+
+
+class _MaskedRecorder(_Recording, MaskedInterpreter):
+    pass
+
+
+def verification_inputs(example_inputs: tuple, trials: int, seed: int) -> list[tuple]:
+    """The example input, then fresh random floating inputs of its shapes (at least two in all: the
+    second tells a check that ignores its input)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [tuple(example_inputs)]
+    for _ in range(max(trials, 2) - 1):
+        inputs.append(tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype)
+                            if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                            for x in example_inputs))
+    return inputs
+
+
+def verify(program: Program, keep: dict[int, np.ndarray], *, trials: int = 2, rtol: float = 1e-4,
+           atol: float = 1e-5, seed: int = 0) -> dict:
+    """Compare compact and masked on every chosen tensor and output leaf; the report, or VerificationError."""
+    names = [n for n in compared_nodes(program) if n in _node_names(program.gm)]
+    _check_same_ops(program, names)
+    reference = _MaskedRecorder(program.original, program.coupling, keep, names=names)
+    compact = _CompactRecorder(program.gm, names=names)
+    checks: dict[str, Check] = {}
+    previous: dict[str, torch.Tensor] | None = None
+    inputs = verification_inputs(program.example_inputs, trials, seed)
+    program.gm.eval()
+    for i, xs in enumerate(inputs):
+        refs = _run_both(reference, compact, xs, program, keep, checks, rtol, atol)
+        if i == 1 and not _same_inputs(inputs[0], xs):
+            _mark_input_independent(checks, previous, refs)
+        previous = refs
+    report = _report(checks)
+    program.report["verify"] = report
+    program.report["max_abs_error"] = max((c.max_abs_error for c in checks.values()), default=0.0)
+    program.report["max_rel_error"] = max((c.max_rel_error for c in checks.values()), default=0.0)
+    _raise_on_failure(checks, report)
+    return report
+
+
+def _node_names(gm: fx.GraphModule) -> set[str]:
+    return {n.name for n in gm.graph.nodes}
+
+
+def _check_same_ops(program: Program, names: list[str]) -> None:
+    """Rewrite, fold and dce keep node names; a compared name that now means another op is a pass bug."""
+    original = {n.name: n for n in program.original.graph.nodes}
+    for n in program.gm.graph.nodes:
+        if n.name in names and (n.op, str(n.target)) != (original[n.name].op, str(original[n.name].target)):
+            raise VerificationError(f"verification failed: node {n.name!r} is {n.target} in the compact graph but "
+                                    f"{original[n.name].target} in the original (a pass renamed nodes); "
+                                    "nothing was written")
+
+
+def _run_both(reference: _MaskedRecorder, compact: _CompactRecorder, xs: tuple, program: Program,
+              keep: dict, checks: dict[str, Check], rtol: float, atol: float) -> dict[str, torch.Tensor]:
+    """One input through both sides; updates `checks`, returns the references at the kept positions."""
+    reference.values, compact.values = {}, {}
+    with torch.no_grad():
+        want_out = reference.run(*xs)
+        try:
+            got_out = compact.run(*xs)
+        except Exception as e:  # a broken rewrite may not even run: that is a failed check, not a crash
+            raise VerificationError(f"verification failed: the compact model does not run "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                    "nothing was written") from e
+    want = {n: reference.values[n] for n in reference.names if isinstance(reference.values.get(n), torch.Tensor)}
+    got = {n: compact.values.get(n) for n in want}
+    types = {n: program.coupling.types.get(n) for n in want}
+    want_leaves, got_leaves = dict(tensor_leaves(want_out)), dict(tensor_leaves(got_out))
+    producers = _output_producers(program.original)
+    for name in [*want_leaves, *(n for n in got_leaves if n not in want_leaves)]:
+        want[name], got[name] = want_leaves.get(name), got_leaves.get(name)
+        types[name] = program.coupling.types.get(producers[name]) if name in producers else None
+    refs = {}
+    for name in want:
+        check = checks.setdefault(name, Check(name))
+        refs[name] = _compare(check, want[name], got[name], types[name], keep, program.coupling.aliases,
+                              rtol, atol)
+    return refs
+
+
+def _output_producers(gm: fx.GraphModule) -> dict[str, str]:
+    """Output leaf name -> the node that computes it (its type tells which axes were pruned)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten_with_path(out.args[0])
+    return {"output" + pytree.keystr(path): leaf.name for path, leaf in leaves if isinstance(leaf, fx.Node)}
+
+
+def _compare(check: Check, want: torch.Tensor | None, got: Any, t: Any, keep: dict, aliases: dict,
+             rtol: float, atol: float) -> torch.Tensor | None:
+    """Update one check with one input; returns the reference at the kept positions (None: not comparable)."""
+    if want is None or not isinstance(got, torch.Tensor):
+        check.ok, check.problem = False, "missing on one side (output structures differ)"
+        check.max_abs_error = check.max_rel_error = math.inf
+        return None
+    ref = _gather_kept(want, got.shape, t, keep, aliases)
+    if ref is None:
+        check.ok, check.problem = False, f"shape {tuple(got.shape)} where {tuple(want.shape)} was masked"
+        check.max_abs_error = check.max_rel_error = math.inf
+        return None
+    ref, got = ref.double(), got.double()
+    err = (got - ref).abs().max().item() if ref.numel() else 0.0
+    err = math.inf if math.isnan(err) else err  # NaN on either side is as wrong as it gets
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    check.max_abs_error = max(check.max_abs_error, err)
+    check.max_rel_error = max(check.max_rel_error, err / max(scale, 1e-12))
+    check.scale = max(check.scale, scale)
+    check.constant &= ref.numel() == 0 or bool((ref == ref.flatten()[0]).all())
+    check.ok &= err <= atol + rtol * scale
+    return ref
+
+
+def _gather_kept(want: torch.Tensor, shape: torch.Size, t: Any, keep: dict, aliases: dict) -> torch.Tensor | None:
+    """The reference at the kept flat positions of each axis that shrank; None where that cannot be told."""
+    if tuple(want.shape) == tuple(shape):
+        return want
+    if not is_ttype(t) or len(t) != want.dim() or want.dim() != len(shape):
+        return None
+    for d, (ax, n) in enumerate(zip(t, shape)):
+        if want.shape[d] == n:
+            continue
+        mask = axis_mask(ax, keep, aliases)
+        if mask is None or len(mask) != want.shape[d] or int(mask.sum()) != n:
+            return None
+        want = want.index_select(d, torch.as_tensor(np.flatnonzero(mask), dtype=torch.long))
+    return want
+
+
+def _same_inputs(a: tuple, b: tuple) -> bool:
+    return all(x is y or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y))
+               for x, y in zip(a, b))
+
+
+def _mark_input_independent(checks: dict[str, Check], first: dict, second: dict) -> None:
+    """A reference identical on two different inputs ignores the input: as vacuous as a constant one."""
+    for name, ref in second.items():
+        before = first.get(name) if first else None
+        if ref is not None and before is not None and ref.shape == before.shape and torch.equal(ref, before):
+            checks[name].independent = True
+
+
+def _report(checks: dict[str, Check]) -> dict:
+    tensors = [c.to_json() for c in checks.values()]
+    worst = max(checks.values(), key=lambda c: (not c.ok, c.max_rel_error), default=None)
+    return {"tensors": tensors, "worst": worst.name if worst else None,
+            "vacuous": [c.name for c in checks.values() if c.vacuous]}
+
+
+def _raise_on_failure(checks: dict[str, Check], report: dict) -> None:
+    failed = [c for c in checks.values() if not c.ok]
+    if failed:
+        c = max(failed, key=lambda c: c.max_rel_error)
+        what = c.problem or (f"differs from masked by {c.max_abs_error:.3g} (relative {c.max_rel_error:.3g} "
+                             f"of scale {c.scale:.3g})")
+        raise VerificationError(f"verification failed: {c.name} {what}; {len(failed)} of {len(checks)} "
+                                "tensors off; nothing was written")
+    if checks and len(report["vacuous"]) == len(checks):
+        raise VerificationError(f"verification is vacuous: all {len(checks)} compared tensors are constant or "
+                                "ignore the input, so the compact model could not be checked; nothing was written")
