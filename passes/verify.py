@@ -10,17 +10,23 @@ import torch
 from vitcc.errors import VerificationError
 from vitcc.ir import Program
 from vitcc.masking import masked_reference
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option, Pass, PassResult, register_pass
 
 
 @register_pass("verify", kind="structural")
 class Verify(Pass):
+    """Check compact(x) == masked(x) on the example input and fresh random inputs."""
+    options_spec = (Option("trials", int, 2, "inputs compared: the example input and trials-1 random ones"),
+                    Option("rtol", float, 1e-4, "relative tolerance (of the reference's largest magnitude)"),
+                    Option("atol", float, 1e-5, "absolute tolerance"),
+                    Option("seed", int, 0, "seed of the random inputs"))
+
     def run(self, program: Program) -> PassResult:
-        trials = int(self.options.get("trials", 2))
-        rtol = float(self.options.get("rtol", 1e-4))
-        atol = float(self.options.get("atol", 1e-5))
+        trials = int(self.option("trials"))
+        rtol = float(self.option("rtol"))
+        atol = float(self.option("atol"))
         keep = program.keep_by_root()
-        gen = torch.Generator().manual_seed(int(self.options.get("seed", 0)))
+        gen = torch.Generator().manual_seed(int(self.option("seed")))
         inputs = [program.example_inputs]
         for _ in range(trials - 1):
             inputs.append(tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) if x.is_floating_point() else x

@@ -8,7 +8,8 @@ import torch
 
 import vitcc
 from vitcc.cli import run
-from vitcc.pipeline import REGISTRY, Pass, PassResult, register_pass
+import vitcc.pipeline as pipeline
+from vitcc.pipeline import Pass, PassResult, register_pass
 
 from conftest import tiny_vit
 
@@ -103,7 +104,9 @@ def test_never_overwrites_the_input(model_file, capsys):
     assert model_file.read_bytes() == before
 
 
-def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, capsys):
+def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "_DECLARED", dict(pipeline._DECLARED))  # the pass is declared for this test only
+
     @register_pass("test-corrupt")
     class Corrupt(Pass):
         def run(self, program):  # a buggy method pass that edits weights of the graph being compiled
@@ -112,11 +115,8 @@ def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, ca
             return PassResult()
 
     out, rep = tmp_path / "o.pt", tmp_path / "r.json"
-    try:
-        code = run(["compile", str(model_file), "--passes", "magnitude,test-corrupt", "-o", str(out),
-                    "--report", str(rep), *SHAPE])
-    finally:
-        REGISTRY.pop("test-corrupt")
+    code = run(["compile", str(model_file), "--passes", "magnitude,test-corrupt", "-o", str(out),
+                "--report", str(rep), *SHAPE])
     assert code == 3
     assert "verification failed" in error_line(capsys)
     assert not out.exists() and not rep.exists()
