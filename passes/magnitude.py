@@ -57,7 +57,7 @@ def _axis_index_map(axis, leaf):
 @register_pass("magnitude")
 class Magnitude(Pass):
     """Group Lp norm (p=1 or 2, default 2), the uniform-magnitude baseline of the papers."""
-    options_spec = (Option("p", float, 2, "norm order: 1 or 2"),)
+    options_spec = (Option("p", float, 2, "norm order > 0: 1 or 2", check=lambda p: p > 0),)
 
     def run(self, program: Program) -> PassResult:
         p = float(self.option("p"))

@@ -1,6 +1,7 @@
 """Exceptions the vitcc CLI turns into a one-line message and an exit code, and the line for vitcc's own bugs."""
 from __future__ import annotations
 
+import sysconfig
 import traceback
 from pathlib import Path
 
@@ -22,13 +23,14 @@ class VerificationError(VitccError):
 def internal_error_line(exc: BaseException) -> str:
     """One line for an exception that is vitcc's own bug: its type, where it was raised, and where to report it.
 
-    The place is the innermost frame inside vitcc of the original exception (following `raise ... from`)."""
+    The place is the innermost frame of the original exception (following `raise ... from`) that is not in
+    Python's or an installed library's files: vitcc's code or a pass of the user's, where the bug is."""
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
     frames = traceback.extract_tb(root.__traceback__)
-    pkg = Path(__file__).resolve().parent
-    ours = [f for f in frames if _inside(f.filename, pkg) or _inside(f.filename, pkg.parent / "passes")]
+    libs = {Path(sysconfig.get_path(k)).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    ours = [f for f in frames if not any(_inside(f.filename, lib) for lib in libs)]
     where = (ours or frames or [None])[-1]
     at = f" at {_short(where.filename)}:{where.lineno}" if where is not None else ""
     msg = (str(exc).strip().splitlines() or [""])[0]

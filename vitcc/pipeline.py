@@ -36,12 +36,14 @@ _TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool"}
 
 @dataclass(frozen=True)
 class Option:
-    """One declared pass option. `default=None` means unset: the pass computes it (and None is accepted)."""
+    """One declared pass option. `default=None` means unset: the pass computes it (and None is accepted).
+    `check` tells values of the right type that the pass cannot use (the help says which)."""
     name: str
     type: type
     default: Any = None
     help: str = ""
     choices: tuple = ()
+    check: Callable[[Any], bool] | None = None
 
     @property
     def type_name(self) -> str:
@@ -60,7 +62,7 @@ class Option:
         ok = isinstance(value, self.type) and not (isinstance(value, bool) and self.type is not bool)
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
-        if not ok or (self.choices and value not in self.choices):
+        if not ok or (self.choices and value not in self.choices) or (self.check and not self.check(value)):
             what = (f"one of {', '.join(map(str, self.choices))}" if self.choices else
                     f"{'an' if self.type_name[0] in 'aeiou' else 'a'} {self.type_name}")
             raise ValueError(f"option {self.name} takes {what}" + (f" ({self.help})" if self.help else "") +
