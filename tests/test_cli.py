@@ -237,6 +237,12 @@ def test_vitcc_bug_is_exit_1_with_where_to_report_it(tmp_path, model_file, capsy
     assert "Traceback" in capsys.readouterr().err  # asked for
 
 
+def test_no_arguments_shows_the_help(capsys):
+    assert run([]) == 2
+    shown = capsys.readouterr()
+    assert "Usage" in shown.out + shown.err and "error" not in shown.err
+
+
 def test_passes_lists_every_pass_with_its_options(capsys):
     assert run(["passes", "--json"]) == 0
     info = {p["name"]: p for p in json.loads(capsys.readouterr().out)}

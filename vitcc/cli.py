@@ -298,7 +298,9 @@ def run(argv: list[str] | None = None) -> int:
     except exits as e:
         return e.exit_code
     except usage as e:
-        _say(e.format_message().strip().replace("\n", " ") + " (see --help)")
+        message = e.format_message().strip().replace("\n", " ")
+        if message:  # empty when the help was shown instead (no arguments)
+            _say(message + " (see --help)")
         return 2
     except (*aborts, KeyboardInterrupt):
         return 130
