@@ -127,8 +127,34 @@ def load_model(spec: str, *, weights: str | None = None, arch: str | None = None
 
 
 # ---------------------------------------------------------------- input shape
+MAX_INPUT_ELEMENTS = 2 ** 28  # 1 GiB of float32: a larger example input is a typo, not a model input
+
+
 def input_shape_for(model: torch.nn.Module, override: str | tuple | None = None) -> tuple[int, ...]:
-    """Example-input shape: the override, else what the model says about itself (batch 1)."""
+    """Example-input shape: the override, else what the model says about itself (batch 1); bounded and
+    checked against the model's patch embedding before anything is allocated."""
+    return _checked_shape(model, _input_shape(model, override), override)
+
+
+def _checked_shape(model: torch.nn.Module, shape: tuple[int, ...], given) -> tuple[int, ...]:
+    what = "--input-shape " + ",".join(map(str, shape)) if given is not None else f"input shape {shape}"
+    if not shape or any(d <= 0 for d in shape):
+        raise VitccError(f"bad {what}: expected positive integers like 1,3,224,224")
+    n = math.prod(shape)
+    if n > MAX_INPUT_ELEMENTS:
+        raise VitccError(f"{what} has {n:,} elements, more than the {MAX_INPUT_ELEMENTS:,} vitcc accepts; "
+                         "pass a smaller --input-shape, e.g. 1,3,224,224")
+    pe = getattr(model, "patch_embed", None)
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, torch.nn.Conv2d) and (len(shape) != 4 or shape[1] != proj.in_channels):
+        img = getattr(pe, "img_size", None)
+        hw = tuple(img) if isinstance(img, (tuple, list)) and len(img) == 2 else (224, 224)
+        raise VitccError(f"{what} does not fit {type(model).__name__}: it takes images (N, {proj.in_channels}, H, "
+                         f"W); pass e.g. --input-shape 1,{proj.in_channels},{hw[0]},{hw[1]}")
+    return shape
+
+
+def _input_shape(model: torch.nn.Module, override: str | tuple | None) -> tuple[int, ...]:
     if override is not None:
         try:
             parts = override.replace("x", ",").split(",") if isinstance(override, str) else override
