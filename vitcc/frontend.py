@@ -1,7 +1,7 @@
 """Model frontend: load a model from a spec or file (safely), pick its input shape, trace it to torch.fx."""
 from __future__ import annotations
 
-import difflib, inspect, json
+import difflib, inspect, json, math
 from pathlib import Path
 
 import torch
