@@ -133,7 +133,8 @@ MAX_INPUT_ELEMENTS = 2 ** 28  # 1 GiB of float32: a larger example input is a ty
 def input_shape_for(model: torch.nn.Module, override: str | tuple | None = None) -> tuple[int, ...]:
     """Example-input shape: the override, else what the model says about itself (batch 1); bounded and
     checked against the model's patch embedding before anything is allocated."""
-    return _checked_shape(model, _input_shape(model, override), override)
+    return _checked_shape(model, stored_input_shape(model) if override is None else _parsed_shape(override),
+                          override)
 
 
 def _checked_shape(model: torch.nn.Module, shape: tuple[int, ...], given) -> tuple[int, ...]:
@@ -154,16 +155,19 @@ def _checked_shape(model: torch.nn.Module, shape: tuple[int, ...], given) -> tup
     return shape
 
 
-def _input_shape(model: torch.nn.Module, override: str | tuple | None) -> tuple[int, ...]:
-    if override is not None:
-        try:
-            parts = override.replace("x", ",").split(",") if isinstance(override, str) else override
-            shape = tuple(int(p) for p in parts)
-        except (TypeError, ValueError):
-            shape = ()
-        if not shape or any(d <= 0 for d in shape):
-            raise VitccError(f"bad input shape {override!r}: expected positive integers like 1,3,224,224")
-        return shape
+def _parsed_shape(override: str | tuple) -> tuple[int, ...]:
+    try:
+        parts = override.replace("x", ",").split(",") if isinstance(override, str) else override
+        shape = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise VitccError(f"bad input shape {override!r}: expected positive integers like 1,3,224,224")
+    return shape
+
+
+def stored_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """What the model says about its input (batch 1), unchecked."""
     meta = _vitcc_meta(model)
     shape = getattr(model, "vitcc_input_shape", None) or meta.get("input_shape")
     if shape:
