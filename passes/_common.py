@@ -24,6 +24,7 @@ import torch
 
 from vitcc.errors import VitccError
 from vitcc.ir import Program
+from vitcc.pipeline import Option
 from vitcc.spaces import axis_kept, find, normalize
 
 from .magnitude import _axis_index_map, group_norms
@@ -169,6 +170,14 @@ def train_loader(program: Program, pass_name: str, why: str):
     if data is None:
         raise VitccError(f"pass {pass_name!r} needs training data for {why}: {_HOW}")
     return data[0]
+
+
+# the options sparsity_train and epochs_of read from a pass's options (gohsp's stage 2, vtp's gates)
+SPARSITY_TRAINING_OPTIONS = (
+    Option("epochs", int, None, "sparsity-training epochs (default: --sparsity-epochs, else the pass's own)"),
+    Option("lr", float, None, "sparsity-training learning rate (default: the compile's lr, 5e-4)"),
+    Option("weight_decay", float, 0.05, "sparsity-training AdamW weight decay"),
+)
 
 
 def sparsity_train(program: Program, pass_name: str, options: dict, *, epochs: int, extra_loss=None,

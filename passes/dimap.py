@@ -41,7 +41,7 @@ import torch
 
 from vitcc.errors import VitccError
 from vitcc.ir import Program
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option, Pass, PassResult, register_pass
 
 from ._common import budget, claim, default_kinds, fill_fallback, owned_by_other, rebase
 from .magnitude import group_norms
@@ -79,9 +79,15 @@ def _is_rank_group(program: Program, g) -> bool:
 
 @register_pass("dimap")
 class Dimap(Pass):
+    """Data-independent module-aware scores, one threshold per module family (He & Zhou, ICLR 2024)."""
+    options_spec = (Option("granularity", str, "channel", "prune whole channels, or weights as the paper "
+                           "(unstructured masks)", choices=("channel", "weight")),
+                    Option("scope", str, "module", "one threshold per module family, one for all, or per layer",
+                           choices=("module", "global", "layer")))
+
     def run(self, program: Program) -> PassResult:
-        gran = str(self.options.get("granularity", "channel"))
-        scope = str(self.options.get("scope", "module"))
+        gran = str(self.option("granularity"))
+        scope = str(self.option("scope"))
         if scope not in ("module", "global", "layer"):
             raise VitccError(f"dimap{{scope={scope}}}: expected module, global or layer")
         if gran == "weight":

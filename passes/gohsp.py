@@ -48,10 +48,12 @@ from vitcc.coupling import is_ttype
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option
 from vitcc.spaces import find, normalize
 
 from ._common import (calibration, claim, default_kinds, epochs_of, fill_fallback, group_energy, param_masks,
                       provisional_keep, rebase, sparsity_train, train_loader)
+from ._common import SPARSITY_TRAINING_OPTIONS
 from .magnitude import group_norms
 
 _MATMULS = {"matmul", "bmm", torch.matmul, torch.bmm}
@@ -190,6 +192,20 @@ def markov_ranking(layers, weights, alpha: float = 0.85, direction: str = "both"
 
 @register_pass("gohsp")
 class Gohsp(Pass):
+    """Markov-chain head ranking on calibration data, optionally with structured sparsity training (stage 2)."""
+    options_spec = (
+        Option("ranking", str, "markov", "heads by the Markov chain or by weight norm", choices=("markov", "norm")),
+        Option("edge", str, "cka", "head correlation: linear CKA or |Pearson| of token norms",
+               choices=("cka", "pearson")),
+        Option("direction", str, "both", "edges between consecutive layers", choices=("both", "forward", "backward")),
+        Option("alpha", float, 0.85, "PageRank damping (1 - teleport)"),
+        Option("stage2", str, "prox", "sparsity training: proximal shrinking or ADMM", choices=("prox", "admm")),
+        Option("rho", float, 1e-2, "ADMM penalty weight"),
+        Option("every", int, None, "steps between re-projections (default: a quarter epoch)"),
+        Option("residue", float, 0.01, "fraction of their size pruned slices keep at the end (prox)"),
+        Option("pull", float, None, "per-step shrink factor (default: from residue)"),
+        *SPARSITY_TRAINING_OPTIONS)
+
     def run(self, program: Program) -> PassResult:
         default_kinds(program, ("heads", "head_dim", "mlp"))
         ranking = str(self.options.get("ranking", "markov"))

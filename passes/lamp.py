@@ -16,6 +16,8 @@ from .magnitude import group_norms
 
 @register_pass("lamp")
 class Lamp(Pass):
+    """Layer-adaptive magnitude scores, ranked with one global threshold per kind."""
+
     def run(self, program: Program) -> PassResult:
         cache: dict = {}
         for g in program.groups:

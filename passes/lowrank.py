@@ -38,6 +38,7 @@ from vitcc.cost import estimate
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, make_pass, register_pass
+from vitcc.pipeline import Option
 
 from ._common import claim, default_kinds, fill_fallback, rebase
 from .dimap import module_families
@@ -120,6 +121,11 @@ def replace_linear(gm: fx.GraphModule, target: str, node: fx.Node, down: torch.T
 
 @register_pass("lowrank")
 class Lowrank(Pass):
+    """Truncated-SVD attention projections plus lighter MLP pruning (Kumar 2022)."""
+    options_spec = (Option("energy", float, None, "fix each rank to keep this fraction of sum(sigma^2)"),
+                    Option("rank_ratio", float, None, "fix each rank to this times the break-even rank"),
+                    Option("mlp_rate", float, 0.5, "MLP fraction relative to the ranks' (budget mode)"))
+
     def requires(self, program: Program) -> None:
         if program.scores:
             raise VitccError("lowrank changes the graph and re-runs the analysis: put it first in --passes "

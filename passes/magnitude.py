@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from vitcc.ir import Program
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option, Pass, PassResult, register_pass
 from vitcc.spaces import index_map
 
 
@@ -57,9 +57,10 @@ def _axis_index_map(axis, leaf):
 @register_pass("magnitude")
 class Magnitude(Pass):
     """Group Lp norm (p=1 or 2, default 2), the uniform-magnitude baseline of the papers."""
+    options_spec = (Option("p", float, 2, "norm order > 0: 1 or 2", check=lambda p: p > 0),)
 
     def run(self, program: Program) -> PassResult:
-        p = float(self.options.get("p", 2))
+        p = float(self.option("p"))
         cache: dict = {}
         for g in program.groups:
             program.scores[g.name] = group_norms(program, g, p, cache).pow(1.0 / p).float()

@@ -4,13 +4,16 @@ from __future__ import annotations
 import torch
 
 from vitcc.ir import Program
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option, Pass, PassResult, register_pass
 
 
 @register_pass("random")
 class RandomScore(Pass):
+    """Uniformly random scores, the floor every method must beat."""
+    options_spec = (Option("seed", int, 0, "seed of the random scores"),)
+
     def run(self, program: Program) -> PassResult:
-        gen = torch.Generator().manual_seed(int(self.options.get("seed", 0)))
+        gen = torch.Generator().manual_seed(int(self.option("seed")))
         for g in program.groups:
             program.scores[g.name] = torch.rand(g.size, generator=gen)
         return PassResult()

@@ -23,7 +23,7 @@ from vitcc.cost import estimate
 from vitcc.errors import VitccError
 from vitcc.groups import KINDS
 from vitcc.ir import Program
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option, Pass, PassResult, register_pass
 from vitcc.spaces import find
 
 MIN_KEEP = {"residual": 1, "heads": 1, "head_dim": 1, "mlp": 1, "other": 1}
@@ -31,6 +31,16 @@ MIN_KEEP = {"residual": 1, "heads": 1, "head_dim": 1, "mlp": 1, "other": 1}
 
 @register_pass("select", kind="structural")
 class Select(Pass):
+    """Kept indices from scores, under the graph's constraints and the budget (options override compile's)."""
+    options_spec = (Option("sparsity", float, None, "fraction to remove, in [0, 1)"),
+                    Option("prune", str, None, "group kinds to prune, comma-separated (then separate options "
+                           "with ';')"),
+                    Option("target", str, None, "what sparsity is a fraction of",
+                           choices=("channels", "params", "macs", "latency")),
+                    Option("align", int, None, "round kept widths to multiples of N (>= 1)"),
+                    Option("scope", str, None, "a fraction per group, or one threshold per kind",
+                           choices=("uniform", "global")))
+
     def run(self, program: Program) -> PassResult:
         opt = {**program.options, **self.options}
         if program.keep and not opt.get("sparsity"):
@@ -41,6 +51,8 @@ class Select(Pass):
         kinds = _kinds(opt.get("prune"))
         target = opt.get("target", "channels") or "channels"
         align = int(opt.get("align", 1) or 1)
+        if opt.get("align") is not None and int(opt["align"]) < 1:
+            raise VitccError(f"align must be >= 1 (1: no rounding), got {opt['align']}")
         scope = opt.get("scope", "uniform")
         for g in program.groups:
             if g.name not in program.scores:

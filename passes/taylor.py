@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from vitcc.errors import VitccError
 from vitcc.ir import Program
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option, Pass, PassResult, register_pass
 
 from .magnitude import group_slice_sums
 
@@ -41,18 +41,23 @@ def calibration_of(program: Program, method: str) -> tuple[torch.Tensor, torch.T
 class Taylor(Pass):
     """First-order Taylor scores (sum |w * dL/dw| or |sum w * dL/dw| over a group index's slices), averaged
     over calibration batches."""
+    options_spec = (Option("target", str, "labels", "loss against the calibration labels or the model's own "
+                           "predictions", choices=("labels", "pred")),
+                    Option("reduce", str, "abs", "sum |w * dL/dw| (abs) or |sum w * dL/dw| (group)",
+                           choices=("abs", "group")),
+                    Option("batch", int, 16, "calibration images per backward"))
 
     def run(self, program: Program) -> PassResult:
         x, labels = calibration_of(program, "taylor")
-        target = str(self.options.get("target", "labels"))
+        target = str(self.option("target"))
         if target not in ("labels", "pred"):
             raise VitccError(f"taylor{{target={target}}}: expected labels or pred")
         use_labels = target == "labels" and labels is not None
-        reduce = str(self.options.get("reduce", "abs"))
+        reduce = str(self.option("reduce"))
         if reduce not in ("abs", "group"):
             raise VitccError(f"taylor{{reduce={reduce}}}: expected abs or group")
         elementwise = reduce == "abs"
-        bs = max(1, int(self.options.get("batch", 16)))
+        bs = max(1, int(self.option("batch")))
         gm = program.gm
         params = dict(gm.named_parameters())
         flags = {n: p.requires_grad for n, p in params.items()}

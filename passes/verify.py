@@ -9,15 +9,21 @@ identity.
 from __future__ import annotations
 
 from vitcc.ir import Program
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option, Pass, PassResult, register_pass
 from vitcc.verification import verify
 
 
 @register_pass("verify", kind="structural")
 class Verify(Pass):
+    """Check compact(x) == masked(x) on the example input and fresh random inputs."""
+    options_spec = (Option("trials", int, 2, "inputs compared: the example input and trials-1 random ones"),
+                    Option("rtol", float, 1e-4, "relative tolerance (of the reference's largest magnitude)"),
+                    Option("atol", float, 1e-5, "absolute tolerance"),
+                    Option("seed", int, 0, "seed of the random inputs"))
+
     def run(self, program: Program) -> PassResult:
-        report = verify(program, program.keep_by_root(), trials=int(self.options.get("trials", 2)),
-                        rtol=float(self.options.get("rtol", 1e-4)), atol=float(self.options.get("atol", 1e-5)),
-                        seed=int(self.options.get("seed", 0)))
+        report = verify(program, program.keep_by_root(), trials=int(self.option("trials")),
+                        rtol=float(self.option("rtol")), atol=float(self.option("atol")),
+                        seed=int(self.option("seed")))
         return PassResult(modified=False, info={"max_abs_error": program.report["max_abs_error"],
                                                 "worst": report["worst"]})

@@ -37,9 +37,11 @@ from torch import nn
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import Option
 
 from ._common import (claim, default_kinds, epochs_of, fill_fallback, index_map_of, rebase, sparsity_train,
                       train_loader)
+from ._common import SPARSITY_TRAINING_OPTIONS
 from .magnitude import group_norms
 
 GATED_KINDS = ("head_dim", "mlp")
@@ -129,6 +131,12 @@ def gate_params(program: Program, placed: dict[str, list]) -> dict[str, nn.Param
 
 @register_pass("vtp")
 class Vtp(Pass):
+    """Learned dimension gates with an L1 penalty; one global gate threshold (Zhu, Tang, Han 2021)."""
+    options_spec = (Option("lam", float, 1e-4, "L1 weight of the gates"),
+                    Option("scores", str, "gate", "rank by |gate| or (ablation) by group norm",
+                           choices=("gate", "norm")),
+                    *SPARSITY_TRAINING_OPTIONS)
+
     def run(self, program: Program) -> PassResult:
         default_kinds(program, GATED_KINDS)
         lam = float(self.options.get("lam", 1e-4))

@@ -50,3 +50,24 @@ def tiny_swin(v2=False, fused=True, seed=0, **kw):
                window_size=8 if v2 else 7, num_classes=10)
     cfg.update(kw)
     return set_fused(timm.create_model(name, pretrained=False, **cfg).eval(), fused)
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder this process cannot create files in (root ignores permissions, but not /sys's refusal)."""
+    import os
+    from pathlib import Path
+    folder = Path("/sys") if os.geteuid() == 0 else tmp_path / "read-only"
+    if folder != Path("/sys"):
+        folder.mkdir()
+        folder.chmod(0o500)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        yield folder
+    else:
+        (folder / "probe").unlink()
+        pytest.skip(f"{folder} is writable here")
+    finally:
+        if folder != Path("/sys"):
+            folder.chmod(0o700)

@@ -8,7 +8,8 @@ import torch
 
 import vitcc
 from vitcc.cli import run
-from vitcc.pipeline import REGISTRY, Pass, PassResult, register_pass
+import vitcc.pipeline as pipeline
+from vitcc.pipeline import Pass, PassResult, register_pass
 
 from conftest import tiny_vit
 
@@ -103,7 +104,9 @@ def test_never_overwrites_the_input(model_file, capsys):
     assert model_file.read_bytes() == before
 
 
-def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, capsys):
+def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "_DECLARED", dict(pipeline._DECLARED))  # the pass is declared for this test only
+
     @register_pass("test-corrupt")
     class Corrupt(Pass):
         def run(self, program):  # a buggy method pass that edits weights of the graph being compiled
@@ -112,11 +115,8 @@ def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, ca
             return PassResult()
 
     out, rep = tmp_path / "o.pt", tmp_path / "r.json"
-    try:
-        code = run(["compile", str(model_file), "--passes", "magnitude,test-corrupt", "-o", str(out),
-                    "--report", str(rep), *SHAPE])
-    finally:
-        REGISTRY.pop("test-corrupt")
+    code = run(["compile", str(model_file), "--passes", "magnitude,test-corrupt", "-o", str(out),
+                "--report", str(rep), *SHAPE])
     assert code == 3
     assert "verification failed" in error_line(capsys)
     assert not out.exists() and not rep.exists()
@@ -130,3 +130,124 @@ def test_state_dict_with_arch(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
     assert run(["inspect", str(path), "--arch", "timm:deit_tiny_patch16_224", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["groups"]) == 49
+
+
+# -- bad input: exit 2, one line saying what is wrong and what to do, nothing written ------------------------------
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "abc"], "Invalid value for '--sparsity'"),
+    (["--align", "0"], "--align must be >= 1"),
+    (["--align", "-3"], "--align must be >= 1"),
+    (["--target", "flops"], "unknown --target 'flops'; use channels, params, macs, latency"),
+    (["--passes", "magnitude{q=3}"], "unknown option 'q' in magnitude{q=3}; valid options of magnitude: p: float"),
+    (["--passes", "magnitude{p=abc}"], "option p takes a float"),
+    (["--passes", "select{align=0}"], "align must be >= 1"),
+    (["--input-shape", "1,3"], "--input-shape 1,3 does not fit VisionTransformer: it takes images (N, 3, H, W); "
+                               "pass e.g. --input-shape 1,3,32,32"),
+    (["--input-shape", "1,3,16,16"], "cannot run on --input-shape 1,3,16,16: Input height (16) doesn't match"),
+    (["--input-shape", "100000,3,1000,1000"], "300,000,000,000 elements, more than the 268,435,456"),
+    (["--input-shape", "0,3,32,32"], "expected positive integers"),
+    (["--no-such-flag"], "No such option: --no-such-flag"),
+    (["--finetune-epochs", "x"], "Invalid value for '--finetune-epochs'"),
+])
+def test_bad_values_are_one_line_exit_2_and_write_nothing(tmp_path, model_file, capsys, args, message):
+    before = listing(tmp_path)
+    code = run(["compile", str(model_file), *SHAPE, *args, "-o", str(tmp_path / "o.pt"), "--report",
+                str(tmp_path / "r.json")])
+    assert code == 2
+    err = error_line(capsys)
+    assert message in err and "\n" not in err
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("which", ["-o", "--onnx", "--report"])
+def test_bad_output_paths_fail_before_any_work_and_write_nothing(tmp_path, model_file, capsys, unwritable_dir,
+                                                                 which):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    good = {"-o": tmp_path / "o.pt", "--onnx": tmp_path / "o.onnx", "--report": tmp_path / "r.json"}
+    for bad, message in ((folder, "is a folder; name a file in it"),
+                         (tmp_path / "missing" / "x", "does not exist; create it first"),
+                         (unwritable_dir / "x", "cannot write"),
+                         (model_file, "would overwrite the input model")):
+        before = listing(tmp_path)
+        paths = {**good, which: bad}
+        code = run(["compile", str(model_file), *SHAPE, *(a for k, v in paths.items() for a in (k, str(v)))])
+        assert code == 2, bad
+        err = error_line(capsys)
+        assert message in err and which in err
+        assert listing(tmp_path) == before and listing(folder) == []
+
+
+def test_two_outputs_on_one_path_is_an_error(tmp_path, model_file, capsys):
+    assert run(["compile", str(model_file), *SHAPE, "-o", str(tmp_path / "x"), "--report", str(tmp_path / "x")]) == 2
+    assert "is also the path given to -o" in error_line(capsys)
+    assert listing(tmp_path) == ["model.pt"]
+
+
+def test_checkpoint_dir_that_is_a_file(tmp_path, model_file, capsys):
+    assert run(["compile", str(model_file), *SHAPE, "--checkpoint-dir", str(model_file)]) == 2
+    assert "--checkpoint-dir" in error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "MODEL", "--input-shape", "1,3"], "does not fit VisionTransformer"),
+    (["inspect", "MODEL", "--input-shape", "9999,3,999,999"], "elements, more than"),
+    (["bench", "MODEL", *SHAPE, "--align", "0"], "--align must be >= 1"),
+    (["bench", "MODEL", *SHAPE, "--sparsity", "abc"], "Invalid value for '--sparsity'"),
+    (["bench", "MODEL", *SHAPE, "--sparsity", "0.5", "--passes", "magnitude{q=3}"], "unknown option 'q'"),
+    (["bench", "MODEL", *SHAPE, "--json", "DIR"], "is a folder"),
+    (["bench", "MODEL", *SHAPE, "--json", "DIR/missing/b.json"], "does not exist"),
+    (["profile", "MODEL", *SHAPE, "--json", "DIR"], "is a folder"),
+    (["profile", "MODEL", "--input-shape", "1,3"], "does not fit"),
+    (["profile", "MODEL", *SHAPE, "--align", "abc"], "Invalid value for '--align'"),
+    (["evaluate", "MODEL", "--data", "digits", "--input-shape", "1,3"], "does not fit"),
+    (["evaluate", "MODEL"], "Missing option '--data'"),
+    (["passes", "--bogus"], "No such option: --bogus"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_every_command_gives_one_line_for_bad_input(tmp_path, model_file, capsys, args, message):
+    args = [str(model_file) if a == "MODEL" else a.replace("DIR", str(tmp_path)) for a in args]
+    before = listing(tmp_path)
+    assert run(args) == 2
+    assert message in error_line(capsys)
+    assert listing(tmp_path) == before
+
+
+def test_vitcc_bug_is_exit_1_with_where_to_report_it(tmp_path, model_file, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "_DECLARED", dict(pipeline._DECLARED))
+
+    @register_pass("test-crash")
+    class Crash(Pass):
+        def run(self, program):
+            return {}["missing"]  # a bug
+
+    args = ["compile", str(model_file), *SHAPE, "--passes", "magnitude,test-crash", "-o", str(tmp_path / "o.pt")]
+    assert run(args) == 1
+    err = error_line(capsys)
+    assert err.startswith("vitcc: error: internal error in vitcc (KeyError at tests/test_cli.py:")
+    assert "https://github.com/vitcc/vitcc/issues" in err and "\n" not in err
+    assert listing(tmp_path) == ["model.pt"]
+    monkeypatch.setenv("VITCC_DEBUG", "1")
+    assert run(args) == 1
+    assert "Traceback" in capsys.readouterr().err  # asked for
+
+
+def test_no_arguments_shows_the_help(capsys):
+    assert run([]) == 2
+    shown = capsys.readouterr()
+    assert "Usage" in shown.out + shown.err and "error" not in shown.err
+
+
+def test_passes_lists_every_pass_with_its_options(capsys):
+    assert run(["passes", "--json"]) == 0
+    info = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert {"magnitude", "lamp", "gohsp", "select", "verify"} <= set(info)
+    assert info["magnitude"]["options"] == [{"name": "p", "type": "float", "default": 2, "help": "norm order > 0: 1 or 2"}]
+    assert info["select"]["kind"] == "structural"
+    assert run(["passes"]) == 0
+    assert "taylor" in capsys.readouterr().out

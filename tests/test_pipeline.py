@@ -3,8 +3,8 @@ import torch
 
 import vitcc
 from vitcc.errors import VitccError
-from vitcc.pipeline import (REGISTRY, Insertion, Pass, PassResult, build_pipeline, format_pipeline, parse_pipeline,
-                            register_pass)
+from vitcc.pipeline import (Insertion, Option, Pass, PassRegistry, PassResult, build_pipeline, format_pipeline,
+                            make_pass, parse_pipeline, register_pass)
 
 from conftest import image, tiny_vit
 
@@ -31,8 +31,9 @@ def test_malformed_pipeline_is_a_clear_error():
 def test_custom_pass_inserted_after_select_can_change_the_selection():
     seen = []
 
-    @register_pass("test-keep-first-heads")
     class KeepFirstHeads(Pass):
+        name = "test-keep-first-heads"
+
         def run(self, program):
             seen.append([g.name for g in program.groups])
             for g in program.groups:
@@ -40,11 +41,8 @@ def test_custom_pass_inserted_after_select_can_change_the_selection():
                     program.keep[g.name] = [0]
             return PassResult()
 
-    try:
-        r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.25, example_inputs=(image(),),
-                          insert=[Insertion(KeepFirstHeads(), after="select")])
-    finally:
-        REGISTRY.pop("test-keep-first-heads")
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.25, example_inputs=(image(),),
+                      insert=[Insertion(KeepFirstHeads(), after="select")])
     assert seen and "blocks.0.attn.heads" in seen[0]
     assert list(r.selection["blocks.0.attn.heads"]) == [0]
     assert r.module.get_submodule("blocks.0.attn.qkv").out_features == 3 * 1 * 12
@@ -77,18 +75,102 @@ def test_a_failing_pass_is_named_with_what_ran_before():
 def test_entry_point_group_is_read(monkeypatch):
     import vitcc.pipeline as pl
 
+    class Plugin(Pass):
+        def run(self, program):
+            return PassResult(modified=False)
+
     class EP:
         name = "from-plugin"
 
         def load(self):
-            class Plugin(Pass):
-                def run(self, program):
-                    return PassResult(modified=False)
             return Plugin
 
-    monkeypatch.setattr(pl, "_loaded", False)
     monkeypatch.setattr(pl, "entry_points", lambda group: [EP()] if group == "vitcc.passes" else [])
-    try:
-        assert "from-plugin" in pl.load_passes()
-    finally:
-        REGISTRY.pop("from-plugin", None)
+    registry = PassRegistry.default()
+    assert "from-plugin" in registry and registry.get("from-plugin").name == "from-plugin"
+    assert Plugin.name == "" and "from-plugin" not in pl._DECLARED  # the plug-in's class is left as it was
+
+
+# -- typed options --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, message", [
+    ("magnitude{q=3}", r"unknown option 'q' in magnitude\{q=3\}; valid options of magnitude: p: float = 2"),
+    ("magnitude{p=abc}", r"option p takes a float .*got 'abc'; valid options of magnitude: p: float"),
+    ("taylor{batch=2.5}", r"option batch takes an int"),
+    ("gohsp{ranking=pagerank}", r"option ranking takes one of markov, norm"),
+    ("dimap{scope=block}", r"scope takes one of module, global, layer"),
+    ("select{align=x}", r"valid options of select: sparsity: float; prune: str; target: channels"),
+    ("verify{trails=3}", r"unknown option 'trails'.*trials: int = 2"),
+    ("analyze{fast=1}", r"analyze takes no options"),
+    ("lamp{p=1}", r"lamp takes no options"),
+])
+def test_bad_pass_options_are_one_line_errors_listing_the_valid_ones(spec, message):
+    with pytest.raises(VitccError, match=message) as e:
+        build_pipeline(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_options_keep_their_values_and_defaults():
+    p = make_pass("magnitude", {"p": 1})
+    assert p.options == {"p": 1} and p.option("p") == 1 and make_pass("magnitude").option("p") == 2
+    assert make_pass("vtp").option("epochs") is None  # unset: the pass computes it
+    assert repr(make_pass("select", {"prune": "heads,mlp", "sparsity": 0.5})) == "select{prune='heads,mlp';sparsity=0.5}"
+    text = format_pipeline(build_pipeline("magnitude,select{prune='heads,mlp';sparsity=0.5}"))
+    assert format_pipeline(build_pipeline(text)) == text
+
+
+def test_every_built_in_pass_declares_options_with_help():
+    registry = PassRegistry.default()
+    for name in registry.names():
+        for o in registry.get(name).options_spec:
+            assert isinstance(o, Option) and o.help, (name, o.name)
+            if o.default is not None:
+                assert o.coerce(o.default) == o.default
+
+
+def test_a_user_pass_declares_its_options():
+    class Weighted(Pass):
+        name = "test-weighted"
+        options_spec = (Option("w", float, 1.0, "weight"), Option("mode", str, "a", "mode", choices=("a", "b")))
+
+        def run(self, program):
+            return PassResult(modified=False)
+
+    registry = PassRegistry()
+    registry.add(Weighted)
+    assert registry.make("test-weighted", {"w": 2, "mode": "b"}).options == {"w": 2, "mode": "b"}
+    with pytest.raises(VitccError, match="mode takes one of a, b"):
+        registry.make("test-weighted", {"mode": "c"})
+    with pytest.raises(VitccError, match="unknown option 'x'.*w: float = 1.0; mode: a\\|b = 'a'"):
+        Weighted(x=1)
+
+
+# -- registry views -------------------------------------------------------------------------------------------
+
+def test_a_registry_addition_stays_in_that_registry():
+    class Noop(Pass):
+        def run(self, program):
+            return PassResult(modified=False)
+
+    mine = PassRegistry.default()
+    mine.add(Noop, "test-noop")
+    assert "test-noop" in mine and "test-noop" not in PassRegistry.default()
+    assert [p.name for p in build_pipeline("magnitude,test-noop", registry=mine)][1:3] == ["magnitude", "test-noop"]
+    with pytest.raises(VitccError, match="unknown pass 'test-noop'"):
+        build_pipeline("magnitude,test-noop")
+    r = vitcc.compile(tiny_vit(), "magnitude,test-noop", sparsity=0.25, example_inputs=(image(),), registry=mine)
+    assert "test-noop" in r.report["pipeline"]
+    assert Noop.name == ""  # registering under a name made a subclass; the user's class is untouched
+
+
+def test_register_pass_reaches_every_later_registry(monkeypatch):
+    import vitcc.pipeline as pl
+    monkeypatch.setattr(pl, "_DECLARED", dict(pl._DECLARED))  # this test's declarations end with it
+
+    @register_pass("test-declared")
+    class Declared(Pass):
+        def run(self, program):
+            return PassResult(modified=False)
+
+    assert PassRegistry.default().get("test-declared") is Declared
+    assert vitcc.register_pass is register_pass

@@ -3,8 +3,8 @@ from .api import CompileResult, compile, load, save
 from .errors import VerificationError, VitccError
 from .ir import Program
 from .ops import OpInfo, OpTable, default_table
-from .pipeline import Insertion, Pass, PassResult, register_pass
+from .pipeline import Insertion, Option, Pass, PassRegistry, PassResult, register_pass
 
-__all__ = ["compile", "load", "save", "CompileResult", "Program", "Pass", "PassResult", "Insertion",
-           "register_pass", "OpTable", "OpInfo", "default_table", "VitccError", "VerificationError"]
+__all__ = ["compile", "load", "save", "CompileResult", "Program", "Pass", "PassResult", "Insertion", "Option",
+           "PassRegistry", "register_pass", "OpTable", "OpInfo", "default_table", "VitccError", "VerificationError"]
 __version__ = "0.1.0"

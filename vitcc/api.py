@@ -19,7 +19,7 @@ from .ir import Program
 from .spaces import find
 from .metrics import count_macs, count_params
 from .ops import OpTable, default_table
-from .pipeline import Insertion, Pass, PassManager, build_pipeline, format_pipeline
+from .pipeline import Insertion, Pass, PassManager, PassRegistry, build_pipeline, format_pipeline
 
 
 @dataclass
@@ -41,10 +41,12 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             distill: bool = True, seed: int = 0, batch_size: int = 64, calibration_size: int = 64,
             sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
-            progress: bool = False, rules: OpTable | None = None) -> CompileResult:
+            progress: bool = False, registry: PassRegistry | None = None,
+            rules: OpTable | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices) instead of scores and a budget.
+    `registry` resolves pass names (default: a fresh `PassRegistry.default()`, so nothing is shared).
 
     `data` is (train, val) DataLoaders or a spec for `vitcc.data.make_loaders` (an ImageFolder tree,
     `mnist5k`, `digits`; built with `batch_size`, `seed` and the model's normalisation). Before the passes
@@ -79,7 +81,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         program.options["sparsity_epochs"] = int(sparsity_epochs)
     if keep is not None:
         program.options["sparsity"] = 0.0
-    pipeline = build_pipeline(passes, insert, structural_options)
+    pipeline = build_pipeline(passes, insert, structural_options, registry)
     if not verify:
         pipeline = [p for p in pipeline if p.name != "verify"]
     if keep is not None:

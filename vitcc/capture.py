@@ -87,6 +87,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
 def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     """The program as a plain GraphModule: tensors as attributes, so it slices, trains and saves."""
     unlifted = ep.module()
+    unlifted.graph._tracer_cls = None  # export's tracer cannot be rebuilt on copy or pickle
     gm = fx.GraphModule(unlifted, unlifted.graph)
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and not n.users:  # the input guard torch.export inserts

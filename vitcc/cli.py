@@ -1,13 +1,17 @@
-"""Command line: `vitcc compile`, `vitcc inspect`.
+"""Command line: `vitcc compile`, `vitcc inspect` (further commands in vitcc/commands/).
 
-Exit codes: 0 success, 2 bad input or usage (one line, no traceback), 3 verification failed.
-Nothing is written unless every step, verification included, succeeded.
+Exit codes: 0 success, 2 bad input or usage (one line, no traceback), 3 verification failed, 1 vitcc's own
+bug (one line saying where to report it; VITCC_DEBUG=1 adds the traceback). Every output path is checked
+before any work, and nothing is written unless every step, verification included, succeeded.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -16,7 +20,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import VitccError
+from .errors import VitccError, internal_error_line
+from .outputs import Outputs, check_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vitcc: structured pruning for vision transformers, with verified equivalence.")
@@ -25,29 +30,52 @@ DEFAULT_MODEL = "timm:deit_tiny_patch16_224"
 # Kept widths rounded to multiples of 16: unaligned widths run up to 1.5x slower per FLOP in MKL's GEMMs, and
 # onnxruntime at batch 32 needs 16 where eager PyTorch is content with 8 (benchmarks/results/latency.md).
 DEFAULT_ALIGN = 16
+TARGETS = ("channels", "params", "macs", "latency")
 
 
 def _load(model: str, weights, arch, trust_pickle, input_shape):
+    """The model and one example input, checked to run: a shape the model cannot take is one line, here."""
     from .frontend import input_shape_for, load_model
     m = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle)
-    return m, (torch.randn(input_shape_for(m, input_shape)),)
+    example = (torch.randn(input_shape_for(m, input_shape)),)
+    _check_runs(m, example, input_shape)
+    return m, example
 
 
-def _outputs_ok(model: str, *outs: Optional[Path]) -> None:
-    src = Path(model).resolve() if not model.startswith("timm:") else None
-    for o in outs:
-        if o is None:
-            continue
-        if src is not None and o.resolve() == src:
-            raise VitccError(f"output {o} would overwrite the input model; choose another path")
-        if not o.parent.exists():
-            raise VitccError(f"output folder {o.parent} does not exist; create it first")
+def _check_runs(m: torch.nn.Module, example: tuple, given: Optional[str]) -> None:
+    from .frontend import input_shape_for
+    try:
+        with torch.no_grad():
+            m.eval()(*example)
+    except Exception as e:
+        shape = ",".join(map(str, example[0].shape))
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        try:
+            hint = f"; it takes e.g. --input-shape {','.join(map(str, input_shape_for(m)))}"
+        except VitccError:
+            hint = "; pass --input-shape with the shape it takes"
+        origin = "--input-shape" if given is not None else "the input shape it declares,"
+        raise VitccError(f"{type(m).__name__} cannot run on {origin} {shape}: {first}{hint}") from None
+
+
+def check_budget(sparsity: Optional[float], align: int, target: str, passes: Optional[str]) -> None:
+    """What compile and bench --sparsity share: checked before a model is loaded."""
+    from .pipeline import build_pipeline
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise VitccError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if align < 1:
+        raise VitccError(f"--align must be >= 1 (1: no rounding, 16: CPU GEMM-friendly widths), got {align}")
+    if target not in TARGETS:
+        raise VitccError(f"unknown --target {target!r}; use {', '.join(TARGETS)}")
+    if passes is not None:
+        build_pipeline(passes)  # unknown passes and options fail now, not after tracing
 
 
 @app.command("compile")
 def compile_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help="timm:NAME, a torch.save'd module (.pt), or a state dict with --arch"),
-    passes: str = typer.Option("magnitude", "--passes", help="method passes, e.g. 'magnitude{p=1}' or 'lamp'"),
+    passes: str = typer.Option("magnitude", "--passes", help="method passes, e.g. 'magnitude{p=1}' or 'lamp' "
+                               "(`vitcc passes` lists them with their options)"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="fraction to remove, in [0, 1)"),
     prune: Optional[str] = typer.Option(None, "--prune", help="group kinds to prune (default: residual,heads,"
                                         "head_dim,mlp, or the kinds the method passes were designed for)"),
@@ -76,11 +104,8 @@ def compile_cmd(
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="write a checkpoint every epoch here"),
 ) -> None:
     """Prune MODEL and write a smaller, verified GraphModule (optionally fine-tuned on --data)."""
-    from . import api
-    from .distributed import init_distributed, is_main
-    from .export import export_onnx
-    if not 0.0 <= sparsity < 1.0:
-        raise VitccError(f"--sparsity must be in [0, 1), got {sparsity}")
+    args = SimpleNamespace(**locals())
+    check_budget(sparsity, align, target, passes)
     if finetune_epochs < 0:
         raise VitccError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     if finetune_epochs > 0 and data is None:
@@ -89,12 +114,28 @@ def compile_cmd(
         raise VitccError(f"--sparsity-epochs must be >= 0, got {sparsity_epochs}")
     if sparsity_epochs and data is None:
         raise VitccError("--sparsity-epochs needs --data (an image folder with train/ and val/, mnist5k or digits)")
-    _outputs_ok(model, output, onnx, report)
+    check_folder(checkpoint_dir, "--checkpoint-dir")
+    with Outputs([model, weights]) as outputs:
+        files = {"model": outputs.plan(output, "-o"), "onnx": outputs.plan(onnx, "--onnx"),
+                 "report": outputs.plan(report, "--report")}
+        rep = _compile(args, files)
+        if rep is None:  # not rank 0 under torchrun: rank 0 writes
+            outputs.discard()
+    if rep is not None:
+        _summary(rep, model)
+
+
+def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[dict]:
+    """Compile with the command's arguments `a`, export and write to the temporaries in `files`; the report,
+    or None on ranks other than 0."""
+    from . import api
+    from .distributed import init_distributed, is_main
+    from .export import export_onnx
     init_distributed()  # under torchrun: one process group for fine-tuning, only rank 0 prints and writes
-    torch.manual_seed(seed)  # a timm: model's random init is the same on every rank and every run
-    m, example = _load(model, weights, arch, trust_pickle, input_shape)
-    loaders = _loaders(m, example, data, batch_size, mean, std, seed) if data is not None else None
-    last = "dce" if no_verify else "verify"
+    torch.manual_seed(a.seed)  # a timm: model's random init is the same on every rank and every run
+    m, example = _load(a.model, a.weights, a.arch, a.trust_pickle, a.input_shape)
+    loaders = _loaders(m, example, a.data, a.batch_size, a.mean, a.std, a.seed) if a.data is not None else None
+    last = "dce" if a.no_verify else "verify"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True, disable=not (console.is_terminal and is_main())) as progress:
         task = progress.add_task("tracing", total=None)
@@ -102,26 +143,24 @@ def compile_cmd(
         def on_pass(p, phase):
             if phase == "start":
                 progress.update(task, description=f"{p.name}")
-            elif p.name == last and finetune_epochs > 0:
+            elif p.name == last and a.finetune_epochs > 0:
                 progress.stop()  # fine-tuning shows its own progress bar
-        result = api.compile(m, passes, sparsity=sparsity, example_inputs=example, prune=prune, target=target,
-                             align=align, verify=not no_verify, on_pass=on_pass, data=loaders,
-                             finetune_epochs=finetune_epochs, lr=lr, distill=not no_distill, seed=seed,
-                             batch_size=batch_size, checkpoint_dir=checkpoint_dir, progress=True,
-                             sparsity_epochs=sparsity_epochs)
-        if onnx is not None and is_main():
+        result = api.compile(m, a.passes, sparsity=a.sparsity, example_inputs=example, prune=a.prune, target=a.target,
+                             align=a.align, verify=not a.no_verify, on_pass=on_pass, data=loaders,
+                             finetune_epochs=a.finetune_epochs, lr=a.lr, distill=not a.no_distill, seed=a.seed,
+                             batch_size=a.batch_size, checkpoint_dir=a.checkpoint_dir, progress=True,
+                             sparsity_epochs=a.sparsity_epochs)
+        if a.onnx is not None and is_main():
             progress.update(task, description="onnx export")
-            result.report["onnx"] = export_onnx(result.module, example, onnx)
+            result.report["onnx"] = {**export_onnx(result.module, example, files["onnx"]), "path": str(a.onnx)}
     if not is_main():
-        return
+        return None
     rep = result.report
-    if output is not None:
-        api.save(result.module, output)
-    if report is not None:
-        tmp = report.with_name(report.name + ".tmp")
-        tmp.write_text(json.dumps(rep, indent=2, default=_json_default))
-        tmp.replace(report)
-    _summary(rep, model)
+    if files["model"] is not None:
+        api.save(result.module, files["model"])
+    if files["report"] is not None:
+        files["report"].write_text(json.dumps(rep, indent=2, default=_json_default))
+    return rep
 
 
 def _floats(text: Optional[str], name: str):
@@ -228,23 +267,54 @@ def _load_commands() -> None:
         importlib.import_module(f"{commands.__name__}.{info.name}")
 
 
+def _click_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(usage errors, exits, aborts) of click and of the copy of click that newer typers carry (typer._click)."""
+    usage, exits, aborts = [typer.BadParameter.__mro__[1]], [typer.Exit], [typer.Abort]
+    usage += [c for c in (getattr(typer, "TyperException", None),) if c is not None]
+    try:
+        import click
+        usage.append(click.exceptions.ClickException)
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:  # typer without click
+        pass
+    return tuple(usage), tuple(exits), tuple(aborts)
+
+
+def _say(line: str) -> None:
+    console.print(f"vitcc: error: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code: errors become one line on stderr, never a traceback."""
-    import click
+    """Run the CLI and return its exit code: every error becomes one line on stderr, never a traceback."""
+    usage, exits, aborts = _click_exceptions()
     _load_commands()
     try:
         app(args=argv, standalone_mode=False)
         return 0
     except VitccError as e:
-        console.print(f"vitcc: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        _say(str(e).strip().replace("\n", " "))
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except exits as e:
         return e.exit_code
-    except click.exceptions.ClickException as e:
-        console.print(f"vitcc: error: {e.format_message()}", markup=False, highlight=False, soft_wrap=True)
+    except usage as e:
+        message = e.format_message().strip().replace("\n", " ")
+        if message:  # empty when the help was shown instead (no arguments)
+            _say(message + " (see --help)")
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*aborts, KeyboardInterrupt):
         return 130
+    except MemoryError:
+        _say("out of memory; try a smaller --input-shape (batch) or a smaller model")
+        return 2
+    except OSError as e:  # the machine, not vitcc: a full disk, a file that vanished, no permission
+        _say(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+        return 2
+    except Exception as e:
+        if os.environ.get("VITCC_DEBUG") == "1":
+            traceback.print_exc()
+        _say(internal_error_line(e))
+        return 1
 
 
 def main() -> None:

@@ -1,4 +1,11 @@
-"""Exceptions the vitcc CLI turns into a one-line message and an exit code."""
+"""Exceptions the vitcc CLI turns into a one-line message and an exit code, and the line for vitcc's own bugs."""
+from __future__ import annotations
+
+import sysconfig
+import traceback
+from pathlib import Path
+
+ISSUES_URL = "https://github.com/vitcc/vitcc/issues"
 
 
 class VitccError(Exception):
@@ -11,3 +18,34 @@ class VerificationError(VitccError):
     """The compiled model was checked against the original and does not match."""
 
     exit_code = 3
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """One line for an exception that is vitcc's own bug: its type, where it was raised, and where to report it.
+
+    The place is the innermost frame of the original exception (following `raise ... from`) that is not in
+    Python's or an installed library's files: vitcc's code or a pass of the user's, where the bug is."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    frames = traceback.extract_tb(root.__traceback__)
+    libs = {Path(sysconfig.get_path(k)).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    ours = [f for f in frames if not any(_inside(f.filename, lib) for lib in libs)]
+    where = (ours or frames or [None])[-1]
+    at = f" at {_short(where.filename)}:{where.lineno}" if where is not None else ""
+    msg = (str(exc).strip().splitlines() or [""])[0]
+    return (f"internal error in vitcc ({type(root).__name__}{at}): {msg}; please report it with the command you ran "
+            f"at {ISSUES_URL} (VITCC_DEBUG=1 shows the traceback)")
+
+
+def _inside(filename: str, folder: Path) -> bool:
+    try:
+        Path(filename).resolve().relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _short(filename: str) -> str:
+    parts = Path(filename).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else filename

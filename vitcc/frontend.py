@@ -1,7 +1,7 @@
 """Model frontend: load a model from a spec or file (safely) and pick its input shape."""
 from __future__ import annotations
 
-import difflib
+import difflib, math
 from pathlib import Path
 
 import torch
@@ -113,17 +113,47 @@ def load_model(spec: str, *, weights: str | None = None, arch: str | None = None
 
 
 # ---------------------------------------------------------------- input shape
+MAX_INPUT_ELEMENTS = 2 ** 28  # 1 GiB of float32: a larger example input is a typo, not a model input
+
+
 def input_shape_for(model: torch.nn.Module, override: str | tuple | None = None) -> tuple[int, ...]:
-    """Example-input shape: the override, else what the model says about itself (batch 1)."""
-    if override is not None:
-        try:
-            parts = override.replace("x", ",").split(",") if isinstance(override, str) else override
-            shape = tuple(int(p) for p in parts)
-        except (TypeError, ValueError):
-            shape = ()
-        if not shape or any(d <= 0 for d in shape):
-            raise VitccError(f"bad input shape {override!r}: expected positive integers like 1,3,224,224")
-        return shape
+    """Example-input shape: the override, else what the model says about itself (batch 1); bounded and
+    checked against the model's patch embedding before anything is allocated."""
+    return _checked_shape(model, stored_input_shape(model) if override is None else _parsed_shape(override),
+                          override)
+
+
+def _checked_shape(model: torch.nn.Module, shape: tuple[int, ...], given) -> tuple[int, ...]:
+    what = "--input-shape " + ",".join(map(str, shape)) if given is not None else f"input shape {shape}"
+    if not shape or any(d <= 0 for d in shape):
+        raise VitccError(f"bad {what}: expected positive integers like 1,3,224,224")
+    n = math.prod(shape)
+    if n > MAX_INPUT_ELEMENTS:
+        raise VitccError(f"{what} has {n:,} elements, more than the {MAX_INPUT_ELEMENTS:,} vitcc accepts; "
+                         "pass a smaller --input-shape, e.g. 1,3,224,224")
+    pe = getattr(model, "patch_embed", None)
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, torch.nn.Conv2d) and (len(shape) != 4 or shape[1] != proj.in_channels):
+        img = getattr(pe, "img_size", None)
+        hw = tuple(img) if isinstance(img, (tuple, list)) and len(img) == 2 else (224, 224)
+        raise VitccError(f"{what} does not fit {type(model).__name__}: it takes images (N, {proj.in_channels}, H, "
+                         f"W); pass e.g. --input-shape 1,{proj.in_channels},{hw[0]},{hw[1]}")
+    return shape
+
+
+def _parsed_shape(override: str | tuple) -> tuple[int, ...]:
+    try:
+        parts = override.replace("x", ",").split(",") if isinstance(override, str) else override
+        shape = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise VitccError(f"bad input shape {override!r}: expected positive integers like 1,3,224,224")
+    return shape
+
+
+def stored_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """What the model says about its input (batch 1), unchecked."""
     meta = _vitcc_meta(model)
     shape = getattr(model, "vitcc_input_shape", None) or meta.get("input_shape")
     if shape:

@@ -1,8 +1,14 @@
-"""Pass infrastructure: a registry by name, pipeline strings with options, and an ordered manager.
+"""Pass infrastructure: typed pass options, a registry by name, pipeline strings, and an ordered manager.
 
 Users name method passes (``magnitude{p=1}``); the structural passes (analyze, select, rewrite, fold,
 dce, verify) are implied in their fixed order and can be named to set options or to anchor a custom
 pass (``before``/``after``). Third-party packages register passes in the ``vitcc.passes`` entry-point group.
+
+Options are declared per pass class, as MLIR's declarative pass options are (name, type, default, help):
+``options_spec = (Option("p", float, 2, "norm order: 1 or 2"),)``; a pipeline string or a constructor call
+naming an undeclared option, or giving a value of the wrong type or outside its choices, is a one-line
+VitccError listing the valid options. Names resolve through a `PassRegistry` built per compile (built-ins,
+entry points and what `@register_pass` declared), so no compile changes what another one sees.
 """
 from __future__ import annotations
 
@@ -25,13 +31,60 @@ class PassResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+_TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared pass option. `default=None` means unset: the pass computes it (and None is accepted).
+    `check` tells values of the right type that the pass cannot use (the help says which)."""
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: tuple = ()
+    check: Callable[[Any], bool] | None = None
+
+    @property
+    def type_name(self) -> str:
+        return "|".join(map(str, self.choices)) if self.choices else _TYPE_NAMES.get(self.type, self.type.__name__)
+
+    def describe(self) -> str:
+        default = "" if self.default is None else f" = {self.default!r}"
+        return f"{self.name}: {self.type_name}{default}"
+
+    def coerce(self, value: Any) -> Any:
+        """`value` if it fits this option (ints pass as floats, unchanged, so strings round-trip); else ValueError."""
+        if value is None and self.default is None:
+            return None
+        if self.type is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        ok = isinstance(value, self.type) and not (isinstance(value, bool) and self.type is not bool)
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok or (self.choices and value not in self.choices) or (self.check and not self.check(value)):
+            what = (f"one of {', '.join(map(str, self.choices))}" if self.choices else
+                    f"{'an' if self.type_name[0] in 'aeiou' else 'a'} {self.type_name}")
+            raise ValueError(f"option {self.name} takes {what}" + (f" ({self.help})" if self.help else "") +
+                             f", got {value!r}")
+        return value
+
+
 class Pass:
-    """Base class: `run` reads and writes the Program; `requires`/`ensures` check it around the run."""
+    """Base class: `run` reads and writes the Program; `requires`/`ensures` check it around the run.
+
+    `options_spec` declares the options a pass reads; `self.options` holds the ones given (checked), and
+    `self.option(name)` a given value or the declared default.
+    """
     name: str = ""
     kind: str = "method"  # "structural" passes have a fixed slot; "method" passes score groups
+    options_spec: tuple[Option, ...] = ()
 
     def __init__(self, **options: Any):
-        self.options = options
+        self.options = check_options(type(self), options)
+
+    def option(self, name: str) -> Any:
+        return self.options[name] if name in self.options else _spec(type(self))[name].default
 
     def requires(self, program: Program) -> None:
         """Raise if the program is not in a state this pass can run on."""
@@ -46,31 +99,78 @@ class Pass:
         return format_pass(self.name, self.options)
 
 
-REGISTRY: dict[str, type[Pass]] = {}
+def _spec(cls: type[Pass]) -> dict[str, Option]:
+    return {o.name: o for o in cls.options_spec}
+
+
+def check_options(cls: type[Pass], options: dict[str, Any]) -> dict[str, Any]:
+    """The options, each checked against the declaration of `cls`; else a one-line VitccError listing them."""
+    spec, name = _spec(cls), cls.name or cls.__name__
+    valid = (f"valid options of {name}: " + "; ".join(o.describe() for o in spec.values())
+             if spec else f"{name} takes no options")
+    out = {}
+    for key, value in options.items():
+        if key not in spec:
+            raise VitccError(f"unknown option {key!r} in {format_pass(name, options)}; {valid} (see `vitcc passes`)")
+        try:
+            out[key] = spec[key].coerce(value)
+        except ValueError as e:
+            raise VitccError(f"{format_pass(name, options)}: {e}; {valid}") from None
+    return out
+
+
+_DECLARED: dict[str, type[Pass]] = {}  # what @register_pass declared in this process; compiles read a copy
 
 
 def register_pass(name: str, kind: str = "method") -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator: name a pass so pipeline strings find it (in every registry built after this)."""
     def deco(cls: type[Pass]) -> type[Pass]:
         cls.name, cls.kind = name, kind
-        REGISTRY[name] = cls
+        _DECLARED[name] = cls
         return cls
     return deco
 
 
-_loaded = False
+class PassRegistry:
+    """Pass names a compile resolves: a private copy, so additions for one compile never leak into another."""
 
+    def __init__(self, passes: dict[str, type[Pass]] | None = None):
+        self._passes = dict(passes or {})
 
-def load_passes() -> dict[str, type[Pass]]:
-    """Built-in passes plus those other packages declare under the `vitcc.passes` entry-point group."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import passes  # noqa: F401  (registers the built-ins)
+    @classmethod
+    def default(cls) -> "PassRegistry":
+        """A fresh registry: built-in passes, the `vitcc.passes` entry-point group, and `@register_pass` ones."""
+        from . import passes  # noqa: F401  (declares the built-ins)
+        reg = cls(_DECLARED)
         for ep in entry_points(group="vitcc.passes"):
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in REGISTRY:
-                register_pass(ep.name, obj.kind)(obj)
-    return REGISTRY
+            if isinstance(obj, type) and issubclass(obj, Pass) and ep.name not in reg:
+                reg.add(obj, ep.name)
+        return reg
+
+    def add(self, cls: type[Pass], name: str | None = None, kind: str | None = None) -> type[Pass]:
+        """Make `cls` known to this registry only (by `name`, default its own)."""
+        name = name or cls.name
+        if not name:
+            raise VitccError(f"pass class {cls.__name__} needs a name: add(cls, name='...')")
+        if cls.name != name or (kind and cls.kind != kind):  # a subclass keeps the original untouched
+            cls = type(cls.__name__, (cls,), {"name": name, "kind": kind or cls.kind})
+        self._passes[name] = cls
+        return cls
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._passes
+
+    def names(self) -> list[str]:
+        return sorted(self._passes)
+
+    def get(self, name: str) -> type[Pass]:
+        if name not in self._passes:
+            raise VitccError(f"unknown pass {name!r}; valid passes: {', '.join(self.names())}")
+        return self._passes[name]
+
+    def make(self, name: str, options: dict[str, Any] | None = None) -> Pass:
+        return self.get(name)(**(options or {}))
 
 
 # -- pipeline strings --------------------------------------------------------------------------------
@@ -100,25 +200,23 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, Any]]]:
 def _literal(v: str) -> Any:
     try:
         return ast.literal_eval(v)
-    except (ValueError, SyntaxError):
+    except Exception:  # not a literal (also: nested too deeply, too large): the option gets the text
         return v
 
 
 def format_pass(name: str, options: dict[str, Any]) -> str:
     if not options:
         return name
-    return name + "{" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in options.items()) + "}"
+    sep = ";" if any(isinstance(v, str) and "," in v for v in options.values()) else ","  # what parse_pipeline reads
+    return name + "{" + sep.join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in options.items()) + "}"
 
 
 def format_pipeline(passes: list[Pass]) -> str:
     return ",".join(repr(p) for p in passes)
 
 
-def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
-    reg = load_passes()
-    if name not in reg:
-        raise VitccError(f"unknown pass {name!r}; valid passes: {', '.join(sorted(reg))}")
-    return reg[name](**(options or {}))
+def make_pass(name: str, options: dict[str, Any] | None = None, registry: PassRegistry | None = None) -> Pass:
+    return (registry or PassRegistry.default()).make(name, options)
 
 
 @dataclass
@@ -129,8 +227,12 @@ class Insertion:
 
 
 def build_pipeline(spec: str | list[Pass] | None, insert: list[Insertion] | None = None,
-                   structural_options: dict[str, dict[str, Any]] | None = None) -> list[Pass]:
-    """Method passes from `spec` between analyze and select; structural passes in their fixed order."""
+                   structural_options: dict[str, dict[str, Any]] | None = None,
+                   registry: PassRegistry | None = None) -> list[Pass]:
+    """Method passes from `spec` between analyze and select; structural passes in their fixed order.
+
+    Names resolve through `registry` (default: a fresh `PassRegistry.default()` for this call)."""
+    registry = registry or PassRegistry.default()
     items = spec if isinstance(spec, list) else parse_pipeline(spec or "magnitude")
     methods: list[Pass] = []
     structural = {name: dict((structural_options or {}).get(name, {})) for name in STRUCTURAL}
@@ -140,9 +242,9 @@ def build_pipeline(spec: str | list[Pass] | None, insert: list[Insertion] | None
         if name in STRUCTURAL:
             structural[name].update(opts)
             continue
-        methods.append(p or make_pass(name, opts))
-    passes = [make_pass("analyze", structural["analyze"])] + methods
-    passes += [make_pass(n, structural[n]) for n in STRUCTURAL[1:]]
+        methods.append(p or registry.make(name, opts))
+    passes = [registry.make("analyze", structural["analyze"])] + methods
+    passes += [registry.make(n, structural[n]) for n in STRUCTURAL[1:]]
     for ins in insert or []:
         anchor = ins.before or ins.after
         idx = next((i for i, p in enumerate(passes) if p.name == anchor), None)

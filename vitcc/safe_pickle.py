@@ -30,9 +30,8 @@ import torch
 
 from vitcc.errors import VitccError
 
-__all__ = ["load", "MAX_INPUT_ELEMENTS"]
+__all__ = ["load"]
 
-MAX_INPUT_ELEMENTS = 2 ** 31
 _ROOTS = ("torch", "torchvision", "timm", "vitcc")
 _DENY = ("torch.hub", "torch.jit", "torch.serialization", "torch.utils", "torch.package", "torch.distributed",
          "torch.multiprocessing", "torch._dynamo", "torch._inductor", "torch.compiler", "torch.export", "torch.onnx",
@@ -496,13 +495,13 @@ def _check_input_shape(obj, path) -> None:
     """The input shape a model stores (vitcc_input_shape, meta, timm cfg) must describe a sane tensor."""
     if not isinstance(obj, torch.nn.Module):
         return
-    from vitcc.frontend import input_shape_for
+    from vitcc.frontend import MAX_INPUT_ELEMENTS, stored_input_shape
     try:
-        shape = input_shape_for(obj)
+        shape = stored_input_shape(obj)
     except VitccError:
         return  # none stored: the user is asked for --input-shape later
     except (TypeError, ValueError, OverflowError):
         raise VitccError(f"refusing to load {path}: its stored input shape is not a list of integers") from None
     if not 1 <= len(shape) <= 8 or any(d <= 0 for d in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS:
         raise VitccError(f"refusing to load {path}: its stored input shape {_short(shape)} is absurd (at most 8 "
-                         f"positive sizes and 2**31 elements)")
+                         f"positive sizes and {MAX_INPUT_ELEMENTS:,} elements)")

@@ -12,6 +12,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -19,8 +20,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app
+from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app, check_budget
 from vitcc.errors import VitccError
+from vitcc.outputs import Outputs
 
 
 def _batches(text: str) -> list[int]:
@@ -140,33 +142,37 @@ def bench_cmd(
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:
     """Time MODEL (and COMPILED) in eager PyTorch and onnxruntime on this machine; print a table."""
-    from vitcc import api
+    args = SimpleNamespace(**locals())
     batches, runtimes = _batches(batch), _runtimes(runtime)
     if threads < 1 or rounds < 1 or warmup < 0:
         raise VitccError("--threads and --rounds must be >= 1, --warmup >= 0")
     if compiled is not None and sparsity is not None:
         raise VitccError("give either COMPILED or --sparsity, not both")
-    if json_out is not None and not json_out.parent.exists():
-        raise VitccError(f"output folder {json_out.parent} does not exist; create it first")
-    torch.set_num_threads(threads)
-    m, example = _load(model, weights, arch, trust_pickle, input_shape)
+    check_budget(sparsity, align, target, passes if sparsity is not None else None)
+    with Outputs([model, compiled, weights]) as outputs:
+        tmp = outputs.plan(json_out, "--json")
+        result = _bench(args, batches, runtimes)
+        if tmp is not None:
+            tmp.write_text(json.dumps(result, indent=2))
+
+
+def _bench(a: SimpleNamespace, batches: list[int], runtimes: list[str]) -> dict:
+    """With the command's arguments `a`: load (and with --sparsity compile), time, print the table; the figures."""
+    from vitcc import api
+    torch.set_num_threads(a.threads)
+    m, example = _load(a.model, a.weights, a.arch, a.trust_pickle, a.input_shape)
     models = {"model": m.eval()}
-    if compiled is not None:
-        models["compiled"] = api.load(compiled, trust_pickle=trust_pickle).eval()
-    elif sparsity is not None:
-        if not 0.0 <= sparsity < 1.0:
-            raise VitccError(f"--sparsity must be in [0, 1), got {sparsity}")
-        r = api.compile(m, passes, sparsity=sparsity, example_inputs=example, target=target, align=align)
+    if a.compiled is not None:
+        models["compiled"] = api.load(a.compiled, trust_pickle=a.trust_pickle).eval()
+    elif a.sparsity is not None:
+        r = api.compile(m, a.passes, sparsity=a.sparsity, example_inputs=example, target=a.target, align=a.align)
         models["compiled"] = r.module.eval()
     console = Console(stderr=True)
     progress = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if console.is_terminal else None
-    result = run_bench(models, example, batches=batches, runtimes=runtimes, threads=threads, rounds=rounds,
-                       warmup=warmup, on_progress=progress)
-    result["model"], result["compiled"] = model, compiled
-    print_table(result, f"vitcc bench {model}" + (f" {compiled}" if compiled else
-                                                   f" (compiled at --sparsity {sparsity} --target {target} "
-                                                   f"--align {align})" if sparsity is not None else ""))
-    if json_out is not None:
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(json_out)
+    result = run_bench(models, example, batches=batches, runtimes=runtimes, threads=a.threads, rounds=a.rounds,
+                       warmup=a.warmup, on_progress=progress)
+    result["model"], result["compiled"] = a.model, a.compiled
+    print_table(result, f"vitcc bench {a.model}" + (f" {a.compiled}" if a.compiled else
+                                                     f" (compiled at --sparsity {a.sparsity} --target {a.target} "
+                                                     f"--align {a.align})" if a.sparsity is not None else ""))
+    return result

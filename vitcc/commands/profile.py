@@ -19,6 +19,7 @@ from rich.table import Table
 
 from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app
 from vitcc.errors import VitccError
+from vitcc.outputs import Outputs
 
 
 def _grid(text: str) -> list[float]:
@@ -107,15 +108,21 @@ def profile_cmd(
     fractions = _grid(grid)
     if align < 1 or rounds < 1 or (threads is not None and threads < 1):
         raise VitccError("--align, --rounds and --threads must be >= 1")
-    if json_out is not None and not json_out.parent.exists():
-        raise VitccError(f"output folder {json_out.parent} does not exist; create it first")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    m, example = _load(model, weights, arch, trust_pickle, input_shape)
-    err = Console(stderr=True)
-    progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
-    res = profile_model(m, example, grid=fractions, align=align, prune=prune, check=check, rounds=rounds,
-                        on_progress=progress)
+    with Outputs([model, weights]) as outputs:
+        tmp = outputs.plan(json_out, "--json")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        m, example = _load(model, weights, arch, trust_pickle, input_shape)
+        err = Console(stderr=True)
+        progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
+        res = profile_model(m, example, grid=fractions, align=align, prune=prune, check=check, rounds=rounds,
+                            on_progress=progress)
+        if tmp is not None:
+            tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        _print_profile(model, example, res, align, check)
+
+
+def _print_profile(model: str, example: tuple, res: dict, align: int, check: bool) -> None:
     out = Console(width=None if Console().is_terminal else 120)
     t = Table(title=f"vitcc profile {model} (input {tuple(example[0].shape)}, {res['machine']['threads']} "
                     f"thread(s), align {align})")
@@ -143,7 +150,3 @@ def profile_cmd(
         out.print(f"note: with {res['machine']['threads']} threads ops are timed in wall-clock time, which other "
                   "processes on this machine disturb; `--threads 1` (and `torch.set_num_threads(1)` or "
                   "OMP_NUM_THREADS=1 for compile) times them in CPU time")
-    if json_out is not None:
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-        tmp.replace(json_out)
