@@ -180,7 +180,7 @@ def verify(program: Program, keep: dict[int, np.ndarray], *, trials: int = 2, rt
     """Compare compact and masked on every chosen tensor and output leaf; the report, or VerificationError."""
     names = [n for n in compared_nodes(program) if n in _node_names(program.gm)]
     _check_same_ops(program, names)
-    reference = _MaskedRecorder(program.original, program.coupling, keep, names=names)
+    reference = _MaskedRecorder(program.original, program.coupling, keep, program.ops, names=names)
     compact = _CompactRecorder(program.gm, names=names)
     checks: dict[str, Check] = {}
     previous: dict[str, torch.Tensor] | None = None
