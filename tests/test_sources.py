@@ -307,8 +307,9 @@ def test_pt2_errors(tmp_path):
 
 # ---------------------------------------------------------------- spec errors and input shapes
 def test_spec_errors(tmp_path):
-    with pytest.raises(VitccError, match="--weights only applies to a timm:, torchvision:, hf: or py: spec"):
-        load_model(str(tmp_path / "m.pt"), weights="w.pt")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "sd.pt")
+    with pytest.raises(VitccError, match="--weights applies to a model spec or a model file"):
+        load_model(str(tmp_path / "sd.pt"), arch="timm:deit_tiny_patch16_224", weights="w.pt")
     with pytest.raises(VitccError, match="--arch only applies to a state-dict file; with a torchvision: spec"):
         load_model("torchvision:vit_b_16", arch="timm:deit_tiny_patch16_224")
     save_file({"w": torch.zeros(1)}, str(tmp_path / "sd.safetensors"))

@@ -384,11 +384,11 @@ def load_model(spec: str, *, weights: str | None = None, arch: str | None = None
     """Load `spec` (see FORMS) in eval mode; never unpickles untrusted globals unless trust_pickle."""
     source = parse_spec(spec)
     if source.kind == "file":
+        if weights and (arch or Path(spec).suffix == ".safetensors"):
+            raise VitccError("--weights applies to a model spec or a model file; pass a state-dict file as the "
+                             "model with --arch")
         model = _load_file(Path(spec), arch, trust_pickle)
         if weights:
-            if arch or Path(spec).suffix == ".safetensors":
-                raise VitccError("--weights applies to a model spec or a model file; pass a state-dict file as the "
-                                 "model with --arch")
             _load_state(model, _read_state_dict(weights), weights, spec)  # e.g. a fine-tuning checkpoint
         return model.eval()
     if arch:
