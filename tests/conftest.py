@@ -71,3 +71,126 @@ def unwritable_dir(tmp_path):
     finally:
         if folder != Path("/sys"):
             folder.chmod(0o700)
+
+
+# ---------------------------------------------------------------- a hand-written ViT (no timm, no transformers)
+class HandAttention(torch.nn.Module):
+    def __init__(self, dim, heads, fused=True, sdpa=True):
+        super().__init__()
+        self.heads, self.fused, self.sdpa = heads, fused, sdpa
+        if fused:
+            self.qkv = torch.nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        if self.fused:
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (f(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.sdpa:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class HandBlock(torch.nn.Module):
+    def __init__(self, dim, heads, hidden, **attn):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = HandAttention(dim, heads, **attn)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class HandPatchEmbed(torch.nn.Module):
+    """Says its input size the way timm does (img_size, proj.in_channels), so vitcc needs no --input-shape."""
+
+    def __init__(self, img_size, patch, in_chans, dim):
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.proj = torch.nn.Conv2d(in_chans, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class HandViT(torch.nn.Module):
+    """A plain ViT written by hand: fused or separate q/k/v, SDPA or explicit softmax, class token or mean pooling."""
+
+    def __init__(self, dim=48, depth=2, heads=3, hidden=96, img_size=32, patch=8, in_chans=3, num_classes=10,
+                 fused=True, sdpa=True, cls_token=True):
+        super().__init__()
+        self.patch_embed = HandPatchEmbed(img_size, patch, in_chans, dim)
+        tokens = (img_size // patch) ** 2 + cls_token
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02) if cls_token else None
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = torch.nn.Sequential(*(HandBlock(dim, heads, hidden, fused=fused, sdpa=sdpa)
+                                            for _ in range(depth)))
+        self.norm = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return self.head(x[:, 0] if self.cls_token is not None else x.mean(1))
+
+
+def hand_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    return HandViT(**kw).eval()
+
+
+# ---------------------------------------------------------------- Hugging Face transformers, from tiny configs
+HF_KINDS = ("vit", "deit", "deit_distilled", "dinov2", "beit", "swin", "swinv2")
+_HF_PLAIN = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=32,
+                 patch_size=8, num_labels=10)
+_HF_WINDOWED = dict(image_size=32, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                    num_labels=10)
+_HF = {  # kind: (config class, model class, config kwargs)
+    "vit": ("ViTConfig", "ViTForImageClassification", _HF_PLAIN),
+    "deit": ("DeiTConfig", "DeiTForImageClassification", _HF_PLAIN),
+    "deit_distilled": ("DeiTConfig", "DeiTForImageClassificationWithTeacher", _HF_PLAIN),
+    "dinov2": ("Dinov2Config", "Dinov2ForImageClassification", dict(_HF_PLAIN, mlp_ratio=2)),
+    "beit": ("BeitConfig", "BeitForImageClassification", dict(_HF_PLAIN, use_relative_position_bias=True)),
+    "swin": ("SwinConfig", "SwinForImageClassification", _HF_WINDOWED),
+    "swinv2": ("Swinv2Config", "Swinv2ForImageClassification", _HF_WINDOWED),
+}
+
+
+def hf_config(kind):
+    """A tiny transformers config for `kind` (one of HF_KINDS): 2 layers, width 24-48, 32x32 images."""
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, kw = _HF[kind]
+    config = getattr(transformers, config_cls)(**kw)
+    config.architectures = [model_cls]
+    return config
+
+
+def tiny_hf(kind, seed=0):
+    """A tiny transformers model of `kind` with random weights, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    config = hf_config(kind)
+    torch.manual_seed(seed)
+    return getattr(transformers, config.architectures[0])(config).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_vit_dir(tmp_path_factory):
+    """hf_vit_dir(kind) -> a save_pretrained folder (config.json + model.safetensors) of tiny_hf(kind), made once."""
+    made = {}
+
+    def make(kind):
+        if kind not in made:
+            made[kind] = tmp_path_factory.mktemp(f"hf_{kind}")
+            tiny_hf(kind).save_pretrained(made[kind])
+        return made[kind]
+    return make

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch.utils.data import DataLoader
 
 from .errors import VitccError
-from .capture import capture, export_program, source_meta, unlift
+from .capture import capture, export_program, source_meta
 from .groups import Group
 from .ir import Program
 from .spaces import find
@@ -218,13 +218,6 @@ def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None 
 
 def load(path: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Load a compiled model: a `.pt2` program (as a trainable GraphModule), or a `.pt` through the safe
-    unpickler (only torch/timm/vitcc classes)."""
-    if Path(path).suffix == ".pt2":
-        try:
-            ep = torch.export.load(str(path))
-        except Exception as e:
-            raise VitccError(f"cannot read {path}: {(str(e).splitlines() or [type(e).__name__])[0]}; "
-                             "expected a file written by torch.export.save") from None
-        return unlift(ep)
+    loader (a pickled GraphModule needs trust_pickle)."""
     from .frontend import load_model
     return load_model(str(path), trust_pickle=trust_pickle)

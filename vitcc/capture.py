@@ -16,14 +16,9 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import VitccError
+from .sources import recorded_meta as source_meta
 
 __all__ = ["capture", "export_program", "source_meta", "unlift"]
-
-
-def source_meta(model: Any) -> dict:
-    """What an earlier capture recorded about the source model (survives save/load as a plain attribute)."""
-    meta = dict(getattr(model, "vitcc_meta", None) or {})
-    return {**meta, **getattr(model, "meta", {})} if isinstance(model, fx.GraphModule) else meta
 
 
 @contextlib.contextmanager

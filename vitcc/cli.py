@@ -27,6 +27,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vitcc: structured pruning for vision transformers, with verified equivalence.")
 console = Console(stderr=True)
 DEFAULT_MODEL = "timm:deit_tiny_patch16_224"
+MODEL_HELP = ("timm:NAME, torchvision:NAME, hf:DIR (save_pretrained folder), py:MODULE:CALLABLE or py:FILE.py:CALLABLE, "
+              "an ExportedProgram (.pt2), a torch.save'd module (.pt), or a state dict with --arch")
+WEIGHTS_HELP = "state dict or safetensors to load into a timm:, torchvision:, hf: or py: model"
+ARCH_HELP = "the model a state-dict input belongs to: timm:NAME, torchvision:NAME, hf:DIR or py:MODULE:CALLABLE"
 # Kept widths rounded to multiples of 16: unaligned widths run up to 1.5x slower per FLOP in MKL's GEMMs, and
 # onnxruntime at batch 32 needs 16 where eager PyTorch is content with 8 (benchmarks/results/latency.md).
 DEFAULT_ALIGN = 16
@@ -73,7 +77,7 @@ def check_budget(sparsity: Optional[float], align: int, target: str, passes: Opt
 
 @app.command("compile")
 def compile_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL, help="timm:NAME, a torch.save'd module (.pt), or a state dict with --arch"),
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     passes: str = typer.Option("magnitude", "--passes", help="method passes, e.g. 'magnitude{p=1}' or 'lamp' "
                                "(`vitcc passes` lists them with their options)"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="fraction to remove, in [0, 1)"),
@@ -85,8 +89,8 @@ def compile_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
     report: Optional[Path] = typer.Option(None, "--report", help="write a JSON report"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="state dict to load into a timm model"),
-    arch: Optional[str] = typer.Option(None, "--arch", help="timm:NAME for a state-dict input"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="unpickle classes outside torch/timm/vitcc"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the equivalence check (not recommended)"),
@@ -226,10 +230,10 @@ def _summary(rep: dict, model: str) -> None:
 
 @app.command("inspect")
 def inspect_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL),
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    weights: Optional[str] = typer.Option(None, "--weights"),
-    arch: Optional[str] = typer.Option(None, "--arch"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:
