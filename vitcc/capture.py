@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
 
 import torch
 import torch.fx as fx
