@@ -5,15 +5,25 @@ from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, register_pass
 
 
+def is_impure(node) -> bool:
+    """Only what writes matters: an in-place aten op (its schema mutates an argument) or the graph's ends.
+    fx's default also keeps random ops, so a dead branch's dropout (p=0 in eval) would keep it alive."""
+    if node.op in ("placeholder", "output"):
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable) or (node.op == "call_function" and schema is None
+                                                              and node.target.__module__ not in ("_operator",))
+
+
 @register_pass("dce", kind="structural")
 class DeadCodeElimination(Pass):
     def run(self, program: Program) -> PassResult:
         gm = program.gm
         before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         gm.delete_all_unused_submodules()
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        live_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        live_modules: set = set()
         removed = 0
         for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
             owner = name.rpartition(".")[0]

@@ -15,6 +15,8 @@ from torch.utils._pytree import tree_leaves
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, register_pass
 
+from .dce import is_impure
+
 aten = torch.ops.aten
 
 
@@ -35,7 +37,7 @@ class Fold(Pass):
             bias = _attr(gm, b.target) if b is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
             _replace_with_constant(gm, node, bias.detach(), f"_vitcc_folded_{i}")
         _fold_constants(gm)
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         gm.recompile()
         with torch.no_grad():
             out = gm(*program.example_inputs)

@@ -5,6 +5,7 @@ so only the internal comparisons (residual stream, branch outputs) can catch the
 test-only code: a pass inserted after rewrite that edits the compact program, or a monkeypatch of the
 masked reference; each one also asserts that it changed something, so no test passes vacuously.
 """
+import dataclasses
 import operator
 
 import pytest
@@ -138,11 +139,14 @@ def test_norm_over_all_channels_fails(classifier, monkeypatch):
     """The masked reference normalizes over every channel (zeros included) instead of the kept ones."""
     calls = []
 
-    def full_statistics(self, n):
-        calls.append(n.name)
-        return None
+    def full_statistics(interp, node, args, kwargs):
+        calls.append(node.name)
+        return None  # no masked semantics: the op runs over zeroed channels with the full divisor
 
-    monkeypatch.setattr(vitcc.masking.MaskedInterpreter, "_masked_norm", full_statistics)
+    table = vitcc.default_table()
+    norm = torch.ops.aten.layer_norm
+    table.entries[norm] = dataclasses.replace(table.entries[norm], masked=full_statistics)
+    monkeypatch.setattr(vitcc.api, "default_table", table.copy)
     compile_mutated(classifier, lambda program: 1)
     assert calls, "no norm was evaluated by the reference"
 

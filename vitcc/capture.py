@@ -8,10 +8,14 @@ takes any batch size. Nodes get `tensor_meta` at the example input's shape.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+
+from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import VitccError
@@ -34,19 +38,52 @@ def _no_mha_fastpath():
             mha.set_fastpath_enabled(before)
 
 
+def batch_dim(x: Any) -> int | None:
+    """The batch axis of an example input: the first of size 1 (vitcc's examples have batch 1; a
+    sequence-first (L, 1, E) input has it second), else the first axis."""
+    if not isinstance(x, torch.Tensor) or not x.dim():
+        return None
+    return next((d for d, n in enumerate(x.shape) if n == 1), 0)
+
+
 def _batched(example_inputs: tuple) -> tuple:
     """A batch of 2 lets torch.export keep the batch symbolic (a size-1 dimension would be specialised)."""
-    return tuple(x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1
-                 else x for x in example_inputs)
+    out = []
+    for x in example_inputs:
+        d = batch_dim(x)
+        if d is not None and x.shape[d] == 1:
+            x = x.expand(*x.shape[:d], 2, *x.shape[d + 1:]).clone()
+        out.append(x)
+    return tuple(out)
+
+
+def _register_output_dataclasses(model: torch.nn.Module, example_inputs: tuple) -> None:
+    """torch.export flattens outputs with pytree: a plain dataclass the model returns must be registered
+    (HF's ModelOutput classes register themselves)."""
+    with torch.no_grad():
+        out = model(*example_inputs)
+    todo = [out]
+    while todo:
+        v = todo.pop()
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            if type(v) not in pytree.SUPPORTED_NODES:
+                torch.export.register_dataclass(type(v))
+            todo += [getattr(v, f.name) for f in dataclasses.fields(v)]
+        elif isinstance(v, (list, tuple)):
+            todo += list(v)
+        elif isinstance(v, dict):
+            todo += list(v.values())
 
 
 def export_program(model: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True):
     """torch.export.export with a dynamic batch dimension on every tensor input (falling back to static)."""
+    _register_output_dataclasses(model, example_inputs)
     args = _batched(example_inputs) if dynamic_batch else tuple(example_inputs)
     errors = []
     for dynamic in ((True, False) if dynamic_batch else (False,)):
-        shapes = tuple({0: torch.export.Dim("batch", min=1, max=1 << 20)} if isinstance(x, torch.Tensor) and x.dim()
-                       else None for x in args) if dynamic else None
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        shapes = tuple({batch_dim(x): batch} if batch_dim(x) is not None else None
+                       for x in example_inputs) if dynamic else None
         try:
             with _no_mha_fastpath(), torch.enable_grad():
                 return torch.export.export(model, args if dynamic else tuple(example_inputs),

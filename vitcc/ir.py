@@ -45,7 +45,8 @@ class Program:
         aliases = self.coupling.aliases
         for leaf in spaces_of([axis]):
             r = find(leaf)
-            if r.id in roots or (r in aliases and find(aliases[r][0]).id in roots):
+            copies = spaces_of([(aliases[r][0],)]) if r in aliases else []
+            if r.id in roots or any(find(c).id in roots for c in copies):
                 return True
         return False
 

@@ -56,7 +56,8 @@ class MaskedInterpreter(fx.Interpreter):
         if out is None:
             out = super().run_node(n)
         m = self.mask(n.name, out)
-        return out * m if m is not None else out
+        # where, not multiply: a removed position is zero even where the op made it NaN (0/0 after masking)
+        return torch.where(m != 0, out, torch.zeros((), dtype=out.dtype)) if m is not None else out
 
 
 def run_masked(program, keep: dict[int, np.ndarray], *inputs: torch.Tensor) -> Any:
