@@ -144,8 +144,9 @@ def fold_gates(program: Program, placed: dict[str, list[PlacedGate]]) -> None:
 
 
 def _scale(gm: fx.GraphModule, p: PlacedGate) -> torch.Tensor:
-    gate = attr_of(gm, p.gate).detach()
-    return torch.cat([gate, gate.new_ones(1)])[attr_of(gm, p.index)]
+    """The factor the gate nodes multiply by, as the graph computes it."""
+    padded = aten.constant_pad_nd.default(attr_of(gm, p.gate).detach(), [0, 1], 1.0)
+    return aten.index_select.default(padded, 0, attr_of(gm, p.index))
 
 
 def gate_params(program: Program, placed: dict[str, list[PlacedGate]]) -> dict[str, nn.Parameter]:
