@@ -14,6 +14,8 @@
 * **Default kinds.** A method narrows the default `prune` kinds (when the user gave none) to those it was
   designed for; several methods in one pipeline take the union.
 * **Data and training** through `vitcc.train.finetune`, with one-line errors when data is missing.
+* **Graph surgery** on the captured aten graph (vtp's gates, lowrank's factorisation) starts from
+  `linear_nodes`: the aten.linear nodes whose weight (and bias) are parameters only they read.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import copy
 
 import numpy as np
 import torch
+import torch.fx as fx
 
 from vitcc.errors import VitccError
 from vitcc.ir import Program
@@ -28,6 +31,8 @@ from vitcc.pipeline import Option
 from vitcc.spaces import axis_kept, find, normalize
 
 from .magnitude import _axis_index_map, group_norms
+
+aten = torch.ops.aten
 
 
 # -- score ownership ---------------------------------------------------------------------------------
@@ -150,6 +155,36 @@ def group_energy(program: Program, group, tensors: dict[str, torch.Tensor]) -> t
         sel = idx >= 0
         total.index_add_(0, idx[sel], rows[sel])
     return total
+
+
+# -- graph surgery on aten.linear ------------------------------------------------------------------------
+
+def attr_of(gm: fx.GraphModule, target: str):
+    """The tensor or module a get_attr target names (a dotted state-dict name)."""
+    owner, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def linear_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Weight name -> its aten.linear node, for linears that alone read their weight and bias parameters.
+
+    Only such a linear can have its rows rescaled (vtp) or be replaced (lowrank) without changing another
+    op that reads the same tensor (tied weights, a weight reused by a second call).
+    """
+    readers: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(n.target, []).extend(n.users)
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not aten.linear.default:
+            continue
+        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        tensors = [t for t in (w, b) if t is not None]
+        if all(isinstance(t, fx.Node) and t.op == "get_attr" and readers.get(t.target) == [n] for t in tensors):
+            out[w.target] = n
+    return out
 
 
 # -- data and training -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ What the paper **states**:
 - it prunes individual weights (unstructured masks), one shot, then fine-tunes.
 
 What vitcc **reconstructs / adds**:
-- families are found from the graph, not from layer names: a Linear whose rows carry attention heads or
+- families are found from the graph, not from layer names: a linear weight whose rows carry attention heads or
   head dims is QKV, one whose columns carry them is PRJ, one touching an MLP hidden group is MLP;
 - `granularity=channel` (the default, NOT the paper): the same distortion score on whole channels, with
   a channel's group energy (sum of squares of every slice it owns) in place of `w^2`, sorted inside its

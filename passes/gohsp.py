@@ -42,7 +42,6 @@ import networkx as nx
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from vitcc.coupling import is_ttype
 from vitcc.errors import VitccError
@@ -56,12 +55,13 @@ from ._common import (calibration, claim, default_kinds, epochs_of, fill_fallbac
 from ._common import SPARSITY_TRAINING_OPTIONS
 from .magnitude import group_norms
 
-_MATMULS = {"matmul", "bmm", torch.matmul, torch.bmm}
+aten = torch.ops.aten
+# ops whose output can be a head's output: fused attention, attn @ v as matmul/bmm, or an einsum
+_ATTENTION_PRODUCTS = {aten.scaled_dot_product_attention, aten.matmul, aten.bmm, aten.einsum}
 
 
 def _is_attention_product(node: fx.Node) -> bool:
-    import operator
-    return node.target is F.scaled_dot_product_attention or node.target in _MATMULS or node.target is operator.matmul
+    return node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _ATTENTION_PRODUCTS
 
 
 def attention_outputs(program: Program) -> list[tuple[object, str, int]]:

@@ -6,9 +6,13 @@ replaces the attention projections by low-rank approximations and prunes the MLP
 compression with +14% relative error increase, against 44% and +20% for pruning alone).
 
 What vitcc **reconstructs**:
-- every attention projection (a Linear whose rows carry heads/head dims: qkv, or q, k, v; or whose columns
-  do: proj) is replaced, by torch.fx graph surgery, with two Linears `in -> r -> out` from the truncated
-  SVD `W ~ (U_r S_r^1/2)(S_r^1/2 V_r^T)` (the bias stays on the second). The Frobenius error is exactly
+- every attention projection (an aten.linear whose weight rows carry heads/head dims: qkv, or q, k, v; or
+  whose columns do: proj; its weight and bias read by that linear only) is replaced, by graph surgery on
+  the captured aten graph, with two aten.linear nodes `in -> r -> out` from the truncated SVD
+  `W ~ (U_r S_r^1/2)(S_r^1/2 V_r^T)` (the bias stays on the second). Their parameters are
+  `<linear>.down.weight` and `<linear>.up.weight`/`.bias`: child modules of the old weight's owner, which
+  loses `weight` and `bias` (nn.MultiheadAttention's packed `X.in_proj_weight` becomes `X.in_proj.down`
+  and `X.in_proj.up`); shapes are propagated again and the analysis re-runs. The Frobenius error is exactly
   the energy of the discarded singular values. A factorisation only saves parameters while
   `r < in*out/(in+out)`; vitcc never builds one that does not (projections too small to save are left);
 - the rank: `energy=E` (smallest rank keeping the fraction E of sum(sigma^2)) or `rank_ratio=q` (q times
@@ -32,16 +36,19 @@ import math
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
+from vitcc.capture import propagate_shapes
 from vitcc.cost import estimate
+from vitcc.coupling import named_arg
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, make_pass, register_pass
 from vitcc.pipeline import Option
 
-from ._common import claim, default_kinds, fill_fallback, rebase
+from ._common import attr_of, claim, default_kinds, fill_fallback, linear_nodes, rebase
 from .dimap import module_families
+
+aten = torch.ops.aten
 
 
 def break_even(in_f: int, out_f: int) -> int:
@@ -78,45 +85,73 @@ def choose_rank(S: torch.Tensor, in_f: int, out_f: int, energy=None, rank_ratio=
 
 
 def attention_projections(program: Program) -> list[tuple[str, fx.Node]]:
-    """(Linear target, its call node) of every attention projection called once as a module."""
-    calls: dict[str, list[fx.Node]] = {}
-    for n in program.gm.graph.nodes:
-        if n.op == "call_module":
-            calls.setdefault(n.target, []).append(n)
+    """(linear name, its aten.linear node) of every attention projection: a QKV or PRJ weight read by one
+    linear only. The linear name is what its factors are registered under: the weight's owner for
+    `X.weight` (`blocks.0.attn.qkv`), `X.in_proj` for a packed `X.in_proj_weight` (nn.MultiheadAttention)."""
+    by_weight = linear_nodes(program.gm)
     out = []
     for wname, fam in module_families(program).items():
-        if fam not in ("QKV", "PRJ"):
-            continue
-        target = wname[: -len(".weight")]
-        try:
-            mod = program.gm.get_submodule(target)
-        except AttributeError:
-            continue
-        if type(mod) is nn.Linear and len(calls.get(target, [])) == 1:
-            out.append((target, calls[target][0]))
+        base = _factor_base(program.gm, wname)
+        if fam in ("QKV", "PRJ") and wname in by_weight and base is not None:
+            out.append((base, by_weight[wname]))
     return out
 
 
+def _factor_base(gm: fx.GraphModule, weight: str) -> str | None:
+    """Where a weight's factors go: its owner for `X.weight`, a new child `X.p` for `X.p_weight`."""
+    if weight.endswith(".weight"):
+        base = weight[: -len(".weight")]
+        holder = gm.get_submodule(base) if base else gm
+        return None if hasattr(holder, "down") or hasattr(holder, "up") else base
+    if weight.endswith("_weight"):
+        base = weight[: -len("_weight")]
+        owner, leaf = _owner_and_leaf(gm, base)
+        return None if hasattr(owner, leaf) else base
+    return None
+
+
+def _factor_module(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A parameter holder like the captured graph's owners: `.weight` (and `.bias`), no forward."""
+    m = nn.Module()
+    m.weight = nn.Parameter(weight.detach().clone())
+    if bias is not None:
+        m.bias = nn.Parameter(bias.detach().clone())
+    return m
+
+
 def replace_linear(gm: fx.GraphModule, target: str, node: fx.Node, down: torch.Tensor, up: torch.Tensor) -> None:
-    """Swap the Linear `target` for `target.down` (no bias) then `target.up` (the old bias)."""
-    lin = gm.get_submodule(target)
-    r = down.shape[0]
-    pair = nn.Module()
-    pair.down = nn.Linear(lin.in_features, r, bias=False, dtype=lin.weight.dtype, device=lin.weight.device)
-    pair.up = nn.Linear(r, lin.out_features, bias=lin.bias is not None, dtype=lin.weight.dtype,
-                        device=lin.weight.device)
-    with torch.no_grad():
-        pair.down.weight.copy_(down)
-        pair.up.weight.copy_(up)
-        if lin.bias is not None:
-            pair.up.bias.copy_(lin.bias)
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, leaf, pair)
-    with gm.graph.inserting_before(node):
-        d = gm.graph.call_module(target + ".down", node.args, node.kwargs)
-    node.target = target + ".up"
-    node.args, node.kwargs = (d,), {}
+    """Swap the aten.linear `node` (weight `target.weight`) for two: `target.down` (no bias), then `target.up`
+    (the old bias). The new parameters live in child modules of the old weight's owner."""
+    owner = _holder(gm, target)
+    x, w_node, b_node = (named_arg(node, n) for n in ("input", "weight", "bias"))
+    bias = attr_of(gm, b_node.target) if b_node is not None else None
+    owner.add_module("down", _factor_module(down, None))
+    owner.add_module("up", _factor_module(up, bias))
+    g = gm.graph
+    with g.inserting_before(node):
+        down_w = g.get_attr(target + ".down.weight")
+        up_w = g.get_attr(target + ".up.weight")
+        up_b = g.get_attr(target + ".up.bias") if bias is not None else None
+        d = g.call_function(aten.linear.default, (x, down_w))
+    node.args = (d, up_w, up_b) if bias is not None else (d, up_w)
+    node.kwargs = {}
+    for old in (w_node, b_node):
+        if old is not None:
+            g.erase_node(old)
+            delattr(*_owner_and_leaf(gm, old.target))
+
+
+def _holder(gm: fx.GraphModule, target: str) -> nn.Module:
+    """The module `target`, created (empty) where it does not exist yet."""
+    parent, leaf = _owner_and_leaf(gm, target)
+    if not hasattr(parent, leaf):
+        parent.add_module(leaf, nn.Module())
+    return getattr(parent, leaf)
+
+
+def _owner_and_leaf(gm: fx.GraphModule, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return (gm.get_submodule(owner) if owner else gm), leaf
 
 
 @register_pass("lowrank")
@@ -145,13 +180,13 @@ class Lowrank(Pass):
             before = gm(*program.example_inputs)
         done, singular = {}, {}
         for target, node in attention_projections(program):
-            lin = gm.get_submodule(target)
-            out_f, in_f = lin.weight.shape
+            weight = attr_of(gm, named_arg(node, "weight").target)
+            out_f, in_f = weight.shape
             if break_even(in_f, out_f) < 1:
                 continue
-            S = torch.linalg.svdvals(lin.weight.detach().double())
+            S = torch.linalg.svdvals(weight.detach().double())
             r = choose_rank(S, in_f, out_f, energy, ratio)
-            down, up, S = factorise(lin.weight, r)
+            down, up, S = factorise(weight, r)
             total = float((S ** 2).sum())
             done[target] = {"in": in_f, "out": out_f, "rank": r, "break_even": break_even(in_f, out_f),
                             "params_before": in_f * out_f, "params_after": r * (in_f + out_f),
@@ -161,8 +196,9 @@ class Lowrank(Pass):
             replace_linear(gm, target, node, down, up)
         if not done:
             raise VitccError("lowrank found no attention projection it can factorise with fewer parameters")
+        gm.graph.lint()
         gm.recompile()
-        ShapeProp(gm).propagate(*program.example_inputs)
+        propagate_shapes(gm, program.example_inputs)
         make_pass("analyze").run(program)
         rebase(program)
         with torch.no_grad():

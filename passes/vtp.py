@@ -9,8 +9,10 @@ What the paper **states**:
   (proj input) and the MLP hidden dimensions (and, in the paper, on the qkv and fc1 inputs).
 
 What vitcc **reconstructs / departs from**:
-- gates are inserted into the traced graph as `x * gate[index]` right after the Linear that produces the
-  gated dimension (qkv rows for head dims, fc1 rows for MLP neurons), one gate per index of a head-dim
+- gates are inserted into the captured aten graph as `x * pad(gate, 1)[index]` (aten.constant_pad_nd,
+  index_select, mul; the gate a parameter `vtp_gate_<k>` of the GraphModule) right after the aten.linear
+  that produces the gated dimension (qkv rows for head dims, fc1 rows for MLP neurons; a linear whose
+  weight is a parameter read by that linear only), one gate per index of a head-dim
   group (q/k dims; v dims = the proj input) or MLP hidden group. A head dim's gate is shared by all heads
   of the block (vitcc keeps the same head-dim indices in every head), so pruning stays balanced per head;
   the unofficial code prunes head dims unevenly and scrambles heads: not copied. A q/k dim's gate scales
@@ -22,111 +24,133 @@ What vitcc **reconstructs / departs from**:
 - scores are |gate|; one global threshold over all gates (select's family "vtp"), so pruning lands where
   gates are small, typically the MLP (the paper's observation). `scores=norm` (ablation) ranks the same
   dimensions of the same trained model by group norm, uniformly per group, instead;
-- removing the gates folds them into the producing Linear (rows and bias scaled by the gate): the
-  model computes exactly what the gated model computed (to float rounding), and the masked reference
-  (`program.original`) becomes that trained, folded model.
+- removing the gates folds them into the producing linear (rows and bias scaled by the gate) and
+  erases their nodes, parameters and buffers: the graph is the ungated one node for node (so the analysis
+  stays valid), computing exactly what the gated model computed (to float rounding); the masked
+  reference (`program.original`) becomes that trained, folded model.
 Other groups (residual, heads when asked with --prune) get magnitude fallback scores. Default kinds:
 head_dim, mlp. Order: after lowrank (whose re-analysis would invalidate scores of earlier passes).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 from torch import nn
 
+from vitcc.capture import propagate_shapes
+from vitcc.coupling import named_arg
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Pass, PassResult, register_pass
 from vitcc.pipeline import Option
 
-from ._common import (claim, default_kinds, epochs_of, fill_fallback, index_map_of, rebase, sparsity_train,
-                      train_loader)
+from ._common import (attr_of, claim, default_kinds, epochs_of, fill_fallback, index_map_of, linear_nodes, rebase,
+                      sparsity_train, train_loader)
 from ._common import SPARSITY_TRAINING_OPTIONS
 from .magnitude import group_norms
 
 GATED_KINDS = ("head_dim", "mlp")
+aten = torch.ops.aten
 
 
-class Gate(nn.Module):
-    """`x * gate[index]` along the last axis; index -1 means not gated (factor 1)."""
-
-    def __init__(self, gate: nn.Parameter, index: torch.Tensor):
-        super().__init__()
-        self.gate = gate
-        self.register_buffer("index", index.long(), persistent=False)
-
-    def scale(self) -> torch.Tensor:
-        return torch.cat([self.gate, self.gate.new_ones(1)])[self.index]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale()
+@dataclass
+class PlacedGate:
+    """One gate application: `mul = linear * pad(gate, 1)[index]`, all of it vtp's own graph nodes."""
+    gate: str  # the gate parameter's attribute on the GraphModule (shared by a group's producers)
+    index: str  # buffer: for each output row of the linear, its gate index (gate size = not gated)
+    weight: str  # the producing linear's weight (its rows and bias get the gate on folding)
+    bias: str | None
+    linear: fx.Node
+    nodes: list[fx.Node]  # the gate's nodes, last one the mul
 
 
-def _producers(program: Program, group) -> list[tuple[str, fx.Node]]:
-    """Linear modules whose output rows lie on the group, each called exactly once in the graph."""
-    out = []
-    calls: dict[str, list[fx.Node]] = {}
-    for n in program.gm.graph.nodes:
-        if n.op == "call_module":
-            calls.setdefault(n.target, []).append(n)
-    for m in group.members:
-        if m.axis != 0 or not m.param.endswith(".weight"):
-            continue
-        target = m.param[: -len(".weight")]
-        try:
-            mod = program.gm.get_submodule(target)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.Linear) and len(calls.get(target, [])) == 1:
-            out.append((target, calls[target][0]))
-    return out
+def _producers(by_weight: dict[str, fx.Node], group) -> list[tuple[str, fx.Node]]:
+    """(weight name, aten.linear node) of every linear whose output rows lie on the group."""
+    return [(m.param, by_weight[m.param]) for m in group.members if m.axis == 0 and m.param in by_weight]
 
 
-def insert_gates(program: Program, groups) -> dict[str, list]:
-    """Insert gate nodes for `groups`; returns group name -> [(gate module name, Linear target)]."""
+def _gate_nodes(gm: fx.GraphModule, node: fx.Node, gate: str, index: str) -> list[fx.Node]:
+    """`node * constant_pad_nd(gate, [0, 1], 1.0)[index]` as aten nodes right after `node`."""
+    g = gm.graph
+    with g.inserting_after(node):
+        gate_n = g.get_attr(gate)
+    with g.inserting_after(gate_n):
+        index_n = g.get_attr(index)
+    with g.inserting_after(index_n):
+        padded = g.call_function(aten.constant_pad_nd.default, (gate_n, [0, 1], 1.0))
+    with g.inserting_after(padded):
+        scale = g.call_function(aten.index_select.default, (padded, 0, index_n))
+    with g.inserting_after(scale):
+        mul = g.call_function(aten.mul.Tensor, (node, scale))
+    return [gate_n, index_n, padded, scale, mul]
+
+
+def insert_gates(program: Program, groups) -> dict[str, list[PlacedGate]]:
+    """Insert gate nodes for `groups` after their producing linears; returns group name -> its gates.
+
+    Each group gets one gate parameter `vtp_gate_<k>` (ones: the identity) on the GraphModule, shared by
+    all its producers (q and k rows of every head for a q/k dim) through per-linear index buffers.
+    """
     gm = program.gm
-    placed: dict[str, list] = {}
-    i = 0
+    placed: dict[str, list[PlacedGate]] = {}
+    by_weight = linear_nodes(gm)
     for g in groups:
-        prods = _producers(program, g)
+        prods = _producers(by_weight, g)
         if not prods:
             continue
-        gate = nn.Parameter(torch.ones(g.size))
-        for target, node in prods:
-            name = f"vtp_gate_{i}"
-            i += 1
-            index = index_map_of(program, g, target + ".weight", 0)
-            gm.add_submodule(name, Gate(gate, index))
-            with gm.graph.inserting_after(node):
-                gnode = gm.graph.call_module(name, (node,))
-            node.replace_all_uses_with(gnode, delete_user_cb=lambda u, gnode=gnode: u is not gnode)
-            placed.setdefault(g.name, []).append((name, target))
+        k = len(placed)
+        gate = f"vtp_gate_{k}"
+        like = attr_of(gm, prods[0][0])
+        gm.register_parameter(gate, nn.Parameter(torch.ones(g.size, dtype=like.dtype, device=like.device)))
+        for j, (weight, node) in enumerate(prods):
+            index = index_map_of(program, g, weight, 0)
+            name = f"vtp_gate_{k}_index_{j}"
+            index = torch.where(index < 0, g.size, index).long().to(like.device)
+            gm.register_buffer(name, index, persistent=False)
+            nodes = _gate_nodes(gm, node, gate, name)
+            node.replace_all_uses_with(nodes[-1], delete_user_cb=lambda u, mul=nodes[-1]: u is not mul)
+            bias = named_arg(node, "bias")
+            placed.setdefault(g.name, []).append(
+                PlacedGate(gate, name, weight, bias.target if bias is not None else None, node, nodes))
+    gm.graph.lint()
     gm.recompile()
+    propagate_shapes(gm, program.example_inputs)
     return placed
 
 
-def fold_gates(program: Program, placed: dict[str, list]) -> None:
-    """Scale each producing Linear's rows and bias by its gate, then remove the gate nodes and modules."""
+def fold_gates(program: Program, placed: dict[str, list[PlacedGate]]) -> None:
+    """Scale each producing linear's rows and bias by its gate, then remove every gate node and tensor."""
     gm = program.gm
-    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     with torch.no_grad():
         for entries in placed.values():
-            for name, target in entries:
-                gate_mod = gm.get_submodule(name)
-                lin = gm.get_submodule(target)
-                s = gate_mod.scale().detach()
-                lin.weight.mul_(s[:, None].to(lin.weight.dtype))
-                if lin.bias is not None:
-                    lin.bias.mul_(s.to(lin.bias.dtype))
-                gnode = nodes[name]
-                gnode.replace_all_uses_with(gnode.args[0])
-                gm.graph.erase_node(gnode)
-                gm.delete_submodule(name)
+            for p in entries:
+                s = _scale(gm, p)
+                w = attr_of(gm, p.weight)
+                w.mul_(s[:, None].to(w.dtype))
+                if p.bias is not None:
+                    b = attr_of(gm, p.bias)
+                    b.mul_(s.to(b.dtype))
+                p.nodes[-1].replace_all_uses_with(p.nodes[-1].args[0])  # the linear, or another gate on it
+                for n in reversed(p.nodes):
+                    gm.graph.erase_node(n)
+                delattr(gm, p.index)
+        for gate in {p.gate for entries in placed.values() for p in entries}:
+            delattr(gm, gate)
+    gm.graph.lint()
     gm.recompile()
+    propagate_shapes(gm, program.example_inputs)
 
 
-def gate_params(program: Program, placed: dict[str, list]) -> dict[str, nn.Parameter]:
-    return {gname: program.gm.get_submodule(entries[0][0]).gate for gname, entries in placed.items()}
+def _scale(gm: fx.GraphModule, p: PlacedGate) -> torch.Tensor:
+    """The factor the gate nodes multiply by, as the graph computes it."""
+    padded = aten.constant_pad_nd.default(attr_of(gm, p.gate).detach(), [0, 1], 1.0)
+    return aten.index_select.default(padded, 0, attr_of(gm, p.index))
+
+
+def gate_params(program: Program, placed: dict[str, list[PlacedGate]]) -> dict[str, nn.Parameter]:
+    return {gname: attr_of(program.gm, entries[0].gate) for gname, entries in placed.items()}
 
 
 @register_pass("vtp")
@@ -154,7 +178,7 @@ class Vtp(Pass):
         params = list(gates.values())
 
         def l1(_model):
-            return lam * sum(p.abs().sum() for p in params)
+            return lam * sum((p.abs().sum() for p in params), torch.zeros(()))
         history = sparsity_train(program, "vtp", self.options, epochs=epochs, extra_loss=l1)
         values = {name: p.detach().abs().clone() for name, p in gates.items()}
         fold_gates(program, placed)

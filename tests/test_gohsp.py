@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import vitcc
@@ -47,7 +46,7 @@ def test_finds_one_attention_output_per_block(fused):
     nodes = {n.name: n for n in p.gm.graph.nodes}
     for g, name, axis in found:
         assert axis == 1  # (batch, heads, tokens, head dim)
-        assert (nodes[name].target is F.scaled_dot_product_attention) == fused
+        assert (nodes[name].target is torch.ops.aten.scaled_dot_product_attention.default) == fused
 
 
 def test_pagerank_is_the_stationary_distribution_of_the_teleporting_chain():

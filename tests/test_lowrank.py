@@ -110,3 +110,29 @@ def test_methods_run_from_the_command_line_on_offline_data(tmp_path, passes):
     assert any(v.startswith(first) for v in report["score_source"].values())
     x = torch.randn(1, 3, 32, 32)
     assert vitcc.load(out, trust_pickle=True)(x).shape == (1, 10)
+
+
+class _Encoder(torch.nn.Module):
+    """nn.TransformerEncoder on token features: attention through nn.MultiheadAttention's packed in_proj."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(48, 3, 96, dropout=0.0, batch_first=True)
+        self.emb = torch.nn.Linear(12, 48)
+        self.layers = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.head(self.layers(self.emb(x)).mean(1))
+
+
+def test_multihead_attention_packed_projections_are_factorised():
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0))
+    r = vitcc.compile(_Encoder().eval(), "lowrank", sparsity=0.3, example_inputs=(x,))
+    assert r.report["max_abs_error"] < 1e-4
+    assert set(r.program.options["lowrank"]["projections"]) == {
+        f"layers.layers.{i}.self_attn.{p}" for i in range(2) for p in ("in_proj", "out_proj")}
+    names = dict(r.module.named_parameters())
+    assert "layers.layers.0.self_attn.in_proj.up.bias" in names
+    assert not any(n.endswith("in_proj_weight") for n in names)

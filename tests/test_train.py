@@ -129,3 +129,36 @@ def test_finetune_compact_graphmodule_with_checkpoints_and_resume(digits, tmp_pa
     assert len(h["loss"]) == 2 and (tmp_path / "epoch002.pt").exists()
     sd, want = resumed.state_dict(), straight.state_dict()
     assert all(torch.equal(sd[k], want[k]) for k in want)  # resuming gives the uninterrupted result
+
+
+def test_compact_graph_trains_through_aten_ops(digits):
+    from torch import nn
+    from vitcc.train import _unused_parameters
+    train, _ = digits
+    small = vitcc.compile(small_vit(), "magnitude", sparsity=0.5, example_inputs=(torch.randn(1, 3, 8, 8),)).module
+    assert not any(n.op == "call_module" for n in small.graph.nodes)  # parameters are get_attr nodes
+    x, y = next(iter(train))
+    small.train()
+    torch.nn.functional.cross_entropy(small(x), y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in small.parameters())
+    assert not _unused_parameters(small)  # DDP needs no unused-parameter search on a compact graph
+    small.register_parameter("stray", nn.Parameter(torch.zeros(3)))
+    assert _unused_parameters(small)
+
+
+def test_dropout_and_drop_path_are_captured_in_eval_mode():
+    """The compact graph's train flags are baked in: fine-tuning it runs without dropout or drop path."""
+    import timm
+    torch.manual_seed(0)
+    eager = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, embed_dim=48,
+                              depth=1, num_heads=3, num_classes=10, drop_rate=0.5, proj_drop_rate=0.5,
+                              drop_path_rate=0.5)
+    x = torch.randn(4, 3, 8, 8)
+    small = vitcc.compile(eager, "magnitude", sparsity=0.0, example_inputs=(x[:1],)).module
+    drops = [n for n in small.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    assert drops and all(n.args[2] is False for n in drops)
+    eager.train(), small.train()
+    assert not torch.equal(eager(x), eager(x))
+    assert torch.equal(small(x), small(x)) and small.training
+    eager.eval()
+    assert torch.allclose(small(x), eager(x), atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import vitcc
-from conftest import image, tiny_vit
+from conftest import hand_vit, image, tiny_vit
 from vitcc.data import make_loaders
 from vitcc.frontend import trace
 from vitcc.ir import Program
@@ -32,14 +32,19 @@ def _program(model, x):
     return p
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_gates_fold_exactly(fused):
+MODELS = {"timm_fused": lambda: tiny_vit(fused=True), "timm_unfused": lambda: tiny_vit(fused=False),
+          "hand_separate_qkv_softmax": lambda: hand_vit(fused=False, sdpa=False)}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_gates_fold_exactly(model):
     x = image(batch=4)
-    m = tiny_vit(fused=fused)
+    m = MODELS[model]()
     p = _program(m, x)
     with torch.no_grad():
         want = p.gm(x)
     groups = [g for g in p.groups if g.kind in ("head_dim", "mlp")]
+    code_before, n_before = p.gm.code, len(p.gm.graph.nodes)
     placed = insert_gates(p, groups)
     assert set(placed) == {g.name for g in groups}  # q/k dims, v dims (proj input), MLP hidden; no residual
     with torch.no_grad():
@@ -48,10 +53,14 @@ def test_gates_fold_exactly(fused):
         for gate in gate_params(p, placed).values():
             gate.copy_(torch.rand(gate.shape, generator=gen) * 2 - 0.5)  # some negative, some zero-ish
         gated = p.gm(x)
-    n_before = len(list(p.gm.graph.nodes))
+    aten = torch.ops.aten
+    gated_ops = [n for n in p.gm.graph.nodes if n.target is aten.mul.Tensor
+                 and getattr(n.args[1], "target", None) is aten.index_select.default]
+    assert len(gated_ops) == sum(len(v) for v in placed.values())  # a gate after each producing linear
     fold_gates(p, placed)
-    assert len(list(p.gm.graph.nodes)) == n_before - sum(len(v) for v in placed.values())
-    assert not any("vtp_gate" in n for n, _ in p.gm.named_modules())
+    assert len(p.gm.graph.nodes) == n_before and p.gm.code == code_before  # no trace of the gates
+    names = [n for n, _ in [*p.gm.named_modules(), *p.gm.named_parameters(), *p.gm.named_buffers()]]
+    assert not any("vtp_gate" in n for n in names)
     with torch.no_grad():
         folded = p.gm(x)
     assert torch.allclose(folded, gated, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,15 @@ or a model already wrapped in DistributedDataParallel. Method passes use its hoo
 is added to every step's loss (L1 on gates, ADMM penalties), `on_step(model)` runs after every optimizer
 step (projections). Both receive the unwrapped module.
 
+The compact GraphModule is the captured aten graph: parameters are read by get_attr under their
+state-dict names and gradients flow through the aten ops (linear, SDPA, layer_norm, ...) as in eager
+mode. The model was captured in eval mode, so its train-time behaviour is baked in: dropout nodes carry
+`train=False` (aten.dropout(x, p, False)), stochastic depth (timm's DropPath) is not in the graph at all,
+and batch norm runs on its running statistics without updating them. `.train()`/`.eval()` set the flag
+(DDP and the hooks see it) but change no op: fine-tuning a compact model is without dropout or drop-path
+regularisation and with frozen norm statistics, hence deterministic given the seed and data order; an eager
+model (a timm model passed here) trains with its own dropout.
+
 Determinism: the same seed gives the same weights on CPU. The seed fixes torch's global RNG (dropout,
 init of anything created during training) and the shuffle of each epoch, which depends only on
 (seed, epoch): a RandomSampler's generator is re-seeded per epoch, a DistributedSampler gets
@@ -77,7 +86,10 @@ def _set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
 
 
 def _unused_parameters(net: nn.Module) -> bool:
-    """Does a GraphModule hold trainable parameters its graph never reads? (DDP must then look for them.)"""
+    """Does a GraphModule hold trainable parameters its graph never reads? (DDP must then look for them.)
+
+    A captured aten graph reads every parameter through a get_attr node; call_module nodes appear only
+    in GraphModules of fx symbolic tracing (a user's own, or a `.pt` of an older vitcc)."""
     if not isinstance(net, fx.GraphModule):
         return False
     used: set[int] = set()
