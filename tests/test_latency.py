@@ -54,7 +54,11 @@ def fake_ms(key: str) -> float:
 
 
 @pytest.fixture
-def fake_timings(monkeypatch):
+def fake_timings(monkeypatch, tmp_path):
+    """MAC-proportional stand-in timings, in a cache of their own: a shared cache would hand back real
+    measurements (or fake ones rescaled to today's reference GEMM) for the same keys."""
+    monkeypatch.setenv("VITCC_CACHE", str(tmp_path))
+
     def op_ms(self, op):
         if op.key not in self.table:
             self.table.set(op.key, fake_ms(op.key))
@@ -62,6 +66,7 @@ def fake_timings(monkeypatch):
         return self.table.get(op.key)
     monkeypatch.setattr(LatencyModel, "op_ms", op_ms)
     monkeypatch.setattr(LatencyModel, "dense_measured_ms", lambda self: self.ops_ms({}) + 0.01)
+    monkeypatch.setattr(LatencyModel, "dispatch_ms", lambda self: 1e-5)  # not the machine's real view call
 
 
 # -- alignment and fold keep verified equivalence ----------------------------------------------------
