@@ -8,11 +8,22 @@ that choose a format by suffix write the right one.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterable
 
 from .errors import VitccError
+
+
+def _new_temporary(path: Path) -> Path:
+    """A fresh file next to `path`, created with the mode any new file gets (mkstemp's would be 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 class Outputs:
@@ -35,11 +46,10 @@ class Outputs:
         if other is not None:
             raise VitccError(f"{flag} {path} is also the path given to {other}; give each output its own file")
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            tmp = _new_temporary(path)
         except OSError as e:
             raise VitccError(f"cannot write {flag} {path}: {e.strerror or e} in {path.parent or '.'}; "
                              "choose a folder you can write to") from None
-        os.close(fd)
         self._planned.append((flag, path, Path(tmp)))
         return Path(tmp)
 
