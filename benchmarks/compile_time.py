@@ -2,7 +2,7 @@
 
 For ViT-Ti/S/B (width) and ViT-S at depth 6/12/24/48 (depth), at one sparsity, measures
 
-* vitcc: tracing (timed as a separate `vitcc.frontend.trace` call), then every pass of
+* vitcc: capture (timed as a separate `vitcc.capture.capture` call: torch.export), then every pass of
   `vitcc.compile(model, "magnitude", sparsity=s)` as reported in `report["passes"]`
   (analyze, magnitude, select, rewrite, fold, dce, verify), and the whole `compile` call.
   "other" = compile total - sum(passes): tracing inside compile plus parameter/MAC counting.
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcc
-from vitcc.frontend import trace as vitcc_trace
+from vitcc.capture import capture as vitcc_capture
 from vitcc.metrics import count_macs, count_params
 
 try:
@@ -83,7 +83,7 @@ def run_vitcc(model: torch.nn.Module, x: torch.Tensor, sparsity: float) -> dict:
     """Wall seconds (as vitcc's PassManager reports them) and process CPU seconds (via on_pass)."""
     gc.collect()
     t0, c0 = time.perf_counter(), time.process_time()
-    vitcc_trace(model, (x,))
+    vitcc_capture(model, (x,))
     trace_s, trace_cpu = time.perf_counter() - t0, time.process_time() - c0
     cpu: dict[str, float] = {}
 

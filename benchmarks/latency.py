@@ -524,18 +524,18 @@ def _profile_call(mod, x) -> dict:
 def breakdown(key: str, args) -> dict:
     """Where the time goes: dense vs vitcc compact at --breakdown-sparsity, eager batch 1, torch.profiler.
 
-    Three variants: dense (the timm module), dense-fx (the dense model traced by vitcc's frontend, unpruned:
-    separates the cost of running an FX graph from the cost of pruning) and the compact model, built as the
+    Three variants: dense (the timm module), dense-captured (the dense model as vitcc's torch.export capture
+    sees it, unpruned: separates the cost of running the captured aten graph from the cost of pruning) and the compact model, built as the
     models section does. Profiled interleaved (one call of each per round, rotating order); per category the
     median over rounds."""
-    from vitcc.frontend import trace
+    from vitcc.capture import capture
     label, name = MODELS[key]
     s = args.breakdown_sparsity
     print(f"== breakdown: {label} ({name}), {int(s * 100)}% of MACs removed", flush=True)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     dense = _make(name)
     r = vitcc.compile(dense, "magnitude", sparsity=s, target="macs", align=args.align, example_inputs=(x,))
-    mods = {"dense": dense, "dense-fx": trace(dense, (x,)).eval(), "compact": r.module.eval()}
+    mods = {"dense": dense, "dense-captured": capture(dense, (x,)).eval(), "compact": r.module.eval()}
     macs = {"dense": count_macs(dense, (x,)), "compact": r.report["macs_after"]}
     out = {"label": label, "model": name, "sparsity": s, "align": args.align, "macs": macs,
            "widths": r.report["widths"], "command": _command(), "loadavg_start": loadavg(),
@@ -568,8 +568,8 @@ def breakdown(key: str, args) -> dict:
                                "ops": first.get(c, {}).get("ops", {})} for c in cats}}
     out["variants"] = var
     d, c = var["dense"], var["compact"]
-    print(f"  dense {d['ops_ms']:.1f} ms in ops (+{d['overhead_ms']:.1f} ms outside), dense-fx "
-          f"{var['dense-fx']['ops_ms']:.1f} (+{var['dense-fx']['overhead_ms']:.1f}), compact {c['ops_ms']:.1f} "
+    print(f"  dense {d['ops_ms']:.1f} ms in ops (+{d['overhead_ms']:.1f} ms outside), dense-captured "
+          f"{var['dense-captured']['ops_ms']:.1f} (+{var['dense-captured']['overhead_ms']:.1f}), compact {c['ops_ms']:.1f} "
           f"(+{c['overhead_ms']:.1f}); ideal {macs['dense'] / macs['compact']:.2f}x, {out['seconds']:.0f}s", flush=True)
     for cat, v in sorted(d["cats"].items(), key=lambda t: -t[1]["ms"]):
         cv = c["cats"].get(cat, {"ms": 0.0, "calls": 0})
@@ -624,7 +624,7 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    still move by a few points between runs when the load is high, the CPU-time figures much less.
 6. **Why Swin-T at 50% of MACs stays near 88-92% of the ideal while DeiT-S and ViT-B reach 94-104%**
    (the breakdown tables above, eager, batch 1). Nothing in the compact graphs is extra: per aten op the
-   compact graph makes exactly the calls of the traced dense graph (dense-fx), DeiT-S keeps its 12 fused
+   compact graph makes exactly the calls of the traced dense graph (dense-captured), DeiT-S keeps its 12 fused
    SDPA calls, and Swin's window attention is unfused in the dense timm model too (timm sets
    `WindowAttention.fused_attn = use_fused_attn(experimental=True)`, off by default), so no fusion is
    lost. (Against the timm module itself, tracing makes a few `view`/`unsqueeze` calls fewer: torch.fx
@@ -840,7 +840,7 @@ def render_breakdown(bd: dict) -> list:
     if not bd:
         return []
     L = ["## Where the time goes: time per op category, dense vs compact (torch.profiler, eager, batch 1)\n"]
-    L.append("`--sections breakdown`: the dense timm model, the same model traced by vitcc's frontend (dense-fx, "
+    L.append("`--sections breakdown`: the dense timm model, the same model as vitcc's torch.export capture sees it (dense-captured, "
              "unpruned) and the vitcc compact model (`vitcc.compile(model, 'magnitude', sparsity=0.5, target='macs', "
              f"align={'/'.join(sorted({str(m.get('align')) for m in bd.values()}))})`, as in the models section), 1 thread, `torch.inference_mode()`, profiled interleaved (one "
              "call of each per round, rotating order) under `torch.profiler` (CPU, record_shapes). Every aten op's "
@@ -857,7 +857,7 @@ def render_breakdown(bd: dict) -> list:
              "them a little; ratios are of medians from interleaved calls.\n")
     for key, m in bd.items():
         v = m["variants"]
-        d, c, f = v["dense"], v["compact"], v.get("dense-fx")
+        d, c, f = v["dense"], v["compact"], v.get("dense-captured")
         macs = m["macs"]
         kept = macs["compact"] / macs["dense"]
         ideal = 1 / kept
@@ -869,7 +869,7 @@ def render_breakdown(bd: dict) -> list:
                  + f". Time in aten ops: dense {d['ops_ms']:.1f} ms, compact {c['ops_ms']:.1f} ms: **speed-up "
                  f"{_x(sp)}, {_pct(sp / ideal, 1)} of ideal**; the gap to the ideal is {gap:.1f} ms. Whole call "
                  f"(wall, under the profiler): dense {d['wall_ms']:.1f} ms, compact {c['wall_ms']:.1f} ms"
-                 + (f", dense-fx {f['wall_ms']:.1f} ms ({f['ops_ms']:.1f} ms in ops)" if f else "")
+                 + (f", dense-captured {f['wall_ms']:.1f} ms ({f['ops_ms']:.1f} ms in ops)" if f else "")
                  + f". {m['rounds']} profiled calls per variant after {m['warmup']} warm-up calls; load "
                  f"{m['loadavg_start']} -> {m['loadavg_end']}; `{m['command']}`, {m['date']}.\n")
         L.append("| op category | calls dense / compact | dense ms | compact ms | compact / dense | work ratio | "
@@ -900,7 +900,7 @@ def render_breakdown(bd: dict) -> list:
                 "ones included): compact vs dense: "
                 + ("**identical**" if not dc else "differ: " + ", ".join(dc)))
         if fc is not None:
-            line += "; compact vs dense-fx: " + ("**identical**" if not fc else "differ: " + ", ".join(fc))
+            line += "; compact vs dense-captured: " + ("**identical**" if not fc else "differ: " + ", ".join(fc))
         if not (d["calls_stable"] and c["calls_stable"]):
             line += " (counts varied between calls)"
         L.append(line + ".\n")
