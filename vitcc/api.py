@@ -191,33 +191,34 @@ def _any_meta(gm: fx.GraphModule) -> dict:
 
 
 def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None = None) -> None:
-    """Write atomically: a failed save never leaves a partial file.
+    """Write the compact program with torch.export.save (a graph as data, with a dynamic batch), atomically.
 
-    `.pt2` is torch.export.save of the program (a graph as data: loads with `torch.export.load(path).module()`,
-    needs neither vitcc nor unpickling), with a dynamic batch; any other suffix is torch.save of the module.
+    Whatever the suffix (`.pt2` is the convention; `.pt` writes the same archive), the file loads with
+    `torch.export.load(path).module()` or `vitcc.load(path)`: no vitcc code, no unpickling, no trust needed.
+    A torch.save'd GraphModule would carry Python source that only --trust-pickle could read back.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export.save wants the .pt2 suffix
+    if example_inputs is None:
+        shape = source_meta(module).get("input_shape")
+        if not shape:
+            raise VitccError(f"cannot save {path}: pass example_inputs (the model's input shape is unknown)")
+        example_inputs = (torch.randn(tuple(shape)),)
+    was_training = module.training
     try:
-        if path.suffix == ".pt2":
-            if example_inputs is None:
-                shape = source_meta(module).get("input_shape")
-                if not shape:
-                    raise VitccError(f"cannot save {path}: pass example_inputs (the model's input shape is unknown)")
-                example_inputs = (torch.randn(tuple(shape)),)
-            was_training = module.training
-            ep, _ = export_program(module.eval(), tuple(example_inputs))
-            module.train(was_training)
-            torch.export.save(ep, tmp)
-        else:
-            torch.save(module, tmp)
+        ep, _ = export_program(module.eval(), tuple(example_inputs))
+    finally:
+        module.train(was_training)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.export.save(ep, f)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
-    """Load a compiled model: a `.pt2` program (as a trainable GraphModule), or a `.pt` through the safe
-    loader (a pickled GraphModule needs trust_pickle)."""
+    """Load a compiled model (a program archive, whatever its suffix) as a trainable GraphModule; other files
+    go through the safe loader (a pickled GraphModule from an older vitcc needs trust_pickle)."""
     from .frontend import load_model
     return load_model(str(path), trust_pickle=trust_pickle)

@@ -358,12 +358,21 @@ def _exported_shape(ep) -> tuple[int, ...] | None:
     return (1, *dims)
 
 
+def _is_program_archive(path: Path) -> bool:
+    """torch.export.save's zip (vitcc writes it for `-o x.pt` too) holds an `archive_format` record."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rsplit("/", 1)[-1] == "archive_format" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _load_file(path: Path, arch: str | None, trust_pickle: bool) -> torch.nn.Module:
     if path.suffix not in (".pt", ".pth", ".safetensors", ".pt2"):
         hint = "; a folder from save_pretrained is hf:DIR" if path.is_dir() else ""
         raise VitccError(f"unknown model spec {str(path)!r}: expected {FORMS}{hint}")
     _existing(path)
-    if path.suffix == ".pt2":
+    if path.suffix == ".pt2" or _is_program_archive(path):
         if arch:
             raise VitccError("--arch only applies to a state-dict file; a .pt2 program carries its own model")
         return _exported_program(path, trust_pickle)
