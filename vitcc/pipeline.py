@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+import torch.fx as fx
+
 from .capture import propagate_shapes
 from .coupling import analyze as analyze_graph
 from .errors import VitccError
@@ -315,7 +317,7 @@ class PassManager:
 
 # -- analyses: valid or recomputed -------------------------------------------------------------------------
 
-def graph_signature(gm) -> tuple:
+def graph_signature(gm: fx.GraphModule) -> tuple:
     """What the analyses of a graph depend on: its code and the shapes of its tensors (not their values)."""
     tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
     return gm.code, tuple((name, tuple(t.shape)) for name, t in tensors)
