@@ -28,6 +28,7 @@ import torch.fx as fx
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Option
+from vitcc.selection import prune_kinds
 from vitcc.spaces import axis_kept, find, normalize
 
 from .magnitude import _axis_index_map, group_norms
@@ -91,8 +92,7 @@ def default_kinds(program: Program, kinds) -> set[str]:
 
 
 def _kinds_of(program: Program) -> set[str]:
-    from .select import _kinds
-    return _kinds(program.options.get("prune"))
+    return prune_kinds(program.options.get("prune"))
 
 
 # -- selections as parameter masks -----------------------------------------------------------------------

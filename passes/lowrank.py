@@ -37,13 +37,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitcc.capture import propagate_shapes
 from vitcc.cost import estimate
 from vitcc.coupling import named_arg
 from vitcc.errors import VitccError
-from vitcc.ir import Program
-from vitcc.pipeline import Pass, PassResult, make_pass, register_pass
-from vitcc.pipeline import Option
+from vitcc.ir import ANALYSES, Program
+from vitcc.pipeline import Option, Pass, PassResult, refresh, register_pass
 
 from ._common import attr_of, claim, default_kinds, fill_fallback, linear_nodes, rebase
 from .dimap import module_families
@@ -198,8 +196,7 @@ class Lowrank(Pass):
             raise VitccError("lowrank found no attention projection it can factorise with fewer parameters")
         gm.graph.lint()
         gm.recompile()
-        propagate_shapes(gm, program.example_inputs)
-        make_pass("analyze").run(program)
+        refresh(program, "shapes", "coupling")  # the rank groups are scored below, so not left to the manager
         rebase(program)
         with torch.no_grad():
             after = gm(*program.example_inputs)
@@ -227,4 +224,4 @@ class Lowrank(Pass):
             "energy": energy, "rank_ratio": ratio, "mlp_rate": None if fixed else mlp_rate,
             "projections": done, "output_change_max_abs": float((after - before).abs().max()),
             "kinds": sorted(kinds)}
-        return PassResult(info={"factorised": len(done)})
+        return PassResult(info={"factorised": len(done)}, preserved=ANALYSES)

@@ -19,6 +19,8 @@ from vitcc.spaces import axis_kept, normalize
 
 @register_pass("rewrite", kind="structural")
 class Rewrite(Pass):
+    needs = frozenset({"shapes", "coupling"})
+
     def run(self, program: Program) -> PassResult:
         gm, c = program.gm, program.coupling
         keep = program.keep_by_root()
@@ -31,7 +33,7 @@ class Rewrite(Pass):
                 info.rewrite(node, ctx)
         gm.graph.lint()
         gm.recompile()
-        return PassResult(info={"sliced": changed})
+        return PassResult(info={"sliced": changed}, preserved=frozenset())  # the graph is the compact one now
 
 
 def _slice_parameters(gm: fx.GraphModule, params: dict, keep: dict) -> int:

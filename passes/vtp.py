@@ -39,7 +39,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from vitcc.capture import propagate_shapes
 from vitcc.coupling import named_arg
 from vitcc.errors import VitccError
 from vitcc.ir import Program
@@ -116,7 +115,6 @@ def insert_gates(program: Program, groups) -> dict[str, list[PlacedGate]]:
                 PlacedGate(gate, name, weight, bias.target if bias is not None else None, node, nodes))
     gm.graph.lint()
     gm.recompile()
-    propagate_shapes(gm, program.example_inputs)
     return placed
 
 
@@ -139,8 +137,7 @@ def fold_gates(program: Program, placed: dict[str, list[PlacedGate]]) -> None:
         for gate in {p.gate for entries in placed.values() for p in entries}:
             delattr(gm, gate)
     gm.graph.lint()
-    gm.recompile()
-    propagate_shapes(gm, program.example_inputs)
+    gm.recompile()  # the graph is the ungated one again: its shapes and analysis still hold
 
 
 def _scale(gm: fx.GraphModule, p: PlacedGate) -> torch.Tensor:

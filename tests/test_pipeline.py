@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -174,3 +176,128 @@ def test_register_pass_reaches_every_later_registry(monkeypatch):
 
     assert PassRegistry.default().get("test-declared") is Declared
     assert vitcc.register_pass is register_pass
+
+
+# -- analyses: valid or recomputed ----------------------------------------------------------------------------
+
+aten = torch.ops.aten
+
+
+class ScaleByOne(Pass):
+    """Changes the graph (x * 1.0 after the first linear) without saying so; optionally rebases the reference."""
+    name = "test-scale-by-one"
+    needs = frozenset()
+
+    def __init__(self, rebase=True):
+        super().__init__()
+        self.rebase, self.node = rebase, None
+
+    def run(self, program):
+        g = program.gm.graph
+        linear = next(n for n in g.nodes if n.target is aten.linear.default)
+        with g.inserting_after(linear):
+            self.node = g.call_function(aten.mul.Tensor, (linear, 1.0))
+        linear.replace_all_uses_with(self.node, delete_user_cb=lambda u: u is not self.node)
+        program.gm.recompile()
+        if self.rebase:
+            program.original = copy.deepcopy(program.gm)
+        return PassResult()
+
+
+def test_after_compile_shapes_describe_the_compact_graph_and_coupling_the_original():
+    from vitcc.cost import estimate
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),))
+    p = r.program
+    assert p.stale == {"coupling"}  # rewrite compacted the graph; shapes were recomputed, coupling is the original's
+    qkv = next(n for n in p.gm.graph.nodes if n.target is aten.linear.default)
+    rows = p.gm.get_parameter(qkv.args[1].target).shape[0]
+    assert rows < 144 and qkv.meta["tensor_meta"].shape[-1] == rows and "val" not in qkv.meta
+    before = next(n for n in p.original.graph.nodes if n.name == qkv.name)
+    assert before.meta["tensor_meta"].shape[-1] == 144 == p.coupling.types[qkv.name][-1][0].size
+    with pytest.raises(VitccError, match="counting compact shapes needs the coupling analysis of the graph"):
+        estimate(p, {})
+
+
+def test_a_pass_that_changes_the_graph_gets_it_reanalysed_before_the_next_pass_that_needs_it():
+    edit = ScaleByOne()
+    r = vitcc.compile(tiny_vit(), [edit, make_pass("magnitude")], sparsity=0.5, example_inputs=(image(),))
+    assert edit.node.name in r.program.coupling.types  # the node the edit made has a type: analysed again
+    assert r.report["max_abs_error"] < 1e-4
+
+
+def test_a_graph_change_without_a_new_reference_is_named():
+    with pytest.raises(VitccError, match="'select' needs the channel coupling of the graph, but "
+                                         "'test-scale-by-one' changed the graph"):
+        vitcc.compile(tiny_vit(), [ScaleByOne(rebase=False), make_pass("magnitude")], sparsity=0.5,
+                      example_inputs=(image(),))
+
+
+def test_a_pass_that_needs_the_coupling_after_rewrite_is_refused_not_run_on_the_compact_graph():
+    class Late(Pass):
+        name = "test-late"
+        needs = frozenset({"coupling"})
+
+        def run(self, program):
+            return PassResult(modified=False)
+
+    with pytest.raises(VitccError, match=r"'test-late' needs the channel coupling.*'rewrite' changed the graph.*"
+                                         r"after rewrite the graph is compact"):
+        vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),),
+                      insert=[Insertion(Late(), after="rewrite")])
+
+
+def test_a_pass_after_rewrite_that_declares_nothing_sees_compact_shapes_and_the_original_coupling():
+    seen = {}
+
+    class Late(Pass):
+        name = "test-late"
+
+        def run(self, program):
+            qkv = next(n for n in program.gm.graph.nodes if n.target is aten.linear.default)
+            seen.update(stale=set(program.stale), rows=qkv.meta["tensor_meta"].shape[-1],
+                        types=qkv.name in program.coupling.types)
+            return PassResult(modified=False)
+
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),),
+                      insert=[Insertion(Late(), after="rewrite")])
+    assert seen == {"stale": {"coupling"}, "rows": r.module.get_parameter("blocks.0.attn.qkv.weight").shape[0],
+                    "types": True}
+
+
+@pytest.mark.parametrize("preserved, changed, stale", [
+    (None, False, set()), (None, True, {"shapes", "coupling"}), ({"coupling"}, True, {"shapes"}),
+    (frozenset(), False, {"shapes", "coupling"}), ({"shapes", "coupling"}, True, set())])
+def test_the_manager_marks_stale_what_a_pass_did_not_preserve(preserved, changed, stale):
+    from vitcc.pipeline import _invalidated, graph_signature
+    from test_magnitude import analyzed
+    p, _ = analyzed()
+    before = graph_signature(p.gm)
+    if changed:
+        ScaleByOne().run(p)
+    _invalidated(p, PassResult(preserved=preserved), before)
+    assert p.stale == stale
+    p.require(*({"shapes", "coupling"} - stale))
+    if stale:
+        with pytest.raises(VitccError, match="needs the .* analysis"):
+            p.require("shapes", "coupling")
+
+
+def test_refresh_recomputes_what_is_stale():
+    from vitcc.pipeline import refresh
+    from test_magnitude import analyzed
+    p, _ = analyzed()
+    edit = ScaleByOne()
+    edit.run(p)
+    p.stale |= {"shapes", "coupling"}
+    refresh(p)
+    assert not p.stale and edit.node.name in p.coupling.types and "tensor_meta" in edit.node.meta
+    with pytest.raises(VitccError, match="unknown analysis 'types'"):
+        refresh(p, "types")
+
+
+def test_core_modules_import_nothing_from_passes():
+    import pathlib
+    import re
+    core = pathlib.Path(vitcc.__file__).parent
+    for path in core.rglob("*.py"):
+        assert not re.search(r"from (vitcc)?\.passes", path.read_text()), path

@@ -59,3 +59,43 @@ def test_macs_target_does_not_overshoot_on_a_coarse_head_dim_step():
     assert 0.5 <= removed < 0.52, removed
     assert "searched again" in r.report["selection"]
     assert r.report["max_abs_error"] < 1e-4
+
+
+# -- the Selection type and the shared search ---------------------------------------------------------------
+
+def test_selection_is_a_mapping_with_helpers_by_root_widths_and_json():
+    import numpy as np
+    from vitcc.api import kept_widths
+    from vitcc.selection import Selection
+    p = selected(sparsity=0.5, prune="mlp,heads")
+    assert isinstance(p.keep, Selection) and p.keep["blocks.0.mlp.hidden"].dtype == np.int64
+    assert p.keep.by_root(p.groups).keys() == p.keep_by_root().keys()
+    widths = p.keep.widths(p.groups)
+    assert widths == kept_widths(p) and widths["mlp"] == {"groups": 2, "before": 384, "after": 192}
+    assert widths["residual"]["before"] == widths["residual"]["after"] == 48  # not named: kept whole
+    data = p.keep.to_json()
+    assert data["blocks.0.attn.heads"] == [int(i) for i in p.keep["blocks.0.attn.heads"]]
+    p.keep = {"blocks.0.attn.heads": [2, 0]}  # a pass may assign a plain mapping: it becomes a Selection
+    assert isinstance(p.keep, Selection) and list(p.keep["blocks.0.attn.heads"]) == [2, 0]
+
+
+def test_select_pass_and_public_search_agree():
+    from vitcc.cost import estimate
+    from vitcc.selection import prune_kinds, search_budget, select_uniform
+    p = selected(sparsity=0.4, target="macs")
+    kinds = prune_kinds(None)
+    best, how = search_budget(p, 0.4, kinds, 1, "uniform", lambda keep: estimate(p, keep)[1], what="MACs")
+    assert best.to_json() == p.keep.to_json() and how == p.report["selection"]
+    uniform = select_uniform(p, 0.5, prune_kinds("mlp,heads"))
+    assert uniform.to_json() == selected(sparsity=0.5, prune="mlp,heads").keep.to_json()
+    with pytest.raises(VitccError, match="removing 99% of the MACs is out of reach"):
+        search_budget(p, 0.99, {"heads"}, 1, "uniform", lambda keep: estimate(p, keep)[1], what="MACs")
+
+
+def test_a_compile_takes_a_selection_back():
+    import vitcc
+    from conftest import image, tiny_vit
+    first = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.4, example_inputs=(image(),))
+    again = vitcc.compile(tiny_vit(), "magnitude", keep=first.selection.to_json(), example_inputs=(image(),))
+    assert again.selection.to_json() == first.selection.to_json()
+    assert again.report["params_after"] == first.report["params_after"]

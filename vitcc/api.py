@@ -16,6 +16,7 @@ from .errors import VitccError
 from .capture import capture, export_program, source_meta
 from .groups import Group
 from .ir import Program
+from .selection import Selection
 from .spaces import find
 from .metrics import count_macs, count_params
 from .ops import OpTable, default_table
@@ -26,7 +27,7 @@ from .pipeline import Insertion, Pass, PassManager, PassRegistry, build_pipeline
 class CompileResult:
     module: fx.GraphModule  # the compact model: a plain GraphModule, no vitcc code needed to run it
     groups: list[Group]
-    selection: dict[str, np.ndarray]  # group name -> kept indices
+    selection: Selection  # group name -> kept indices (a mapping)
     report: dict[str, Any]
     program: Program = field(repr=False)
 
@@ -143,13 +144,7 @@ def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs
 
 def kept_widths(program: Program) -> dict[str, dict[str, int]]:
     """Per group kind: channels before and after, summed over groups."""
-    out: dict[str, dict[str, int]] = {}
-    for g in program.groups:
-        w = out.setdefault(g.kind, {"groups": 0, "before": 0, "after": 0})
-        w["groups"] += 1
-        w["before"] += g.size
-        w["after"] += len(program.keep.get(g.name, range(g.size)))
-    return out
+    return program.keep.widths(program.groups)
 
 
 class _GivenSelection(Pass):

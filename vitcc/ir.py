@@ -1,4 +1,11 @@
-"""The program a pass pipeline works on: a traced graph, its coupling analysis, scores and selection."""
+"""The program a pass pipeline works on: a traced graph, its coupling analysis, scores and selection.
+
+Analyses of the graph (`ANALYSES`: "shapes", the node tensor_meta; "coupling", the channel types) are valid
+or marked stale: a pass that changes `gm` says which it preserved (`PassResult.preserved`) and the
+manager (vitcc.pipeline) recomputes the others before a pass that needs them. `coupling` is always the
+analysis of `original`, the graph the groups, scores, selection and masked reference are expressed in;
+it describes `gm` too while "coupling" is not in `stale` (until rewrite compacts `gm`).
+"""
 from __future__ import annotations
 
 import copy
@@ -10,9 +17,13 @@ import torch
 import torch.fx as fx
 
 from .coupling import Coupling, is_ttype, shape_of
+from .errors import VitccError
 from .groups import Group
 from .ops import OpTable, default_table
+from .selection import Selection
 from .spaces import Axis, axis_kept, find, fsize, normalize, spaces_of
+
+ANALYSES = frozenset({"shapes", "coupling"})
 
 
 @dataclass
@@ -21,17 +32,31 @@ class Program:
     gm: fx.GraphModule
     example_inputs: tuple
     original: fx.GraphModule | None = None  # frozen copy of the traced model: the masked reference runs it
-    coupling: Coupling | None = None
+    coupling: Coupling | None = None  # analysis of `original`; of `gm` too while "coupling" is not stale
     groups: list[Group] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # group name -> score per index
-    keep: dict[str, np.ndarray] = field(default_factory=dict)  # group name -> kept indices (sorted)
+    keep: Selection = field(default_factory=Selection)  # group name -> kept indices (sorted)
     options: dict[str, Any] = field(default_factory=dict)  # sparsity, prune kinds, target, align, ...
     report: dict[str, Any] = field(default_factory=dict)
     ops: OpTable = field(default_factory=default_table)  # this compile's op table (built-ins + user rules)
+    stale: set[str] = field(default_factory=set)  # analyses (of ANALYSES) that no longer describe `gm`
 
     def __post_init__(self) -> None:
         if self.original is None:
             self.original = copy.deepcopy(self.gm)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "keep" and not isinstance(value, Selection):  # a pass may assign a plain dict
+            value = Selection(value)
+        super().__setattr__(name, value)
+
+    def require(self, *analyses: str, why: str = "this") -> None:
+        """Raise unless the named analyses describe `gm` now (not made stale by a pass that changed it)."""
+        stale = sorted(set(analyses) & self.stale)
+        if stale:
+            raise VitccError(f"{why} needs the {' and '.join(stale)} analysis of the graph, but a pass changed the "
+                             "graph since (after rewrite it is the compact graph): use it before rewrite, or on "
+                             "program.original with program.coupling")
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -51,8 +76,7 @@ class Program:
         return False
 
     def keep_by_root(self) -> dict[int, np.ndarray]:
-        return {find(g.space).id: np.asarray(self.keep[g.name], dtype=np.int64)
-                for g in self.groups if g.name in self.keep}
+        return self.keep.by_root(self.groups)
 
 
 def kept_count(f: Any, keep: dict[int, np.ndarray], aliases: dict) -> int:
@@ -92,6 +116,7 @@ class CompactShapes:
     op table's MAC counts and latency entries; nodes without a channel type keep their captured shape."""
 
     def __init__(self, program: Program, keep: dict):
+        program.require("shapes", "coupling", why="counting compact shapes")
         self.coupling, self.keep, self.cache = program.coupling, keep, {}
 
     def axis(self, ax) -> int:

@@ -30,8 +30,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .errors import VitccError
 from .ir import CompactShapes, Program
 from .ops._timing import TimedOp
+from .selection import Selection, search_budget, select_uniform
 
 __all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyModel", "compact_ops",
            "select_for_latency", "time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok",
@@ -445,22 +447,20 @@ def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str,
 
 # ------------------------------------------------------------------------------- --target latency
 
-def select_for_latency(program: Program, goal: float, kinds: set, align: int, scope: str) -> tuple[dict, dict]:
-    """Kept indices that remove at least ``goal`` of the predicted latency (select's `search_budget` on the
-    per-op latency model), and what the model predicted."""
-    from vitcc.errors import VitccError
-    from vitcc.passes.select import _by_root, _select, search_budget
-
+def select_for_latency(program: Program, goal: float, kinds: set, align: int, scope: str) -> tuple[Selection, dict]:
+    """Kept indices that remove at least ``goal`` of the predicted latency (vitcc.selection's `search_budget`
+    on the per-op latency model), and what the model predicted."""
     model = LatencyModel(program)
     base = model.predict({})
-    most = 1 - model.predict(_by_root(program, _select(program, 0.999, kinds, align, scope))) / base if base > 0 else 0.0
+    smallest = select_uniform(program, 0.999, kinds, align, scope).by_root(program.groups)
+    most = 1 - model.predict(smallest) / base if base > 0 else 0.0
     if goal > 0 and most < goal:
         model.save()
         raise VitccError(f"--target latency: removing {goal:.0%} of the latency is out of reach; pruning every "
                          f"group to its minimum removes {most:.0%} (of {base:.3g} ms predicted, "
                          f"{model.overhead_ms:.3g} ms do not shrink with widths)")
     best, how = search_budget(program, goal, kinds, align, scope, model.predict, base, "latency")
-    after = model.predict(_by_root(program, best))
+    after = model.predict(best.by_root(program.groups))
     model.save()
     return best, {"predicted_ms_before": base, "predicted_ms_after": after,
                   "predicted_reduction": 1 - after / base if base > 0 else 0.0, "selection": how,

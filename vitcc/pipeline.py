@@ -9,6 +9,13 @@ Options are declared per pass class, as MLIR's declarative pass options are (nam
 naming an undeclared option, or giving a value of the wrong type or outside its choices, is a one-line
 VitccError listing the valid options. Names resolve through a `PassRegistry` built per compile (built-ins,
 entry points and what `@register_pass` declared), so no compile changes what another one sees.
+
+Analyses of the graph (`ANALYSES`: "shapes", "coupling") are valid or recomputed: a pass that changes
+`program.gm` says which analyses it preserved (`PassResult(preserved=...)`; unsaid, the manager compares
+the graph before and after), the manager marks the others stale (`program.stale`) and recomputes those a
+later pass `needs` before running it (`refresh`). The coupling is only recomputed on a graph that is its
+reference's (`program.original`): after rewrite the graph is compact and the coupling stays the analysis
+of the original, which the masked reference and verify read.
 """
 from __future__ import annotations
 
@@ -19,16 +26,24 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+import torch.fx as fx
+
+from .capture import propagate_shapes
+from .coupling import analyze as analyze_graph
 from .errors import VitccError
-from .ir import Program
+from .groups import build_groups
+from .ir import ANALYSES, Program
 
 STRUCTURAL = ("analyze", "select", "rewrite", "fold", "dce", "verify")
 
 
 @dataclass
 class PassResult:
+    """What a pass did. `preserved`: the analyses (of `ANALYSES`) still valid for the graph after the pass;
+    None (unsaid) means all of them when the pass left the graph as it was, none when it changed it."""
     modified: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    preserved: frozenset[str] | set[str] | None = None
 
 
 _TYPE_NAMES = {int: "int", float: "float", str: "str", bool: "bool"}
@@ -79,6 +94,10 @@ class Pass:
     name: str = ""
     kind: str = "method"  # "structural" passes have a fixed slot; "method" passes score groups
     options_spec: tuple[Option, ...] = ()
+    # analyses of the graph the pass reads (the manager recomputes stale ones first, or names why it cannot);
+    # None: by kind, what can be recomputed of both for a method pass (scores come from groups and types),
+    # nothing for a structural one
+    needs: frozenset[str] | None = None
 
     def __init__(self, **options: Any):
         self.options = check_options(type(self), options)
@@ -97,6 +116,11 @@ class Pass:
 
     def __repr__(self) -> str:
         return format_pass(self.name, self.options)
+
+    def analyses_needed(self) -> frozenset[str]:
+        if self.needs is not None:
+            return frozenset(self.needs)
+        return ANALYSES if self.kind == "method" else frozenset()
 
 
 def _spec(cls: type[Pass]) -> dict[str, Option]:
@@ -255,7 +279,7 @@ def build_pipeline(spec: str | list[Pass] | None, insert: list[Insertion] | None
 
 
 class PassManager:
-    """Runs passes in order, timing each and checking the program between them."""
+    """Runs passes in order, timing each, checking the program between them, and keeping its analyses valid."""
 
     def __init__(self, passes: list[Pass], on_pass: Callable[[Pass, str], None] | None = None):
         self.passes = passes
@@ -264,25 +288,116 @@ class PassManager:
     def run(self, program: Program) -> Program:
         timings = program.report.setdefault("passes", [])
         done: list[str] = []
+        changed_by: dict[str, str] = {}  # stale analysis -> the pass that changed the graph
         for p in self.passes:
             if self.on_pass:
                 self.on_pass(p, "start")
             start = time.perf_counter()
             try:
+                _prepare(program, p, changed_by)
+                before = graph_signature(program.gm)
                 p.requires(program)
-                result = p.run(program)
+                result = p.run(program) or PassResult()
                 p.ensures(program)
                 _check(program)
+                for name in _invalidated(program, result, before):
+                    changed_by[name] = p.name
             except VitccError:
                 raise
             except Exception as e:  # a bug in a pass: name it and what ran before it
                 raise RuntimeError(f"pass {p.name!r} failed after [{', '.join(done)}]: {e}") from e
             timings.append({"name": p.name, "seconds": round(time.perf_counter() - start, 4),
-                            "modified": bool(result.modified if result else True)})
+                            "modified": bool(result.modified)})
             done.append(p.name)
             if self.on_pass:
                 self.on_pass(p, "end")
+        _finish(program)
         return program
+
+
+# -- analyses: valid or recomputed -------------------------------------------------------------------------
+
+def graph_signature(gm: fx.GraphModule) -> tuple:
+    """What the analyses of a graph depend on: its code and the shapes of its tensors (not their values)."""
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return gm.code, tuple((name, tuple(t.shape)) for name, t in tensors)
+
+
+def _invalidated(program: Program, result: PassResult, before: tuple) -> set[str]:
+    """Mark stale what the pass did not preserve; returns the analyses it made stale."""
+    preserved = result.preserved
+    if preserved is None:
+        preserved = ANALYSES if graph_signature(program.gm) == before else frozenset()
+    lost = set(ANALYSES - frozenset(preserved)) - program.stale
+    program.stale |= lost  # preserving an analysis that was already stale does not make it valid
+    return lost
+
+
+def _prepare(program: Program, p: Pass, changed_by: dict[str, str]) -> None:
+    """Recompute the stale analyses `p` needs. The coupling only where the graph is still its reference's
+    (a pass that changed the graph before select rebased `program.original`, as lowrank does).
+
+    What a pass declared (`needs`) it gets, or a one-line error; a pass that declared nothing gets what can be
+    recomputed, and otherwise the program as it is (after rewrite: `program.coupling`, the original's)."""
+    declared = p.needs is not None
+    need = p.analyses_needed() & program.stale
+    if "coupling" in need and graph_signature(program.gm) != graph_signature(program.original):
+        if declared:
+            who = changed_by.get("coupling", "a pass")
+            raise VitccError(f"pass {p.name!r} needs the channel coupling of the graph, but {who!r} changed the "
+                             "graph and program.original is another graph (after rewrite the graph is compact): "
+                             f"run {p.name!r} before {who!r}, or rebase program.original in {who!r} if it changed "
+                             "the model on purpose")
+        need = need - {"coupling"}
+    try:
+        if need:
+            refresh(program, *need)
+    except VitccError:
+        if declared:
+            raise  # else: a graph that does not run is verify's to report
+
+
+def refresh(program: Program, *analyses: str) -> None:
+    """Recompute analyses of `program.gm` (default: the stale ones), shapes before coupling.
+
+    shapes: run the graph on the example inputs (node tensor_meta; export's stale `val` records dropped);
+    coupling: the analyzer's types, the groups, and `report["frozen"]`."""
+    todo = set(analyses) if analyses else set(program.stale)
+    unknown = todo - ANALYSES
+    if unknown:
+        raise VitccError(f"unknown analysis {sorted(unknown)[0]!r}; analyses: {', '.join(sorted(ANALYSES))}")
+    if "shapes" in todo:
+        for n in program.gm.graph.nodes:
+            n.meta.pop("val", None)
+        propagate_shapes(program.gm, program.example_inputs)
+    if "coupling" in todo:
+        analyze_program(program)
+    program.stale -= todo
+
+
+def analyze_program(program: Program) -> None:
+    """The coupling analysis of `program.gm`, its groups, and the ops it froze (reported once per node)."""
+    program.coupling = analyze_graph(program.gm, program.ops)
+    program.groups = build_groups(program.coupling)
+    seen, frozen = set(), []
+    for f in program.coupling.frozen:
+        if (f.node, f.reason) not in seen:
+            seen.add((f.node, f.reason))
+            frozen.append({"node": f.node, "op": f.op, "reason": f.reason})
+    program.report["frozen"] = frozen
+    program.stale.discard("coupling")
+
+
+def _finish(program: Program) -> None:
+    """The graph handed back describes itself: shapes recomputed on the compact graph, or dropped when it
+    does not run (only possible without verify)."""
+    if "shapes" not in program.stale:
+        return
+    try:
+        refresh(program, "shapes")
+    except VitccError:
+        for n in program.gm.graph.nodes:
+            n.meta.pop("tensor_meta", None)
 
 
 def _check(program: Program) -> None:

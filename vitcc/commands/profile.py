@@ -42,15 +42,15 @@ def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], 
     from vitcc.frontend import trace
     from vitcc.ir import Program
     from vitcc.latency import LatencyModel, interleaved, loadavg
-    from vitcc.passes.select import _by_root, _kinds, _select
     from vitcc.pipeline import make_pass
+    from vitcc.selection import prune_kinds, select_uniform
 
     model = model.eval()
     program = Program(gm=trace(model, example), example_inputs=example)
     make_pass("analyze").run(program)
     for g in program.groups:
         program.scores[g.name] = torch.arange(g.size, 0, -1, dtype=torch.float32)
-    kinds = _kinds(prune)
+    kinds = prune_kinds(prune)
     lm = LatencyModel(program)
     if on_progress:
         on_progress("dense model")
@@ -60,16 +60,15 @@ def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], 
     for frac in grid:
         if on_progress:
             on_progress(f"fraction {frac:g}")
-        keep = _select(program, frac, kinds, align, "uniform")
-        by_root = _by_root(program, keep)
+        keep = select_uniform(program, frac, kinds, align, "uniform")
+        by_root = keep.by_root(program.groups)
         pred = lm.predict(by_root)
         row = {"fraction": frac, "macs_kept": estimate(program, by_root)[1] / max(macs0, 1),
                "predicted_ms": pred, "predicted_kept": pred / dense_pred,
                "breakdown": lm.breakdown(by_root),
-               "widths": api.kept_widths(_with_keep(program, keep))}
+               "widths": keep.widths(program.groups)}
         if check:
-            compact = api.compile(model, "magnitude", example_inputs=example, keep={k: list(v) for k, v in keep.items()},
-                                  verify=False).module.eval()
+            compact = api.compile(model, "magnitude", example_inputs=example, keep=keep, verify=False).module.eval()
             clock = "cpu" if lm.clock == "thread" else "wall"
             s = interleaved({"dense": lambda: model(*example), "compact": lambda: compact(*example)}, rounds=rounds)
             d, c = statistics.median(s["dense"][clock]), statistics.median(s["compact"][clock])
@@ -80,11 +79,6 @@ def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], 
             "dense_predicted_ms": dense_pred, "dense_measured_ms": lm.dense_measured_ms(),
             "overhead_ms": lm.overhead_ms, "dense_breakdown": lm.breakdown({}), "align": align,
             "clock": lm.clock, "rows": rows, "loadavg": loadavg()}
-
-
-def _with_keep(program, keep):
-    import types
-    return types.SimpleNamespace(groups=program.groups, keep=keep)  # what kept_widths reads
 
 
 @app.command("profile")

@@ -1,0 +1,231 @@
+"""Selections: the kept channel indices of each group, and the one budget search behind them.
+
+A `Selection` maps a group name to its kept indices; a group it does not name is kept whole. The
+`select` pass, `--target latency` (vitcc.latency) and `vitcc profile` build selections with the same two
+functions: `select_uniform` (remove a fraction of every prunable group of some kinds, under the graph's
+constraints) and `search_budget` (the smallest such fraction that removes a goal fraction of a cost:
+params, MACs or predicted latency). Costs are functions of a selection by group-root id
+(`Selection.by_root`), the form the analysis (`vitcc.ir.kept_count`) reads.
+
+Method passes steer the search through `program.options` (see passes/_common.py): `families` (groups
+that share one threshold), `group_rate` (a per-group multiplier of the uniform fraction).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import VitccError
+from .groups import KINDS, Group
+from .spaces import find
+
+if TYPE_CHECKING:  # ir imports this module for Program.keep
+    from .ir import Program
+
+__all__ = ["MIN_KEEP", "Selection", "prune_kinds", "select_uniform", "search_budget", "kept_of_kind"]
+
+MIN_KEEP = {"residual": 1, "heads": 1, "head_dim": 1, "mlp": 1, "other": 1}
+
+Cost = Callable[[dict[int, np.ndarray]], float]  # a cost of a selection by group-root id
+
+
+def _indices(v: Iterable[int]) -> np.ndarray:
+    return np.asarray(v if isinstance(v, np.ndarray) else list(v), dtype=np.int64).reshape(-1)
+
+
+@dataclass
+class Selection(MutableMapping):
+    """Group name -> kept indices (int64 arrays, in the order given: select keeps them sorted).
+
+    A mapping, so passes read and write it as `program.keep[name]`; the helpers turn it into what the
+    analysis, reports and JSON want."""
+    kept: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kept = {name: _indices(v) for name, v in dict(self.kept).items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.kept[name]
+
+    def __setitem__(self, name: str, indices: Iterable[int]) -> None:
+        self.kept[name] = _indices(indices)
+
+    def __delitem__(self, name: str) -> None:
+        del self.kept[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.kept)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __repr__(self) -> str:
+        return f"Selection({ {n: len(v) for n, v in self.kept.items()} })"
+
+    def count(self, group: Group) -> int:
+        """How many channels of `group` are kept."""
+        return len(self.kept[group.name]) if group.name in self.kept else group.size
+
+    def by_root(self, groups: Iterable[Group]) -> dict[int, np.ndarray]:
+        """Kept indices by the id of each group's root space: what kept sizes and masks are computed from."""
+        return {find(g.space).id: self.kept[g.name] for g in groups if g.name in self.kept}
+
+    def widths(self, groups: Iterable[Group]) -> dict[str, dict[str, int]]:
+        """Per group kind: how many groups, and channels before and after (summed over the groups)."""
+        out: dict[str, dict[str, int]] = {}
+        for g in groups:
+            w = out.setdefault(g.kind, {"groups": 0, "before": 0, "after": 0})
+            w["groups"] += 1
+            w["before"] += g.size
+            w["after"] += self.count(g)
+        return out
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {name: [int(i) for i in v] for name, v in self.kept.items()}
+
+
+def prune_kinds(prune: str | Iterable[str] | None) -> set[str]:
+    """The group kinds `prune` names (comma-separated or a collection); default every kind but `other`."""
+    if not prune:
+        return set(KINDS) - {"other"}
+    kinds = set(prune.split(",") if isinstance(prune, str) else prune)
+    bad = kinds - set(KINDS)
+    if bad:
+        raise VitccError(f"unknown group kind(s) {sorted(bad)} in --prune; valid: {', '.join(KINDS)}")
+    return kinds
+
+
+def kept_of_kind(program: "Program", keep: Mapping[str, Any], kind: str) -> int:
+    """Channels kept over every group of one kind."""
+    return sum(len(keep.get(g.name, range(g.size))) for g in program.groups if g.kind == kind)
+
+
+# -- a uniform fraction ------------------------------------------------------------------------------------
+
+def _count(n: int, frac: float, kind: str, align: int) -> int:
+    k = max(MIN_KEEP[kind], n - int(frac * n + 1e-9))  # never remove more than the fraction asked
+    if align > 1 and kind != "heads" and n >= align:
+        k = min(n, max(align, int(round(k / align)) * align))
+    return k
+
+
+def select_uniform(program: "Program", frac: float, kinds: set[str], align: int = 1,
+                   scope: str = "uniform") -> Selection:
+    """Remove `frac` of every prunable group of `kinds` (times its `group_rate`), the lowest scores first.
+
+    Widths round to multiples of `align` (heads excepted); groups of a registered family, or with
+    scope="global" of one kind, share one threshold; spaces tied by a fused reshape keep equal counts
+    (or all stay whole when one of them cannot be pruned). Every group of `kinds` needs a score."""
+    prunable = [g for g in program.groups if g.prunable and g.kind in kinds]
+    rate = program.options.get("group_rate") or {}
+    counts = {g.name: _count(g.size, min(0.999, frac * float(rate.get(g.name, 1.0))), g.kind, align)
+              for g in prunable}
+    if frac > 0:
+        counts.update(_global_counts(program, prunable, frac, align, scope))
+    by_root = {find(g.space).id: g for g in program.groups}
+    for spaces in program.coupling.equal_counts:
+        members = [by_root.get(find(s).id) for s in spaces]
+        names = [m.name for m in members if m is not None]
+        if len(names) == len(members) and all(n in counts for n in names):
+            k = min(counts[n] for n in names)
+            counts.update({n: k for n in names})
+        else:  # one of them must stay whole (frozen, or not a channel group at all), so all of them do
+            for n in names:
+                counts.pop(n, None)
+    keep = Selection()
+    for name, k in counts.items():
+        order = torch.argsort(program.scores[name], descending=True, stable=True)[:k]
+        keep[name] = np.sort(order.numpy())
+    return keep
+
+
+def _families(program: "Program", groups: list[Group], scope: str) -> dict:
+    """Groups that share one threshold: families a method pass registered, else with scope=global one per kind."""
+    registered = program.options.get("families") or {}
+    fams: dict = {}
+    for g in groups:
+        entry = registered.get(g.name)
+        if entry is not None and program.scores.get(g.name) is entry[1]:
+            fams.setdefault(("family", entry[0]), []).append(g)
+        elif scope == "global":
+            fams.setdefault(("kind", g.kind), []).append(g)
+    return fams
+
+
+def _global_counts(program: "Program", groups: list[Group], frac: float, align: int,
+                   scope: str = "global") -> dict[str, int]:
+    """One threshold per family over scores that are comparable across its groups (LAMP: one per kind)."""
+    counts = {}
+    for same in _families(program, groups, scope).values():
+        allscores = torch.cat([program.scores[g.name] for g in same])
+        n_remove = int(round(frac * len(allscores)))
+        if n_remove == 0:
+            continue
+        # exactly the n_remove lowest scores of the family (ties broken by position, so equal scores, e.g.
+        # untrained gates, never remove more than asked)
+        lowest = torch.argsort(allscores, stable=True)[:n_remove]
+        owner = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(same)])
+        removed = torch.bincount(owner[lowest], minlength=len(same))
+        for i, g in enumerate(same):
+            counts[g.name] = _count(g.size, int(removed[i]) / g.size, g.kind, align)
+    return counts
+
+
+# -- a budget ---------------------------------------------------------------------------------------------
+
+def search_budget(program: "Program", goal: float, kinds: set[str], align: int, scope: str, cost: Cost,
+                  base: float | None = None, what: str = "cost") -> tuple[Selection, str]:
+    """A selection that removes at least `goal` of `cost` (measured against `base`, default the dense
+    cost), as little more as the widths allow; and how it was found.
+
+    First the smallest uniform fraction that gets there. Widths move in steps (a block has a handful of
+    heads; widths step by the alignment: a Swin head dim of 32 at align 16 is 32 or 16), so that fraction
+    can overshoot by several points where a kind takes a step; then each set of the kinds that stepped
+    keeps the widths of the largest fraction that fell short, the fraction of the other kinds is searched
+    again, and the closest selection that still reaches the goal wins.
+    """
+    choose = lambda frac: select_uniform(program, frac, kinds, align, scope)
+    if goal <= 0:
+        return choose(0.0), "uniform"
+    base = cost({}) if base is None else base
+    reduction = lambda keep: 1 - cost(keep.by_root(program.groups)) / base if base > 0 else 0.0
+    most = reduction(choose(0.999))
+    if most < goal:
+        raise VitccError(f"removing {goal:.0%} of the {what} is out of reach: pruning every group of the kinds "
+                         f"{', '.join(sorted(kinds))} to its minimum removes {most:.0%}; ask for less or prune more kinds")
+    lo, hi = _bisect(goal, lambda frac: reduction(choose(frac)))
+    best, short, how = choose(hi), choose(lo), "uniform"
+    jumped = [k for k in sorted(kinds) if kept_of_kind(program, best, k) < kept_of_kind(program, short, k)]
+    for held in _subsets(jumped):
+        if len(held) == len(kinds):
+            continue
+        kept = {n: v for n, v in short.items() if program.group(n).kind in held}
+        rest = lambda frac, held=held, kept=kept: Selection(
+            {**select_uniform(program, frac, kinds - set(held), align, scope), **kept})
+        if reduction(rest(0.999)) < goal:
+            continue
+        alt = rest(_bisect(goal, lambda frac: reduction(rest(frac)))[1])
+        if goal <= reduction(alt) < reduction(best):
+            best, how = alt, f"{' and '.join(held)} of a smaller fraction, other kinds searched again"
+    return best, how
+
+
+def _bisect(goal: float, reduction_at: Callable[[float], float]) -> tuple[float, float]:
+    """Uniform fractions lo < hi, 1e-9 apart, with reduction_at(lo) < goal <= reduction_at(hi)."""
+    lo, hi = 0.0, 0.999
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if reduction_at(mid) < goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
+def _subsets(items: list) -> list[tuple]:
+    return [c for r in range(1, len(items) + 1) for c in combinations(items, r)]
