@@ -151,7 +151,7 @@ def hand_vit(seed=0, **kw):
 
 # ---------------------------------------------------------------- Hugging Face transformers, from tiny configs
 HF_KINDS = ("vit", "deit", "deit_distilled", "dinov2", "beit", "swin", "swinv2")
-_HF_PLAIN = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=32,
+_HF_PLAIN = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
                  patch_size=8, num_labels=10)
 _HF_WINDOWED = dict(image_size=32, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
                     num_labels=10)
