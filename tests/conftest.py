@@ -221,3 +221,36 @@ def hf_vit_dir(tmp_path_factory):
             tiny_hf(kind).save_pretrained(made[kind])
         return made[kind]
     return make
+
+
+@pytest.fixture(scope="session")
+def compact_deit(tmp_path_factory):
+    """(model, CompileResult, .pt2 path): the distilled HF DeiT (two heads, its own output class) compiled once at
+    S = 0.3 and saved with vitcc.save."""
+    import vitcc
+    model = tiny_hf("deit_distilled")
+    result = vitcc.compile(model, sparsity=0.3, example_inputs=(image(1),))
+    path = tmp_path_factory.mktemp("compact_deit") / "small.pt2"
+    vitcc.save(result.module, path)
+    return model, result, path
+
+
+def one_training_step(module, x, y, logits=lambda out: out, lr=0.05):
+    """One SGD step on `module` in train mode: every parameter gets a finite, non-zero gradient and the loss on
+    the batch goes down; returns (loss before, loss after)."""
+    module.train()
+    assert all(m.training for m in module.modules())
+    params = list(module.parameters())
+    assert params and all(p.requires_grad for p in params)
+    loss = torch.nn.functional.cross_entropy(logits(module(x)), y)
+    loss.backward()
+    bad = [n for n, p in module.named_parameters()
+           if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0]
+    assert not bad, bad
+    torch.optim.SGD(params, lr=lr).step()
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(logits(module(x)), y)
+    assert after < loss
+    module.eval()
+    assert not module.training
+    return loss.item(), after.item()

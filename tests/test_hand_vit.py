@@ -12,7 +12,7 @@ from vitcc.ir import Program
 from vitcc.pipeline import make_pass
 from vitcc.spaces import find
 
-from conftest import ATTENTIONS, PATCHES, QKV_FORMS, hand_vit, image
+from conftest import ATTENTIONS, PATCHES, QKV_FORMS, hand_vit, image, one_training_step
 
 
 def plant(model, D=16, C=48):
@@ -64,7 +64,7 @@ def random_selection(gm, x, rng) -> dict:
     return {g.name: sorted(rng.choice(g.size, counts[g.name], replace=False).tolist()) for g in groups}
 
 
-@settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(qkv=st.sampled_from(QKV_FORMS), attention=st.sampled_from(ATTENTIONS), cls_token=st.booleans(),
        patches=st.sampled_from(PATCHES), heads=st.integers(1, 3), head_dim=st.sampled_from([4, 8]),
        depth=st.integers(1, 2), seed=st.integers(0, 999))
@@ -86,23 +86,9 @@ def test_hand_vit_family_with_random_selections_verifies(qkv, attention, cls_tok
 
 
 def test_a_compact_model_fine_tunes_one_step(one_thread):
-    model = hand_vit(qkv="mha", cls_token=False, patches="reshape")
-    r = vitcc.compile(model, sparsity=0.4, example_inputs=(image(1),))
-    small = r.module.train()
-    assert small.training and all(m.training for m in small.modules())
-    params = [p for p in small.parameters()]
-    assert params and all(p.requires_grad for p in params)
-    x, y = image(8), torch.arange(8) % 10
-    opt = torch.optim.SGD(params, lr=0.05)
-    loss = torch.nn.functional.cross_entropy(small(x), y)
-    loss.backward()
-    missing = [n for n, p in small.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing
-    assert all(p.grad.abs().sum() > 0 for p in params)
-    opt.step()
+    r = vitcc.compile(hand_vit(qkv="mha", cls_token=False, patches="reshape"), sparsity=0.4,
+                      example_inputs=(image(1),))
+    x = image(8)
+    one_training_step(r.module, x, torch.arange(8) % 10)
     with torch.no_grad():
-        after = torch.nn.functional.cross_entropy(small(x), y)
-    assert after < loss
-    small.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), small(x))
+        torch.testing.assert_close(r.module(x), r.module(x))  # eval mode again: deterministic
