@@ -74,26 +74,39 @@ def unwritable_dir(tmp_path):
 
 
 # ---------------------------------------------------------------- a hand-written ViT (no timm, no transformers)
+QKV_FORMS = ("fused", "separate", "mha")  # one qkv Linear, three Linears, or nn.MultiheadAttention
+ATTENTIONS = ("sdpa", "softmax", "einsum")  # F.scaled_dot_product_attention, q @ k^T softmax, torch.einsum
+PATCHES = ("conv", "unfold", "tensor_unfold", "reshape")  # Conv2d, F.unfold, x.unfold, reshape-permute
+
+
 class HandAttention(torch.nn.Module):
-    def __init__(self, dim, heads, fused=True, sdpa=True):
+    def __init__(self, dim, heads, qkv="fused", attention="sdpa"):
         super().__init__()
-        self.heads, self.fused, self.sdpa = heads, fused, sdpa
-        if fused:
+        self.heads, self.qkv_form, self.attention = heads, qkv, attention
+        if qkv == "mha":
+            self.mha = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+            return
+        if qkv == "fused":
             self.qkv = torch.nn.Linear(dim, 3 * dim)
         else:
             self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x):
+        if self.qkv_form == "mha":
+            return self.mha(x, x, x, need_weights=False)[0]
         b, n, c = x.shape
-        if self.fused:
+        if self.qkv_form == "fused":
             q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = (f(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
-        if self.sdpa:
+        scale = q.shape[-1] ** -0.5
+        if self.attention == "sdpa":
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        elif self.attention == "einsum":
+            out = torch.einsum("bhnm,bhmd->bhnd", (torch.einsum("bhnd,bhmd->bhnm", q, k) * scale).softmax(-1), v)
         else:
-            out = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+            out = ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -110,28 +123,42 @@ class HandBlock(torch.nn.Module):
 
 
 class HandPatchEmbed(torch.nn.Module):
-    """Says its input size the way timm does (img_size, proj.in_channels), so vitcc needs no --input-shape."""
+    """Says its input size the way timm does (img_size, proj.in_channels), so vitcc needs no --input-shape.
+    `patches`: a strided Conv2d, or cutting patches by hand (F.unfold, Tensor.unfold, reshape-permute) and a Linear."""
 
-    def __init__(self, img_size, patch, in_chans, dim):
+    def __init__(self, img_size, patch, in_chans, dim, patches="conv"):
         super().__init__()
-        self.img_size = (img_size, img_size)
-        self.proj = torch.nn.Conv2d(in_chans, dim, patch, stride=patch)
+        self.img_size, self.patch, self.patches = (img_size, img_size), patch, patches
+        if patches == "conv":
+            self.proj = torch.nn.Conv2d(in_chans, dim, patch, stride=patch)
+        else:
+            self.proj = torch.nn.Linear(in_chans * patch * patch, dim)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        p, (b, c, h, w) = self.patch, x.shape
+        if self.patches == "conv":
+            return self.proj(x).flatten(2).transpose(1, 2)
+        if self.patches == "unfold":
+            cols = torch.nn.functional.unfold(x, p, stride=p).transpose(1, 2)
+        elif self.patches == "tensor_unfold":
+            cols = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * p * p)
+        else:
+            cols = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        return self.proj(cols)
 
 
 class HandViT(torch.nn.Module):
-    """A plain ViT written by hand: fused or separate q/k/v, SDPA or explicit softmax, class token or mean pooling."""
+    """A plain ViT written by hand: q/k/v fused, separate or nn.MultiheadAttention (`qkv`); attention by SDPA,
+    explicit softmax or einsum (`attention`); class token or mean pooling; patches by conv or by hand (`patches`)."""
 
     def __init__(self, dim=48, depth=2, heads=3, hidden=96, img_size=32, patch=8, in_chans=3, num_classes=10,
-                 fused=True, sdpa=True, cls_token=True):
+                 qkv="fused", attention="sdpa", cls_token=True, patches="conv"):
         super().__init__()
-        self.patch_embed = HandPatchEmbed(img_size, patch, in_chans, dim)
+        self.patch_embed = HandPatchEmbed(img_size, patch, in_chans, dim, patches)
         tokens = (img_size // patch) ** 2 + cls_token
         self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02) if cls_token else None
         self.pos_embed = torch.nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = torch.nn.Sequential(*(HandBlock(dim, heads, hidden, fused=fused, sdpa=sdpa)
+        self.blocks = torch.nn.Sequential(*(HandBlock(dim, heads, hidden, qkv=qkv, attention=attention)
                                             for _ in range(depth)))
         self.norm = torch.nn.LayerNorm(dim)
         self.head = torch.nn.Linear(dim, num_classes)
@@ -151,7 +178,7 @@ def hand_vit(seed=0, **kw):
 
 # ---------------------------------------------------------------- Hugging Face transformers, from tiny configs
 HF_KINDS = ("vit", "deit", "deit_distilled", "dinov2", "beit", "swin", "swinv2")
-_HF_PLAIN = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=32,
+_HF_PLAIN = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
                  patch_size=8, num_labels=10)
 _HF_WINDOWED = dict(image_size=32, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
                     num_labels=10)
@@ -194,3 +221,36 @@ def hf_vit_dir(tmp_path_factory):
             tiny_hf(kind).save_pretrained(made[kind])
         return made[kind]
     return make
+
+
+@pytest.fixture(scope="session")
+def compact_deit(tmp_path_factory):
+    """(model, CompileResult, .pt2 path): the distilled HF DeiT (two heads, its own output class) compiled once at
+    S = 0.3 and saved with vitcc.save."""
+    import vitcc
+    model = tiny_hf("deit_distilled")
+    result = vitcc.compile(model, sparsity=0.3, example_inputs=(image(1),))
+    path = tmp_path_factory.mktemp("compact_deit") / "small.pt2"
+    vitcc.save(result.module, path)
+    return model, result, path
+
+
+def one_training_step(module, x, y, logits=lambda out: out, lr=0.05):
+    """One SGD step on `module` in train mode: every parameter gets a finite, non-zero gradient and the loss on
+    the batch goes down; returns (loss before, loss after)."""
+    module.train()
+    assert all(m.training for m in module.modules())
+    params = list(module.parameters())
+    assert params and all(p.requires_grad for p in params)
+    loss = torch.nn.functional.cross_entropy(logits(module(x)), y)
+    loss.backward()
+    bad = [n for n, p in module.named_parameters()
+           if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0]
+    assert not bad, bad
+    torch.optim.SGD(params, lr=lr).step()
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(logits(module(x)), y)
+    assert after < loss
+    module.eval()
+    assert not module.training
+    return loss.item(), after.item()

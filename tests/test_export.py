@@ -1,4 +1,6 @@
 import inspect
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -124,3 +126,36 @@ def test_pinned_batch_is_reported_static(tmp_path):
 def test_missing_output_directory(tmp_path):
     with pytest.raises(VitccError, match="does not exist"):
         export_onnx(PinnedBatch(), (torch.randn(2, 4),), tmp_path / "nope" / "m.onnx")
+
+
+# ---------------------------------------------------------------- .pt2: the compact program without vitcc
+FRESH = """
+import sys, torch
+data = torch.load(sys.argv[3], weights_only=True)
+m = torch.export.load(sys.argv[1]).module()
+for x, want in zip(data["inputs"], data["outputs"]):
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
+assert "vitcc" not in sys.modules and "transformers" not in sys.modules
+import vitcc  # an HF program names transformers' output class: vitcc.load imports the module that defines it
+out = vitcc.load(sys.argv[2])(data["hf_input"])
+torch.testing.assert_close(out.logits, data["hf_logits"], rtol=1e-5, atol=1e-6)
+print("ok", [tuple(x.shape) for x in data["inputs"]], type(out).__name__)
+"""
+
+
+def test_pt2_round_trip_in_a_fresh_process(tmp_path, compact_deit):
+    import vitcc
+    from conftest import hand_vit
+    r = vitcc.compile(hand_vit(qkv="mha", cls_token=False, patches="tensor_unfold"), sparsity=0.4,
+                      example_inputs=(torch.randn(1, 3, 32, 32),))
+    vitcc.save(r.module, tmp_path / "small.pt2")
+    inputs = [torch.randn(n, 3, 32, 32) for n in (1, 5)]
+    with torch.no_grad():
+        data = {"inputs": inputs, "outputs": [r.module(x) for x in inputs], "hf_input": inputs[1],
+                "hf_logits": compact_deit[1].module(inputs[1]).logits}
+    torch.save(data, tmp_path / "data.pt")
+    args = [str(tmp_path / "small.pt2"), str(compact_deit[2]), str(tmp_path / "data.pt")]
+    proc = subprocess.run([sys.executable, "-c", FRESH, *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ok [(1, 3, 32, 32), (5, 3, 32, 32)] DeiTForImageClassificationWithTeacherOutput" in proc.stdout

@@ -33,7 +33,7 @@ def _program(model, x):
 
 
 MODELS = {"timm_fused": lambda: tiny_vit(fused=True), "timm_unfused": lambda: tiny_vit(fused=False),
-          "hand_separate_qkv_softmax": lambda: hand_vit(fused=False, sdpa=False)}
+          "hand_separate_qkv_softmax": lambda: hand_vit(qkv="separate", attention="softmax")}
 
 
 @pytest.mark.parametrize("model", MODELS)

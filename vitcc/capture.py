@@ -123,6 +123,9 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and not n.users:  # the input guard torch.export inserts
             gm.graph.erase_node(n)
+    # values nothing reads (MHA's averaged attention weights when the caller drops them) would otherwise
+    # freeze what they touch; side-effecting ops stay
+    gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

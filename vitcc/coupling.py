@@ -172,7 +172,7 @@ class Analyzer:
             self.node = node
             self.types[node] = self.apply(node)
         names = {n.name: t for n, t in self.types.items()}
-        return Coupling(self.gm, names, self.params, self.frozen, self.aliases, self.equal_counts)
+        return Coupling(self.gm, names, self.params, self.frozen, self.aliases, leaf_equal_counts(self.equal_counts))
 
     def apply(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
@@ -295,6 +295,23 @@ class Analyzer:
                     if hit is not None:
                         return hit
         return None
+
+
+def leaf_equal_counts(sets: list[list[Space]]) -> list[list[Space]]:
+    """Copies that a later reshape split into products (MHA's packed in_proj: q, k and v each become heads x
+    head dim) keep equal counts when their factors at each position do: the constraint moves to the leaves,
+    where groups are (q/k's head dim and v's head dim then keep equally many; the shared heads tie nothing)."""
+    out = []
+    for spaces in sets:
+        roots = [find(s) for s in spaces]
+        splits = [r.split for r in roots]
+        if all(sp is not None and sp[0] == "product" for sp in splits) \
+                and len({tuple(c.size for c in sp[1]) for sp in splits}) == 1:
+            for i in range(len(splits[0][1])):
+                out += leaf_equal_counts([[sp[1][i] for sp in splits]])
+        elif len({r.id for r in roots}) > 1:
+            out.append(spaces)
+    return out
 
 
 def _only_selects(src: fx.Node) -> bool:

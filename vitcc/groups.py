@@ -98,8 +98,10 @@ def _name(kind: str, r: Space, members: list[Member]) -> str:
         while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
             n += 1
         prefix = prefix[:n]
-    if kind in ("heads", "head_dim") and len({".".join(p) for p in paths}) == 1 and prefix:
+    in_module = all(m.param.rpartition(".")[2] in ("weight", "bias") for m in members)
+    if kind in ("heads", "head_dim") and len({".".join(p) for p in paths}) == 1 and prefix and in_module:
         prefix = prefix[:-1]  # all of it lives in one projection (fused qkv): name it after the block
+        # (nn.MultiheadAttention's in_proj_weight is the attention's own parameter: named after it already)
     if kind == "head_dim":
         suffix = "qk_dim" if "head_dim_qk" in r.tags else "v_dim"
     else:

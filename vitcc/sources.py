@@ -336,6 +336,7 @@ def _exported_program(path: Path, trust_pickle: bool) -> fx.GraphModule:
     """ep.module() refuses .train()/.eval(): hand back a plain GraphModule over the same graph and tensors."""
     if not trust_pickle:
         _refuse_pt2_pickles(path)
+    _import_output_classes(path)
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
@@ -346,6 +347,45 @@ def _exported_program(path: Path, trust_pickle: bool) -> fx.GraphModule:
     if shape:
         gm.vitcc_input_shape = shape
     return gm
+
+
+# packages whose pytree-registered output classes (HF's ModelOutput) a .pt2 may name; registered on import
+_OUTPUT_PACKAGES = ("transformers.",)
+
+
+def _import_output_classes(path: Path) -> None:
+    """A program returning an HF ModelOutput names its class in the output spec; pytree can rebuild it only
+    once the class's module is imported (transformers imports lazily), so import the modules it names."""
+    import json
+    import torch.utils._pytree as pytree
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith("models/model.json"))
+            graph = json.loads(z.read(name))["graph_module"]
+        specs = [e["signature"][k] for e in graph["module_call_graph"] if not e["fqn"] and e.get("signature")
+                 for k in ("in_spec", "out_spec")]
+    except Exception:  # not this layout: torch.export.load reports what is wrong
+        return
+    registered = {v.serialized_type_name for v in pytree.SUPPORTED_SERIALIZED_TYPES.values()}
+    for spec in specs:
+        for t in _spec_types(json.loads(spec)):
+            module = t.rpartition(".")[0]
+            if t not in registered and t.startswith(_OUTPUT_PACKAGES) and importlib.util.find_spec(module.split(".")[0]):
+                try:
+                    importlib.import_module(module)
+                except Exception:
+                    pass  # torch.export.load names the class it cannot rebuild
+
+
+def _spec_types(node) -> Iterator[str]:
+    """Every type name in a serialized pytree spec ([protocol, {"type", "children_spec"}])."""
+    if isinstance(node, list):
+        for x in node:
+            yield from _spec_types(x)
+    elif isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            yield node["type"]
+        yield from _spec_types(node.get("children_spec", []))
 
 
 def _exported_shape(ep) -> tuple[int, ...] | None:

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from vitcc.coupling import arg, dim, fixed_type, is_ttype, shape_of
-from vitcc.spaces import axis_size, decompose, freeze, fsize, normalize, spaces_of
+from vitcc.spaces import axis_size, decompose, find, freeze, fsize, normalize, spaces_of
 
 from . import Family
 
@@ -38,6 +38,8 @@ def slice_(a, node: fx.Node) -> Any:
         return x
     step = arg(node, 4, "step", 1) if node.target.overloadpacket is aten.slice else 1
     strided = _strided(a, x[d], node, n_out, step)
+    if strided is None and step == 1:
+        strided = _contiguous(x[d], _bounds(node, n_in))
     if strided is not None:
         return tuple(x[:d]) + (strided,) + tuple(x[d + 1:])
     if spaces_of([x[d]]):
@@ -63,14 +65,52 @@ def _strided(a, ax, node: fx.Node, n_out: int, step: int):
     return (parts[0],)
 
 
+def _bounds(node: fx.Node, n: int) -> tuple[int, int] | None:
+    """A slice's [start, end) as non-negative ints within the axis (None for symbolic bounds)."""
+    start, end = arg(node, 2, "start", 0), arg(node, 3, "end", n)
+    start, end = 0 if start is None else start, n if end is None else end
+    if not (isinstance(start, int) and isinstance(end, int)):
+        return None
+    start, end = (min(max(v + n if v < 0 else v, 0), n) for v in (start, end))
+    return (start, end) if start < end else None
+
+
+def _contiguous(ax, bounds: tuple[int, int] | None):
+    """x[a:b] of a channel axis is one part of a concatenation [0:a], [a:b], [b:n] (BEiT's relative position
+    table: the interpolated distances, then the 3 class-token entries). Each part is a channel space of its
+    own; rewrite moves the bounds to the compact parts. A cut across an existing split freezes."""
+    factors = normalize(ax)
+    if bounds is None or len(factors) != 1 or isinstance(factors[0], int):
+        return None
+    (start, end), n = bounds, fsize(factors[0])
+    sizes = [m for m in (start, end - start, n - end) if m]
+    parts = decompose(factors[0], "concat", sizes)
+    return None if parts is None else (parts[1 if start else 0],)
+
+
 @family.rewrite(aten.slice)
 def rewrite_slice(node: fx.Node, ctx) -> None:
-    """A strided slice of a channel axis that ends at the axis' full size ends at its compact size."""
+    """A strided slice of a channel axis that ends at the axis' full size ends at its compact size; a
+    contiguous slice of a channel concatenation takes its part's compact bounds."""
     x = ctx.types.get(node.args[0].name)
-    if not is_ttype(x) or len(node.args) < 4 or not isinstance(node.args[3], int):
+    if not is_ttype(x) or len(node.args) < 3:
         return
     d = dim(node.args[1], len(x))
-    if ctx.is_channel(x[d]) and node.args[3] >= axis_size(normalize(x[d])):
+    if not ctx.is_channel(x[d]):
+        return
+    if (arg(node, 4, "step", 1) or 1) == 1:
+        factors = normalize(x[d])
+        bounds = _bounds(node, axis_size(factors))
+        if bounds is None or len(factors) != 1 or isinstance(factors[0], int) or find(factors[0]).split is None:
+            return
+        kept = [ctx.size((p,)) for p in find(factors[0]).split[1]]
+        offsets = [0]
+        for p in find(factors[0]).split[1]:
+            offsets.append(offsets[-1] + p.size)
+        i = offsets.index(bounds[0])
+        start = sum(kept[:i])
+        node.args = (node.args[0], node.args[1], start, start + kept[i], *node.args[4:])
+    elif len(node.args) >= 4 and isinstance(node.args[3], int) and node.args[3] >= axis_size(normalize(x[d])):
         node.args = (*node.args[:3], ctx.size(x[d]), *node.args[4:])
 
 
