@@ -92,3 +92,30 @@ def test_a_compact_model_fine_tunes_one_step(one_thread):
     one_training_step(r.module, x, torch.arange(8) % 10)
     with torch.no_grad():
         torch.testing.assert_close(r.module(x), r.module(x))  # eval mode again: deterministic
+
+
+class SlicedGLU(torch.nn.Module):
+    """An MLP whose fc1 output is cut by hand into a value half and a gate half (x[..., :h], x[..., h:]), then
+    a third slice feeds a side branch: contiguous slices of a channel axis are parts of a concatenation."""
+
+    def __init__(self, dim=16, hidden=24):
+        super().__init__()
+        self.hidden = hidden
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * hidden + 8), torch.nn.Linear(hidden, dim)
+        self.side = torch.nn.Linear(8, dim)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        value, gate, rest = h[..., :self.hidden], h[..., self.hidden:2 * self.hidden], h[..., 2 * self.hidden:]
+        return self.fc2(value * torch.nn.functional.silu(gate)) + self.side(rest)
+
+
+def test_contiguous_slices_of_a_channel_axis_prune_as_parts():
+    torch.manual_seed(0)
+    model, x = SlicedGLU().eval(), torch.randn(1, 5, 16)
+    r = vitcc.compile(model, sparsity=0.5, example_inputs=(x,))
+    assert not r.report["frozen"] and r.report["max_rel_error"] < 1e-4
+    assert r.module.fc1.weight.shape[0] == 12 + 12 + 4 and r.module.fc2.weight.shape[1] == 12
+    assert r.module.side.weight.shape[1] == 4
+    with torch.no_grad():
+        assert r.module(torch.randn(3, 5, 16)).shape == (3, 5, 16)

@@ -77,15 +77,46 @@ def _bounds(node: fx.Node, n: int) -> tuple[int, int] | None:
 
 def _contiguous(ax, bounds: tuple[int, int] | None):
     """x[a:b] of a channel axis is one part of a concatenation [0:a], [a:b], [b:n] (BEiT's relative position
-    table: the interpolated distances, then the 3 class-token entries). Each part is a channel space of its
-    own; rewrite moves the bounds to the compact parts. A cut across an existing split freezes."""
+    table: the interpolated distances, then the 3 class-token entries; a GLU's value and gate halves). Each
+    part is a channel space of its own; rewrite moves the bounds to the compact parts. A slice that cuts
+    across parts made earlier freezes."""
     factors = normalize(ax)
     if bounds is None or len(factors) != 1 or isinstance(factors[0], int):
         return None
-    (start, end), n = bounds, fsize(factors[0])
-    sizes = [m for m in (start, end - start, n - end) if m]
-    parts = decompose(factors[0], "concat", sizes)
-    return None if parts is None else (parts[1 if start else 0],)
+    part = _part(factors[0], *bounds, make=True)
+    return None if part is None else (part,)
+
+
+def _part(space, start: int, end: int, make: bool = False):
+    """The part of a space's concatenation that covers exactly [start, end), splitting a part further when
+    `make` (slices taken one after another); None where [start, end) crosses parts."""
+    r = find(space)
+    if (start, end) == (0, r.size):
+        return r
+    if r.split is None:
+        if not make:
+            return None
+        parts = decompose(r, "concat", [m for m in (start, end - start, r.size - end) if m])
+        return parts[1 if start else 0]
+    kind, parts = r.split
+    offset = 0
+    for p in parts if kind == "concat" else ():
+        if offset <= start and end <= offset + p.size:
+            return _part(p, start - offset, end - offset, make)
+        offset += p.size
+    return None
+
+
+def _compact_start(space, start: int, ctx) -> int:
+    """Where position `start` of a concatenated space lands once every part keeps only its kept channels."""
+    r = find(space)
+    offset, kept = 0, 0
+    for p in r.split[1] if start and r.split is not None else ():
+        if start < offset + p.size:
+            return kept + _compact_start(p, start - offset, ctx)
+        offset += p.size
+        kept += ctx.size((p,))
+    return kept
 
 
 @family.rewrite(aten.slice)
@@ -101,15 +132,11 @@ def rewrite_slice(node: fx.Node, ctx) -> None:
     if (arg(node, 4, "step", 1) or 1) == 1:
         factors = normalize(x[d])
         bounds = _bounds(node, axis_size(factors))
-        if bounds is None or len(factors) != 1 or isinstance(factors[0], int) or find(factors[0]).split is None:
-            return
-        kept = [ctx.size((p,)) for p in find(factors[0]).split[1]]
-        offsets = [0]
-        for p in find(factors[0]).split[1]:
-            offsets.append(offsets[-1] + p.size)
-        i = offsets.index(bounds[0])
-        start = sum(kept[:i])
-        node.args = (node.args[0], node.args[1], start, start + kept[i], *node.args[4:])
+        part = None if bounds is None or len(factors) != 1 else _part(factors[0], *bounds)
+        if part is None or part is find(factors[0]):
+            return  # not a part of a concatenation (the slice froze its axis)
+        start = _compact_start(factors[0], bounds[0], ctx)
+        node.args = (node.args[0], node.args[1], start, start + ctx.size((part,)), *node.args[4:])
     elif len(node.args) >= 4 and isinstance(node.args[3], int) and node.args[3] >= axis_size(normalize(x[d])):
         node.args = (*node.args[:3], ctx.size(x[d]), *node.args[4:])
 
