@@ -41,36 +41,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SPARSITY = 0.3
-ISSUE_MODELS = [
-    "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
-    "swin_base_patch4_window12_384", "swinv2_tiny_window8_256", "deit_small_patch16_224", "vit_base_patch16_224",
-    "pvt_v2_b0", "twins_svt_small", "levit_128", "cait_xxs24_224", "xcit_tiny_12_p16_224", "eva02_tiny_patch14_224",
-    "beit_base_patch16_224", "convit_tiny", "crossvit_tiny_240", "efficientformer_l1", "mobilevit_s",
-    "tnt_s_patch16_224", "maxvit_tiny_tf_224", "focalnet_tiny_srf", "coatnet_0_rw_224", "efficientvit_m0",
-    "hiera_tiny_224",
-]
-# added relatives: 2D RoPE, relative-position ViT, dual (spatial/channel) attention, TinyViT, pooling attention
-EXTRA_MODELS = ["vit_small_patch16_rope_224", "vit_relpos_small_patch16_224", "davit_tiny", "tiny_vit_5m_224",
-                "mvitv2_tiny"]
-MODELS = ISSUE_MODELS + EXTRA_MODELS
-QUICK = ["deit_small_patch16_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0", "levit_128", "efficientvit_m0"]
-# Torch-Pruning is skipped on these by default to keep the sweep well under an hour on 2 shared cores
-TP_SKIP = []
+# a quick subset: plain ViT, windowed, spatial-reduction, HF and nn.MultiheadAttention
+QUICK = ["timm:deit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224", "timm:pvt_v2_b0", "hf:vit",
+         "nn:encoder_vit"]
+TP_SKIP: list[str] = []  # models Torch-Pruning is not run on by default
+MODELS: list[str] = []  # filled by main() from coverage_models.sweep_models() (timm families + EXTRA)
 
 OUT = Path("benchmarks/results/coverage")
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# workers (run in a subprocess: `python coverage.py --worker vitcc|tp --model NAME --result FILE`)
+# workers (run in a subprocess: `python coverage.py --worker vitcc|tp --model SOURCE --result FILE`)
 # ---------------------------------------------------------------------------------------------------------
-def _build(name: str):
-    import timm
-    import torch
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
-    x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    return model, x
+def _build(source: str):
+    from coverage_models import build
+    return build(source)
 
 
 def _frames(exc: BaseException, n: int = 4) -> list[str]:
@@ -239,9 +225,10 @@ def worker_vitcc(name: str) -> dict:
     import torch
     import vitcc
     from vitcc.errors import VerificationError, VitccError
-    row: dict = {"model": name, "tool": "vitcc"}
-    model, x = _build(name)
-    row["input"] = list(x.shape)
+    from coverage_models import family_of, first_tensor
+    row: dict = {"model": name, "tool": "vitcc", "family": family_of(name)}
+    model, x, reduced = _build(name)
+    row.update(input=list(x.shape), reduced=reduced, params_full=sum(p.numel() for p in model.parameters()))
     start = time.perf_counter()
     try:
         r = vitcc.compile(model, "magnitude", sparsity=SPARSITY, example_inputs=(x,))
@@ -279,25 +266,27 @@ def worker_vitcc(name: str) -> dict:
         params_before=rep["params_before"], params_after=rep["params_after"],
         macs_before=rep["macs_before"], macs_after=rep["macs_after"],
         max_abs_error=rep.get("max_abs_error"), max_rel_error=rep.get("max_rel_error"),
+        verified="verify" in rep,  # the verify pass raises on a mismatch; its report means it passed
+        verify_worst=(rep.get("verify") or {}).get("worst"), verify_tensors=len((rep.get("verify") or {}).get("tensors", [])),
         groups=len(r.groups), groups_frozen=len(frozen_groups),
         channels_frozen=f"{sizes['frozen']}/{sizes['all']}", widths=rep.get("widths"),
         frozen=frozen, frozen_groups=frozen_groups,
         passes={p["name"]: p["seconds"] for p in rep.get("passes", [])})
     with torch.no_grad():
-        row["output_shape_ok"] = tuple(r.module(x).shape) == tuple(model(x).shape)
+        row["output_shape_ok"] = tuple(first_tensor(r.module(x)).shape) == tuple(first_tensor(model(x)).shape)
     return row
 
 
 def worker_tp(name: str) -> dict:
     import torch
     import torch_pruning as tp
+    from coverage_models import classifier, first_tensor
     row: dict = {"model": name, "tool": "tp"}
-    model, x = _build(name)
+    model, x, _ = _build(name)
     with torch.no_grad():
-        ref = model(x)
+        ref = first_tensor(model(x))
     before = sum(p.numel() for p in model.parameters())
-    clf = model.get_classifier()
-    clfs = [m for m in (clf if isinstance(clf, (tuple, list)) else (clf,)) if isinstance(m, torch.nn.Module)]
+    clfs = classifier(model)
     stage = "build"
     start = time.perf_counter()
     try:
@@ -308,7 +297,7 @@ def worker_tp(name: str) -> dict:
         stage = "forward"
         with torch.no_grad():
             y = model(x)
-        y = y[0] if isinstance(y, (tuple, list)) else y
+        y = first_tensor(y)
         after = sum(p.numel() for p in model.parameters())
         row.update(params_before=before, params_after=after)
         if tuple(y.shape) != tuple(ref.shape):
@@ -335,12 +324,12 @@ def _rss_gb(pid: int) -> float:
     return 0.0
 
 
-def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0) -> dict:
+def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0, threads: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         log = Path(tmp) / "log.txt"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--model", name,
-               "--result", str(result)]
+               "--result", str(result), "--threads", str(threads)]
         start = time.perf_counter()
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
@@ -383,12 +372,12 @@ def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0) -> di
 
 
 def sweep(models: list[str], tools: list[str], timeout: float, jobs: int, tp_skip: set[str], rows: dict,
-          max_rss_gb: float = 8.0, tp_timeout: float | None = None) -> None:
+          max_rss_gb: float = 8.0, tp_timeout: float | None = None, threads: int = 1) -> None:
     tasks = [(m, t) for m in models for t in tools if not (t == "tp" and m in tp_skip)]
 
     def go(task):
         m, t = task
-        row = run_one(m, t, tp_timeout if t == "tp" and tp_timeout else timeout, max_rss_gb)
+        row = run_one(m, t, tp_timeout if t == "tp" and tp_timeout else timeout, max_rss_gb, threads)
         rows[(m, t)] = row
         short = row.get("status")
         extra = row.get("error", {}).get("message", "")[:120] if "error" in row else ""
@@ -410,8 +399,8 @@ def save(rows: dict) -> None:
     tmp.replace(OUT.with_suffix(".json"))
 
 
-def _order(name: str) -> int:
-    return MODELS.index(name) if name in MODELS else len(MODELS)
+def _order(name: str) -> tuple:
+    return (MODELS.index(name), name) if name in MODELS else (len(MODELS), name)
 
 
 def versions() -> dict:
@@ -627,13 +616,16 @@ def render(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=None, help="comma-separated timm names (default: the full list)")
+    ap.add_argument("--models", default=None, help="comma-separated sources (timm:NAME, hf:KIND, torchvision:NAME, "
+                    "nn:NAME; default: one timm model per family with attention, plus the HF/torchvision/nn models)")
+    ap.add_argument("--refresh-families", action="store_true", help="list timm's families again (about 3 min)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / jobs)")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--tp-skip", default=",".join(TP_SKIP), help="models on which Torch-Pruning is not run")
     ap.add_argument("--jobs", type=int, default=1, help="models run in parallel (default 1)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per model and tool")
-    ap.add_argument("--tp-timeout", type=float, default=300,
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per model and tool")
+    ap.add_argument("--tp-timeout", type=float, default=120,
                     help="seconds for Torch-Pruning (default 300: it hangs or blows up memory on some models)")
     ap.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a worker above this resident memory")
     ap.add_argument("--tools", default="vitcc,tp", help="which of vitcc,tp to run (default both)")
@@ -645,16 +637,22 @@ def main() -> None:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global OUT
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     if args.worker:
         row = (worker_vitcc if args.worker == "vitcc" else worker_tp)(args.model)
         Path(args.result).write_text(json.dumps(row, default=str))
         return
     OUT = Path(args.out)
+    from coverage_models import sweep_models
+    MODELS[:] = sweep_models(args.refresh_families)
     if args.render:
         data = json.loads(OUT.with_suffix(".json").read_text())
         OUT.with_suffix(".md").write_text(render(data))
         return
     models = QUICK if args.quick else (args.models.split(",") if args.models else MODELS)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     tools = [t for t in args.tools.split(",") if t in ("vitcc", "tp") and not (args.no_tp and t == "tp")]
     rows: dict = {}
     cmd = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
@@ -670,8 +668,9 @@ def main() -> None:
         META["date"] += f" (merged {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})"
     start = time.perf_counter()
     META.update(max_rss_gb=args.max_rss_gb, tp_timeout=args.tp_timeout)
+    META.update(threads=threads, jobs=args.jobs)
     sweep(models, tools, args.timeout, args.jobs, set(filter(None, args.tp_skip.split(","))), rows, args.max_rss_gb,
-          args.tp_timeout)
+          args.tp_timeout, threads)
     minutes = round((time.perf_counter() - start) / 60, 1)
     META["wall_minutes"] = minutes if not args.merge else f"{META.get('wall_minutes', '?')} + {minutes}"
     save(rows)

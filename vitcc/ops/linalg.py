@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from vitcc.coupling import is_param_node, is_ttype, named_arg, shape_of, tag
+from vitcc.spaces import axis_size, normalize
 
 from . import Family
 from ._timing import TimedOp, bind, rand, shape_key
@@ -73,9 +74,10 @@ def conv(a, node: fx.Node) -> Any:
 def rewrite_groups(node: fx.Node, ctx) -> None:
     """A depthwise convolution keeps one group per kept channel."""
     groups = named_arg(node, "groups", 1)
-    if groups == 1:
+    w = ctx.types[node.args[1].name]
+    if groups == 1 or groups != axis_size(normalize(w[0])):  # a grouped (not depthwise) conv is frozen: as is
         return
-    kept = ctx.size(ctx.types[node.args[1].name][0])
+    kept = ctx.size(w[0])
     args = list(node.args) + [None] * (7 - len(node.args))
     defaults = [None, None, None, [1], [0], [1], 1]
     args = [d if v is None and i >= 3 else v for i, (v, d) in enumerate(zip(args, defaults))]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import named_arg, tag
+from vitcc.coupling import multi_output, named_arg, tag
 
 from . import Family
 from ._timing import TimedOp, bind, rand, shape_key
@@ -92,7 +92,7 @@ def batch_norm(a, node: fx.Node) -> Any:
         p = a.type_of(named_arg(node, n))
         if p is not None:
             a.tie(x[1], p[0], "batchnorm channels")
-    if isinstance(node.meta.get("tensor_meta"), (list, tuple)):
+    if multi_output(node):
         return (x,) + tuple(a.out_type()[1:])
     return x
 

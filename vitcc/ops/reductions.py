@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import dim, fixed_type, is_ttype, named_arg, shape_of
+from vitcc.coupling import dim, fixed_type, is_ttype, multi_output, named_arg, shape_of
 from vitcc.spaces import spaces_of
 
 from . import Family
@@ -41,7 +41,7 @@ def reduce(a, node: fx.Node) -> Any:
     if spaces_of(reduced) and packet not in _ZERO_NEUTRAL:
         a.freeze_types([tuple(reduced)], f"{packet.__name__} over a channel axis (removed zeros would change it)")
     out = tuple(() if (i in dims and keep) else ax for i, ax in enumerate(x) if keep or i not in dims)
-    if packet in (aten.max, aten.min) and isinstance(node.meta.get("tensor_meta"), (list, tuple)):
+    if packet in (aten.max, aten.min) and multi_output(node):
         return (out, out)  # values and indices
     return out
 
@@ -73,10 +73,9 @@ POOLS = [aten.avg_pool1d, aten.avg_pool2d, aten.max_pool1d, aten.max_pool2d, ate
 def pool(a, node: fx.Node) -> Any:
     """Pooling works per channel (N, C, *spatial): channels pass, spatial axes take the output's sizes."""
     x = a.type_of(node.args[0])
-    out = shape_of(node)
-    if isinstance(node.meta.get("tensor_meta"), (list, tuple)):
-        out = tuple(node.meta["tensor_meta"][0].shape)
+    multi = multi_output(node)  # max_pool2d_with_indices: (values, indices)
+    out = tuple(node.meta["tensor_meta"][0].shape) if multi else shape_of(node)
     if not is_ttype(x) or out is None or len(out) != len(x) or len(x) < 3:
         return a.unknown(node)
     res = (x[0] if shape_of(node.args[0])[0] == out[0] else fixed_type((out[0],))[0], x[1]) + fixed_type(out[2:])
-    return (res, res) if isinstance(node.meta.get("tensor_meta"), (list, tuple)) else res
+    return (res, res) if multi else res
