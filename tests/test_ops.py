@@ -1,5 +1,6 @@
 """Op-table rules found by the coverage sweep: each a tiny module using the op, compiled at S = 0.3,
 checked for what is grouped or frozen, and verified."""
+import timm
 import torch
 from torch import nn
 
@@ -81,3 +82,58 @@ def test_batch_norm_pooling_and_views_pass_channels():
     assert not r.report["frozen"], r.report["frozen"]
     assert {g.size for g in r.groups} == {16, 24} and not [g for g in r.groups if g.frozen]
     assert r.report["max_rel_error"] < 1e-5
+
+
+class _Resample(nn.Module):
+    """Upsampling and Tensor.unfold windows (halo attention) between prunable convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 24, 1), nn.Linear(24 * 4, 4)
+
+    def forward(self, x):
+        x = nn.functional.interpolate(torch.relu(self.c1(x)), scale_factor=2.0, mode="bilinear")
+        x = nn.functional.interpolate(self.c2(x), scale_factor=0.5, mode="nearest")  # (1, 24, 8, 8)
+        w = x.unfold(2, 4, 4).unfold(3, 4, 4)  # (1, 24, 2, 2, 4, 4) windows
+        return self.head(w.amax((-1, -2)).flatten(1))
+
+
+def test_upsample_and_unfold_windows_pass_channels():
+    torch.manual_seed(0)
+    r = _compile(_Resample(), torch.randn(1, 3, 8, 8))
+    assert not r.report["frozen"], r.report["frozen"]
+    assert sorted(g.size for g in r.groups) == [16, 24]
+    assert r.report["max_rel_error"] < 1e-5 and r.report["params_after"] < r.report["params_before"]
+
+
+class _StateConv(nn.Module):
+    """A pruned feature axis moved onto a conv's length axis (efficientvim's state dimension)."""
+
+    def __init__(self, k=1):
+        super().__init__()
+        self.proj, self.conv, self.out = nn.Linear(16, 12), nn.Conv1d(4, 6, k, padding=k // 2), nn.Linear(12, 3)
+
+    def forward(self, x):  # (B, 4, 16)
+        return self.out(torch.relu(self.conv(self.proj(x))))
+
+
+def test_conv_length_axis_with_channels_passes_pointwise_and_freezes_windows():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16)
+    r = _compile(_StateConv(k=1), x)
+    assert [g.size for g in r.groups if g.frozen is None] == [12] and not r.report["frozen"]
+    assert r.report["params_after"] < r.report["params_before"] and r.report["max_rel_error"] < 1e-5
+    r = _compile(_StateConv(k=3), x)
+    assert any("window over a channel axis" in f["reason"] for f in r.report["frozen"]), r.report["frozen"]
+    assert r.report["params_after"] == r.report["params_before"] and r.report["max_rel_error"] < 1e-5
+
+
+def test_verify_compares_values_before_in_place_ops_change_them():
+    """resnest: `x = bn3(conv3(x)); x += shortcut` (add_ mutates bn3's output, zero-init bn3): verify compares
+    what bn3 produced, not the sum written over it later. Also split attention (softmax over radix) and grouped
+    convs freeze with their reasons."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnest14d", pretrained=False, num_classes=10)
+    r = _compile(model, torch.randn(1, 3, 32, 32))
+    assert r.report["max_rel_error"] < 1e-5 and r.report["params_after"] < r.report["params_before"]
+    assert {f["reason"].split(":")[0] for f in r.report["frozen"]} == {"grouped convolution", "softmax over a channel axis"}

@@ -353,6 +353,17 @@ def flatten_types(t: Any):
             yield from flatten_types(x)
 
 
+def spatial_through(a, node: fx.Node, x, out: list, pointwise: bool) -> None:
+    """Spatial axes of a per-channel window op (conv, pool, resample) that carry spaces (a state or token axis
+    moved there): a pointwise op passes them, a window mixes neighbours, so they freeze. Never dropped."""
+    for i in range(2, len(x)):
+        if spaces_of([x[i]]):
+            if pointwise:
+                out[i] = x[i]
+            else:
+                a.freeze_types([(x[i],)], "window over a channel axis")
+
+
 def prod(fs) -> int:
     p = 1
     for f in fs:

@@ -137,3 +137,16 @@ def col2im(a, node: fx.Node) -> Any:
     else:
         return a.unknown(node, "col2im whose channels are not the outer factor")
     return (x[0], tuple(c)) + fixed_type(tuple(out[2:]))
+
+
+@family.coupling(aten.unfold)
+def unfold_windows(a, node: fx.Node) -> Any:
+    """Tensor.unfold(dim, size, step): sliding windows along one axis (halo attention's spatial blocks).
+    The other axes pass through; `dim` becomes the window count and a window axis is appended."""
+    x, out = a.type_of(node.args[0]), shape_of(node)
+    if not is_ttype(x) or out is None or len(out) != len(x) + 1:
+        return a.unknown(node)
+    d = dim(arg(node, 1, "dimension"), len(x))
+    if spaces_of([x[d]]):
+        a.freeze_types([(x[d],)], "sliding windows along a channel axis")
+    return tuple(x[:d]) + fixed_type((out[d],)) + tuple(x[d + 1:]) + fixed_type((out[-1],))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import is_param_node, is_ttype, named_arg, shape_of, tag
+from vitcc.coupling import is_param_node, is_ttype, named_arg, shape_of, spatial_through, tag
 from vitcc.spaces import axis_size, normalize
 
 from . import Family
@@ -56,6 +56,9 @@ def conv(a, node: fx.Node) -> Any:
     x, w, b = (a.type_of(named_arg(node, n)) for n in ("input", "weight", "bias"))
     groups = named_arg(node, "groups", 1)
     out = list(a.out_type())
+    out[0] = x[0]  # per sample: the batch axis (which may carry heads or windows) passes
+    spatial_through(a, node, x, out, pointwise=all(k == 1 for k in shape_of(node.args[1])[2:])
+                    and set(named_arg(node, "stride", [1])) == {1} and set(named_arg(node, "padding", [0])) == {0})
     cin, cout = shape_of(node.args[0])[1], shape_of(node.args[1])[0]
     if groups == 1:
         a.tie(x[1], w[1], "conv input channels")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import dim, fixed_type, is_ttype, multi_output, named_arg, shape_of
+from vitcc.coupling import dim, fixed_type, is_ttype, multi_output, named_arg, shape_of, spatial_through
 from vitcc.spaces import spaces_of
 
 from . import Family
@@ -67,15 +67,22 @@ def timed_softmax(node: fx.Node, shapes) -> TimedOp | None:
 POOLS = [aten.avg_pool1d, aten.avg_pool2d, aten.max_pool1d, aten.max_pool2d, aten.adaptive_avg_pool1d,
          aten.adaptive_avg_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
          aten.max_pool2d_with_indices]
+# resampling is per channel too (size arguments are spatial: nothing to rewrite)
+RESAMPLES = [aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
+             aten.upsample_linear1d, aten._upsample_nearest_exact2d, aten._upsample_bilinear2d_aa]
 
 
-@family.coupling(*POOLS)
+@family.coupling(*POOLS, *RESAMPLES)
 def pool(a, node: fx.Node) -> Any:
-    """Pooling works per channel (N, C, *spatial): channels pass, spatial axes take the output's sizes."""
+    """Pooling and resampling work per channel (N, C, *spatial): channels pass, spatial axes take the output's
+    sizes."""
     x = a.type_of(node.args[0])
     multi = multi_output(node)  # max_pool2d_with_indices: (values, indices)
     out = tuple(node.meta["tensor_meta"][0].shape) if multi else shape_of(node)
     if not is_ttype(x) or out is None or len(out) != len(x) or len(x) < 3:
         return a.unknown(node)
-    res = (x[0] if shape_of(node.args[0])[0] == out[0] else fixed_type((out[0],))[0], x[1]) + fixed_type(out[2:])
+    res = [x[0] if shape_of(node.args[0])[0] == out[0] else fixed_type((out[0],))[0], x[1], *fixed_type(out[2:])]
+    spatial_through(a, node, x, res, pointwise=tuple(shape_of(node.args[0])[2:]) == tuple(out[2:])
+                    and node.target.overloadpacket in RESAMPLES)  # a same-size resample is the identity
+    res = tuple(res)
     return (res, res) if multi else res
