@@ -92,6 +92,7 @@ def _error(exc: BaseException) -> dict:
 
 
 def _op_label(node) -> str:
+    import torch
     if node.op == "call_module":
         try:
             mod = node.graph.owning_module.get_submodule(node.target)
@@ -102,6 +103,8 @@ def _op_label(node) -> str:
         return f"Tensor.{node.target}"
     if node.op == "call_function":
         t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return f"aten.{t.__name__}" if t.namespace == "aten" else str(t)
         mod = getattr(t, "__module__", "") or ""
         name = getattr(t, "__name__", str(t))
         if mod.startswith("timm."):  # timm notrace functions: keep the defining module, it says what they are
@@ -125,6 +128,8 @@ def normalize_reason(reason: str) -> str:
     """Strip node names so one cause reads the same in every block and model."""
     r = re.sub(r"^no coupling rule for .*", "no coupling rule", reason)  # names a module path or the op
     r = _NODE_REF.sub(lambda m: f"<{m.group(2)}>", r)
+    r = re.sub(r"^\w+ \((aten\.[\w.]+)\): ", "", r)  # an aten node's own name and op lead some reasons
+    r = re.sub(r"\b\w+ \((aten\.[\w.]+)\)", r"<\1>", r)
     r = re.sub(r"\b(getitem|add|mul|view|reshape|permute|transpose|linear|matmul|cat|roll)_\d+\b", r"\1", r)
     return r
 
