@@ -137,3 +137,29 @@ def test_verify_compares_values_before_in_place_ops_change_them():
     r = _compile(model, torch.randn(1, 3, 32, 32))
     assert r.report["max_rel_error"] < 1e-5 and r.report["params_after"] < r.report["params_before"]
     assert {f["reason"].split(":")[0] for f in r.report["frozen"]} == {"grouped convolution", "softmax over a channel axis"}
+
+
+class _SlicedPosEmbed(nn.Module):
+    """timm's test_vit: pos_embed[:, :1] for the class token, pos_embed[:, 1:] for patches (resampled)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.proj, self.cls = nn.Conv2d(3, dim, 4, 4), nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 1 + 4, dim))
+        self.mlp, self.head = _Mlp(dim, 32), nn.Linear(dim, 4)
+
+    def forward(self, x):  # (B, 3, 16, 16): 4x4 patches, pos table of 2x2 resampled bicubic (antialiased)
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        grid = self.pos[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True)
+        t = t + grid.flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1) + self.pos[:, :1], t], 1)
+        return self.head(self.mlp(t)[:, 0])
+
+
+def test_a_parameter_sliced_by_position_keeps_its_channels_prunable():
+    torch.manual_seed(0)
+    r = _compile(_SlicedPosEmbed(), torch.randn(1, 3, 16, 16))
+    assert not r.report["frozen"], r.report["frozen"]
+    assert sorted(g.size for g in r.groups if g.frozen is None) == [16, 32]
+    assert r.report["max_rel_error"] < 1e-5 and r.report["params_after"] < r.report["params_before"]

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import arg, dim, fixed_type, is_ttype, shape_of
+from vitcc.coupling import arg, dim, fixed_type, is_param_node, is_ttype, shape_of
 from vitcc.spaces import axis_size, decompose, freeze, fsize, normalize, spaces_of
 
 from . import Family
@@ -40,7 +40,11 @@ def slice_(a, node: fx.Node) -> Any:
     strided = _strided(a, x[d], node, n_out, step)
     if strided is not None:
         return tuple(x[:d]) + (strided,) + tuple(x[d + 1:])
-    if spaces_of([x[d]]):
+    if spaces_of([x[d]]) and is_param_node(node.args[0]) and len(normalize(x[d])) == 1:
+        # a parameter's table sliced by position (pos_embed[:, :1], a bias table's rows): that axis indexes
+        # positions, not channels; it becomes a fixed size (a channel tied to it later freezes, saying where)
+        freeze(normalize(x[d])[0], a.why("a parameter sliced by index, kept whole"), fixed=True)
+    elif spaces_of([x[d]]):
         a.freeze_types([(x[d],)], "slice of a channel axis")
     return tuple(x[:d]) + ((n_out,),) + tuple(x[d + 1:])
 

@@ -69,7 +69,8 @@ POOLS = [aten.avg_pool1d, aten.avg_pool2d, aten.max_pool1d, aten.max_pool2d, ate
          aten.max_pool2d_with_indices]
 # resampling is per channel too (size arguments are spatial: nothing to rewrite)
 RESAMPLES = [aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
-             aten.upsample_linear1d, aten._upsample_nearest_exact2d, aten._upsample_bilinear2d_aa]
+             aten.upsample_linear1d, aten._upsample_nearest_exact2d, aten._upsample_bilinear2d_aa,
+             aten._upsample_bicubic2d_aa]
 
 
 @family.coupling(*POOLS, *RESAMPLES)
