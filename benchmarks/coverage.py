@@ -1,10 +1,13 @@
-"""Coverage sweep (issue 3): compile every model of a list at S = 0.3 with the default pipeline and record,
-per model, what vitcc did, side by side with what Torch-Pruning does on the same model with no
-model-specific code. Results: benchmarks/results/coverage.md and coverage.json.
+"""Coverage sweep (issues 9 and 10): compile one model of every timm architecture family with attention
+(listed from timm itself, see benchmarks/coverage_models.py), plus Hugging Face transformers, torchvision and
+nn.MultiheadAttention models, at S = 0.3 with the default pipeline, and record per model what vitcc did, side
+by side with what Torch-Pruning does on the same model with no model-specific code. Results:
+benchmarks/results/coverage.md and coverage.json (the family list: coverage_families.json).
 
-    python benchmarks/coverage.py [--models a,b | --quick] [--no-tp | --tools vitcc,tp] [--tp-skip a,b]
-                                  [--jobs 1] [--timeout 600] [--tp-timeout 300] [--max-rss-gb 8]
-                                  [--out benchmarks/results/coverage] [--merge] [--render]
+    python benchmarks/coverage.py [--models timm:a,hf:vit,... | --quick] [--no-tp | --tools vitcc,tp]
+                                  [--tp-skip a,b] [--jobs 2] [--threads N] [--timeout 240] [--tp-timeout 120]
+                                  [--max-rss-gb 8] [--out benchmarks/results/coverage] [--merge] [--render]
+                                  [--refresh-families]
 
 --merge updates rows of an existing coverage.json (and lists both commands); --render rewrites the .md
 from the .json. A crash in verify is located: the program is captured before verify and the compact
@@ -489,6 +492,24 @@ def causes(vrows: list[dict], trows: list[dict]) -> list[dict]:
     return sorted(agg.values(), key=lambda a: (-len(a["models"]), -a["nodes"], a["kind"], a["op"]))
 
 
+def aims(v: dict, counts: collections.Counter) -> list[str]:
+    """The issue's four aims, each with its figure."""
+    done = [r for r in v.values() if r["status"] in ("full", "partial")]
+    unverified = [r["model"] for r in done if not r.get("verified")]
+    unnamed = [r["model"] for r in done if r["status"] == "partial"
+               and not all(f.get("op") and f.get("reason") for f in r["frozen"])
+               and not all(g.get("reason") for g in r["frozen_groups"])]
+    worst = max((r.get("max_rel_error") or 0.0 for r in done), default=0.0)
+    full = counts["full"] / max(1, len(v))
+    mark = {True: "met", False: "NOT met"}
+    return [f"- no crash: {counts['crash']} crash ({mark[counts['crash'] == 0]})",
+            f"- every compiled model verified: {len(done) - len(unverified)} of {len(done)} verified, worst max "
+            f"relative error {worst:.1e} ({mark[not unverified]}{': ' + ', '.join(unverified) if unverified else ''})",
+            f"- `full` >= 80%: {counts['full']} of {len(v)} = {100 * full:.0f}% ({mark[full >= 0.8]})",
+            f"- every partial row names its op and why: {counts['partial'] - len(unnamed)} of {counts['partial']} "
+            f"({mark[not unnamed]}{': ' + ', '.join(unnamed) if unnamed else ''})"]
+
+
 def render(data: dict) -> str:
     meta, rows = data["meta"], data["rows"]
     for r in rows:  # re-derive causes so a change of normalize_reason needs no new sweep
@@ -506,17 +527,31 @@ def render(data: dict) -> str:
         f"{counts['crash']} crash** (of {len(v)} models). Torch-Pruning: {tp_ok} ok of {len(t)} run"
         + (f" (not run on: {', '.join(m for m in models if m not in t)})" if len(t) < len(models) else "") + ".",
         "",
+        "## Aims", "",
+        *aims(v, counts),
+        "",
+        "## Setup", "",
         "- command: " + "; ".join(f"`{c}`" for c in meta.get("commands", [])),
         f"- date: {meta.get('date', '')}; wall time of the sweep: {meta.get('wall_minutes', '?')} min",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in ver.items()),
         f"- machine: {meta.get('machine', '')}, CPU only, fp32, batch 1, input from each model's "
-        "`pretrained_cfg['input_size']`, random weights (`pretrained=False`, seed 0)",
+        "`pretrained_cfg['input_size']` (HF: `config.image_size`, torchvision: `image_size`), random weights "
+        "(`pretrained=False`, `weights=None`, HF from a config; seed 0)",
+        "- models (benchmarks/coverage_models.py): one timm model per architecture family (a module of "
+        "`timm.models`) whose models contain attention, listed from timm itself: "
+        + meta.get("family_rule", "") + f" {meta.get('families', '?')} families of {meta.get('modules', '?')} "
+        "timm modules. Then HF transformers (tests/conftest.py's tiny configs), torchvision vit_b_16 and swin_t, "
+        "and two nn.MultiheadAttention ViTs (`nn:mha_vit`: sequence-first MHA with separate q/k/v and no bias; "
+        "`nn:encoder_vit`: nn.TransformerEncoder, batch_first, norm_first).",
+        "- reduced to fit 2 cores (architecture kept, depth/image size cut; column `reduced`): "
+        + (", ".join(f"{m} {r['reduced']}" for m, r in v.items() if r.get("reduced") and m.startswith("timm:"))
+           or "none"),
         f"- vitcc: `vitcc.compile(model, 'magnitude', sparsity={SPARSITY}, example_inputs=(x,))` (default pipeline "
         "analyze,magnitude,select,rewrite,fold,dce,verify; all kinds; uniform S per group). `full`: no group "
         "frozen and `report['frozen']` empty; `partial`: verified, some dimensions frozen; `refused`: a "
         "`VitccError`; `crash`: any other exception, a `VerificationError`, a timeout or a dead worker.",
         f"- Torch-Pruning: `tp.pruner.MagnitudePruner(model, example_inputs=x, importance="
-        f"tp.importance.MagnitudeImportance(), pruning_ratio={SPARSITY}, ignored_layers=[model.get_classifier()])`, "
+        f"tp.importance.MagnitudeImportance(), pruning_ratio={SPARSITY}, ignored_layers=[the classifier])` (timm's `get_classifier()`, else the last nn.Linear), "
         "everything else default (no `num_heads`, no custom pruners, no model-specific code), one `step()`, then "
         "`ok` iff the pruned model runs on x and gives the original output shape. Its output values are not "
         "checked (Torch-Pruning does not claim equivalence to a masked model).",
@@ -564,7 +599,9 @@ def render(data: dict) -> str:
             pct = _pct(tr["params_before"], tr["params_after"]) if "params_after" in tr else ""
             tcells = ["error", pct, f"{tr.get('seconds', tr.get('wall', ''))}",
                       _cell(f"[{tr.get('stage')}] {e['type']}: {_first_line(e['message'], 120)}")]
-        lines.append("| " + " | ".join([m, st, *cells, *tcells]) + " |")
+        label = m + (f" ({r['family']})" if r.get("family") and r["family"] != m else "") \
+            + (" *reduced*" if r.get("reduced") and m.startswith("timm:") else "")
+        lines.append("| " + " | ".join([label, st, *cells, *tcells]) + " |")
     lines += ["", "## Top causes", "",
               "Frozen reasons (node names stripped) and crash/refusal messages, aggregated by op across models, most "
               "models first; `nodes` counts frozen nodes (or failing models). One concrete example each.", ""]
@@ -650,10 +687,15 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(row, default=str))
         return
     OUT = Path(args.out)
-    from coverage_models import sweep_models
+    from coverage_models import families, sweep_models
     MODELS[:] = sweep_models(args.refresh_families)
+    fams = families()
+    import timm
+    META.update(family_rule=fams["rule"].replace("\n", " "), families=len(fams["families"]),
+                modules=len(timm.list_modules()))
     if args.render:
         data = json.loads(OUT.with_suffix(".json").read_text())
+        data["meta"] = {**META, **data["meta"]}
         OUT.with_suffix(".md").write_text(render(data))
         return
     models = QUICK if args.quick else (args.models.split(",") if args.models else MODELS)

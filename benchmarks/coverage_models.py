@@ -31,6 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES_CACHE = REPO / "benchmarks/results/coverage_families.json"
 _ATTN_NAME = re.compile(r"Attention|Attn")
 _ATTN_SOURCE = re.compile(r"scaled_dot_product_attention|softmax")
+FAMILY_RULE = ("a family is in when one of its models, built on the meta device, has a module whose class name "
+               "contains `Attention` or `Attn`, or an `nn.MultiheadAttention`, or a timm module whose own `forward` "
+               "calls `scaled_dot_product_attention` or `softmax`; its representative is the smallest such model by "
+               "parameter count.")
 
 # Full-size representatives too slow for 2 cores at their own size are built smaller (recorded per row).
 # Reductions keep the architecture (every block type, attention kind and head layout); they cut depth/size.
@@ -87,7 +91,7 @@ def discover_families() -> dict:
         if best is not None:
             best["models_in_family"] = len(timm.list_models(module=module))
             families[module] = best
-    return {"timm": timm.__version__, "rule": __doc__.split("\n\n")[1], "families": families}
+    return {"timm": timm.__version__, "rule": FAMILY_RULE, "families": families}
 
 
 def families(refresh: bool = False) -> dict:
