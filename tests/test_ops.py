@@ -163,3 +163,24 @@ def test_a_parameter_sliced_by_position_keeps_its_channels_prunable():
     assert not r.report["frozen"], r.report["frozen"]
     assert sorted(g.size for g in r.groups if g.frozen is None) == [16, 32]
     assert r.report["max_rel_error"] < 1e-5 and r.report["params_after"] < r.report["params_before"]
+
+
+class _Decoder(nn.Module):
+    """A transposed conv (lowformer's upsampling) and an in-place dropout (tnt) between prunable layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.up = nn.Conv2d(3, 16, 1), nn.ConvTranspose2d(16, 24, 2, 2)
+        self.drop, self.head = nn.Dropout(0.1, inplace=True), nn.Linear(24, 4)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.up(torch.relu(self.c1(x)))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_conv_transpose_and_in_place_dropout_pass_channels():
+    torch.manual_seed(0)
+    r = _compile(_Decoder(), torch.randn(1, 3, 8, 8), prune="other")  # plain conv channels: kind `other`
+    assert not r.report["frozen"], r.report["frozen"]
+    assert sorted(g.size for g in r.groups if g.frozen is None) == [16, 24]
+    assert r.report["max_rel_error"] < 1e-5 and r.report["params_after"] < r.report["params_before"]

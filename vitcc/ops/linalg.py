@@ -73,6 +73,31 @@ def conv(a, node: fx.Node) -> Any:
     return tuple(out)
 
 
+CONV_TRANSPOSES = [aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d]
+
+
+@family.coupling(*CONV_TRANSPOSES)
+def conv_transpose(a, node: fx.Node) -> Any:
+    """Transposed conv: weight (C_in, C_out/groups, *k). Ungrouped, C_in and C_out are channels; grouped freezes."""
+    x, w, b = (a.type_of(named_arg(node, n)) for n in ("input", "weight", "bias"))
+    out = list(a.out_type())
+    out[0] = x[0]
+    spatial_through(a, node, x, out, pointwise=False)
+    if named_arg(node, "groups", 1) != 1:
+        a.freeze_types([x, w], "grouped transposed convolution")
+        return tuple(out)
+    a.tie(x[1], w[0], "transposed conv input channels")
+    out[1] = w[1]
+    if b is not None:
+        a.tie(b[0], w[1], "transposed conv bias")
+    return tuple(out)
+
+
+@family.macs(*CONV_TRANSPOSES)
+def conv_transpose_macs(node: fx.Node, shapes) -> int:
+    return math.prod(shapes.node(node.args[0])) * math.prod(shapes.node(node.args[1])[1:])
+
+
 @family.rewrite(*CONVS)
 def rewrite_groups(node: fx.Node, ctx) -> None:
     """A depthwise convolution keeps one group per kept channel."""
