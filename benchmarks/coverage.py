@@ -1,10 +1,13 @@
-"""Coverage sweep (issue 3): compile every model of a list at S = 0.3 with the default pipeline and record,
-per model, what vitcc did, side by side with what Torch-Pruning does on the same model with no
-model-specific code. Results: benchmarks/results/coverage.md and coverage.json.
+"""Coverage sweep (issues 9 and 10): compile one model of every timm architecture family with attention
+(listed from timm itself, see benchmarks/coverage_models.py), plus Hugging Face transformers, torchvision and
+nn.MultiheadAttention models, at S = 0.3 with the default pipeline, and record per model what vitcc did, side
+by side with what Torch-Pruning does on the same model with no model-specific code. Results:
+benchmarks/results/coverage.md and coverage.json (the family list: coverage_families.json).
 
-    python benchmarks/coverage.py [--models a,b | --quick] [--no-tp | --tools vitcc,tp] [--tp-skip a,b]
-                                  [--jobs 1] [--timeout 600] [--tp-timeout 300] [--max-rss-gb 8]
-                                  [--out benchmarks/results/coverage] [--merge] [--render]
+    python benchmarks/coverage.py [--models timm:a,hf:vit,... | --quick] [--no-tp | --tools vitcc,tp]
+                                  [--tp-skip a,b] [--jobs 2] [--threads N] [--timeout 240] [--tp-timeout 120]
+                                  [--max-rss-gb 8] [--out benchmarks/results/coverage] [--merge] [--render]
+                                  [--refresh-families]
 
 --merge updates rows of an existing coverage.json (and lists both commands); --render rewrites the .md
 from the .json. A crash in verify is located: the program is captured before verify and the compact
@@ -41,36 +44,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SPARSITY = 0.3
-ISSUE_MODELS = [
-    "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
-    "swin_base_patch4_window12_384", "swinv2_tiny_window8_256", "deit_small_patch16_224", "vit_base_patch16_224",
-    "pvt_v2_b0", "twins_svt_small", "levit_128", "cait_xxs24_224", "xcit_tiny_12_p16_224", "eva02_tiny_patch14_224",
-    "beit_base_patch16_224", "convit_tiny", "crossvit_tiny_240", "efficientformer_l1", "mobilevit_s",
-    "tnt_s_patch16_224", "maxvit_tiny_tf_224", "focalnet_tiny_srf", "coatnet_0_rw_224", "efficientvit_m0",
-    "hiera_tiny_224",
-]
-# added relatives: 2D RoPE, relative-position ViT, dual (spatial/channel) attention, TinyViT, pooling attention
-EXTRA_MODELS = ["vit_small_patch16_rope_224", "vit_relpos_small_patch16_224", "davit_tiny", "tiny_vit_5m_224",
-                "mvitv2_tiny"]
-MODELS = ISSUE_MODELS + EXTRA_MODELS
-QUICK = ["deit_small_patch16_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0", "levit_128", "efficientvit_m0"]
-# Torch-Pruning is skipped on these by default to keep the sweep well under an hour on 2 shared cores
-TP_SKIP = []
+# a quick subset: plain ViT, windowed, spatial-reduction, HF and nn.MultiheadAttention
+QUICK = ["timm:deit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224", "timm:pvt_v2_b0", "hf:vit",
+         "nn:encoder_vit"]
+TP_SKIP: list[str] = []  # models Torch-Pruning is not run on by default
+MODELS: list[str] = []  # filled by main() from coverage_models.sweep_models() (timm families + EXTRA)
 
 OUT = Path("benchmarks/results/coverage")
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# workers (run in a subprocess: `python coverage.py --worker vitcc|tp --model NAME --result FILE`)
+# workers (run in a subprocess: `python coverage.py --worker vitcc|tp --model SOURCE --result FILE`)
 # ---------------------------------------------------------------------------------------------------------
-def _build(name: str):
-    import timm
-    import torch
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
-    x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    return model, x
+def _build(source: str):
+    from coverage_models import build
+    return build(source)
 
 
 def _frames(exc: BaseException, n: int = 4) -> list[str]:
@@ -106,6 +95,7 @@ def _error(exc: BaseException) -> dict:
 
 
 def _op_label(node) -> str:
+    import torch
     if node.op == "call_module":
         try:
             mod = node.graph.owning_module.get_submodule(node.target)
@@ -116,6 +106,8 @@ def _op_label(node) -> str:
         return f"Tensor.{node.target}"
     if node.op == "call_function":
         t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return f"aten.{t.__name__}" if t.namespace == "aten" else str(t)
         mod = getattr(t, "__module__", "") or ""
         name = getattr(t, "__name__", str(t))
         if mod.startswith("timm."):  # timm notrace functions: keep the defining module, it says what they are
@@ -139,6 +131,8 @@ def normalize_reason(reason: str) -> str:
     """Strip node names so one cause reads the same in every block and model."""
     r = re.sub(r"^no coupling rule for .*", "no coupling rule", reason)  # names a module path or the op
     r = _NODE_REF.sub(lambda m: f"<{m.group(2)}>", r)
+    r = re.sub(r"^\w+ \((aten\.[\w.]+)\): ", "", r)  # an aten node's own name and op lead some reasons
+    r = re.sub(r"\b\w+ \((aten\.[\w.]+)\)", r"<\1>", r)
     r = re.sub(r"\b(getitem|add|mul|view|reshape|permute|transpose|linear|matmul|cat|roll)_\d+\b", r"\1", r)
     return r
 
@@ -239,9 +233,10 @@ def worker_vitcc(name: str) -> dict:
     import torch
     import vitcc
     from vitcc.errors import VerificationError, VitccError
-    row: dict = {"model": name, "tool": "vitcc"}
-    model, x = _build(name)
-    row["input"] = list(x.shape)
+    from coverage_models import family_of, first_tensor
+    row: dict = {"model": name, "tool": "vitcc", "family": family_of(name)}
+    model, x, reduced = _build(name)
+    row.update(input=list(x.shape), reduced=reduced, params_full=sum(p.numel() for p in model.parameters()))
     start = time.perf_counter()
     try:
         r = vitcc.compile(model, "magnitude", sparsity=SPARSITY, example_inputs=(x,))
@@ -279,25 +274,27 @@ def worker_vitcc(name: str) -> dict:
         params_before=rep["params_before"], params_after=rep["params_after"],
         macs_before=rep["macs_before"], macs_after=rep["macs_after"],
         max_abs_error=rep.get("max_abs_error"), max_rel_error=rep.get("max_rel_error"),
+        verified="verify" in rep,  # the verify pass raises on a mismatch; its report means it passed
+        verify_worst=(rep.get("verify") or {}).get("worst"), verify_tensors=len((rep.get("verify") or {}).get("tensors", [])),
         groups=len(r.groups), groups_frozen=len(frozen_groups),
         channels_frozen=f"{sizes['frozen']}/{sizes['all']}", widths=rep.get("widths"),
         frozen=frozen, frozen_groups=frozen_groups,
         passes={p["name"]: p["seconds"] for p in rep.get("passes", [])})
     with torch.no_grad():
-        row["output_shape_ok"] = tuple(r.module(x).shape) == tuple(model(x).shape)
+        row["output_shape_ok"] = tuple(first_tensor(r.module(x)).shape) == tuple(first_tensor(model(x)).shape)
     return row
 
 
 def worker_tp(name: str) -> dict:
     import torch
     import torch_pruning as tp
+    from coverage_models import classifier, first_tensor
     row: dict = {"model": name, "tool": "tp"}
-    model, x = _build(name)
+    model, x, _ = _build(name)
     with torch.no_grad():
-        ref = model(x)
+        ref = first_tensor(model(x))
     before = sum(p.numel() for p in model.parameters())
-    clf = model.get_classifier()
-    clfs = [m for m in (clf if isinstance(clf, (tuple, list)) else (clf,)) if isinstance(m, torch.nn.Module)]
+    clfs = classifier(model)
     stage = "build"
     start = time.perf_counter()
     try:
@@ -308,7 +305,7 @@ def worker_tp(name: str) -> dict:
         stage = "forward"
         with torch.no_grad():
             y = model(x)
-        y = y[0] if isinstance(y, (tuple, list)) else y
+        y = first_tensor(y)
         after = sum(p.numel() for p in model.parameters())
         row.update(params_before=before, params_after=after)
         if tuple(y.shape) != tuple(ref.shape):
@@ -335,12 +332,12 @@ def _rss_gb(pid: int) -> float:
     return 0.0
 
 
-def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0) -> dict:
+def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0, threads: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         log = Path(tmp) / "log.txt"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--model", name,
-               "--result", str(result)]
+               "--result", str(result), "--threads", str(threads)]
         start = time.perf_counter()
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
@@ -383,12 +380,12 @@ def run_one(name: str, tool: str, timeout: float, max_rss_gb: float = 8.0) -> di
 
 
 def sweep(models: list[str], tools: list[str], timeout: float, jobs: int, tp_skip: set[str], rows: dict,
-          max_rss_gb: float = 8.0, tp_timeout: float | None = None) -> None:
+          max_rss_gb: float = 8.0, tp_timeout: float | None = None, threads: int = 1) -> None:
     tasks = [(m, t) for m in models for t in tools if not (t == "tp" and m in tp_skip)]
 
     def go(task):
         m, t = task
-        row = run_one(m, t, tp_timeout if t == "tp" and tp_timeout else timeout, max_rss_gb)
+        row = run_one(m, t, tp_timeout if t == "tp" and tp_timeout else timeout, max_rss_gb, threads)
         rows[(m, t)] = row
         short = row.get("status")
         extra = row.get("error", {}).get("message", "")[:120] if "error" in row else ""
@@ -410,8 +407,8 @@ def save(rows: dict) -> None:
     tmp.replace(OUT.with_suffix(".json"))
 
 
-def _order(name: str) -> int:
-    return MODELS.index(name) if name in MODELS else len(MODELS)
+def _order(name: str) -> tuple:
+    return (MODELS.index(name), name) if name in MODELS else (len(MODELS), name)
 
 
 def versions() -> dict:
@@ -495,6 +492,24 @@ def causes(vrows: list[dict], trows: list[dict]) -> list[dict]:
     return sorted(agg.values(), key=lambda a: (-len(a["models"]), -a["nodes"], a["kind"], a["op"]))
 
 
+def aims(v: dict, counts: collections.Counter) -> list[str]:
+    """The issue's four aims, each with its figure."""
+    done = [r for r in v.values() if r["status"] in ("full", "partial")]
+    unverified = [r["model"] for r in done if not r.get("verified")]
+    unnamed = [r["model"] for r in done if r["status"] == "partial"
+               and not all(f.get("op") and f.get("reason") for f in r["frozen"])
+               and not all(g.get("reason") for g in r["frozen_groups"])]
+    worst = max((r.get("max_rel_error") or 0.0 for r in done), default=0.0)
+    full = counts["full"] / max(1, len(v))
+    mark = {True: "met", False: "NOT met"}
+    return [f"- no crash: {counts['crash']} crash ({mark[counts['crash'] == 0]})",
+            f"- every compiled model verified: {len(done) - len(unverified)} of {len(done)} verified, worst max "
+            f"relative error {worst:.1e} ({mark[not unverified]}{': ' + ', '.join(unverified) if unverified else ''})",
+            f"- `full` >= 80%: {counts['full']} of {len(v)} = {100 * full:.0f}% ({mark[full >= 0.8]})",
+            f"- every partial row names its op and why: {counts['partial'] - len(unnamed)} of {counts['partial']} "
+            f"({mark[not unnamed]}{': ' + ', '.join(unnamed) if unnamed else ''})"]
+
+
 def render(data: dict) -> str:
     meta, rows = data["meta"], data["rows"]
     for r in rows:  # re-derive causes so a change of normalize_reason needs no new sweep
@@ -512,17 +527,31 @@ def render(data: dict) -> str:
         f"{counts['crash']} crash** (of {len(v)} models). Torch-Pruning: {tp_ok} ok of {len(t)} run"
         + (f" (not run on: {', '.join(m for m in models if m not in t)})" if len(t) < len(models) else "") + ".",
         "",
+        "## Aims", "",
+        *aims(v, counts),
+        "",
+        "## Setup", "",
         "- command: " + "; ".join(f"`{c}`" for c in meta.get("commands", [])),
         f"- date: {meta.get('date', '')}; wall time of the sweep: {meta.get('wall_minutes', '?')} min",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in ver.items()),
         f"- machine: {meta.get('machine', '')}, CPU only, fp32, batch 1, input from each model's "
-        "`pretrained_cfg['input_size']`, random weights (`pretrained=False`, seed 0)",
+        "`pretrained_cfg['input_size']` (HF: `config.image_size`, torchvision: `image_size`), random weights "
+        "(`pretrained=False`, `weights=None`, HF from a config; seed 0)",
+        "- models (benchmarks/coverage_models.py): one timm model per architecture family (a module of "
+        "`timm.models`) whose models contain attention, listed from timm itself: "
+        + meta.get("family_rule", "") + f" {meta.get('families', '?')} families of {meta.get('modules', '?')} "
+        "timm modules. Then HF transformers (tests/conftest.py's tiny configs), torchvision vit_b_16 and swin_t, "
+        "and two nn.MultiheadAttention ViTs (`nn:mha_vit`: sequence-first MHA with separate q/k/v and no bias; "
+        "`nn:encoder_vit`: nn.TransformerEncoder, batch_first, norm_first).",
+        "- reduced to fit 2 cores (architecture kept, depth/image size cut; column `reduced`): "
+        + (", ".join(f"{m} {r['reduced']}" for m, r in v.items() if r.get("reduced") and m.startswith("timm:"))
+           or "none"),
         f"- vitcc: `vitcc.compile(model, 'magnitude', sparsity={SPARSITY}, example_inputs=(x,))` (default pipeline "
         "analyze,magnitude,select,rewrite,fold,dce,verify; all kinds; uniform S per group). `full`: no group "
         "frozen and `report['frozen']` empty; `partial`: verified, some dimensions frozen; `refused`: a "
         "`VitccError`; `crash`: any other exception, a `VerificationError`, a timeout or a dead worker.",
         f"- Torch-Pruning: `tp.pruner.MagnitudePruner(model, example_inputs=x, importance="
-        f"tp.importance.MagnitudeImportance(), pruning_ratio={SPARSITY}, ignored_layers=[model.get_classifier()])`, "
+        f"tp.importance.MagnitudeImportance(), pruning_ratio={SPARSITY}, ignored_layers=[the classifier])` (timm's `get_classifier()`, else the last nn.Linear), "
         "everything else default (no `num_heads`, no custom pruners, no model-specific code), one `step()`, then "
         "`ok` iff the pruned model runs on x and gives the original output shape. Its output values are not "
         "checked (Torch-Pruning does not claim equivalence to a masked model).",
@@ -570,7 +599,9 @@ def render(data: dict) -> str:
             pct = _pct(tr["params_before"], tr["params_after"]) if "params_after" in tr else ""
             tcells = ["error", pct, f"{tr.get('seconds', tr.get('wall', ''))}",
                       _cell(f"[{tr.get('stage')}] {e['type']}: {_first_line(e['message'], 120)}")]
-        lines.append("| " + " | ".join([m, st, *cells, *tcells]) + " |")
+        label = m + (f" ({r['family']})" if r.get("family") and r["family"] != m else "") \
+            + (" *reduced*" if r.get("reduced") and m.startswith("timm:") else "")
+        lines.append("| " + " | ".join([label, st, *cells, *tcells]) + " |")
     lines += ["", "## Top causes", "",
               "Frozen reasons (node names stripped) and crash/refusal messages, aggregated by op across models, most "
               "models first; `nodes` counts frozen nodes (or failing models). One concrete example each.", ""]
@@ -627,13 +658,16 @@ def render(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=None, help="comma-separated timm names (default: the full list)")
+    ap.add_argument("--models", default=None, help="comma-separated sources (timm:NAME, hf:KIND, torchvision:NAME, "
+                    "nn:NAME; default: one timm model per family with attention, plus the HF/torchvision/nn models)")
+    ap.add_argument("--refresh-families", action="store_true", help="list timm's families again (about 3 min)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / jobs)")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--tp-skip", default=",".join(TP_SKIP), help="models on which Torch-Pruning is not run")
     ap.add_argument("--jobs", type=int, default=1, help="models run in parallel (default 1)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per model and tool")
-    ap.add_argument("--tp-timeout", type=float, default=300,
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per model and tool")
+    ap.add_argument("--tp-timeout", type=float, default=120,
                     help="seconds for Torch-Pruning (default 300: it hangs or blows up memory on some models)")
     ap.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a worker above this resident memory")
     ap.add_argument("--tools", default="vitcc,tp", help="which of vitcc,tp to run (default both)")
@@ -645,16 +679,27 @@ def main() -> None:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global OUT
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     if args.worker:
         row = (worker_vitcc if args.worker == "vitcc" else worker_tp)(args.model)
         Path(args.result).write_text(json.dumps(row, default=str))
         return
     OUT = Path(args.out)
+    from coverage_models import families, sweep_models
+    MODELS[:] = sweep_models(args.refresh_families)
+    fams = families()
+    import timm
+    META.update(family_rule=fams["rule"].replace("\n", " "), families=len(fams["families"]),
+                modules=len(timm.list_modules()))
     if args.render:
         data = json.loads(OUT.with_suffix(".json").read_text())
+        data["meta"] = {**META, **data["meta"]}
         OUT.with_suffix(".md").write_text(render(data))
         return
     models = QUICK if args.quick else (args.models.split(",") if args.models else MODELS)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     tools = [t for t in args.tools.split(",") if t in ("vitcc", "tp") and not (args.no_tp and t == "tp")]
     rows: dict = {}
     cmd = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
@@ -670,8 +715,9 @@ def main() -> None:
         META["date"] += f" (merged {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})"
     start = time.perf_counter()
     META.update(max_rss_gb=args.max_rss_gb, tp_timeout=args.tp_timeout)
+    META.update(threads=threads, jobs=args.jobs)
     sweep(models, tools, args.timeout, args.jobs, set(filter(None, args.tp_skip.split(","))), rows, args.max_rss_gb,
-          args.tp_timeout)
+          args.tp_timeout, threads)
     minutes = round((time.perf_counter() - start) / 60, 1)
     META["wall_minutes"] = minutes if not args.merge else f"{META.get('wall_minutes', '?')} + {minutes}"
     save(rows)

@@ -39,3 +39,18 @@ def test_coverage_subset_compiles_and_verifies(name, kw, size, status):
         assert not frozen_groups, frozen_groups
     assert rep["params_after"] < rep["params_before"]
     assert rep["macs_after"] < rep["macs_before"]
+
+
+def test_family_rule_finds_attention_by_class_name_or_softmax_in_forward():
+    """benchmarks/coverage_models.py lists timm's families by this rule, on models built on the meta device."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from coverage_models import _attention_classes
+    cache: dict = {}
+    with torch.device("meta"):
+        convit, resnet, deit = (timm.create_model(n, pretrained=False) for n in
+                                ("convit_tiny", "resnet18", "deit_tiny_patch16_224"))
+    assert "MHSA" in _attention_classes(convit, cache)  # single class named otherwise: softmax in its forward
+    assert _attention_classes(deit, cache) == ["Attention"]
+    assert _attention_classes(resnet, cache) == []

@@ -50,6 +50,12 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
+def multi_output(node: fx.Node) -> bool:
+    """Whether the op returned several tensors (its tensor_meta is a list; one TensorMetadata is a NamedTuple)."""
+    tm = node.meta.get("tensor_meta")
+    return isinstance(tm, (list, tuple)) and not hasattr(tm, "shape")
+
+
 def fixed_type(shape: tuple[int, ...]) -> TType:
     return tuple((s,) if s != 1 else () for s in shape)
 
@@ -194,7 +200,11 @@ class Analyzer:
         info = self.table.get(node.target)
         if info is None or info.coupling is None:
             return self.unknown(node)
-        return info.coupling(self, node)
+        try:
+            return info.coupling(self, node)
+        except Exception as e:  # noqa: BLE001 - a failing rule freezes what it touches, the rest still prunes
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            return self.unknown(node, f"rule for {target_name(node)} failed: {type(e).__name__}: {msg}")
 
     def getitem(self, node: fx.Node) -> Any:
         """Element of a multi-output op (unbind, split, max.dim, ...)."""
@@ -358,6 +368,17 @@ def flatten_types(t: Any):
     elif isinstance(t, (list, tuple, dict)):
         for x in (t.values() if isinstance(t, dict) else t):
             yield from flatten_types(x)
+
+
+def spatial_through(a, node: fx.Node, x, out: list, pointwise: bool) -> None:
+    """Spatial axes of a per-channel window op (conv, pool, resample) that carry spaces (a state or token axis
+    moved there): a pointwise op passes them, a window mixes neighbours, so they freeze. Never dropped."""
+    for i in range(2, len(x)):
+        if spaces_of([x[i]]):
+            if pointwise:
+                out[i] = x[i]
+            else:
+                a.freeze_types([(x[i],)], "window over a channel axis")
 
 
 def prod(fs) -> int:

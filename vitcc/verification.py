@@ -150,8 +150,8 @@ class _Recording:
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.name in self._wanted:
-            self.values[n.name] = out
+        if n.name in self._wanted:  # a snapshot: a later in-place op (add_, relu_) must not change what is compared
+            self.values[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
         return out
 
 

@@ -22,7 +22,7 @@ _NAMES = ["abs", "neg", "exp", "log", "sqrt", "rsqrt", "erf", "sin", "cos", "sig
           "remainder", "fmod", "atan2", "addcmul", "addcdiv", "nan_to_num", "erfinv", "log1p", "expm1", "silu_",
           "gelu_", "relu_", "sigmoid_", "tanh_", "add_", "sub_", "mul_", "div_", "clamp_", "copy_", "fill_",
           "zero_", "masked_fill_", "hardswish_", "hardtanh_", "hardsigmoid_", "mish_", "elu_", "leaky_relu_",
-          "pow_", "neg_", "exp_", "sqrt_", "rsqrt_", "abs_", "float_power"]
+          "pow_", "neg_", "exp_", "sqrt_", "rsqrt_", "abs_", "float_power", "dropout_"]
 PACKETS = [getattr(aten, n) for n in _NAMES if hasattr(aten, n)]
 
 

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import arg, dim, fixed_type, is_ttype, shape_of
+from vitcc.coupling import arg, dim, fixed_type, is_param_node, is_ttype, shape_of
 from vitcc.spaces import axis_size, decompose, find, freeze, fsize, normalize, spaces_of
 
 from . import Family
@@ -42,7 +42,11 @@ def slice_(a, node: fx.Node) -> Any:
         strided = _contiguous(x[d], _bounds(node, n_in))
     if strided is not None:
         return tuple(x[:d]) + (strided,) + tuple(x[d + 1:])
-    if spaces_of([x[d]]):
+    if spaces_of([x[d]]) and is_param_node(node.args[0]) and len(normalize(x[d])) == 1:
+        # a parameter's table sliced by position (pos_embed[:, :1], a bias table's rows): that axis indexes
+        # positions, not channels; it becomes a fixed size (a channel tied to it later freezes, saying where)
+        freeze(normalize(x[d])[0], a.why("a parameter sliced by index, kept whole"), fixed=True)
+    elif spaces_of([x[d]]):
         a.freeze_types([(x[d],)], "slice of a channel axis")
     return tuple(x[:d]) + ((n_out,),) + tuple(x[d + 1:])
 
@@ -204,3 +208,16 @@ def col2im(a, node: fx.Node) -> Any:
     else:
         return a.unknown(node, "col2im whose channels are not the outer factor")
     return (x[0], tuple(c)) + fixed_type(tuple(out[2:]))
+
+
+@family.coupling(aten.unfold)
+def unfold_windows(a, node: fx.Node) -> Any:
+    """Tensor.unfold(dim, size, step): sliding windows along one axis (halo attention's spatial blocks).
+    The other axes pass through; `dim` becomes the window count and a window axis is appended."""
+    x, out = a.type_of(node.args[0]), shape_of(node)
+    if not is_ttype(x) or out is None or len(out) != len(x) + 1:
+        return a.unknown(node)
+    d = dim(arg(node, 1, "dimension"), len(x))
+    if spaces_of([x[d]]):
+        a.freeze_types([(x[d],)], "sliding windows along a channel axis")
+    return tuple(x[:d]) + fixed_type((out[d],)) + tuple(x[d + 1:]) + fixed_type((out[-1],))

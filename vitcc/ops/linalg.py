@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import is_param_node, is_ttype, named_arg, shape_of, tag
+from vitcc.coupling import is_param_node, is_ttype, named_arg, shape_of, spatial_through, tag
+from vitcc.spaces import axis_size, normalize
 
 from . import Family
 from ._timing import TimedOp, bind, rand, shape_key
@@ -55,6 +56,9 @@ def conv(a, node: fx.Node) -> Any:
     x, w, b = (a.type_of(named_arg(node, n)) for n in ("input", "weight", "bias"))
     groups = named_arg(node, "groups", 1)
     out = list(a.out_type())
+    out[0] = x[0]  # per sample: the batch axis (which may carry heads or windows) passes
+    spatial_through(a, node, x, out, pointwise=all(k == 1 for k in shape_of(node.args[1])[2:])
+                    and set(named_arg(node, "stride", [1])) == {1} and set(named_arg(node, "padding", [0])) == {0})
     cin, cout = shape_of(node.args[0])[1], shape_of(node.args[1])[0]
     if groups == 1:
         a.tie(x[1], w[1], "conv input channels")
@@ -69,13 +73,39 @@ def conv(a, node: fx.Node) -> Any:
     return tuple(out)
 
 
+CONV_TRANSPOSES = [aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d]
+
+
+@family.coupling(*CONV_TRANSPOSES)
+def conv_transpose(a, node: fx.Node) -> Any:
+    """Transposed conv: weight (C_in, C_out/groups, *k). Ungrouped, C_in and C_out are channels; grouped freezes."""
+    x, w, b = (a.type_of(named_arg(node, n)) for n in ("input", "weight", "bias"))
+    out = list(a.out_type())
+    out[0] = x[0]
+    spatial_through(a, node, x, out, pointwise=False)
+    if named_arg(node, "groups", 1) != 1:
+        a.freeze_types([x, w], "grouped transposed convolution")
+        return tuple(out)
+    a.tie(x[1], w[0], "transposed conv input channels")
+    out[1] = w[1]
+    if b is not None:
+        a.tie(b[0], w[1], "transposed conv bias")
+    return tuple(out)
+
+
+@family.macs(*CONV_TRANSPOSES)
+def conv_transpose_macs(node: fx.Node, shapes) -> int:
+    return math.prod(shapes.node(node.args[0])) * math.prod(shapes.node(node.args[1])[1:])
+
+
 @family.rewrite(*CONVS)
 def rewrite_groups(node: fx.Node, ctx) -> None:
     """A depthwise convolution keeps one group per kept channel."""
     groups = named_arg(node, "groups", 1)
-    if groups == 1:
+    w = ctx.types[node.args[1].name]
+    if groups == 1 or groups != axis_size(normalize(w[0])):  # a grouped (not depthwise) conv is frozen: as is
         return
-    kept = ctx.size(ctx.types[node.args[1].name][0])
+    kept = ctx.size(w[0])
     args = list(node.args) + [None] * (7 - len(node.args))
     defaults = [None, None, None, [1], [0], [1], 1]
     args = [d if v is None and i >= 3 else v for i, (v, d) in enumerate(zip(args, defaults))]

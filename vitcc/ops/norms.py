@@ -11,11 +11,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import named_arg, tag
+from vitcc.coupling import multi_output, named_arg, tag
 
 from . import Family
 from ._timing import TimedOp, bind, rand, shape_key
-from .reductions import multi_output
 
 aten = torch.ops.aten
 family = Family("norms")

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import dim, fixed_type, is_ttype, named_arg, shape_of
-from vitcc.spaces import freeze, spaces_of
+from vitcc.coupling import dim, fixed_type, is_ttype, multi_output, named_arg, shape_of, spatial_through
+from vitcc.spaces import spaces_of
 
 from . import Family
 from ._timing import TimedOp, bind, rand, shape_key
@@ -21,12 +21,6 @@ aten = torch.ops.aten
 family = Family("reductions")
 
 _ZERO_NEUTRAL = {aten.sum, aten.linalg_vector_norm, aten.norm}
-
-
-def multi_output(node: fx.Node) -> bool:
-    """The op returns several tensors (TensorMetadata is itself a NamedTuple, so a tuple test alone is wrong)."""
-    tm = node.meta.get("tensor_meta")
-    return isinstance(tm, (list, tuple)) and not hasattr(tm, "shape")
 
 
 @family.coupling(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm,
@@ -73,22 +67,23 @@ def timed_softmax(node: fx.Node, shapes) -> TimedOp | None:
 POOLS = [aten.avg_pool1d, aten.avg_pool2d, aten.max_pool1d, aten.max_pool2d, aten.adaptive_avg_pool1d,
          aten.adaptive_avg_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
          aten.max_pool2d_with_indices]
-# F.interpolate: each channel resampled on its own (BEiT resizes its relative position table, heads as channels)
-RESAMPLES = [aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_linear1d, aten.upsample_bilinear2d,
-             aten.upsample_bicubic2d, aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa]
+# resampling is per channel too (size arguments are spatial: nothing to rewrite)
+RESAMPLES = [aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
+             aten.upsample_linear1d, aten._upsample_nearest_exact2d, aten._upsample_bilinear2d_aa,
+             aten._upsample_bicubic2d_aa]
 
 
 @family.coupling(*POOLS, *RESAMPLES)
 def pool(a, node: fx.Node) -> Any:
     """Pooling and resampling work per channel (N, C, *spatial): channels pass, spatial axes take the output's
-    sizes, and the input's spatial axes are no channels (removing a position would move every window)."""
+    sizes."""
     x = a.type_of(node.args[0])
-    out = shape_of(node)
-    if multi_output(node):
-        out = tuple(node.meta["tensor_meta"][0].shape)
+    multi = multi_output(node)  # max_pool2d_with_indices: (values, indices)
+    out = tuple(node.meta["tensor_meta"][0].shape) if multi else shape_of(node)
     if not is_ttype(x) or out is None or len(out) != len(x) or len(x) < 3:
         return a.unknown(node)
-    for s in spaces_of(x[2:]):
-        freeze(s, a.why("pooled or resampled axis"), fixed=True)
-    res = (x[0] if shape_of(node.args[0])[0] == out[0] else fixed_type((out[0],))[0], x[1]) + fixed_type(out[2:])
-    return (res, res) if multi_output(node) else res
+    res = [x[0] if shape_of(node.args[0])[0] == out[0] else fixed_type((out[0],))[0], x[1], *fixed_type(out[2:])]
+    spatial_through(a, node, x, res, pointwise=tuple(shape_of(node.args[0])[2:]) == tuple(out[2:])
+                    and node.target.overloadpacket in RESAMPLES)  # a same-size resample is the identity
+    res = tuple(res)
+    return (res, res) if multi else res
