@@ -37,16 +37,17 @@ def slice_(a, node: fx.Node) -> Any:
     if n_in == n_out:
         return x
     step = arg(node, 4, "step", 1) if node.target.overloadpacket is aten.slice else 1
+    if spaces_of([x[d]]) and is_param_node(node.args[0]) and len(normalize(x[d])) == 1 and step == 1:
+        # a parameter's table sliced by position (pos_embed[:, :1], a bias table's rows): that axis indexes
+        # positions, not channels; it becomes a fixed size (a channel tied to it later freezes, saying where)
+        freeze(normalize(x[d])[0], a.why("a parameter sliced by index, kept whole"), fixed=True)
+        return tuple(x[:d]) + ((n_out,),) + tuple(x[d + 1:])
     strided = _strided(a, x[d], node, n_out, step)
     if strided is None and step == 1:
         strided = _contiguous(x[d], _bounds(node, n_in))
     if strided is not None:
         return tuple(x[:d]) + (strided,) + tuple(x[d + 1:])
-    if spaces_of([x[d]]) and is_param_node(node.args[0]) and len(normalize(x[d])) == 1:
-        # a parameter's table sliced by position (pos_embed[:, :1], a bias table's rows): that axis indexes
-        # positions, not channels; it becomes a fixed size (a channel tied to it later freezes, saying where)
-        freeze(normalize(x[d])[0], a.why("a parameter sliced by index, kept whole"), fixed=True)
-    elif spaces_of([x[d]]):
+    if spaces_of([x[d]]):
         a.freeze_types([(x[d],)], "slice of a channel axis")
     return tuple(x[:d]) + ((n_out,),) + tuple(x[d + 1:])
 
