@@ -28,8 +28,8 @@ import torch.fx as fx
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Option
-from vitcc.selection import prune_kinds
-from vitcc.spaces import axis_kept, find, normalize
+from vitcc.selection import Selection, prune_kinds
+from vitcc.spaces import axis_kept, normalize
 
 from .magnitude import _axis_index_map, group_norms
 
@@ -110,7 +110,7 @@ def provisional_keep(program: Program, scores: dict[str, torch.Tensor] | None = 
 
 
 def keep_by_root(program: Program, keep: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
-    return {find(program.group(n).space).id: np.asarray(v, dtype=np.int64) for n, v in keep.items()}
+    return Selection(keep).by_root(program.groups)
 
 
 def param_masks(program: Program, keep: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

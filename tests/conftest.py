@@ -254,3 +254,17 @@ def one_training_step(module, x, y, logits=lambda out: out, lr=0.05):
     module.eval()
     assert not module.training
     return loss.item(), after.item()
+
+
+def same_params(a, b):
+    """Same state-dict keys and identical tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def randomized(model):
+    """Weights moved off their init, so a load that silently keeps the init is caught."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model

@@ -1,4 +1,3 @@
-
 import pytest
 import timm
 import torch
@@ -6,6 +5,8 @@ from safetensors.torch import save_file
 
 from vitcc.errors import VerificationError, VitccError
 from vitcc.frontend import input_shape_for, load_model
+
+from conftest import randomized, same_params
 
 
 def tiny_vit():
@@ -16,18 +17,6 @@ def tiny_vit():
 @pytest.fixture(scope="module")
 def deit():
     return load_model("timm:deit_tiny_patch16_224")
-
-
-def same_params(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def randomized(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p))
-    return model
 
 
 # ---------------------------------------------------------------- errors

@@ -8,21 +8,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import HF_KINDS, hand_vit, tiny_hf
+from conftest import HF_KINDS, hand_vit, randomized, same_params, tiny_hf
 from vitcc.errors import VitccError
 from vitcc.sources import Source, input_shape_for, load_model, parse_spec
-
-
-def same_params(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def randomized(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p))
-    return model
 
 
 def logits(out):
