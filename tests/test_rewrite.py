@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import torch
 
 import vitcc
@@ -41,3 +43,21 @@ def test_the_users_model_is_left_untouched():
     vitcc.compile(model, "magnitude", sparsity=0.5, example_inputs=(image(),))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_failing_rewrite_entry_keeps_its_groups_whole_and_the_rest_still_prunes():
+    """Never crash on what could be partly pruned: the node's groups stay whole, named in the report."""
+    def broken(node, ctx):
+        raise ValueError("planted bug")
+
+    table = vitcc.default_table()
+    ln = torch.ops.aten.layer_norm
+    table.entries[ln] = replace(table.entries[ln], rewrite=broken)
+
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),), rules=table)
+    failed = [f for f in r.report["frozen"] if "rewrite failed (ValueError: planted bug)" in f["reason"]]
+    assert failed and all(f["op"] == "aten.layer_norm.default" for f in failed)
+    widths = r.report["widths"]
+    assert widths["residual"]["after"] == widths["residual"]["before"]  # what the norms touch stays whole
+    assert widths["mlp"]["after"] < widths["mlp"]["before"]
+    assert r.report["max_rel_error"] < 1e-5

@@ -27,6 +27,7 @@ class Frozen:
     node: str
     reason: str
     op: str = ""
+    spaces: list = field(default_factory=list, repr=False)  # what the node froze; reported only if a group did
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Analyzer:
         self.aliases: dict[Space, list[Space]] = {}  # a space split per index by a select -> its copies
         self.equal_counts: list[list[Space]] = []  # spaces whose kept counts must match
         self.selects: dict[int, Any] = {}
+        self._constant: dict[fx.Node, bool] = {}
 
     # -- helpers used by rules ------------------------------------------------------------------
     def space(self, n: int) -> Space:
@@ -111,6 +113,10 @@ class Analyzer:
             return type(a)(self.type_of(x) for x in a)
         return None
 
+    def constant(self, a: Any) -> bool:
+        """Whether a value is computed from parameters and buffers alone, not from the model's inputs."""
+        return not isinstance(a, fx.Node) or self._constant.get(a, False)
+
     def why(self, what: str = "") -> str:
         n = self.node
         return f"{n.name} ({target_name(n)}){': ' + what if what else ''}"
@@ -119,7 +125,7 @@ class Analyzer:
         if is_ttype(t):
             spaces = spaces_of(t)
             if any(find(s).frozen is None and find(s).fixed is None for s in spaces):
-                self.frozen.append(Frozen(self.node.name, reason, target_name(self.node)))
+                self.frozen.append(Frozen(self.node.name, reason, target_name(self.node), spaces))
             for s in spaces:
                 freeze(s, reason)
         elif isinstance(t, (list, tuple)):
@@ -167,7 +173,8 @@ class Analyzer:
         for f in factors:
             if not isinstance(f, int):
                 freeze(f, f"non-aligned layouts at {why}")
-        self.frozen.append(Frozen(self.node.name, f"non-aligned layouts: {why}", target_name(self.node)))
+        self.frozen.append(Frozen(self.node.name, f"non-aligned layouts: {why}", target_name(self.node),
+                                  [f for f in factors if not isinstance(f, int)]))
 
     def out_type(self) -> Any:
         return out_fixed(self.node)
@@ -176,6 +183,8 @@ class Analyzer:
     def run(self) -> Coupling:
         for node in self.gm.graph.nodes:
             self.node = node
+            self._constant[node] = node.op == "get_attr" or (
+                node.op == "call_function" and all(self._constant.get(x, False) for x in node.all_input_nodes))
             self.types[node] = self.apply(node)
         names = {n.name: t for n, t in self.types.items()}
         return Coupling(self.gm, names, self.params, self.frozen, self.aliases, leaf_equal_counts(self.equal_counts))
@@ -372,13 +381,42 @@ def flatten_types(t: Any):
 
 def spatial_through(a, node: fx.Node, x, out: list, pointwise: bool) -> None:
     """Spatial axes of a per-channel window op (conv, pool, resample) that carry spaces (a state or token axis
-    moved there): a pointwise op passes them, a window mixes neighbours, so they freeze. Never dropped."""
+    moved there): a pointwise op passes them, a window mixes neighbours, so they freeze; over a tensor computed
+    from parameters alone (a position table resampled to the grid) they are positions. Never dropped."""
     for i in range(2, len(x)):
         if spaces_of([x[i]]):
             if pointwise:
                 out[i] = x[i]
+            elif a.constant(node.args[0]):  # a window over a table of parameters (a resampled position table)
+                for s in spaces_of([x[i]]):
+                    freeze(s, f"positions of {a.why()}", fixed=True)
             else:
                 a.freeze_types([(x[i],)], "window over a channel axis")
+
+
+def regroup(a, flat: list, sizes) -> tuple | None:
+    """Lay factors (outermost first) out as axes of the given sizes, splitting a space into a product where an
+    axis boundary cuts it; None where the sizes do not align with the factors."""
+    flat, out = list(flat), []
+    for n in sizes:
+        ax: list = []
+        while flat and prod(ax) < n:
+            f = flat.pop(0)
+            need = n // prod(ax)
+            if n % prod(ax) == 0 and fsize(f) > need and fsize(f) % need == 0:
+                pieces = [need, fsize(f) // need]
+                parts = pieces if isinstance(f, int) else decompose(f, "product", pieces)
+                if parts is None:
+                    a.freeze_types(((f,),), a.why("reshape splits an already decomposed space"))
+                    parts = pieces
+                ax.append(parts[0])
+                flat.insert(0, parts[1])
+            else:
+                ax.append(f)
+        if prod(ax) != n:
+            return None
+        out.append(tuple(ax))
+    return tuple(out)
 
 
 def prod(fs) -> int:

@@ -33,6 +33,7 @@ from .coupling import analyze as analyze_graph
 from .errors import VitccError
 from .groups import build_groups
 from .ir import ANALYSES, Program
+from .spaces import find, leaves
 
 STRUCTURAL = ("analyze", "select", "rewrite", "fold", "dce", "verify")
 
@@ -376,11 +377,17 @@ def refresh(program: Program, *analyses: str) -> None:
 
 
 def analyze_program(program: Program) -> None:
-    """The coupling analysis of `program.gm`, its groups, and the ops it froze (reported once per node)."""
+    """The coupling analysis of `program.gm`, its groups, and the ops that froze a group (once per node).
+
+    A node that froze only what later turned out not to be channels (a buffer's token axis tied to the input,
+    softmax over an axis a later contraction fixes) cost nothing and is not reported."""
     program.coupling = analyze_graph(program.gm, program.ops)
     program.groups = build_groups(program.coupling)
+    frozen_roots = {id(find(g.space)) for g in program.groups if g.frozen is not None}
     seen, frozen = set(), []
     for f in program.coupling.frozen:
+        if not any(id(leaf) in frozen_roots for s in f.spaces for leaf in leaves(s)):
+            continue
         if (f.node, f.reason) not in seen:
             seen.add((f.node, f.reason))
             frozen.append({"node": f.node, "op": f.op, "reason": f.reason})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -32,8 +31,6 @@ from .ir import Program, axis_mask
 from .masking import MaskedInterpreter
 from .spaces import axis_size, find, spaces_of
 
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_)
-_ADD_NAMES = ("add", "add_", "__add__", "__iadd__", "iadd")
 _COMPUTED = ("call_function", "call_method", "call_module")
 
 
@@ -59,19 +56,10 @@ class Check:
 
 
 def is_add(node: fx.Node) -> bool:
-    """An addition in any capture: fx (operator.add, torch.add, Tensor.add) or aten (aten.add.Tensor)."""
-    if node.op == "call_method":
-        return node.target in _ADD_NAMES
-    if node.op != "call_function":
-        return False
+    """An addition of the captured aten graph (aten.add.Tensor, or its in-place form)."""
     t = node.target
-    if t in _ADD_FUNCTIONS:
-        return True
-    if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__ in ("add", "add_")
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t.__name__ in ("add", "add_")
-    return False
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and \
+        t.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_)
 
 
 def compared_nodes(program: Program) -> list[str]:

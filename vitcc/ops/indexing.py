@@ -202,13 +202,16 @@ def col2im(a, node: fx.Node) -> Any:
         return a.unknown(node)
     factors = normalize(x[1])
     k = axis_size(factors) // max(1, out[1])
-    if k > 1 and factors and isinstance(factors[-1], int) and factors[-1] == k:
-        c = factors[:-1]
-    elif k == 1:
-        c = factors
-    else:
+    inner, n = 1, len(factors)
+    while n > 0 and inner < k:
+        n -= 1
+        inner *= fsize(factors[n])
+    if inner != k:
         return a.unknown(node, "col2im whose channels are not the outer factor")
-    return (x[0], tuple(c)) + fixed_type(tuple(out[2:]))
+    for f in factors[n:]:  # kernel positions (volo's attention weights come from a Linear): not channels
+        if not isinstance(f, int):
+            freeze(f, f"kernel positions of {a.why()}", fixed=True)
+    return (x[0], tuple(factors[:n])) + fixed_type(tuple(out[2:]))
 
 
 @family.coupling(aten.unfold)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import arg, dim, is_ttype, prod, shape_of
+from vitcc.coupling import arg, dim, is_ttype, regroup, shape_of
 from vitcc.spaces import axis_size, decompose, freeze, fsize, normalize, spaces_of
 
 from . import Family
@@ -29,28 +29,11 @@ def reshape(a, node: fx.Node) -> Any:
     out_shape = shape_of(node)
     if not is_ttype(x) or out_shape is None:
         return a.unknown(node)
-    flat = [f for ax in x for f in normalize(ax)]
-    out = []
-    for n in out_shape:
-        ax: list = []
-        while flat and prod(ax) < n:
-            f = flat.pop(0)
-            need = n // prod(ax)
-            if n % prod(ax) == 0 and fsize(f) > need and fsize(f) % need == 0:
-                pieces = [need, fsize(f) // need]
-                parts = pieces if isinstance(f, int) else decompose(f, "product", pieces)
-                if parts is None:
-                    a.freeze_types(((f,),), a.why("reshape splits an already decomposed space"))
-                    parts = pieces
-                ax.append(parts[0])
-                flat.insert(0, parts[1])
-            else:
-                ax.append(f)
-        if prod(ax) != n:
-            a.freeze_types([x], "reshape does not align with channel layout")
-            return a.out_type()
-        out.append(tuple(ax))
-    return tuple(out)
+    axes = regroup(a, [f for ax in x for f in normalize(ax)], out_shape)
+    if axes is None:
+        a.freeze_types([x], "reshape does not align with channel layout")
+        return a.out_type()
+    return axes
 
 
 def compact_sizes(node: fx.Node, t, sizes, ctx) -> list:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import is_param_node, is_ttype, named_arg, shape_of, spatial_through, tag
-from vitcc.spaces import axis_size, normalize
+from vitcc.coupling import is_param_node, is_ttype, named_arg, regroup, shape_of, spatial_through, tag
+from vitcc.spaces import axis_size, freeze, normalize
 
 from . import Family
 from ._timing import TimedOp, bind, rand, shape_key
@@ -65,9 +65,17 @@ def conv(a, node: fx.Node) -> Any:
         out[1] = w[0]
     elif groups == cin == cout:
         out[1] = a.tie(x[1], w[0], "depthwise conv channels")
-    else:
-        a.freeze_types([x, w], "grouped convolution")
-        return tuple(out)
+    else:  # G groups: (G, C/G) on both sides; the per-group channels are pruned alike in every group
+        xin = regroup(a, normalize(x[1]), (groups, cin // groups))
+        wout = regroup(a, normalize(w[0]), (groups, cout // groups))
+        if xin is None or wout is None:
+            a.freeze_types([x, w], "grouped convolution over a channel layout it does not align with")
+            return tuple(out)
+        for f in xin[0] + wout[0]:
+            if not isinstance(f, int):
+                freeze(f, f"the groups of {a.why()}", fixed=True)
+        a.tie(xin[1], w[1], "grouped conv input channels")
+        out[1] = w[0]
     if b is not None:
         a.tie(b[0], w[0], "conv bias")
     return tuple(out)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.coupling import multi_output, named_arg, tag
+from vitcc.coupling import multi_output, named_arg, regroup, shape_of, tag
+from vitcc.spaces import freeze, normalize
 
 from . import Family
 from ._timing import TimedOp, bind, rand, shape_key
@@ -99,10 +100,50 @@ def batch_norm(a, node: fx.Node) -> Any:
 
 @family.coupling(aten.group_norm)
 def group_norm(a, node: fx.Node) -> Any:
+    """G groups of C/G channels: the groups stay, the channels within them are pruned alike in every group.
+    One channel per group (G = C) is a per-channel norm: removing channels removes their groups."""
     x = a.type_of(node.args[0])
-    a.freeze_types([(x[1],)], "group_norm statistics are per group of channels")
+    groups, c = named_arg(node, "num_groups"), shape_of(node.args[0])[1]
+    split = regroup(a, normalize(x[1]), (groups, c // groups)) if 1 < groups < c else None
+    if split is None and 1 < groups < c:
+        a.freeze_types([(x[1],)], "group_norm groups that do not align with the channel layout")
+    for f in split[0] if split is not None else ():
+        if not isinstance(f, int):
+            freeze(f, f"the groups of {a.why()}", fixed=True)
     for n in ("weight", "bias"):
         p = a.type_of(named_arg(node, n))
         if p is not None:
             a.tie(x[1], p[0], "group norm affine")
     return x
+
+
+@family.rewrite(aten.group_norm)
+def rewrite_num_groups(node: fx.Node, ctx) -> None:
+    x = ctx.types[node.args[0].name]
+    if named_arg(node, "num_groups") == shape_of(node.args[0])[1]:
+        node.args = (node.args[0], ctx.size(x[1])) + tuple(node.args[2:])
+
+
+@family.masked(aten.group_norm)
+def masked_group_norm(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
+    """Each group's statistics over its kept channels."""
+    x = args[0]
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    bound = dict(zip(names, args)) | kwargs
+    m = interp.mask(node.name, x, range(1, 2))
+    if m is None or bound["num_groups"] == x.shape[1]:
+        return None
+    g, w, b, eps = bound["num_groups"], bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+    xs = (x * m).reshape(x.shape[0], g, -1)
+    ms = m.expand(1, x.shape[1], *x.shape[2:]).reshape(1, g, -1)
+    count = ms.sum(-1, keepdim=True)
+    mean = xs.sum(-1, keepdim=True) / count
+    xc = (xs - mean) * ms
+    var = (xc * xc).sum(-1, keepdim=True) / count
+    y = (xc * torch.rsqrt(var + eps)).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if w is not None:
+        y = y * w.reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y

@@ -1,8 +1,10 @@
 """Reductions, softmax and pooling.
 
 A sum or an Lp norm over a channel axis is exact under masking (removed channels are zeros and add
-nothing), so it is allowed; a mean, max or variance over channels is not and freezes. Softmax over a
-channel axis stays frozen: the removed channels would still take probability mass.
+nothing). A mean, variance, max or min over channels takes, like a norm's statistics, only the kept
+channels (masked semantics below): a hand-written norm then prunes as `layer_norm` does. Reductions whose
+result names positions (argmax, max with indices) or weighs every channel (logsumexp, prod) freeze, and
+softmax over a channel axis stays frozen: the removed channels would still take probability mass.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ aten = torch.ops.aten
 family = Family("reductions")
 
 _ZERO_NEUTRAL = {aten.sum, aten.linalg_vector_norm, aten.norm}
+_OVER_KEPT = {aten.mean, aten.var, aten.std, aten.amax, aten.amin}  # masked: over the kept channels only
 
 
 @family.coupling(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm,
@@ -38,12 +41,39 @@ def reduce(a, node: fx.Node) -> Any:
     keep = bool(named_arg(node, "keepdim", False))
     dims = {dim(d, len(x)) for d in ([dims] if isinstance(dims, int) else dims)}
     reduced = [x[d] for d in dims]
-    if spaces_of(reduced) and packet not in _ZERO_NEUTRAL:
+    if spaces_of(reduced) and packet not in _ZERO_NEUTRAL | _OVER_KEPT:
         a.freeze_types([tuple(reduced)], f"{packet.__name__} over a channel axis (removed zeros would change it)")
     out = tuple(() if (i in dims and keep) else ax for i, ax in enumerate(x) if keep or i not in dims)
     if packet in (aten.max, aten.min) and multi_output(node):
         return (out, out)  # values and indices
     return out
+
+
+@family.masked(*_OVER_KEPT)
+def masked_reduce(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
+    """The statistic of the kept channels: removed ones neither add to it nor count."""
+    x = args[0]
+    dims = named_arg(node, "dim")
+    if not isinstance(x, torch.Tensor) or dims is None or dims == []:
+        return None
+    dims = tuple(sorted(dim(d, x.dim()) for d in ([dims] if isinstance(dims, int) else dims)))
+    m = interp.mask(node.args[0].name, x, dims)
+    if m is None:
+        return None
+    keep, packet, kept = bool(named_arg(node, "keepdim", False)), node.target.overloadpacket, m.expand(x.shape) != 0
+    if packet in (aten.amax, aten.amin):
+        fill = torch.tensor(float("-inf") if packet is aten.amax else float("inf"), dtype=x.dtype)
+        return getattr(torch, packet.__name__)(torch.where(kept, x, fill), dims, keepdim=keep)
+    count = kept.sum(dims, keepdim=True).to(x.dtype)
+    mean = torch.where(kept, x, 0).sum(dims, keepdim=True) / count
+    if packet is aten.mean:
+        return mean if keep else mean.squeeze(dims)
+    correction = named_arg(node, "correction")
+    if correction is None:
+        correction = 1 if named_arg(node, "unbiased", True) else 0
+    var = torch.where(kept, (x - mean) ** 2, 0).sum(dims, keepdim=keep) / (count if keep else count.squeeze(dims)
+                                                                            ).sub(correction).clamp_min(0)
+    return var.sqrt() if packet is aten.std else var
 
 
 @family.coupling(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
