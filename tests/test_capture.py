@@ -5,7 +5,7 @@ import torch.fx as fx
 
 from vitcc.capture import capture
 from vitcc.errors import VitccError
-from vitcc.frontend import input_shape_for
+from vitcc.sources import input_shape_for
 
 from conftest import tiny_swin, tiny_vit
 

@@ -3,14 +3,14 @@ from torch import nn
 
 import vitcc
 from vitcc.coupling import analyze
-from vitcc.frontend import trace
+from vitcc.capture import capture
 from vitcc.groups import build_groups
 
 from conftest import image, tiny_vit
 
 
 def groups_of(model, x):
-    return {g.name: g for g in build_groups(analyze(trace(model, (x,))))}
+    return {g.name: g for g in build_groups(analyze(capture(model, (x,))))}
 
 
 def test_vit_groups_come_from_the_graph():

@@ -5,7 +5,7 @@ import torch
 
 from vitcc.data import calibration_batch, make_loaders, normalization_for
 from vitcc.errors import VitccError
-from vitcc.frontend import trace
+from vitcc.capture import capture
 
 from conftest import tiny_vit
 
@@ -97,6 +97,6 @@ def test_calibration_batch_is_fixed_and_mixes_classes():
 def test_normalization_for_timm_config_and_compiled_module():
     model = tiny_vit()
     assert normalization_for(model) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    gm = trace(model, (torch.randn(1, 3, 32, 32),))
+    gm = capture(model, (torch.randn(1, 3, 32, 32),))
     assert normalization_for(gm) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert normalization_for(torch.nn.Linear(2, 2)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -13,7 +13,7 @@ import torch
 import vitcc
 from vitcc import Insertion, Pass, PassResult
 from vitcc.errors import VitccError
-from vitcc.frontend import trace
+from vitcc.capture import capture
 from vitcc.ir import Program
 from vitcc.latency import (LatencyModel, LatencyTable, cache_dir, compact_ops, machine_info, machine_key,
                            time_fn, time_ratio, with_batch)
@@ -30,7 +30,7 @@ def private_cache(tmp_path, monkeypatch):
 def analyzed(model=None, x=None):
     model = model or tiny_vit()
     x = x if x is not None else image(batch=1)
-    p = Program(gm=trace(model, (x,)), example_inputs=(x,))
+    p = Program(gm=capture(model, (x,)), example_inputs=(x,))
     make_pass("analyze").run(p)
     return p
 

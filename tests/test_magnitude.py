@@ -1,7 +1,7 @@
 import torch
 
 from vitcc.ir import Program
-from vitcc.frontend import trace
+from vitcc.capture import capture
 from vitcc.pipeline import make_pass
 
 from conftest import image, tiny_vit
@@ -9,7 +9,7 @@ from conftest import image, tiny_vit
 
 def analyzed(model=None):
     model = model or tiny_vit()
-    p = Program(gm=trace(model, (image(),)), example_inputs=(image(),))
+    p = Program(gm=capture(model, (image(),)), example_inputs=(image(),))
     make_pass("analyze").run(p)
     return p, model
 

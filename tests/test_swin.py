@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import vitcc
 from vitcc.coupling import analyze
-from vitcc.frontend import trace
+from vitcc.capture import capture
 from vitcc.groups import build_groups
 
 from conftest import image, tiny_swin
@@ -14,7 +14,7 @@ from conftest import image, tiny_swin
 
 def groups_of(model, size):
     x = image(1, size)
-    return {g.name: g for g in build_groups(analyze(trace(model, (x,))))}
+    return {g.name: g for g in build_groups(analyze(capture(model, (x,))))}
 
 
 def members(g):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import vitcc
 from vitcc.data import make_loaders
 from vitcc.errors import VitccError
-from vitcc.frontend import trace
+from vitcc.capture import capture
 from vitcc.ir import Program
 from vitcc.pipeline import make_pass
 
@@ -24,7 +24,7 @@ def small_vit():
 
 
 def analyzed(model, calibration, labels=None):
-    p = Program(gm=trace(model, X), example_inputs=X,
+    p = Program(gm=capture(model, X), example_inputs=X,
                 options={"calibration": calibration, "calibration_labels": labels})
     make_pass("analyze").run(p)
     return p

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Subset
 
 import vitcc
 from vitcc import safe_pickle
-from vitcc.frontend import load_model
+from vitcc.sources import load_model
 from vitcc.data import make_loaders
 from vitcc.errors import VitccError
 from vitcc.train import distillation_loss, evaluate, finetune

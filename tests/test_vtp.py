@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Subset
 import vitcc
 from conftest import hand_vit, image, tiny_vit
 from vitcc.data import make_loaders
-from vitcc.frontend import trace
+from vitcc.capture import capture
 from vitcc.ir import Program
 from vitcc.passes.vtp import fold_gates, gate_params, insert_gates
 from vitcc.pipeline import make_pass
@@ -27,7 +27,7 @@ def digits():
 
 
 def _program(model, x):
-    p = Program(gm=trace(model, (x,)), example_inputs=(x,))
+    p = Program(gm=capture(model, (x,)), example_inputs=(x,))
     make_pass("analyze").run(p)
     return p
 

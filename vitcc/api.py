@@ -66,7 +66,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
     """
     if example_inputs is None:
-        from .frontend import input_shape_for
+        from .sources import input_shape_for
         example_inputs = (torch.randn(input_shape_for(model)),)
     example_inputs = tuple(example_inputs)
     model = model.eval()
@@ -215,5 +215,5 @@ def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None 
 def load(path: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Load a compiled model (a program archive, whatever its suffix) as a trainable GraphModule; other files
     go through the safe loader (a pickled GraphModule from an older vitcc needs trust_pickle)."""
-    from .frontend import load_model
+    from .sources import load_model
     return load_model(str(path), trust_pickle=trust_pickle)

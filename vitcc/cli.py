@@ -39,7 +39,7 @@ TARGETS = ("channels", "params", "macs", "latency")
 
 def _load(model: str, weights, arch, trust_pickle, input_shape):
     """The model and one example input, checked to run: a shape the model cannot take is one line, here."""
-    from .frontend import input_shape_for, load_model
+    from .sources import input_shape_for, load_model
     m = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle)
     example = (torch.randn(input_shape_for(m, input_shape)),)
     _check_runs(m, example, input_shape)
@@ -47,7 +47,7 @@ def _load(model: str, weights, arch, trust_pickle, input_shape):
 
 
 def _check_runs(m: torch.nn.Module, example: tuple, given: Optional[str]) -> None:
-    from .frontend import input_shape_for
+    from .sources import input_shape_for
     try:
         with torch.no_grad():
             m.eval()(*example)
@@ -238,11 +238,11 @@ def inspect_cmd(
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:
     """Print the coupled groups (kind, size, members) and the frozen dimensions of MODEL."""
-    from .frontend import trace
+    from .capture import capture
     from .ir import Program
     from .pipeline import make_pass
     m, example = _load(model, weights, arch, trust_pickle, input_shape)
-    program = Program(gm=trace(m, example), example_inputs=example)
+    program = Program(gm=capture(m, example), example_inputs=example)
     make_pass("analyze").run(program)
     data = {"groups": [g.to_json() for g in program.groups], "frozen": program.report["frozen"]}
     if as_json:

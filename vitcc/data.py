@@ -38,10 +38,10 @@ _FORMS = ("a folder with train/ and val/ subfolders (torchvision ImageFolder lay
 
 def normalization_for(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) from the model's timm config (also the one a compiled GraphModule carries), else ImageNet's."""
-    from .frontend import _vitcc_meta
+    from .sources import recorded_meta
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if not isinstance(cfg, dict) or "mean" not in cfg:
-        cfg = _vitcc_meta(model).get("pretrained_cfg") or {}
+        cfg = recorded_meta(model).get("pretrained_cfg") or {}
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:
         return IMAGENET_MEAN, IMAGENET_STD

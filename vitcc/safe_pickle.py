@@ -495,7 +495,7 @@ def _check_input_shape(obj, path) -> None:
     """The input shape a model stores (vitcc_input_shape, meta, timm cfg) must describe a sane tensor."""
     if not isinstance(obj, torch.nn.Module):
         return
-    from vitcc.frontend import MAX_INPUT_ELEMENTS, stored_input_shape
+    from vitcc.sources import MAX_INPUT_ELEMENTS, stored_input_shape
     try:
         shape = stored_input_shape(obj)
     except VitccError:

@@ -39,14 +39,14 @@ def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], 
 
     from vitcc import api
     from vitcc.cost import estimate
-    from vitcc.frontend import trace
+    from vitcc.capture import capture
     from vitcc.ir import Program
     from vitcc.latency import LatencyModel, interleaved, loadavg
     from vitcc.pipeline import make_pass
     from vitcc.selection import prune_kinds, select_uniform
 
     model = model.eval()
-    program = Program(gm=trace(model, example), example_inputs=example)
+    program = Program(gm=capture(model, example), example_inputs=example)
     make_pass("analyze").run(program)
     for g in program.groups:
         program.scores[g.name] = torch.arange(g.size, 0, -1, dtype=torch.float32)
