@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from .errors import VitccError
 from .capture import capture, export_program, source_meta
-from .groups import Group
+from .groups import Group, model_blocks
 from .ir import Program
 from .selection import Selection
 from .spaces import find
@@ -90,12 +90,17 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     before = {"params_before": count_params(gm), "macs_before": count_macs(gm, example_inputs)}
     PassManager(pipeline, on_pass).run(program)
     program.report.update(before)
+    blocks, block_of = model_blocks(program.groups)
     program.report.update({
         "pipeline": format_pipeline(pipeline),
+        "budget": {"sparsity": program.options["sparsity"], "target": target, "align": align,
+                   "prune": prune if prune is None or isinstance(prune, str) else list(prune)},
+        "input_shapes": [list(getattr(x, "shape", ())) for x in example_inputs],
         "params_after": count_params(program.gm),
         "macs_after": count_macs(program.gm, example_inputs),
-        "groups": [{**g.to_json(), "kept": [int(i) for i in program.keep.get(g.name, range(g.size))]}
-                   for g in program.groups],
+        "groups": [{**g.to_json(), "block": block_of[g.name],
+                    "kept": [int(i) for i in program.keep.get(g.name, range(g.size))]} for g in program.groups],
+        "blocks": blocks,
         "widths": kept_widths(program),
     })
     program.gm.meta.pop("tensor_meta", None)

@@ -1,6 +1,7 @@
 """Groups: what users see of the analysis. One group per prunable leaf space, with its members."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from .coupling import Coupling, is_ttype
@@ -107,3 +108,36 @@ def _name(kind: str, r: Space, members: list[Member]) -> str:
     else:
         suffix = _SUFFIX[kind]
     return ".".join(prefix + [suffix])
+
+
+_NUMBERED = re.compile(r"(^|_)\d+$")  # a numbered child module: blocks.3, layers.1, encoder_layer_0
+
+
+def model_blocks(groups: list[Group]) -> tuple[list[dict], dict[str, str | None]]:
+    """The model's blocks in model order, each with its stage, and the block of every group (None: stem, head).
+
+    Reports draw the model block by block, and the groups only name parameters, so the structure is read
+    off the names once, here: a block is the deepest numbered module that holds an attention (a `heads`
+    group; an MLP where a model has none) and owns every group named under it. Its stage is the run of
+    blocks that read one residual stream (the residual group with most parameters in the block): one
+    stage for ViT, one per resolution for Swin."""
+    def numbered(name: str) -> str:
+        parts = name.split(".")
+        last = max((i for i, p in enumerate(parts) if _NUMBERED.search(p)), default=-1)
+        return ".".join(parts[:last + 1])
+    anchors = [g for g in groups if g.kind == "heads"] or [g for g in groups if g.kind == "mlp"]
+    names = {numbered(g.name) for g in anchors}
+    block_of: dict[str, str | None] = {}
+    for g in groups:
+        inside = [b for b in names if b == "" or g.name.startswith(b + ".")]
+        block_of[g.name] = max(inside, key=len) if inside and g.kind != "residual" else None
+    order = list(dict.fromkeys(b for b in block_of.values() if b is not None))
+    residual = [g for g in groups if g.kind == "residual"]
+    blocks, stage, previous = [], -1, object()
+    for b in order:
+        reads = {r.name: sum(m.param.startswith(b + ".") or b == "" for m in r.members) for r in residual}
+        stream = max(reads, key=reads.get) if reads and max(reads.values()) > 0 else None
+        if stream != previous:
+            stage, previous = stage + 1, stream
+        blocks.append({"name": b, "stage": stage, "residual": stream})
+    return blocks, block_of

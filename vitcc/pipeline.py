@@ -307,13 +307,21 @@ class PassManager:
                 raise
             except Exception as e:  # a bug in a pass: name it and what ran before it
                 raise RuntimeError(f"pass {p.name!r} failed after [{', '.join(done)}]: {e}") from e
-            timings.append({"name": p.name, "seconds": round(time.perf_counter() - start, 4),
-                            "modified": bool(result.modified)})
+            timings.append({"name": p.name, "options": options_of(p),
+                            "seconds": round(time.perf_counter() - start, 4), "modified": bool(result.modified)})
             done.append(p.name)
             if self.on_pass:
                 self.on_pass(p, "end")
         _finish(program)
         return program
+
+
+def options_of(p: Pass) -> dict[str, Any]:
+    """What a pass ran with, for the report: the options it was given and the declared defaults (not those
+    declared None: the pass computes them, e.g. select's budget from the compile's)."""
+    given = getattr(p, "options", None) or {}
+    options = {o.name: given.get(o.name, o.default) for o in p.options_spec}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 # -- analyses: valid or recomputed -------------------------------------------------------------------------
