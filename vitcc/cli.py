@@ -22,6 +22,8 @@ from rich.table import Table
 
 from .errors import VitccError, internal_error_line
 from .outputs import Outputs, check_folder
+from .report import accuracy_rows, check_output
+from .report import write as write_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vitcc: structured pruning for vision transformers, with verified equivalence.")
@@ -88,7 +90,8 @@ def compile_cmd(
                               "run up to 1.5x slower per FLOP on CPU; benchmarks/results/latency.md)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
-    report: Optional[Path] = typer.Option(None, "--report", help="write a JSON report"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the report: R.json (figures), R.html (a page "
+                                          "with the picture of what was pruned) or R.png (the picture alone)"),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
@@ -122,6 +125,7 @@ def compile_cmd(
     with Outputs([model, weights]) as outputs:
         files = {"model": outputs.plan(output, "-o"), "onnx": outputs.plan(onnx, "--onnx"),
                  "report": outputs.plan(report, "--report")}
+        check_output(report, "--report")
         rep = _compile(args, files)
         if rep is None:  # not rank 0 under torchrun: rank 0 writes
             outputs.discard()
@@ -160,10 +164,11 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
     if not is_main():
         return None
     rep = result.report
+    rep["model"] = a.model
     if files["model"] is not None:
         api.save(result.module, files["model"])
     if files["report"] is not None:
-        files["report"].write_text(json.dumps(rep, indent=2, default=_json_default))
+        write_report(rep, files["report"])
     return rep
 
 
@@ -187,19 +192,8 @@ def _loaders(m, example, data: str, batch_size: int, mean: Optional[str], std: O
 
 
 def _accuracy_lines(rep: dict) -> list[str]:
-    lines = []
-    for key, label in (("accuracy_before", "accuracy before"), ("accuracy_pruned", "pruned, before fine-tuning"),
-                       ("accuracy_after", "after fine-tuning" if "finetune" in rep else "after pruning")):
-        a = rep.get(key)
-        if a:
-            lines.append(f"{label}: top-1 {a['top1']:.2%}, top-5 {a['top5']:.2%} ({a['n']:,} images)")
-    return lines
-
-
-def _json_default(o):
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
+    return [f"accuracy {label}: top-1 {a['top1']:.2%}, top-5 {a['top5']:.2%} ({a['n']:,} images)"
+            for label, a in accuracy_rows(rep)]
 
 
 def _summary(rep: dict, model: str) -> None:
@@ -232,6 +226,8 @@ def _summary(rep: dict, model: str) -> None:
 def inspect_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    html: Optional[Path] = typer.Option(None, "--html", help="also write a page drawing the groups (one bar per "
+                                        "group, by kind, frozen ones with the reason) to this .html file"),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
@@ -241,10 +237,16 @@ def inspect_cmd(
     from .capture import capture
     from .ir import Program
     from .pipeline import make_pass
-    m, example = _load(model, weights, arch, trust_pickle, input_shape)
-    program = Program(gm=capture(m, example), example_inputs=example)
-    make_pass("analyze").run(program)
-    data = {"groups": [g.to_json() for g in program.groups], "frozen": program.report["frozen"]}
+    from .report import render_groups_html
+    with Outputs([model, weights]) as outputs:
+        page = outputs.plan(html, "--html")
+        check_output(html, "--html", (".html",))
+        m, example = _load(model, weights, arch, trust_pickle, input_shape)
+        program = Program(gm=capture(m, example), example_inputs=example)
+        make_pass("analyze").run(program)
+        data = {"groups": [g.to_json() for g in program.groups], "frozen": program.report["frozen"]}
+        if page is not None:
+            page.write_text(render_groups_html(data, model), encoding="utf-8")
     if as_json:
         print(json.dumps(data, indent=2))
         return
