@@ -23,6 +23,8 @@ from vitcc.ir import Program, axis_count
 from vitcc.pipeline import Pass, PassResult, register_pass
 from vitcc.spaces import axis_kept, find, normalize, spaces_of
 
+aten = torch.ops.aten
+
 
 @register_pass("rewrite", kind="structural")
 class Rewrite(Pass):

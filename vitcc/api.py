@@ -92,6 +92,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     PassManager(pipeline, on_pass).run(program)
     program.report.update(before)
     blocks, block_of = model_blocks(program.groups)
+    gone = {g for name in program.keep.removed for g in program.branch(name).groups}  # went with their branch
     program.report.update({
         "pipeline": format_pipeline(pipeline),
         "budget": {"sparsity": program.options["sparsity"], "target": target, "align": align,
@@ -100,7 +101,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         "params_after": count_params(program.gm),
         "macs_after": count_macs(program.gm, example_inputs),
         "groups": [{**g.to_json(), "block": block_of[g.name],
-                    "kept": [int(i) for i in program.keep.get(g.name, range(g.size))]} for g in program.groups],
+                    "kept": [] if g.name in gone else [int(i) for i in program.keep.get(g.name, range(g.size))]}
+                   for g in program.groups],
         "blocks": blocks,
         "widths": kept_widths(program),
         "removed_branches": sorted(program.keep.removed),
