@@ -3,7 +3,10 @@
 Parameters are sliced along every axis laid on a pruned space and stay trainable nn.Parameters. Size
 arguments (reshapes, normalized shapes, split sizes, depthwise groups, the attention scale) are rewritten
 by the op table's `rewrite` entries, so the graph needs no vitcc code at inference. An entry that raises
-keeps the groups its node touches whole (named in the report) and the rewrite runs again.
+keeps the groups its node touches whole (named in the report) and the rewrite runs again. A removed
+residual branch goes first: its add becomes the identity on the stream (its users read the skip) and every
+node only the branch needed is erased, in-place ops included (dce then drops its parameters); the stream's
+reshapes that then meet (a Swin block's) merge.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from vitcc.ir import Program, axis_count
 from vitcc.pipeline import Pass, PassResult, register_pass
 from vitcc.spaces import axis_kept, find, normalize, spaces_of
 
+aten = torch.ops.aten
+
 
 @register_pass("rewrite", kind="structural")
 class Rewrite(Pass):
@@ -27,16 +32,63 @@ class Rewrite(Pass):
 
     def run(self, program: Program) -> PassResult:
         gm, c = program.gm, program.coupling
+        skips = _remove_branches(gm, [program.branch(name) for name in program.keep.removed])
         failed = _rewrite_sizes(program)
         if failed:  # never crash on what could be partly pruned: keep those nodes' groups whole, then again
             _keep_whole(program, failed)
             if _rewrite_sizes(program, skip=failed):  # their sizes are the captured ones now
                 raise RuntimeError(f"rewrite failed at {', '.join(failed)} even with their groups kept whole")
-        changed = _slice_parameters(gm, c.params, program.keep_by_root())
+        _merge_reshapes(gm, skips)
+        keep = program.keep_by_root()
+        gone = program.removed_params(keep)
+        changed = _slice_parameters(gm, {p: t for p, t in c.params.items() if p not in gone}, keep)
         gm.graph.lint()
         gm.recompile()
-        return PassResult(info={"sliced": changed, "kept_whole_at": sorted(failed)},
+        return PassResult(info={"sliced": changed, "kept_whole_at": sorted(failed),
+                                "branches_removed": len(program.keep.removed)},
                           preserved=frozenset())  # the graph is the compact one now
+
+
+def _remove_branches(gm: fx.GraphModule, branches: list) -> list[fx.Node]:
+    """Each removed branch's add becomes its skip (in graph order: the skip may be an add removed before it);
+    returns the skips, where the stream now runs past removed branches."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
+    became: dict[str, fx.Node] = {}
+    for b in sorted(branches, key=lambda b: order[b.add]):
+        skip = became.get(b.skip, nodes[b.skip])
+        nodes[b.add].replace_all_uses_with(skip)
+        became[b.add] = skip
+        gm.graph.erase_node(nodes[b.add])
+        for name in reversed(b.nodes):  # users before what they read
+            gm.graph.erase_node(nodes[name])
+    return list(dict.fromkeys(became.values()))
+
+
+def _merge_reshapes(gm: fx.GraphModule, skips: list[fx.Node]) -> None:
+    """A block's reshapes of the stream meet once its branches are gone (Swin: (B, H, W, C) -> (B, HW, C) for
+    the MLP, and back): a reshape of a reshape reads the first one's input, and two reshapes of one input to
+    the same sizes are one. The reshapes left dead go with dce."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    todo = [u for s in skips for u in s.users]
+    while todo:
+        u = todo.pop()
+        if u.target is not aten.reshape.default or getattr(u, "_erased", False):
+            continue
+        start = u.args[0]
+        while isinstance(u.args[0], fx.Node) and u.args[0].target is aten.reshape.default:
+            u.args = (u.args[0].args[0], *u.args[1:])
+        if u.args[0] is start:
+            continue
+        same = next((w for w in u.args[0].users if w is not u and w.target is aten.reshape.default
+                     and list(w.args[1]) == list(u.args[1])), None)
+        if same is None:
+            todo += list(u.users)
+            continue
+        first, later = sorted((same, u), key=order.__getitem__)
+        later.replace_all_uses_with(first)
+        gm.graph.erase_node(later)
+        todo += list(first.users)
 
 
 def _rewrite_sizes(program: Program, skip: Container[str] = ()) -> dict[str, str]:

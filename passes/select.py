@@ -6,6 +6,9 @@ parameters, MACs or predicted eager latency (vitcc.latency: per-op latencies mea
 cached). `scope=global` (set by lamp) ranks channels of one kind across groups instead.
 Counts tied by a fused reshape (q, k and v head dims of one qkv) stay equal; `align` rounds kept widths.
 The search itself is vitcc.selection's (`select_uniform`, `search_budget`), shared with `vitcc profile`.
+With the kind `branch` (depth pruning) residual branches are removed whole: each scores what its channels
+score (groups nobody scored get their magnitude), or with calibration data the change its removal makes
+to the output (vitcc.branches.score_branches).
 
 Method passes may also set (see passes/_common.py):
 - `families`: group name -> (family, scores): the groups of one family share one threshold (dimap: a module
@@ -23,7 +26,10 @@ from vitcc.cost import estimate
 from vitcc.errors import VitccError
 from vitcc.ir import Program
 from vitcc.pipeline import Option, Pass, PassResult, register_pass
-from vitcc.selection import prune_kinds, search_budget, select_uniform
+from vitcc.branches import score_branches
+from vitcc.selection import BRANCH, prune_kinds, search_budget, select_uniform
+
+from .magnitude import group_norms
 
 
 @register_pass("select", kind="structural")
@@ -52,6 +58,12 @@ class Select(Pass):
         if opt.get("align") is not None and int(opt["align"]) < 1:
             raise VitccError(f"align must be >= 1 (1: no rounding), got {opt['align']}")
         scope = opt.get("scope", "uniform")
+        if BRANCH in kinds:  # a branch scores what its channels score: never by position
+            cache: dict = {}
+            for g in program.groups:
+                if g.name not in program.scores:
+                    program.scores[g.name] = group_norms(program, g, 2.0, cache).sqrt().float()
+            score_branches(program)
         for g in program.groups:
             if g.name not in program.scores:
                 program.scores[g.name] = torch.arange(g.size, 0, -1, dtype=torch.float32)

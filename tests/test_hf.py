@@ -117,3 +117,4 @@ def test_hf_vit_groups_match_golden(hf_vit_dir):
     kinds = [g["kind"] for g in got["groups"]]
     assert kinds.count("heads") == 2 and kinds.count("head_dim") == 4 and kinds.count("mlp") == 2
     assert kinds.count("residual") == 1 and not got["frozen"]
+    assert [b["name"] for b in got["branches"]] == [f"vit.layers.{i}.{r}" for i in (0, 1) for r in ("attention", "mlp")]

@@ -220,6 +220,26 @@ def test_target_latency_does_not_overshoot_on_a_head_step(fake_timings, monkeypa
     assert r.report["max_abs_error"] < 1e-4
 
 
+def test_target_latency_with_branches_counts_what_removed_branches_take_away(fake_timings):
+    from vitcc.selection import KeptByRoot
+    p = analyzed()
+    model = LatencyModel(p)
+    gone = KeptByRoot({}, {"blocks.1.attn"})
+    timed = len(compact_ops(p, {}))
+    assert len(compact_ops(p, gone)) == timed - 6  # its norm, qkv, attention, projection, dropout and add
+    calls = sum(n.op == "call_function" for n in p.gm.graph.nodes)
+    views = 8  # and its share of what is not timed op by op: reshape, permute, unbind, 3 getitems, transpose, reshape
+    share = 1 - views / (calls - timed)
+    assert model.predict(gone) == pytest.approx(model.ops_ms(gone) + model.overhead_ms * share)
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.3, prune="heads,mlp,branch", target="latency",
+                      example_inputs=(image(batch=1),))
+    lm = r.report["latency_model"]
+    assert "branches removed" in lm["selection"] and 0.3 <= lm["predicted_reduction"] < 0.32
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.3, prune="branch", target="latency",
+                      example_inputs=(image(batch=1),))
+    assert r.report["removed_branches"] and 0.3 <= r.report["latency_model"]["predicted_reduction"]
+
+
 def test_target_latency_out_of_reach_is_an_error(fake_timings, monkeypatch):
     monkeypatch.setattr(LatencyModel, "dense_measured_ms", lambda self: self.ops_ms({}) + 1e6)
     with pytest.raises(VitccError, match="out of reach"):

@@ -52,7 +52,8 @@ def bars_match_groups(root, report):
             names = bar.get("data-groups").split()
             size, kept = sum(groups[n]["size"] for n in names), sum(len(groups[n]["kept"]) for n in names)
             assert (int(bar.get("data-size")), int(bar.get("data-kept"))) == (size, kept)
-            assert bar.find(f"{SVG}text").text == f"{kept:,}/{size:,}"
+            removed = bar.get("data-removed") == "true"  # a removed branch's groups keep nothing
+            assert bar.find(f"{SVG}text").text == ("removed" if removed else f"{kept:,}/{size:,}")
             assert all(groups[n]["block"] == block["name"] or n == block["residual"] for n in names)
             drawn |= set(names) - {block["residual"]}
     assert drawn == {g["name"] for g in report["groups"] if g["block"] is not None}
@@ -88,6 +89,16 @@ def test_page_draws_every_block_and_shows_the_report_figures(name, tmp_path):
         [p["name"], ", ".join(f"{k}={v}" for k, v in p["options"].items())] for p in report["passes"]]
     assert ["magnitude", "p=1"] in [r[:2] for r in table(root, "pipeline")]
     assert "None: every op had a rule" in text and not report["frozen"]
+
+
+def test_a_removed_branch_is_a_gap_in_its_block(tmp_path):
+    report = compiled(tiny_vit(), 32, keep={"blocks.1.attn": [], "blocks.0.mlp.hidden": range(96)})
+    assert report["removed_branches"] == ["blocks.1.attn"]
+    _, root = page(report, tmp_path)
+    bars_match_groups(root, report)
+    removed = {b.get("data-groups") for b in root.iter(f"{SVG}g")
+               if b.get("class") == "bar" and b.get("data-removed") == "true"}
+    assert removed == {"blocks.1.attn.heads", "blocks.1.attn.qk_dim", "blocks.1.attn.v_dim"}
 
 
 def test_frozen_ops_and_groups_are_shown_with_their_reasons(tmp_path):

@@ -46,7 +46,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             rules: OpTable | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
-    `keep` gives an explicit selection (group name -> kept indices) instead of scores and a budget.
+    `keep` gives an explicit selection (group name -> kept indices; a residual branch's name -> [] removes
+    it, see `vitcc inspect`) instead of scores and a budget.
     `registry` resolves pass names (default: a fresh `PassRegistry.default()`, so nothing is shared).
 
     `data` is (train, val) DataLoaders or a spec for `vitcc.data.make_loaders` (an ImageFolder tree,
@@ -91,6 +92,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     PassManager(pipeline, on_pass).run(program)
     program.report.update(before)
     blocks, block_of = model_blocks(program.groups)
+    gone = {g for name in program.keep.removed for g in program.branch(name).groups}  # went with their branch
     program.report.update({
         "pipeline": format_pipeline(pipeline),
         "budget": {"sparsity": program.options["sparsity"], "target": target, "align": align,
@@ -99,9 +101,14 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         "params_after": count_params(program.gm),
         "macs_after": count_macs(program.gm, example_inputs),
         "groups": [{**g.to_json(), "block": block_of[g.name],
-                    "kept": [int(i) for i in program.keep.get(g.name, range(g.size))]} for g in program.groups],
+                    "kept": [] if g.name in gone else [int(i) for i in program.keep.get(g.name, range(g.size))]}
+                   for g in program.groups],
         "blocks": blocks,
         "widths": kept_widths(program),
+        "removed_branches": sorted(program.keep.removed),
+        "branches": [{**b.to_json(), "removed": b.name in program.keep.removed,
+                      **({"score": float(program.scores[b.name].sum())} if b.name in program.scores else {})}
+                     for b in program.branches],
     })
     program.gm.meta.pop("tensor_meta", None)
     if loaders is not None:
@@ -148,8 +155,8 @@ def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs
 
 
 def kept_widths(program: Program) -> dict[str, dict[str, int]]:
-    """Per group kind: channels before and after, summed over groups."""
-    return program.keep.widths(program.groups)
+    """Per group kind: channels before and after, summed over groups (and branches, when any were removed)."""
+    return program.keep.widths(program.groups, program.branches if program.keep.removed else ())
 
 
 class _GivenSelection(Pass):
@@ -163,10 +170,19 @@ class _GivenSelection(Pass):
         from .errors import VitccError
         from .pipeline import PassResult
         names = {g.name for g in program.groups}
-        unknown = set(self.keep) - names
+        branches = {b.name: b for b in program.branches}
+        unknown = set(self.keep) - names - set(branches)
         if unknown:
             raise VitccError(f"selection names unknown groups {sorted(unknown)[:5]}; see `vitcc inspect`")
-        for name, idx in self.keep.items():
+        for name in set(self.keep) & set(branches):  # a branch is one unit: [] removes it, [0] keeps it
+            idx = set(self.keep[name])
+            if not idx <= {0}:
+                raise VitccError(f"branch {name} is one unit: keep [] removes it, [0] keeps it; got {sorted(idx)[:5]}")
+            if not idx:
+                if branches[name].frozen:
+                    raise VitccError(f"branch {name} cannot be removed: {branches[name].frozen}")
+                program.keep.removed.add(name)
+        for name, idx in ((n, i) for n, i in self.keep.items() if n not in branches):
             g = program.group(name)
             idx = np.unique(np.asarray(list(idx), dtype=np.int64))
             if g.frozen is not None and len(idx) != g.size:
@@ -181,6 +197,9 @@ class _GivenSelection(Pass):
             if len(counts) > 1:
                 raise VitccError("groups " + ", ".join(g.name for g in tied) + " share one fused reshape and "
                                  "must keep the same number of channels")
+        for name in program.keep.removed:  # the groups of a removed branch go with it
+            for g in program.branch(name).groups:
+                program.keep.pop(g, None)
         return PassResult()
 
 

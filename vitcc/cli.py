@@ -84,7 +84,8 @@ def compile_cmd(
                                "(`vitcc passes` lists them with their options)"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="fraction to remove, in [0, 1)"),
     prune: Optional[str] = typer.Option(None, "--prune", help="group kinds to prune (default: residual,heads,"
-                                        "head_dim,mlp, or the kinds the method passes were designed for)"),
+                                        "head_dim,mlp, or the kinds the method passes were designed for); "
+                                        "branch: remove whole residual branches (attention, MLP: depth pruning)"),
     target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
     align: int = typer.Option(DEFAULT_ALIGN, "--align", help="round kept widths to multiples of N (unaligned widths "
                               "run up to 1.5x slower per FLOP on CPU; benchmarks/results/latency.md)"),
@@ -210,6 +211,8 @@ def _summary(rep: dict, model: str) -> None:
         t.add_row(f"{kind} ({w['groups']} groups)", f"{w['before']:,}", f"{w['after']:,}",
                   f"{w['after'] / max(w['before'], 1):.1%}")
     out.print(t)
+    if rep.get("removed_branches"):
+        out.print(f"removed branches: {', '.join(rep['removed_branches'])}", highlight=False)
     if "max_abs_error" in rep:
         out.print(f"verified: max |compact - masked| = {rep['max_abs_error']:.3g} "
                   f"(relative {rep['max_rel_error']:.3g}, worst {rep.get('verify', {}).get('worst')})")
@@ -233,7 +236,8 @@ def inspect_cmd(
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:
-    """Print the coupled groups (kind, size, members) and the frozen dimensions of MODEL."""
+    """Print the coupled groups (kind, size, members), the residual branches (`--prune branch` removes them
+    whole) and the frozen dimensions of MODEL."""
     from .capture import capture
     from .ir import Program
     from .pipeline import make_pass
@@ -244,7 +248,8 @@ def inspect_cmd(
         m, example = _load(model, weights, arch, trust_pickle, input_shape)
         program = Program(gm=capture(m, example), example_inputs=example)
         make_pass("analyze").run(program)
-        data = {"groups": [g.to_json() for g in program.groups], "frozen": program.report["frozen"]}
+        data = {"groups": [g.to_json() for g in program.groups],
+                "branches": [b.to_json() for b in program.branches], "frozen": program.report["frozen"]}
         if page is not None:
             page.write_text(render_groups_html(data, model), encoding="utf-8")
     if as_json:
@@ -260,6 +265,14 @@ def inspect_cmd(
             members += f", … (+{len(g.members) - 4})"
         t.add_row(g.name, g.kind, str(g.size), members, "frozen: " + g.frozen if g.frozen else "prunable")
     out.print(t)
+    if program.branches:
+        t = Table(title=f"residual branches of {model} (--prune branch removes them whole)")
+        for col in ("name", "role", "ops", "parameters", "groups", "status"):
+            t.add_column(col)
+        for b in program.branches:
+            t.add_row(b.name, b.role, str(b.ops), str(len(b.params)), ", ".join(b.groups),
+                      "frozen: " + b.frozen if b.frozen else "removable")
+        out.print(t)
     for f in data["frozen"]:
         out.print(f"[yellow]frozen[/yellow] at {f['node']}: {f['reason']}")
 

@@ -93,12 +93,7 @@ def _kind(r: Space, members: list[Member]) -> str:
 
 def _name(kind: str, r: Space, members: list[Member]) -> str:
     paths = [m.param.split(".")[:-1] for m in members]
-    prefix = paths[0]
-    for p in paths[1:]:
-        n = 0
-        while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
-            n += 1
-        prefix = prefix[:n]
+    prefix = common_prefix(paths)
     in_module = all(m.param.rpartition(".")[2] in ("weight", "bias") for m in members)
     if kind in ("heads", "head_dim") and len({".".join(p) for p in paths}) == 1 and prefix and in_module:
         prefix = prefix[:-1]  # all of it lives in one projection (fused qkv): name it after the block
@@ -141,3 +136,14 @@ def model_blocks(groups: list[Group]) -> tuple[list[dict], dict[str, str | None]
             stage, previous = stage + 1, stream
         blocks.append({"name": b, "stage": stage, "residual": stream})
     return blocks, block_of
+
+
+def common_prefix(paths: list[list[str]]) -> list[str]:
+    """The longest leading run of parts that every path (a module path split at dots) shares."""
+    prefix = paths[0]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(prefix), len(p)) and prefix[n] == p[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix

@@ -40,6 +40,7 @@ class Program:
     report: dict[str, Any] = field(default_factory=dict)
     ops: OpTable = field(default_factory=default_table)  # this compile's op table (built-ins + user rules)
     stale: set[str] = field(default_factory=set)  # analyses (of ANALYSES) that no longer describe `gm`
+    branches: list = field(default_factory=list)  # residual branches (vitcc.branches.Branch), with the coupling
 
     def __post_init__(self) -> None:
         if self.original is None:
@@ -64,6 +65,26 @@ class Program:
                 return g
         raise KeyError(name)
 
+    def branch(self, name: str):
+        for b in self.branches:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def removed_nodes(self, keep: Any) -> set[str]:
+        """Nodes of `original` that the branches `keep` removes delete (keep: a Selection or KeptByRoot)."""
+        names = set(getattr(keep, "removed", ()))
+        return {n for b in self.branches if b.name in names for n in (*b.nodes, b.add)}
+
+    def removed_params(self, keep: Any) -> set[str]:
+        names = set(getattr(keep, "removed", ()))
+        return {p for b in self.branches if b.name in names for p in b.params}
+
+    def removed_outputs(self, keep: Any) -> set[str]:
+        """The branch outputs the masked reference zeroes."""
+        names = set(getattr(keep, "removed", ()))
+        return {b.output for b in self.branches if b.name in names}
+
     def is_channel_axis(self, axis: Axis) -> bool:
         """Whether an axis carries a group's channels (directly, or through the copies a select made)."""
         roots = {find(g.space).id for g in self.groups}
@@ -75,7 +96,8 @@ class Program:
                 return True
         return False
 
-    def keep_by_root(self) -> dict[int, np.ndarray]:
+    def keep_by_root(self):
+        """The selection as the analysis reads it (a `KeptByRoot`: kept indices by root id, removed branches)."""
         return self.keep.by_root(self.groups)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .errors import VitccError
 from .ir import CompactShapes, Program
 from .ops._timing import TimedOp
-from .selection import Selection, search_budget, select_uniform
+from .selection import Selection, search_budget, smallest
 
 __all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyModel", "compact_ops",
            "select_for_latency", "time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok",
@@ -233,10 +233,11 @@ def compact_ops(program: Program, keep: dict) -> list[TimedOp]:
     node's op table `latency` entry at the compact shapes (and at the dense ones, for the ratio)."""
     gm = program.gm
     sh, dense = CompactShapes(program, keep), (CompactShapes(program, {}) if keep else None)
+    gone = program.removed_nodes(keep)  # the ops of removed branches
     ops: list[TimedOp] = []
     for node in gm.graph.nodes:
         info = program.ops.get(node.target) if node.op == "call_function" else None
-        if info is None or info.latency is None:
+        if info is None or info.latency is None or node.name in gone:
             continue
         out = sh.node(node)
         if out is not None and 0 in out:
@@ -385,7 +386,20 @@ class LatencyModel:
         return ms
 
     def predict(self, keep: dict) -> float:
-        return self.ops_ms(keep) + self.overhead_ms
+        """Timed ops plus the untimed remainder; removed branches take their share of that remainder (their
+        views and indexing go too: per untimed node)."""
+        overhead = self.overhead_ms
+        gone = self.program.removed_nodes(keep)
+        if gone:
+            untimed = self._untimed()
+            overhead *= 1 - len(untimed & gone) / max(1, len(untimed))
+        return self.ops_ms(keep) + overhead
+
+    def _untimed(self) -> set[str]:
+        timed = {n.name for n in self.program.gm.graph.nodes if n.op == "call_function"
+                 and (info := self.program.ops.get(n.target)) is not None and info.latency is not None}
+        return {n.name for n in self.program.gm.graph.nodes
+                if n.op in ("call_module", "call_function", "call_method") and n.name not in timed}
 
     def save(self) -> Path | None:
         return self.table.save() if self.table.dirty else None
@@ -452,8 +466,8 @@ def select_for_latency(program: Program, goal: float, kinds: set, align: int, sc
     on the per-op latency model), and what the model predicted."""
     model = LatencyModel(program)
     base = model.predict({})
-    smallest = select_uniform(program, 0.999, kinds, align, scope).by_root(program.groups)
-    most = 1 - model.predict(smallest) / base if base > 0 else 0.0
+    least = smallest(program, kinds, align, scope).by_root(program.groups)
+    most = 1 - model.predict(least) / base if base > 0 else 0.0
     if goal > 0 and most < goal:
         model.save()
         raise VitccError(f"--target latency: removing {goal:.0%} of the latency is out of reach; pruning every "

@@ -3,11 +3,12 @@
 Semantics (docs/ARCHITECTURE.md): a removed channel is zero wherever its space appears; a norm over a
 space with removed channels takes its statistics over the kept channels only; attention keeps the
 original scale (the original graph is run unchanged, so it does). Ops whose masked semantics differ from
-running them on zeroed inputs say so in the op table (`OpInfo.masked`).
+running them on zeroed inputs say so in the op table (`OpInfo.masked`). A removed residual branch
+(vitcc.branches) has its output zeroed (`zeroed`), so the add that puts it on the stream contributes nothing.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -19,9 +20,11 @@ from .ops import OpTable
 
 
 class MaskedInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, coupling: Coupling, keep: dict[int, np.ndarray], ops: OpTable):
+    def __init__(self, gm: fx.GraphModule, coupling: Coupling, keep: dict[int, np.ndarray], ops: OpTable,
+                 zeroed: Iterable[str] = ()):
         super().__init__(gm)
         self.ops = ops
+        self.zeroed = frozenset(zeroed)  # nodes whose output is zero: the outputs of removed branches
         self.masks: dict[str, list[np.ndarray | None]] = {}
         self._cache: dict = {}
         for name, t in coupling.types.items():
@@ -55,6 +58,8 @@ class MaskedInterpreter(fx.Interpreter):
             out = info.masked(self, n, args, kwargs)
         if out is None:
             out = super().run_node(n)
+        if n.name in self.zeroed:
+            return torch.zeros_like(out)
         m = self.mask(n.name, out)
         # where, not multiply: a removed position is zero even where the op made it NaN (0/0 after masking)
         return torch.where(m != 0, out, torch.zeros((), dtype=out.dtype)) if m is not None else out
@@ -67,4 +72,5 @@ def run_masked(program, keep: dict[int, np.ndarray], *inputs: torch.Tensor) -> A
 
 def masked_reference(program, keep: dict[int, np.ndarray]) -> MaskedInterpreter:
     """Build once, run on many inputs: the masks are computed on first use and kept."""
-    return MaskedInterpreter(program.original, program.coupling, keep, program.ops)
+    return MaskedInterpreter(program.original, program.coupling, keep, program.ops,
+                             zeroed=program.removed_outputs(keep))

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
+from .branches import find_branches
 from .capture import propagate_shapes
 from .coupling import analyze as analyze_graph
 from .errors import VitccError
@@ -385,12 +386,14 @@ def refresh(program: Program, *analyses: str) -> None:
 
 
 def analyze_program(program: Program) -> None:
-    """The coupling analysis of `program.gm`, its groups, and the ops that froze a group (once per node).
+    """The coupling analysis of `program.gm`, its groups and residual branches, and the ops that froze a group
+    (once per node).
 
     A node that froze only what later turned out not to be channels (a buffer's token axis tied to the input,
     softmax over an axis a later contraction fixes) cost nothing and is not reported."""
     program.coupling = analyze_graph(program.gm, program.ops)
     program.groups = build_groups(program.coupling)
+    program.branches = find_branches(program.gm, program.coupling.types, program.groups)
     frozen_roots = {id(find(g.space)) for g in program.groups if g.frozen is not None}
     seen, frozen = set(), []
     for f in program.coupling.frozen:
@@ -418,6 +421,9 @@ def _finish(program: Program) -> None:
 def _check(program: Program) -> None:
     program.gm.graph.lint()
     names = {g.name for g in program.groups}
+    unknown = program.keep.removed - {b.name for b in program.branches if b.prunable}
+    if unknown:
+        raise RuntimeError(f"selection removes unknown or frozen branch {sorted(unknown)[0]!r}")
     for name, idx in program.keep.items():
         if name not in names:
             raise RuntimeError(f"selection names unknown group {name!r}")

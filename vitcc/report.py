@@ -69,6 +69,7 @@ def picture(report: dict) -> tuple[list[Row], list[tuple[str, str, str]]]:
     columns that occur; a section heading opens every stage of a hierarchical model."""
     groups = {g["name"]: g for g in report["groups"]}
     removed = set(report.get("removed_branches") or [])
+    gone = {n for b in report.get("branches") or [] if b.get("removed") for n in b.get("groups", [])}
     rows = {b["name"]: Row(b["name"] or "(model)", {}) for b in report["blocks"]}
     owned = [(g, g.get("block")) for g in report["groups"] if g["kind"] != "residual"]
     owned += [(groups[b["residual"]], b["name"]) for b in report["blocks"] if b.get("residual") in groups]
@@ -80,7 +81,7 @@ def picture(report: dict) -> tuple[list[Row], list[tuple[str, str, str]]]:
         bar.size += g["size"]
         bar.kept += len(g.get("kept", range(g["size"])))
         bar.groups.append(g["name"])
-        bar.removed |= any(_inside(g, branch) for branch in removed)
+        bar.removed |= g["name"] in gone or any(_inside(g, branch) for branch in removed)
         if g.get("frozen"):
             bar.frozen.append(f"{g['name']}: {g['frozen']}")
             bar.colour = FROZEN

@@ -9,6 +9,11 @@ params, MACs or predicted latency). Costs are functions of a selection by group-
 
 Method passes steer the search through `program.options` (see passes/_common.py): `families` (groups
 that share one threshold), `group_rate` (a per-group multiplier of the uniform fraction).
+
+Depth pruning: the kind `branch` (vitcc.branches) makes every residual branch one unit that a selection
+removes whole (`Selection.removed`; the groups inside a removed branch are left out of `kept`: they go
+with it). Alone, branches are removed lowest score first (per unit of cost for a budget); with widths and
+a budget, `search_budget` weighs removing branches against narrowing (`_search_with_branches`).
 """
 from __future__ import annotations
 
@@ -24,14 +29,26 @@ from .errors import VitccError
 from .groups import KINDS, Group
 from .spaces import find
 
+BRANCH = "branch"  # the --prune kind of whole residual branches (vitcc.branches)
+PRUNE_KINDS = (*KINDS, BRANCH)
+
 if TYPE_CHECKING:  # ir imports this module for Program.keep
     from .ir import Program
 
-__all__ = ["MIN_KEEP", "Selection", "prune_kinds", "select_uniform", "search_budget", "kept_of_kind"]
+__all__ = ["BRANCH", "MIN_KEEP", "PRUNE_KINDS", "KeptByRoot", "Selection", "prune_kinds", "select_uniform",
+           "search_budget", "kept_of_kind"]
 
 MIN_KEEP = {"residual": 1, "heads": 1, "head_dim": 1, "mlp": 1, "other": 1}
 
-Cost = Callable[[dict[int, np.ndarray]], float]  # a cost of a selection by group-root id
+Cost = Callable[["KeptByRoot"], float]  # a cost of a selection by group-root id: of the kept counts (shapes) only
+
+
+class KeptByRoot(dict):
+    """Kept indices by group-root id (what the analysis reads), and the names of the branches removed whole."""
+
+    def __init__(self, kept: Mapping[int, np.ndarray] | None = None, removed: Iterable[str] = ()):
+        super().__init__(kept or {})
+        self.removed = frozenset(removed)
 
 
 def _indices(v: Iterable[int]) -> np.ndarray:
@@ -45,9 +62,11 @@ class Selection(MutableMapping):
     A mapping, so passes read and write it as `program.keep[name]`; the helpers turn it into what the
     analysis, reports and JSON want."""
     kept: dict[str, np.ndarray] = field(default_factory=dict)
+    removed: set[str] = field(default_factory=set)  # branches removed whole (vitcc.branches)
 
     def __post_init__(self) -> None:
         self.kept = {name: _indices(v) for name, v in dict(self.kept).items()}
+        self.removed = set(self.removed)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.kept[name]
@@ -64,39 +83,51 @@ class Selection(MutableMapping):
     def __len__(self) -> int:
         return len(self.kept)
 
+    def __bool__(self) -> bool:  # a selection that only removes branches selects something
+        return bool(self.kept or self.removed)
+
     def __repr__(self) -> str:
-        return f"Selection({ {n: len(v) for n, v in self.kept.items()} })"
+        removed = f", removed={sorted(self.removed)}" if self.removed else ""
+        return f"Selection({ {n: len(v) for n, v in self.kept.items()} }{removed})"
 
     def count(self, group: Group) -> int:
         """How many channels of `group` are kept."""
         return len(self.kept[group.name]) if group.name in self.kept else group.size
 
-    def by_root(self, groups: Iterable[Group]) -> dict[int, np.ndarray]:
+    def by_root(self, groups: Iterable[Group]) -> KeptByRoot:
         """Kept indices by the id of each group's root space: what kept sizes and masks are computed from."""
-        return {find(g.space).id: self.kept[g.name] for g in groups if g.name in self.kept}
+        return KeptByRoot({find(g.space).id: self.kept[g.name] for g in groups if g.name in self.kept}, self.removed)
 
-    def widths(self, groups: Iterable[Group]) -> dict[str, dict[str, int]]:
-        """Per group kind: how many groups, and channels before and after (summed over the groups)."""
+    def widths(self, groups: Iterable[Group], branches: Iterable = ()) -> dict[str, dict[str, int]]:
+        """Per group kind: how many groups, and channels before and after (summed over the groups; a group
+        inside a removed branch keeps none); with `branches`, their count before and after as kind `branch`."""
+        branches = list(branches)
+        gone = {n for b in branches if b.name in self.removed for n in b.groups}
         out: dict[str, dict[str, int]] = {}
         for g in groups:
             w = out.setdefault(g.kind, {"groups": 0, "before": 0, "after": 0})
             w["groups"] += 1
             w["before"] += g.size
-            w["after"] += self.count(g)
+            w["after"] += 0 if g.name in gone else self.count(g)
+        if branches:
+            out[BRANCH] = {"groups": len(branches), "before": len(branches),
+                           "after": sum(b.name not in self.removed for b in branches)}
         return out
 
     def to_json(self) -> dict[str, list[int]]:
-        return {name: [int(i) for i in v] for name, v in self.kept.items()}
+        """Group name -> kept indices; a removed branch -> [] (what `vitcc.compile(keep=...)` reads back)."""
+        return {**{name: [int(i) for i in v] for name, v in self.kept.items()}, **{b: [] for b in sorted(self.removed)}}
 
 
 def prune_kinds(prune: str | Iterable[str] | None) -> set[str]:
-    """The group kinds `prune` names (comma-separated or a collection); default every kind but `other`."""
+    """The group kinds `prune` names (comma-separated or a collection; `branch`: whole residual branches);
+    default every kind but `other` (and `branch`: depth pruning is asked for)."""
     if not prune:
         return set(KINDS) - {"other"}
     kinds = set(prune.split(",") if isinstance(prune, str) else prune)
-    bad = kinds - set(KINDS)
+    bad = kinds - set(PRUNE_KINDS)
     if bad:
-        raise VitccError(f"unknown group kind(s) {sorted(bad)} in --prune; valid: {', '.join(KINDS)}")
+        raise VitccError(f"unknown group kind(s) {sorted(bad)} in --prune; valid: {', '.join(PRUNE_KINDS)}")
     return kinds
 
 
@@ -120,7 +151,33 @@ def select_uniform(program: "Program", frac: float, kinds: set[str], align: int 
 
     Widths round to multiples of `align` (heads excepted); groups of a registered family, or with
     scope="global" of one kind, share one threshold; spaces tied by a fused reshape keep equal counts
-    (or all stay whole when one of them cannot be pruned). Every group of `kinds` needs a score."""
+    (or all stay whole when one of them cannot be pruned). Every group of `kinds` needs a score. With the
+    kind `branch`, `frac` of the removable branches go too, the lowest scores first (vitcc.branches)."""
+    keep = _select_widths(program, frac, kinds - {BRANCH}, align, scope)
+    if BRANCH not in kinds:
+        return keep
+    order = branch_order(program)
+    return without_branches(program, keep, order[:int(frac * len(order) + 1e-9)])
+
+
+def branch_order(program: "Program", per: dict[str, float] | None = None) -> list[str]:
+    """Removable branches, lowest score first (divided by `per[name]`, e.g. the cost each removes alone);
+    scores the branches that have none (`vitcc.branches.score_branches`)."""
+    from .branches import score_branches
+    score_branches(program)
+    names = [b.name for b in program.branches if b.prunable]
+    value = {n: float(program.scores[n].sum()) / (max(per[n], 1e-30) if per else 1.0) for n in names}
+    return sorted(names, key=value.__getitem__)
+
+
+def without_branches(program: "Program", keep: "Selection", removed: Iterable[str]) -> "Selection":
+    """`keep` with the named branches removed whole, and the groups inside them left out (they go with them)."""
+    removed = set(removed)
+    gone = {g for b in program.branches if b.name in removed for g in b.groups}
+    return Selection({n: v for n, v in keep.items() if n not in gone}, removed | keep.removed)
+
+
+def _select_widths(program: "Program", frac: float, kinds: set[str], align: int, scope: str) -> Selection:
     prunable = [g for g in program.groups if g.prunable and g.kind in kinds]
     rate = program.options.get("group_rate") or {}
     counts = {g.name: _count(g.size, min(0.999, frac * float(rate.get(g.name, 1.0))), g.kind, align)
@@ -178,6 +235,12 @@ def _global_counts(program: "Program", groups: list[Group], frac: float, align: 
 
 # -- a budget ---------------------------------------------------------------------------------------------
 
+def smallest(program: "Program", kinds: set[str], align: int = 1, scope: str = "uniform") -> Selection:
+    """The most that pruning `kinds` can remove: every group at its minimum, every removable branch gone."""
+    keep = _select_widths(program, 0.999, kinds - {BRANCH}, align, scope)
+    return without_branches(program, keep, [b.name for b in program.branches if b.prunable]) if BRANCH in kinds else keep
+
+
 def search_budget(program: "Program", goal: float, kinds: set[str], align: int, scope: str, cost: Cost,
                   base: float | None = None, what: str = "cost") -> tuple[Selection, str]:
     """A selection that removes at least `goal` of `cost` (measured against `base`, default the dense
@@ -187,17 +250,34 @@ def search_budget(program: "Program", goal: float, kinds: set[str], align: int, 
     heads; widths step by the alignment: a Swin head dim of 32 at align 16 is 32 or 16), so that fraction
     can overshoot by several points where a kind takes a step; then each set of the kinds that stepped
     keeps the widths of the largest fraction that fell short, the fraction of the other kinds is searched
-    again, and the closest selection that still reaches the goal wins.
+    again, and the closest selection that still reaches the goal wins. With the kind `branch`, removing
+    branches is weighed against narrowing (`_search_with_branches`).
     """
-    choose = lambda frac: select_uniform(program, frac, kinds, align, scope)
     if goal <= 0:
-        return choose(0.0), "uniform"
-    base = cost({}) if base is None else base
-    reduction = lambda keep: 1 - cost(keep.by_root(program.groups)) / base if base > 0 else 0.0
-    most = reduction(choose(0.999))
+        return select_uniform(program, 0.0, kinds, align, scope), "uniform"
+    base = cost(KeptByRoot()) if base is None else base
+    seen: dict[tuple, float] = {}
+
+    def reduction(keep: Selection) -> float:  # costs are of compact shapes: kept counts, not which indices
+        key = (frozenset(keep.removed), tuple(sorted((n, len(v)) for n, v in keep.items())))
+        if key not in seen:
+            seen[key] = 1 - cost(keep.by_root(program.groups)) / base if base > 0 else 0.0
+        return seen[key]
+    most = reduction(smallest(program, kinds, align, scope))
     if most < goal:
         raise VitccError(f"removing {goal:.0%} of the {what} is out of reach: pruning every group of the kinds "
                          f"{', '.join(sorted(kinds))} to its minimum removes {most:.0%}; ask for less or prune more kinds")
+    if BRANCH in kinds and any(b.prunable for b in program.branches):
+        return _search_with_branches(program, goal, kinds - {BRANCH}, align, scope, reduction, base, cost, what)
+    return _search_widths(program, goal, kinds - {BRANCH}, align, scope, reduction)
+
+
+def _search_widths(program: "Program", goal: float, kinds: set[str], align: int, scope: str,
+                   reduction: Callable[[Selection], float], removed: Iterable[str] = ()) -> tuple[Selection, str]:
+    """The uniform-fraction search of `search_budget`, with the `removed` branches gone in every candidate
+    (the goal must be reachable with them)."""
+    removed = list(removed)
+    choose = lambda frac: without_branches(program, _select_widths(program, frac, kinds, align, scope), removed)
     lo, hi = _bisect(goal, lambda frac: reduction(choose(frac)))
     best, short, how = choose(hi), choose(lo), "uniform"
     jumped = [k for k in sorted(kinds) if kept_of_kind(program, best, k) < kept_of_kind(program, short, k)]
@@ -205,14 +285,54 @@ def search_budget(program: "Program", goal: float, kinds: set[str], align: int, 
         if len(held) == len(kinds):
             continue
         kept = {n: v for n, v in short.items() if program.group(n).kind in held}
-        rest = lambda frac, held=held, kept=kept: Selection(
-            {**select_uniform(program, frac, kinds - set(held), align, scope), **kept})
+        rest = lambda frac, held=held, kept=kept: without_branches(program, Selection(
+            {**_select_widths(program, frac, kinds - set(held), align, scope), **kept}), removed)
         if reduction(rest(0.999)) < goal:
             continue
         alt = rest(_bisect(goal, lambda frac: reduction(rest(frac)))[1])
         if goal <= reduction(alt) < reduction(best):
             best, how = alt, f"{' and '.join(held)} of a smaller fraction, other kinds searched again"
     return best, how
+
+
+def _search_with_branches(program: "Program", goal: float, widths: set[str], align: int, scope: str,
+                          reduction: Callable[[Selection], float], base: float, cost: Cost,
+                          what: str) -> tuple[Selection, str]:
+    """Remove the k branches that lose least per unit of cost, and narrow the rest as far as the goal still
+    needs; k is the one whose selection loses least (vitcc.branches.BranchLoss: the measured change of the
+    output on the calibration batch, else normalised scores times the parameters they own, branches and
+    channels in one unit). Without width kinds, the fewest branches that reach the goal."""
+    from .branches import BranchLoss
+    branches = [b.name for b in program.branches if b.prunable]
+    alone = {n: base - cost(KeptByRoot({}, {n})) for n in branches}
+    order = branch_order(program, per=alone)
+    if not widths:
+        k = next(k for k in range(len(order) + 1) if reduction(without_branches(program, Selection(), order[:k])) >= goal)
+        return without_branches(program, Selection(), order[:k]), f"{k} of {len(order)} branches removed, lowest score per {what} first"
+    loss = BranchLoss(program)
+    found = []
+    for k in _branch_counts(len(order)):
+        only = without_branches(program, Selection(), order[:k])
+        if reduction(only) >= goal:
+            found.append((loss(only), k, only, "no narrowing"))
+            break
+        if reduction(without_branches(program, smallest(program, widths, align, scope), order[:k])) < goal:
+            continue
+        keep, how = _search_widths(program, goal, widths, align, scope, reduction, order[:k])
+        found.append((loss(keep), k, keep, how))
+    # as little more than the goal as the widths allow: what overshoots by more only wins when nothing is closer
+    close = [f for f in found if reduction(f[2]) <= goal + OVERSHOOT] or \
+        [min(found, key=lambda f: reduction(f[2]))]
+    lost, k, keep, how = min(close, key=lambda f: (f[0], f[1]))
+    return keep, f"{k} of {len(order)} branches removed (least loss per {what}), widths: {how}"
+
+
+OVERSHOOT = 0.02  # how far past the goal a selection may go (a whole branch is a big step) and still compete
+
+
+def _branch_counts(n: int) -> list[int]:
+    """How many branches the weighing tries: every count up to 16, else a grid of about 17."""
+    return list(range(n + 1)) if n <= 16 else sorted({*range(9), *np.linspace(0, n, 9).round().astype(int).tolist()})
 
 
 def _bisect(goal: float, reduction_at: Callable[[float], float]) -> tuple[float, float]:

@@ -74,18 +74,22 @@ def compared_nodes(program: Program) -> list[str]:
     torch.export (aten) graphs alike. Parameters and inputs are not compared: they do not depend on the
     rewrite's arithmetic.
     """
-    c = program.coupling
-    roots = {find(g.space).id for g in program.groups if g.kind == "residual"}
-    live = _input_dependent(program.original.graph)
+    types = program.coupling.types
     chosen: dict[str, None] = {}
-    for node in program.original.graph.nodes:
-        if not is_add(node) or not (_on_residual(c.types.get(node.name), roots) or _is_skip(node, c.types, live)):
-            continue
+    for node in stream_adds(program.original.graph, types, program.groups):
         for arg in node.all_input_nodes:
-            if arg.op in _COMPUTED and is_ttype(c.types.get(arg.name)):
+            if arg.op in _COMPUTED and is_ttype(types.get(arg.name)):
                 chosen[arg.name] = None
         chosen[node.name] = None
     return list(chosen)
+
+
+def stream_adds(graph: fx.Graph, types: dict, groups) -> list[fx.Node]:
+    """The adds that put something onto a residual stream (see `compared_nodes`), in graph order."""
+    roots = {find(g.space).id for g in groups if g.kind == "residual"}
+    live = _input_dependent(graph)
+    return [n for n in graph.nodes
+            if is_add(n) and (_on_residual(types.get(n.name), roots) or _is_skip(n, types, live))]
 
 
 def _on_residual(t: Any, roots: set[int]) -> bool:
@@ -168,7 +172,8 @@ def verify(program: Program, keep: dict[int, np.ndarray], *, trials: int = 2, rt
     """Compare compact and masked on every chosen tensor and output leaf; the report, or VerificationError."""
     names = [n for n in compared_nodes(program) if n in _node_names(program.gm)]
     _check_same_ops(program, names)
-    reference = _MaskedRecorder(program.original, program.coupling, keep, program.ops, names=names)
+    reference = _MaskedRecorder(program.original, program.coupling, keep, program.ops, names=names,
+                                zeroed=program.removed_outputs(keep))
     compact = _CompactRecorder(program.gm, names=names)
     checks: dict[str, Check] = {}
     previous: dict[str, torch.Tensor] | None = None

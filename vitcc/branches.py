@@ -1,0 +1,303 @@
+"""Residual branches: the units depth pruning removes whole (a block's attention, a block's MLP).
+
+A branch is what an add on the residual stream puts onto it: `stream = skip + out`, where `out` is
+computed from the stream (its ancestors that are not the skip's). Removing the branch makes the add the
+identity on the stream (the compact graph uses `skip` where it used the add) and deletes every op and
+parameter only the branch needs; the masked reference zeroes `out`, so the add contributes nothing.
+Removing both branches of a block removes the block.
+
+Found from the graph, never from module names: the stream adds are verify's (`verification.stream_adds`:
+the adds onto the residual group, or skip connections of one shape), and the branch is the set of nodes
+that only that add needs. Names come from the parameters the branch reads (the module under the block
+that holds two thirds of them, `blocks.3.attn`), or the block plus the branch's role (`attn`: it has a
+heads group, `mlp`: a hidden group) where no module does (HF's MLP lives in `intermediate` and `output`).
+
+A stream add whose branch value is also used outside the branch (an attention map returned as an output,
+a value mutated in place outside it) is listed with `frozen`, the reason, and cannot be removed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .coupling import shape_of
+from .groups import Group, common_prefix
+from .masking import MaskedInterpreter
+from .selection import KeptByRoot
+from .verification import stream_adds, tensor_leaves
+
+BRANCH = "branch"  # the --prune kind
+
+
+@dataclass
+class Branch:
+    name: str
+    role: str  # "attn", "mlp" or "branch": what its groups say it is
+    add: str  # the add that puts the branch onto the stream
+    output: str  # the add's operand the branch computes: zero in the masked reference when removed
+    skip: str  # the add's stream operand: what the add becomes when the branch is removed
+    nodes: tuple[str, ...] = ()  # every node only this branch needs (ops and parameter reads): what removal deletes
+    params: tuple[str, ...] = ()  # parameters and buffers only it reads
+    groups: tuple[str, ...] = ()  # channel groups that lie on its parameters only
+    ops: int = 0  # of `nodes`, the ones that compute (not parameter reads)
+    frozen: str | None = None
+    size: int = field(default=1, repr=False)  # one unit: kept [0], or removed []
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen is None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("size")
+        d.pop("nodes")
+        return d
+
+
+def find_branches(gm: fx.GraphModule, types: dict, groups: list[Group]) -> list[Branch]:
+    """The residual branches of a captured graph, in graph order, named by the parameters they read."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    adds = stream_adds(gm.graph, types, groups)
+    add_names = {a.name for a in adds}
+    found = []
+    for add in adds:
+        b = _branch_of(gm, add, order)
+        if b is None:
+            continue
+        if b.prunable and add_names & (set(b.nodes) - {add.name}):
+            continue  # a branch holding other branches (a skip over whole blocks): its inner ones are the units
+        found.append(b)
+    _name_branches(gm, found, groups)
+    return found
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = {node}, [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _has_params(nodes: Iterable[fx.Node]) -> bool:
+    return any(n.op == "get_attr" for n in nodes)
+
+
+def _branch_of(gm: fx.GraphModule, add: fx.Node, order: dict) -> Branch | None:
+    operands = [a for a in add.args if isinstance(a, fx.Node)]
+    if len(operands) != 2 or operands[0] is operands[1] or len(add.args) != 2:
+        return None
+    u, v = operands
+    up, vp = _ancestors(u), _ancestors(v)
+    if u in vp:
+        skip, out = u, v
+    elif v in up:
+        skip, out = v, u
+    else:  # both read the stream (the skip through a view): the branch is the side that owns parameters
+        only_u, only_v = _has_params(up - vp), _has_params(vp - up)
+        if only_u == only_v:
+            return None
+        skip, out = (v, u) if only_u else (u, v)
+    if shape_of(skip) is None or shape_of(skip) != shape_of(add):
+        return None  # the add broadcasts the skip: it cannot become the skip
+    before = _ancestors(skip)
+    candidate = sorted((_ancestors(out) - before), key=order.__getitem__, reverse=True)
+    removable: set[fx.Node] = {add}
+    outside = None
+    for n in candidate:  # users first: a node goes with the branch when everything that reads it does
+        if n.op == "placeholder":
+            continue
+        users = [w for w in n.users if w not in removable]
+        if users:
+            if n is out or outside is None:
+                outside = (n, users[0])
+            continue
+        removable.add(n)
+    removable.discard(add)
+    nodes = sorted(removable, key=order.__getitem__)
+    b = Branch(name="", role=BRANCH, add=add.name, output=out.name, skip=skip.name,
+               nodes=tuple(n.name for n in nodes), params=tuple(n.target for n in nodes if n.op == "get_attr"),
+               ops=sum(n.op != "get_attr" for n in nodes))
+    if out not in removable:
+        n, user = outside
+        b.frozen = f"{n.name} is also used by {user.name}, outside the branch"
+        return b
+    for n in removable:
+        written = _written_args(n)
+        bad = [a for a in written if a not in removable]
+        if bad:
+            b.frozen = f"{n.name} ({n.target}) writes {bad[0].name}, outside the branch"
+            return b
+    return b
+
+
+def _written_args(n: fx.Node) -> list[fx.Node]:
+    """The inputs an in-place op writes (its schema's mutated arguments)."""
+    schema = getattr(n.target, "_schema", None)
+    if n.op != "call_function" or schema is None or not schema.is_mutable:
+        return []
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+            out += [x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, fx.Node)]
+    return out
+
+
+def _name_branches(gm: fx.GraphModule, branches: list[Branch], groups: list[Group]) -> None:
+    used = {g.name for g in groups}
+    for i, b in enumerate(branches):
+        params = set(b.params)
+        inside = [g for g in groups if g.members and all(m.param in params for m in g.members)]
+        b.groups = tuple(g.name for g in inside)
+        kinds = {g.kind for g in inside}
+        b.role = "attn" if "heads" in kinds or "head_dim" in kinds else "mlp" if "mlp" in kinds else BRANCH
+        name = _module_name(gm, b) or f"{b.role}.{i}"
+        base, k = name, 1
+        while name in used:
+            k += 1
+            name = f"{base}#{k}"
+        used.add(name)
+        b.name = name
+
+
+def _module_name(gm: fx.GraphModule, b: Branch) -> str | None:
+    """The module below the block that holds two thirds of the branch's parameters, else the block plus its role."""
+    sizes = {p: _numel(gm, p) for p in b.params}
+    paths = [p.split(".")[:-1] for p in sizes]
+    if not paths:
+        return _stack_name(gm, b)
+    prefix = common_prefix(paths)
+    total = sum(sizes.values()) or 1
+    below: dict[str, int] = {}
+    for p, n in sizes.items():
+        parts = p.split(".")
+        if len(parts) > len(prefix) + 1:
+            below[parts[len(prefix)]] = below.get(parts[len(prefix)], 0) + n
+    child = max(below, key=below.get, default=None)
+    if child is not None and below[child] * 3 >= total * 2:
+        return ".".join(prefix + [child])
+    if child is None or not prefix:  # one module holds all of it (or nothing is shared)
+        return ".".join(prefix) or None
+    return ".".join(prefix + [b.role])
+
+
+def _stack_name(gm: fx.GraphModule, b: Branch) -> str | None:
+    """A branch without parameters: the innermost module all its ops were called in (nn_module_stack)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    paths = []
+    for name in b.nodes:
+        stack = nodes[name].meta.get("nn_module_stack")
+        if stack:
+            paths.append(str(list(stack.values())[-1][0]).split("."))
+    return (".".join(common_prefix(paths)) or None) if paths else None
+
+
+def _numel(gm: fx.GraphModule, target: str) -> int:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj.numel() if isinstance(obj, torch.Tensor) else 0
+
+
+# -- scores and losses: what removing a branch costs, in the units of narrowing ------------------------------
+
+CALIBRATION_IMAGES = 32  # images of the calibration batch a measured loss runs on
+
+
+def score_branches(program) -> None:
+    """`program.scores[name]` (one value) for every branch that has none: what removing it alone loses.
+
+    With a calibration batch (`--data`), the measured change of the output (`BranchLoss`); else what its
+    channels score: each channel's score relative to the mean of its kind, weighted by the parameters it
+    owns, summed over the branch (so a branch of average importance scores its parameter count, and
+    narrowing all of its groups to nothing would lose the same)."""
+    todo = [b for b in program.branches if b.name not in program.scores]
+    if not todo:
+        return
+    loss = BranchLoss(program)
+    for b in todo:
+        program.scores[b.name] = torch.tensor([loss.alone(b)], dtype=torch.float64)
+
+
+class BranchLoss:
+    """What a selection loses, one number for branches and channels alike: the measured relative change of the
+    output on the calibration batch when there is one, else the sum over what it removes of normalised
+    score x parameters owned (channels: the method's scores over the mean of their kind; a branch: its score)."""
+
+    def __init__(self, program):
+        self.program = program
+        x = program.options.get("calibration")
+        self.x = x[:CALIBRATION_IMAGES] if isinstance(x, torch.Tensor) else None
+        self.params = {p: _numel(program.original, p) for p in program.coupling.params}
+        if self.x is not None:
+            with torch.no_grad():
+                self.reference = self._outputs(program.original.eval()(self.x))
+            return
+        self.normalized, self.unit = {}, {}
+        means: dict[str, float] = {}
+        for kind in {g.kind for g in program.groups}:
+            s = [program.scores[g.name].double().abs() for g in program.groups if g.kind == kind and g.name in program.scores]
+            means[kind] = float(torch.cat(s).mean()) if s else 1.0
+        inside = {g: b for b in program.branches for g in b.groups}
+        per_channel = {g.name: sum(self.params.get(m.param, 0) / max(1, g.size) for m in g.members)
+                       for g in program.groups}
+        sizes = {g.name: g.size for g in program.groups}
+        for g in program.groups:
+            if g.name not in program.scores:
+                continue
+            self.normalized[g.name] = program.scores[g.name].double().abs() / max(means[g.kind], 1e-30)
+            b = inside.get(g.name)
+            weight = 1.0
+            if b is not None:  # heads and head dims lie on the same weights: a branch's groups share its parameters
+                mass = sum(per_channel[n] * sizes[n] for n in b.groups)
+                weight = self.branch_params(b) / max(mass, 1e-30)
+            self.unit[g.name] = weight * per_channel[g.name]
+
+    def branch_params(self, b: Branch) -> int:
+        return sum(self.params.get(p, 0) for p in b.params)
+
+    def alone(self, b: Branch) -> float:
+        """The loss of removing `b` and nothing else."""
+        if self.x is not None:
+            return self.measured(KeptByRoot({}, {b.name}))
+        if not b.params:
+            return float("inf")  # nothing scores it: removed only when nothing else can be
+        total = sum(float(self.normalized[n].sum()) * self.unit[n] for n in b.groups if n in self.normalized)
+        if not any(n in self.normalized for n in b.groups):
+            total = float(self.branch_params(b))  # no scored channel of its own: of average importance
+        return total
+
+    def __call__(self, selection) -> float:
+        if self.x is not None:
+            return self.measured(selection.by_root(self.program.groups))
+        removed = selection.removed
+        gone = {n for b in self.program.branches if b.name in removed for n in b.groups}
+        total = sum(float(self.program.scores[b].sum()) for b in removed)
+        for name, kept in selection.items():
+            if name in gone or name not in self.normalized:
+                continue
+            s = self.normalized[name]
+            total += (float(s.sum()) - float(s[torch.as_tensor(kept, dtype=torch.long)].sum())) * self.unit[name]
+        return total
+
+    def measured(self, keep) -> float:
+        """Relative squared change of every output on the calibration batch, under the masked reference."""
+        zeroed = self.program.removed_outputs(keep)
+        with torch.no_grad():
+            out = MaskedInterpreter(self.program.original, self.program.coupling, keep, self.program.ops,
+                                    zeroed=zeroed).run(self.x)
+        got = self._outputs(out)
+        num = sum(float((got[k].double() - v.double()).pow(2).sum()) for k, v in self.reference.items())
+        den = sum(float(v.double().pow(2).sum()) for v in self.reference.values())
+        return num / max(den, 1e-30)
+
+    @staticmethod
+    def _outputs(out) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in tensor_leaves(out) if v.is_floating_point()}
+
