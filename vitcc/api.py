@@ -105,7 +105,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                    for g in program.groups],
         "blocks": blocks,
         "widths": kept_widths(program),
-        "removed_branches": sorted(program.keep.removed),
+        "removed_branches": [b.name for b in program.branches if b.name in program.keep.removed],  # model order
         "branches": [{**b.to_json(), "removed": b.name in program.keep.removed,
                       **({"score": float(program.scores[b.name].sum())} if b.name in program.scores else {})}
                      for b in program.branches],

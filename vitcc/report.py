@@ -286,8 +286,8 @@ def _summary(report: dict) -> list[list[Any]]:
         rows.append([f"latency, {run['runtime']} batch {run['batch']} (vitcc bench, {bench.get('threads', '?')} "
                      f"thread(s), median)", f"{before:.3g} ms", f"{after:.3g} ms", _kept(after, before)])
     for kind, w in report.get("widths", {}).items():
-        rows.append([f"{kind} channels ({_groups(w['groups'])})", f"{w['before']:,}", f"{w['after']:,}",
-                     _kept(w["after"], w["before"])])
+        what = "residual branches" if kind == "branch" else f"{kind} channels ({_groups(w['groups'])})"
+        rows.append([what, f"{w['before']:,}", f"{w['after']:,}", _kept(w["after"], w["before"])])
     return rows
 
 
