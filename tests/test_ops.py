@@ -27,17 +27,19 @@ def test_a_rule_that_raises_freezes_its_node_and_the_rest_still_prunes():
     """Never crash: an exception inside a coupling rule freezes what the node touches, named in the report."""
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(16, 16), _Mlp(), _Mlp(), nn.Linear(16, 4)), torch.randn(1, 5, 16)
-    table = vitcc.default_table()
 
-    @table.rule(torch.ops.aten.gelu.default)
+    @vitcc.rule(torch.ops.aten.gelu.default)
     def broken(a, node):
         raise IndexError("planted bug")
 
-    r = _compile(model, x, rules=table)
+    r = _compile(model, x, rules=[broken])
     failed = [f for f in r.report["frozen"] if "rule for aten.gelu.default failed: IndexError: planted bug" in f["reason"]]
     assert len(failed) == 2, r.report["frozen"]
     assert r.report["max_rel_error"] < 1e-5
     assert r.report["params_after"] < r.report["params_before"]  # the residual stream still prunes
+    assert vitcc.default_table().get(torch.ops.aten.gelu.default).coupling is not broken  # nothing global changed
+    with pytest.raises(vitcc.VitccError, match="not marked with @vitcc.rule"):
+        _compile(model, x, rules=[lambda a, node: None])
 
 
 class _GroupedConvNet(nn.Module):

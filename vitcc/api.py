@@ -5,7 +5,7 @@ import copy
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
             progress: bool = False, registry: PassRegistry | None = None,
-            rules: OpTable | None = None) -> CompileResult:
+            rules: OpTable | Iterable[Callable] | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices; a residual branch's name -> [] removes
@@ -61,7 +61,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     `accuracy_after` (top-1/top-5 on val) and the `finetune` history. Weight masks a pass leaves in
     `options["weight_masks"]` (`dimap{granularity=weight}`) are re-applied after every fine-tuning step.
 
-    `rules` is the op table this compile uses (`vitcc.default_table()` plus your `table.rule(...)` additions).
+    `rules` is the op table this compile uses (`vitcc.default_table()` plus your `table.rule(...)` additions),
+    or functions marked with `@vitcc.rule(...)`, added to a fresh copy of the built-in table.
 
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
@@ -74,7 +75,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else capture(copy.deepcopy(model), example_inputs)
     program = Program(gm=gm, example_inputs=example_inputs,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align},
-                      ops=rules.copy() if rules is not None else default_table())
+                      ops=table_with(rules))
     loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
                                               batch_size, calibration_size)
     if sparsity_epochs is not None:
@@ -152,6 +153,28 @@ def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs
                            seed=seed, lr=lr)
     teacher = copy.deepcopy(program.gm).eval() if distill and finetune_epochs > 0 else None
     return (train_loader, val_loader), teacher, evaluate(program.gm, val_loader)
+
+
+def rule(*targets: Any) -> Callable:
+    """Mark a coupling rule ``fn(analyzer, node) -> type`` for aten overloads (or packets), to pass to
+    `vitcc.compile(..., rules=[fn])`. Marking changes nothing global: each compile gets its own table."""
+    def mark(fn: Callable) -> Callable:
+        fn.vitcc_targets = targets
+        return fn
+    return mark
+
+
+def table_with(rules: OpTable | Iterable[Callable] | None) -> OpTable:
+    """A compile's own op table: a copy of the given one, or the built-ins plus `@vitcc.rule` functions."""
+    if isinstance(rules, OpTable):
+        return rules.copy()
+    table = default_table()
+    for fn in rules or ():
+        targets = getattr(fn, "vitcc_targets", None)
+        if not targets:
+            raise VitccError(f"rules: {getattr(fn, '__name__', fn)!r} is not marked with @vitcc.rule(op)")
+        table.rule(*targets)(fn)
+    return table
 
 
 def kept_widths(program: Program) -> dict[str, dict[str, int]]:
