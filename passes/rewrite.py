@@ -19,6 +19,7 @@ from vitcc.spaces import axis_kept, normalize
 
 @register_pass("rewrite", kind="structural")
 class Rewrite(Pass):
+    writes_weights = False  # slices into new tensors, never writes one in place (Pass.writes_weights)
     needs = frozenset({"shapes", "coupling"})
 
     def run(self, program: Program) -> PassResult:
@@ -49,11 +50,11 @@ def _slice_parameters(gm: fx.GraphModule, params: dict, keep: dict) -> int:
                 new = new.index_select(axis, torch.as_tensor(idx, dtype=torch.long))
         if new.shape == old.shape:
             continue
-        changed += 1
+        changed += 1  # `new` came out of index_select: a tensor of its own, never a view of `old`
         if isinstance(old, nn.Parameter):
-            setattr(mod, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
+            setattr(mod, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         elif attr in mod._buffers:
-            mod._buffers[attr] = new.clone()
+            mod._buffers[attr] = new
         else:
-            setattr(mod, attr, new.clone())  # a lifted tensor constant
+            setattr(mod, attr, new)  # a lifted tensor constant
     return changed

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from .errors import VitccError
 from .capture import capture, export_program, source_meta
 from .groups import Group
-from .ir import Program
+from .ir import Program, working_copy
 from .selection import Selection
 from .spaces import find
 from .metrics import count_macs, count_params
@@ -70,8 +70,15 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         example_inputs = (torch.randn(input_shape_for(model)),)
     example_inputs = tuple(example_inputs)
     model = model.eval()
-    gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else capture(copy.deepcopy(model), example_inputs)
-    program = Program(gm=gm, example_inputs=example_inputs,
+    captured = isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model)
+    # the reference shares the model's tensors and never writes them (a graph that mutates state gets a copy);
+    # the passes work on a copy that shares them too until a pass may write weights (Program.own_tensors)
+    original = model if captured else capture(model, example_inputs)
+    macs_before = original.meta.pop("macs", None) if not captured else None
+    if _mutates_state(original):
+        original = copy.deepcopy(original)
+    gm, shared = working_copy(original)
+    program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align},
                       ops=rules.copy() if rules is not None else default_table())
     loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
@@ -87,13 +94,15 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         pipeline = [p for p in pipeline if p.name != "verify"]
     if keep is not None:
         pipeline.insert(next(i for i, p in enumerate(pipeline) if p.name == "select"), _GivenSelection(keep))
-    before = {"params_before": count_params(gm), "macs_before": count_macs(gm, example_inputs)}
+    before = {"params_before": count_params(original),
+              "macs_before": macs_before if macs_before is not None else count_macs(original, example_inputs)}
     PassManager(pipeline, on_pass).run(program)
     program.report.update(before)
+    macs_after = program.gm.meta.pop("macs", None)  # counted with the compact graph's shapes, when they were
     program.report.update({
         "pipeline": format_pipeline(pipeline),
         "params_after": count_params(program.gm),
-        "macs_after": count_macs(program.gm, example_inputs),
+        "macs_after": macs_after if macs_after is not None else count_macs(program.gm, example_inputs),
         "groups": [{**g.to_json(), "kept": [int(i) for i in program.keep.get(g.name, range(g.size))]}
                    for g in program.groups],
         "widths": kept_widths(program),
@@ -177,6 +186,11 @@ class _GivenSelection(Pass):
                 raise VitccError("groups " + ", ".join(g.name for g in tied) + " share one fused reshape and "
                                  "must keep the same number of channels")
         return PassResult()
+
+
+def _mutates_state(gm: fx.GraphModule) -> bool:
+    """Whether running the graph may write a tensor in place (an op whose schema mutates an argument)."""
+    return any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes)
 
 
 def _any_meta(gm: fx.GraphModule) -> dict:

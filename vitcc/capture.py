@@ -16,12 +16,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import VitccError
+from .metrics import macs_counter
 from .sources import recorded_meta as source_meta
 
-__all__ = ["capture", "export_program", "source_meta", "unlift"]
+__all__ = ["ShapeRecording", "capture", "export_program", "propagate_shapes", "source_meta", "unlift"]
 
 
 @contextlib.contextmanager
@@ -57,39 +59,64 @@ def _batched(example_inputs: tuple) -> tuple:
     return tuple(out)
 
 
-def _register_output_dataclasses(model: torch.nn.Module, example_inputs: tuple) -> None:
+def _register_output_dataclasses(model: torch.nn.Module, example_inputs: tuple) -> bool:
     """torch.export flattens outputs with pytree: a plain dataclass the model returns must be registered
-    (HF's ModelOutput classes register themselves)."""
+    (HF's ModelOutput classes register themselves). Runs the model once; whether it registered a class."""
     with torch.no_grad():
         out = model(*example_inputs)
-    todo = [out]
+    todo, registered = [out], False
     while todo:
         v = todo.pop()
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             if type(v) not in pytree.SUPPORTED_NODES:
                 torch.export.register_dataclass(type(v))
+                registered = True
             todo += [getattr(v, f.name) for f in dataclasses.fields(v)]
         elif isinstance(v, (list, tuple)):
             todo += list(v)
         elif isinstance(v, dict):
             todo += list(v.values())
+    return registered
+
+
+@contextlib.contextmanager
+def _no_stack_traces():
+    """torch.export records a Python stack trace per node (a third of its time on a ViT); no pass reads them."""
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
 
 
 def export_program(model: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True):
-    """torch.export.export with a dynamic batch dimension on every tensor input (falling back to static)."""
-    _register_output_dataclasses(model, example_inputs)
+    """torch.export.export with a dynamic batch dimension on every tensor input (falling back to static).
+
+    An output dataclass pytree does not know fails the export; it is registered (one forward) and the
+    export retried, so models that return tensors or registered classes are not run just to look."""
     args = _batched(example_inputs) if dynamic_batch else tuple(example_inputs)
     errors = []
+    looked = False
     for dynamic in ((True, False) if dynamic_batch else (False,)):
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
         shapes = tuple({batch_dim(x): batch} if batch_dim(x) is not None else None
                        for x in example_inputs) if dynamic else None
-        try:
-            with _no_mha_fastpath(), torch.enable_grad():
-                return torch.export.export(model, args if dynamic else tuple(example_inputs),
-                                           dynamic_shapes=shapes, strict=False), dynamic
-        except Exception as e:  # torch.export explains itself at length: keep its first line
-            errors.append(e)
+        while True:
+            try:
+                with _no_mha_fastpath(), _no_stack_traces(), torch.enable_grad():
+                    return torch.export.export(model, args if dynamic else tuple(example_inputs),
+                                               dynamic_shapes=shapes, strict=False), dynamic
+            except Exception as e:  # torch.export explains itself at length: keep its first line
+                if not looked:
+                    looked = True
+                    try:
+                        if _register_output_dataclasses(model, example_inputs):
+                            continue
+                    except Exception:  # the model does not run: torch.export's error says why
+                        pass
+                errors.append(e)
+                break
     e = errors[-1]
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     raise VitccError(f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: {first[:300]}; "
@@ -118,27 +145,61 @@ def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
 def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     """The program as a plain GraphModule: tensors as attributes, so it slices, trains and saves."""
     unlifted = ep.module()
-    unlifted.graph._tracer_cls = None  # export's tracer cannot be rebuilt on copy or pickle
-    gm = fx.GraphModule(unlifted, unlifted.graph)
-    for n in list(gm.graph.nodes):
+    graph = unlifted.graph
+    graph._tracer_cls = None  # export's tracer cannot be rebuilt on copy or pickle
+    for n in list(graph.nodes):
         if n.op == "call_module" and not n.users:  # the input guard torch.export inserts
-            gm.graph.erase_node(n)
+            graph.erase_node(n)
     # values nothing reads (MHA's averaged attention weights when the caller drops them) would otherwise
     # freeze what they touch; side-effecting ops stay
-    gm.graph.eliminate_dead_code()
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm = fx.GraphModule(unlifted, graph)  # generates the code once, for the cleaned graph
     gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
     return gm.eval()
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, src: str = "the model") -> None:
+class ShapeRecording:
+    """fx.Interpreter mixin: records each node's tensor_meta (and type) as it runs, as torch's ShapeProp
+    does, while `recording` is set; so a run made for another reason (verify's) can record them too."""
+    recording = True
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if self.recording:
+            found = False
+
+            def meta(v):
+                nonlocal found
+                if isinstance(v, torch.Tensor):
+                    found = True
+                    return _extract_tensor_metadata(v)
+                return v
+            tm = map_aggregate(out, meta)
+            if found:
+                n.meta["tensor_meta"] = tm
+            n.meta["type"] = type(out)
+        return out
+
+
+class _ShapeProp(ShapeRecording, fx.Interpreter):
+    pass
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, src: str = "the model") -> int:
+    """Record each node's tensor_meta at `example_inputs` by running the graph once, and count that run's
+    MACs with torch.utils.flop_counter (`vitcc.metrics`) on the way: `gm.meta["macs"]`, also returned.
+    Shapes and MACs are one analysis of the graph, valid or stale together, and cost one forward."""
+    counter = macs_counter()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+        with torch.no_grad(), counter:
+            _ShapeProp(gm).run(*example_inputs)
     except Exception as e:
+        gm.meta.pop("macs", None)
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
         raise VitccError(f"cannot run {src} on inputs of shape {shapes}: {(str(e).splitlines() or [''])[0]}") from None
+    gm.meta["macs"] = macs = counter.get_total_flops() // 2
+    return macs
 
 
 def _jsonable(v) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from .coupling import Coupling, is_ttype
 from .ir import axis_mask
@@ -24,6 +25,11 @@ class MaskedInterpreter(fx.Interpreter):
         self.ops = ops
         self.masks: dict[str, list[np.ndarray | None]] = {}
         self._cache: dict = {}
+        self._removed: dict = {}
+        # a masked parameter is the same on every input: masked once per interpreter, unless the graph
+        # writes tensors in place (then every run starts from the tensors as they are)
+        self._constants: dict[str, torch.Tensor] | None = {} if not any(
+            getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes) else None
         for name, t in coupling.types.items():
             if is_ttype(t):
                 masks = [axis_mask(ax, keep, coupling.aliases) for ax in t]
@@ -47,7 +53,25 @@ class MaskedInterpreter(fx.Interpreter):
             self._cache[key] = out
         return self._cache[key]
 
+    def removed(self, name: str, like: torch.Tensor) -> list[torch.Tensor] | None:
+        """Where a node's output lost channels: one bool mask per axis that lost some, shaped to broadcast
+        against the output (never a mask of the output's full size), built once."""
+        masks = self.masks.get(name)
+        if masks is None or not isinstance(like, torch.Tensor) or len(masks) != like.dim():
+            return None
+        if name not in self._removed:
+            per_axis = []
+            for d, m in enumerate(masks):
+                if m is not None:
+                    shape = [1] * like.dim()
+                    shape[d] = -1
+                    per_axis.append(torch.as_tensor(~m, dtype=torch.bool).reshape(shape))
+            self._removed[name] = per_axis
+        return self._removed[name]
+
     def run_node(self, n: fx.Node) -> Any:
+        if self._constants is not None and n.name in self._constants:
+            return self._constants[n.name]
         out = None
         info = self.ops.get(n.target) if n.op == "call_function" else None
         if info is not None and info.masked is not None:
@@ -55,9 +79,28 @@ class MaskedInterpreter(fx.Interpreter):
             out = info.masked(self, n, args, kwargs)
         if out is None:
             out = super().run_node(n)
-        m = self.mask(n.name, out)
-        # where, not multiply: a removed position is zero even where the op made it NaN (0/0 after masking)
-        return torch.where(m != 0, out, torch.zeros((), dtype=out.dtype)) if m is not None else out
+        removed = self.removed(n.name, out)
+        if not removed:
+            return out
+        # a removed position is zero even where the op made it NaN (0/0 after masking): a fill, not a product;
+        # in place where the op made a new tensor, else into a new one (a view must not write its source)
+        fresh = n.op == "call_function" and not self._aliases_input(n, out)
+        for i, where in enumerate(removed):
+            out = out.masked_fill_(where, 0) if fresh or i else out.masked_fill(where, 0)
+        if n.op == "get_attr" and self._constants is not None:
+            self._constants[n.name] = out
+        return out
+
+    def _aliases_input(self, n: fx.Node, out: torch.Tensor) -> bool:
+        """Whether `out` shares storage with a tensor `n` read (a view, or an op that returned its input)."""
+        if not out.numel():
+            return True
+        ptr = out.untyped_storage().data_ptr()
+        for arg in n.all_input_nodes:
+            for t in pytree.tree_leaves(self.env.get(arg)):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr:
+                    return True
+        return False
 
 
 def run_masked(program, keep: dict[int, np.ndarray], *inputs: torch.Tensor) -> Any:
