@@ -18,6 +18,8 @@ from .coupling import Coupling, is_ttype
 from .ir import axis_mask
 from .ops import OpTable
 
+aten = torch.ops.aten
+
 
 class MaskedInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, coupling: Coupling, keep: dict[int, np.ndarray], ops: OpTable):
@@ -35,6 +37,35 @@ class MaskedInterpreter(fx.Interpreter):
                 masks = [axis_mask(ax, keep, coupling.aliases) for ax in t]
                 if any(m is not None for m in masks):
                     self.masks[name] = masks
+        self._implied = {n.name for n in gm.graph.nodes if n.op == "get_attr" and self._zeros_implied(n)}
+
+    def _zeros_implied(self, param: fx.Node) -> bool:
+        """Whether zeroing a weight is implied by zeroing around its readers: every reader is an aten.linear
+        taking it as the weight, whose input is zeroed at (at least) the weight's removed columns and whose
+        output at its removed rows. A finite weight then gives the same products unzeroed (0 * w = 0), so
+        the copy is skipped (finiteness is checked when it is read); the weights are most of what a
+        reference would otherwise copy."""
+        masks = self.masks.get(param.name)
+        if masks is None or len(masks) != 2 or not param.users:
+            return False
+        rows, cols = masks
+        for u in param.users:
+            if not (u.op == "call_function" and u.target is aten.linear.default and len(u.args) > 1
+                    and u.args[1] is param and u.args[0] is not param and isinstance(u.args[0], fx.Node)):
+                return False
+            if not (self._zeroed(u.args[0], cols) and self._zeroed(u, rows)):
+                return False
+        return True
+
+    def _zeroed(self, node: fx.Node, removed_of: np.ndarray | None) -> bool:
+        """Whether the last axis of `node`'s output is zeroed wherever the keep-mask `removed_of` is False."""
+        if removed_of is None:
+            return True
+        masks, meta = self.masks.get(node.name), node.meta.get("tensor_meta")
+        if masks is None or masks[-1] is None or not hasattr(meta, "shape") or len(meta.shape) != len(masks):
+            return False
+        last = masks[-1]
+        return len(last) == len(removed_of) and not np.any(~removed_of & last)
 
     def mask(self, name: str, like: torch.Tensor, dims: range | None = None) -> torch.Tensor | None:
         """The keep-mask of a node's output over `dims`, built once and broadcastable against it."""
@@ -72,6 +103,12 @@ class MaskedInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if self._constants is not None and n.name in self._constants:
             return self._constants[n.name]
+        if n.name in self._implied:
+            w = super().run_node(n)
+            if bool(torch.isfinite(w.sum())):  # a sum is finite only if every entry is (else: zeroed below)
+                if self._constants is not None:
+                    self._constants[n.name] = w
+                return w
         out = None
         info = self.ops.get(n.target) if n.op == "call_function" else None
         if info is not None and info.masked is not None:
