@@ -26,8 +26,9 @@ class Rewrite(Pass):
         gm, c = program.gm, program.coupling
         keep = program.keep_by_root()
         changed = _slice_parameters(gm, c.params, keep)
+        roots = program.group_roots()
         ctx = SimpleNamespace(types=c.types, size=lambda ax: axis_count(ax, keep, c.aliases),
-                              is_channel=program.is_channel_axis)
+                              is_channel=lambda ax: program.is_channel_axis(ax, roots))
         for node in list(gm.graph.nodes):
             info = program.ops.get(node.target) if node.op == "call_function" else None
             if info is not None and info.rewrite is not None:

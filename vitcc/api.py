@@ -74,7 +74,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     # the reference shares the model's tensors and never writes them (a graph that mutates state gets a copy);
     # the passes work on a copy that shares them too until a pass may write weights (Program.own_tensors)
     original = model if captured else capture(model, example_inputs)
-    macs_before = original.meta.pop("macs", None) if not captured else None
+    macs_before = original.meta.pop("macs", None) if not captured else None  # where capture had to run it
     if _mutates_state(original):
         original = copy.deepcopy(original)
     gm, shared = working_copy(original)
@@ -94,10 +94,11 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         pipeline = [p for p in pipeline if p.name != "verify"]
     if keep is not None:
         pipeline.insert(next(i for i, p in enumerate(pipeline) if p.name == "select"), _GivenSelection(keep))
-    before = {"params_before": count_params(original),
-              "macs_before": macs_before if macs_before is not None else count_macs(original, example_inputs)}
     PassManager(pipeline, on_pass).run(program)
-    program.report.update(before)
+    if macs_before is None and program.original is original:  # verify ran the model it was given
+        macs_before = program.reference_macs
+    program.report.update({"params_before": count_params(original), "macs_before": macs_before
+                           if macs_before is not None else count_macs(original, example_inputs)})
     macs_after = program.gm.meta.pop("macs", None)  # counted with the compact graph's shapes, when they were
     program.report.update({
         "pipeline": format_pipeline(pipeline),

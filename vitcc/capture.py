@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import operator
 
 from typing import Any
 
@@ -138,8 +139,67 @@ def capture(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
         meta["pretrained_cfg"] = {k: v for k, v in cfg.items() if _jsonable(v)}
     gm.meta.update(meta)
     gm.vitcc_meta = meta  # GraphModule pickling drops .meta but keeps plain attributes
-    propagate_shapes(gm, example_inputs, src)
+    if not shapes_from_export(gm, example_inputs):
+        propagate_shapes(gm, example_inputs, src)
     return gm
+
+
+def shapes_from_export(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Each node's tensor_meta from torch.export's own records (`val`), with the symbolic batch evaluated at
+    the example inputs: the shapes and dtypes a run records, without running the model (a forward of a
+    ViT-B). False, and nothing recorded, where a record is missing or a size depends on data."""
+    from torch.fx.passes.shape_prop import TensorMetadata
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != len(example_inputs):
+        return False
+    sizes: dict = {}  # input size symbol -> its size in the example inputs
+    for n, x in zip(inputs, example_inputs):
+        v = n.meta.get("val")
+        if isinstance(x, torch.Tensor) != isinstance(v, torch.Tensor) or (
+                isinstance(x, torch.Tensor) and v.dim() != x.dim()):
+            return False
+        for s, size in zip(v.shape if isinstance(v, torch.Tensor) else (), getattr(x, "shape", ())):
+            if isinstance(s, torch.SymInt):
+                if not s.node.expr.is_Symbol:
+                    return False
+                sizes[s.node.expr] = int(size)
+
+    def concrete(s) -> int:
+        if isinstance(s, torch.SymInt):
+            s = s.node.expr
+            s = s.xreplace(sizes) if hasattr(s, "xreplace") else s
+            if not (isinstance(s, int) or s.is_Integer):
+                raise _DataDependent
+        return int(s)
+
+    def meta(v, requires_grad: bool):
+        if not isinstance(v, torch.Tensor):
+            return v
+        shape, stride = tuple(concrete(s) for s in v.shape), tuple(concrete(s) for s in v.stride())
+        t = torch.empty_strided(shape, stride, dtype=v.dtype, device="meta")
+        return TensorMetadata(*_extract_tensor_metadata(t)[:2], requires_grad, *_extract_tensor_metadata(t)[3:])
+
+    records = {}
+    try:
+        for n in gm.graph.nodes:
+            if n.op == "output":  # what it returns, as a run records it
+                records[n] = map_aggregate(n.args[0], lambda a: records[a] if isinstance(a, fx.Node) else a)
+                continue
+            if "val" not in n.meta:
+                return False
+            grad = bool(getattr(operator.attrgetter(n.target)(gm), "requires_grad", False)) if n.op == "get_attr" else False
+            records[n] = map_aggregate(n.meta["val"], lambda v: meta(v, grad))
+    except _DataDependent:
+        return False
+    for n, tm in records.items():
+        if not isinstance(tm, torch.SymInt) and (isinstance(tm, TensorMetadata) or isinstance(tm, (list, tuple))
+                                                 and any(isinstance(m, TensorMetadata) for m in tm)):
+            n.meta["tensor_meta"] = tm
+    return True
+
+
+class _DataDependent(Exception):
+    """A recorded size that the example inputs' sizes do not determine."""
 
 
 def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:

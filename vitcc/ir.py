@@ -44,6 +44,7 @@ class Program:
     # storages `gm` still shares with `original` (a `working_copy`): written in place, they would change the
     # reference and the user's model too, so `own_tensors` copies them before any pass that may write weights
     shared: frozenset[int] = frozenset()
+    reference_macs: int | None = None  # MACs of a run of `original` at the example inputs, when verify counted them
 
     def __post_init__(self) -> None:
         if self.original is None:
@@ -91,9 +92,13 @@ class Program:
                 return g
         raise KeyError(name)
 
-    def is_channel_axis(self, axis: Axis) -> bool:
-        """Whether an axis carries a group's channels (directly, or through the copies a select made)."""
-        roots = {find(g.space).id for g in self.groups}
+    def group_roots(self) -> set[int]:
+        return {find(g.space).id for g in self.groups}
+
+    def is_channel_axis(self, axis: Axis, roots: set[int] | None = None) -> bool:
+        """Whether an axis carries a group's channels (directly, or through the copies a select made).
+        `roots` (`group_roots()`) saves recomputing them when many axes are asked in a row."""
+        roots = self.group_roots() if roots is None else roots
         aliases = self.coupling.aliases
         for leaf in spaces_of([axis]):
             r = find(leaf)

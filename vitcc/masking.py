@@ -67,6 +67,12 @@ class MaskedInterpreter(fx.Interpreter):
         last = masks[-1]
         return len(last) == len(removed_of) and not np.any(~removed_of & last)
 
+    def counts_like_original(self, counted) -> bool:
+        """Whether a run dispatches the ops of `counted` (FlopCounterMode's registry) exactly as a run of the
+        original graph does: none is an op whose masked semantics run instead of it (norms count none)."""
+        return not any(n.op == "call_function" and getattr(n.target, "overloadpacket", n.target) in counted
+                       and getattr(self.ops.get(n.target), "masked", None) is not None for n in self.module.graph.nodes)
+
     def mask(self, name: str, like: torch.Tensor, dims: range | None = None) -> torch.Tensor | None:
         """The keep-mask of a node's output over `dims`, built once and broadcastable against it."""
         masks = self.masks.get(name)
