@@ -425,6 +425,7 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--repeats", type=int, default=3, help="rounds per model (vitcc then TP in each)")
+    ap.add_argument("--only", default=None, help="comma-separated row labels to run (e.g. ViT-B,'depth 24')")
     ap.add_argument("--round-to", type=int, default=None, help="Torch-Pruning round_to (vitcc align=1)")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even if installed")
     ap.add_argument("--out", default=str(HERE / "results" / "compile_time"),
@@ -455,8 +456,10 @@ def main(argv=None):
 
     load0 = _loadavg()
     t_start = time.perf_counter()
-    width_rows = [case(label, name, kw) for label, name, kw in width]
-    depth_rows = [case(f"depth {d}", "vit_small_patch16_224", {"depth": d}) for d in depths]
+    only = {x.strip() for x in args.only.split(",")} if args.only else None
+    width_rows = [case(label, name, kw) for label, name, kw in width if only is None or label in only]
+    depth_rows = [case(f"depth {d}", "vit_small_patch16_224", {"depth": d}) for d in depths
+                  if only is None or f"depth {d}" in only]
 
     meta = {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
