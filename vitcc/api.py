@@ -43,7 +43,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
             progress: bool = False, registry: PassRegistry | None = None,
-            rules: OpTable | None = None) -> CompileResult:
+            rules: OpTable | None = None, threads: int | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices) instead of scores and a budget.
@@ -62,6 +62,9 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 
     `rules` is the op table this compile uses (`vitcc.default_table()` plus your `table.rule(...)` additions).
 
+    `threads` is the intra-op thread count the compact model will run with: `target="latency"` times ops at it
+    (each count has its own cache; default: torch's current count).
+
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
     """
@@ -69,6 +72,12 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         from .frontend import input_shape_for
         example_inputs = (torch.randn(input_shape_for(model)),)
     example_inputs = tuple(example_inputs)
+    if threads is not None and (target != "latency" or isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise VitccError(f"threads={threads!r}: a whole number >= 1, the thread count target='latency' times ops at "
+                         f"(target is {target!r})" if target == "latency" else
+                         f"threads={threads!r} applies to target='latency' only (target is {target!r}): it is the "
+                         "thread count the latency model times ops at")
     model = model.eval()
     captured = isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model)
     # the reference shares the model's tensors and never writes them (a graph that mutates state gets a copy);
@@ -79,7 +88,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         original = copy.deepcopy(original)
     gm, shared = working_copy(original)
     program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
-                      options={"sparsity": sparsity, "prune": prune, "target": target, "align": align},
+                      options={"sparsity": sparsity, "prune": prune, "target": target, "align": align,
+                               **({"threads": threads} if threads is not None else {})},
                       ops=rules.copy() if rules is not None else default_table())
     loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
                                               batch_size, calibration_size)
