@@ -1,13 +1,18 @@
-"""Compile-time benchmark: vitcc's passes vs Torch-Pruning's DependencyGraph + prune.
+"""Compile-time benchmark: vitcc's whole compile vs Torch-Pruning's DependencyGraph + prune, interleaved.
 
-For ViT-Ti/S/B (width) and ViT-S at depth 6/12/24/48 (depth), at one sparsity, measures
+For ViT-Ti/S/B (width) and ViT-S at depth 6/12/24/48 (depth), at one sparsity, each repeat runs vitcc and
+then Torch-Pruning on freshly built models of the same seed (so both see the same machine load), and records
+wall-clock and process-CPU seconds:
 
-* vitcc: capture (timed as a separate `vitcc.capture.capture` call: torch.export), then every pass of
-  `vitcc.compile(model, "magnitude", sparsity=s)` as reported in `report["passes"]`
-  (analyze, magnitude, select, rewrite, fold, dce, verify), and the whole `compile` call.
-  "other" = compile total - sum(passes): tracing inside compile plus parameter/MAC counting.
+* vitcc: the whole `vitcc.compile(model, "magnitude", sparsity=s)` call, split by `on_pass` into
+  *capture* (from the call to the first pass: torch.export, unlift, shapes, the working copy), *passes*
+  (analyze, magnitude, select, rewrite, fold, dce, verify: each as `report["passes"]` has it) and *after*
+  (the report: parameter counts, the groups' JSON). verify is the equivalence check on every compile.
 * Torch-Pruning (if installed): `tp.pruner.MetaPruner(...)` construction, which builds the
   DependencyGraph by tracing the model, and `pruner.step()`, timed separately.
+
+The aims (issue 11): vitcc's whole compile <= TP's total on ViT-B, vitcc's passes <= half of it, and time
+linear in depth (a least-squares line through the depth rows, with its largest relative residual).
 
 Torch-Pruning is set up as in its timm ViT example (examples/transformers/prune_timm_vit.py):
 `num_heads={attn.qkv: attn.num_heads}`, timm `Attention.forward` replaced by one that reshapes with
@@ -20,7 +25,7 @@ TIMM_FUSED_ATTN=0); the replacement forward passes `scale=self.scale` to SDPA so
 dims are pruned, fused and unfused attention still compute the same function (SDPA's default scale
 would become 1/sqrt(pruned head_dim)). After pruning the TP model is run with both paths as a check.
 
-Usage:  python benchmarks/compile_time.py [--quick] [--threads 1] [--sparsity 0.5]
+Usage:  python benchmarks/compile_time.py [--quick] [--threads 1] [--sparsity 0.5] [--repeats 3]
 Writes benchmarks/results/compile_time.md and .json (see --out).
 """
 from __future__ import annotations
@@ -44,7 +49,6 @@ import torch
 import torch.nn.functional as F
 
 import vitcc
-from vitcc.capture import capture as vitcc_capture
 from vitcc.metrics import count_macs, count_params
 
 try:
@@ -53,6 +57,7 @@ except Exception:  # not installed (or broken): its columns become n/a
     tp = None
 
 PASSES = ["analyze", "magnitude", "select", "rewrite", "fold", "dce", "verify"]
+PARTS = ["capture", "passes", "after"]  # of vitcc's compile call, in order
 WIDTH = [("ViT-Ti", "vit_tiny_patch16_224", {}),
          ("ViT-S", "vit_small_patch16_224", {}),
          ("ViT-B", "vit_base_patch16_224", {})]
@@ -80,31 +85,27 @@ def _median(xs):
 # ---------------------------------------------------------------------------------------- vitcc
 
 def run_vitcc(model: torch.nn.Module, x: torch.Tensor, sparsity: float) -> dict:
-    """Wall seconds (as vitcc's PassManager reports them) and process CPU seconds (via on_pass)."""
-    gc.collect()
-    t0, c0 = time.perf_counter(), time.process_time()
-    vitcc_capture(model, (x,))
-    trace_s, trace_cpu = time.perf_counter() - t0, time.process_time() - c0
+    """Wall and process-CPU seconds of one whole compile, split at the first pass's start and the last's end."""
+    marks: dict[str, tuple[float, float]] = {}
     cpu: dict[str, float] = {}
 
     def on_pass(p, phase):
-        if phase == "start":
-            cpu[p.name] = time.process_time()
-        else:
-            cpu[p.name] = time.process_time() - cpu[p.name]
+        now = (time.perf_counter(), time.process_time())
+        marks.setdefault("first", now)
+        marks["last"] = now
+        cpu[p.name] = now[1] - cpu[p.name] if phase == "end" else now[1]
 
     gc.collect()
     t0, c0 = time.perf_counter(), time.process_time()
     r = vitcc.compile(model, "magnitude", sparsity=sparsity, example_inputs=(x,), on_pass=on_pass)
-    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t1, c1 = time.perf_counter(), time.process_time()
+    (f_wall, f_cpu), (l_wall, l_cpu) = marks["first"], marks["last"]
     passes = {p["name"]: p["seconds"] for p in r.report["passes"]}
     rep = r.report
-    return {"trace": trace_s, **{p: passes.get(p) for p in PASSES},
-            "other": total - sum(passes.values()), "total": total,
-            "total_excl_verify": total - passes.get("verify", 0.0),
-            "cpu": {"trace": trace_cpu, **{p: cpu.get(p) for p in PASSES},
-                    "other": total_cpu - sum(cpu.values()), "total": total_cpu,
-                    "total_excl_verify": total_cpu - cpu.get("verify", 0.0)},
+    return {"capture": f_wall - t0, "passes": l_wall - f_wall, "after": t1 - l_wall, "total": t1 - t0,
+            **{p: passes.get(p) for p in PASSES},
+            "cpu": {"capture": f_cpu - c0, "passes": l_cpu - f_cpu, "after": c1 - l_cpu, "total": c1 - c0,
+                    **{p: cpu.get(p) for p in PASSES}},
             "params_before": rep["params_before"], "params_after": rep["params_after"],
             "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
             "max_abs_error": rep.get("max_abs_error"), "widths": rep.get("widths")}
@@ -212,31 +213,36 @@ def tp_mlp_pruner(model: torch.nn.Module, x: torch.Tensor, ratio: float, importa
 # --------------------------------------------------------------------------------------- driver
 
 def bench_case(label, name, kwargs, args, repeats) -> dict:
+    """`repeats` rounds of vitcc then Torch-Pruning on models built with the round's seed."""
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     res = {"label": label, "model": name, "kwargs": kwargs, "repeats": repeats, "vitcc": [], "tp": []}
+    use_tp = tp is not None and not args.no_tp
     for i in range(repeats):
-        try:
-            res["vitcc"].append(run_vitcc(_make(name, kwargs, i), x, args.sparsity))
-        except Exception as e:
-            res["vitcc_error"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-            break
-    if tp is not None and not args.no_tp:
-        for i in range(repeats):
+        if "vitcc_error" not in res:
+            try:
+                res["vitcc"].append(run_vitcc(_make(name, kwargs, i), x, args.sparsity))
+            except Exception as e:
+                res["vitcc_error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        if use_tp and "tp_error" not in res:
             try:
                 res["tp"].append(run_tp(_make(name, kwargs, i), x, args.sparsity, args.round_to,
                                         check=(i == repeats - 1)))
             except Exception as e:
                 res["tp_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 traceback.print_exc()
-                break
-    keys_v = ["trace", *PASSES, "other", "total", "total_excl_verify"]
+    keys_v = [*PARTS, *PASSES, "total"]
     keys_t = ("build", "step", "total")
     res["vitcc_median"] = {k: _median([r[k] for r in res["vitcc"]]) for k in keys_v} if res["vitcc"] else None
     res["tp_median"] = {k: _median([r[k] for r in res["tp"]]) for k in keys_t} if res["tp"] else None
     res["vitcc_cpu_median"] = ({k: _median([r["cpu"][k] for r in res["vitcc"]]) for k in keys_v}
                                if res["vitcc"] else None)
     res["tp_cpu_median"] = {k: _median([r["cpu"][k] for r in res["tp"]]) for k in keys_t} if res["tp"] else None
+    pairs = list(zip(res["vitcc"], res["tp"]))  # same round, same load: the ratios are taken per round
+    res["ratios"] = {clock: {f"{k}/tp": _median([(v[k] if clock == "wall" else v["cpu"][k])
+                                                 / (t["total"] if clock == "wall" else t["cpu"]["total"])
+                                                 for v, t in pairs]) for k in ("total", "passes")}
+                     for clock in ("wall", "cpu")} if pairs else None
     if res["vitcc"]:
         last = res["vitcc"][-1]
         res["info"] = {k: last[k] for k in ("params_before", "params_after", "macs_before", "macs_after",
@@ -244,6 +250,20 @@ def bench_case(label, name, kwargs, args, repeats) -> dict:
     if res["tp"]:
         res["tp_info"] = {k: v for k, v in res["tp"][-1].items() if k not in ("build", "step", "total", "cpu")}
     return res
+
+
+def depth_fit(rows: list[dict], key: str = "vitcc_cpu_median", part: str = "total") -> dict | None:
+    """Least-squares line seconds = a + b * depth through the depth rows, and its worst relative residual."""
+    pts = [(r["kwargs"]["depth"], (r.get(key) or {}).get(part)) for r in rows]
+    pts = [(d, t) for d, t in pts if t is not None]
+    if len(pts) < 3:
+        return None
+    n = len(pts)
+    md, mt = sum(d for d, _ in pts) / n, sum(t for _, t in pts) / n
+    b = sum((d - md) * (t - mt) for d, t in pts) / sum((d - md) ** 2 for d, _ in pts)
+    a = mt - b * md
+    return {"intercept": a, "per_block": b,
+            "max_rel_residual": max(abs(t - (a + b * d)) / t for d, t in pts), "points": pts}
 
 
 def _warmup(args):
@@ -278,32 +298,31 @@ def _m(v):
 
 def render(meta, width_rows, depth_rows) -> str:
     L = []
-    L.append("# Compile time: vitcc passes vs Torch-Pruning\n")
+    L.append("# Compile time: vitcc's whole compile vs Torch-Pruning\n")
     L.append(f"- command: `{meta['command']}`")
     L.append(f"- date: {meta['date']}")
     L.append(f"- versions: torch {meta['torch']}, timm {meta['timm']}, torch-pruning {meta['torch_pruning']}, "
              f"vitcc {meta['vitcc']}, python {meta['python']}")
     L.append(f"- machine: {meta['machine']}, nproc={meta['nproc']} (shared with other work, so timings "
              f"are noisy), torch threads={meta['threads']}, CPU, batch 1x3x224x224, fp32")
-    L.append(f"- sparsity {meta['sparsity']}; medians over {meta['repeats_small']} repeats for models under "
-             f"{meta['large_params'] / 1e6:.0f}M parameters, {meta['repeats_large']} for larger ones (column `n`); "
-             "each repeat uses a freshly built model; one small untimed warm-up compile/prune first.")
-    L.append("- wall-clock pass times are vitcc's own (`report['passes']`, perf_counter, includes the "
-             "PassManager's graph lint between passes); process-CPU times are `time.process_time()` deltas "
-             "around the same passes (via `on_pass`) and the same TP calls (per-pass CPU times and every "
-             "repeat are in the JSON). When CPU ~= wall, the process was not waiting for a core, but other "
-             "work on the shared cores can still slow it down (caches, SMT, memory bandwidth), so compare "
-             "vitcc and TP within one run rather than across runs.")
+    L.append(f"- sparsity {meta['sparsity']}; {meta['repeats']} rounds per model, each vitcc then Torch-Pruning "
+             "on freshly built models of the round's seed (interleaved: both see the same load); medians over "
+             "rounds, and ratios as the median of the per-round ratios; one small untimed warm-up first.")
+    L.append("- vitcc's columns split its one `vitcc.compile` call (via `on_pass`): capture = from the call to "
+             "the first pass (torch.export, unlift, shapes from export's records, the working copy); passes = "
+             "first pass start to last pass end (every pass, verify included, and the manager's checks); after = "
+             "the report. Process-CPU times (`time.process_time()`) are less disturbed by other work on the "
+             "shared cores than wall-clock ones, but caches and memory bandwidth are still shared.")
     if meta.get("loadavg"):
         L.append(f"- load average (1/5/15 min) at start: {meta['loadavg'][0]}, at end: {meta['loadavg'][1]}")
     if meta["torch_pruning"] == "not installed":
         L.append("- Torch-Pruning is not installed (`pip install --no-deps torch-pruning`): its columns are n/a.")
     L.append("")
-    L.append("**Note:** vitcc's total includes `verify`, the equivalence check (it runs the compact model "
-             "and the masked original and compares outputs), which Torch-Pruning does not do; the "
-             "`vitcc excl. verify` column subtracts it. vitcc's total also includes tracing (torch.fx + "
-             "shape propagation) and parameter/MAC counting (column `other`); Torch-Pruning's build "
-             "includes its own tracing (an autograd-graph walk).\n")
+    L.append("**Note:** vitcc's total includes capture (torch.export of the model) and `verify`, the equivalence "
+             "check that runs the compact model and the masked original on two inputs and compares their "
+             "outputs and residual streams; Torch-Pruning checks nothing. Its build includes its own tracing "
+             "(an autograd-graph walk). MACs are torch.utils.flop_counter's counts of runs of both models "
+             "(verify's runs on the example input).\n")
     L.append("Torch-Pruning setup (following its timm ViT example, own code): `MetaPruner(model, x, "
              "GroupMagnitudeImportance(p=2, group_reduction='sum', normalizer=None), pruning_ratio=s, "
              "global_pruning=False, ignored_layers=[model.head], num_heads={attn.qkv: attn.num_heads}, "
@@ -317,35 +336,50 @@ def render(meta, width_rows, depth_rows) -> str:
         if not rows:
             continue
         L.append(f"## {title}\n")
-        for clock, vkey, tkey in (("wall-clock", "vitcc_median", "tp_median"),
-                                  ("process CPU", "vitcc_cpu_median", "tp_cpu_median")):
+        for clock, vkey, tkey in (("process CPU", "vitcc_cpu_median", "tp_cpu_median"),
+                                  ("wall-clock", "vitcc_median", "tp_median")):
+            rk = "cpu" if clock == "process CPU" else "wall"
             L.append(f"### Side by side, {clock} seconds\n")
-            L.append("| model | params | n | vitcc total | vitcc excl. verify | TP build (DepGraph+MetaPruner) "
-                     "| TP step | TP total | vitcc/TP | params after vitcc | params after TP | TP model runs |")
-            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            L.append("| model | params | n | vitcc total | capture | passes | after | TP build (DepGraph+MetaPruner) "
+                     "| TP step | TP total | vitcc/TP | passes/TP | params after vitcc | params after TP "
+                     "| TP model runs |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
             for r in rows:
                 v, t = r.get(vkey) or {}, r.get(tkey) or {}
+                ratio = (r.get("ratios") or {}).get(rk, {})
                 info, ti = r.get("info", {}), r.get("tp_info", {})
-                ratio = (v["total"] / t["total"]) if v.get("total") and t.get("total") else None
                 runs = "n/a"
                 if "tp_error" in r:
                     runs = f"TP failed: {r['tp_error'][:80]}"
                 elif "runs" in ti:
                     runs = "yes" if ti["runs"] else f"NO ({ti.get('run_error', 'non-finite/bad shape')[:80]})"
                 L.append(f"| {r['label']} | {_m(info.get('params_before'))} | {r['repeats']} "
-                         f"| {_fmt(v.get('total'))} | {_fmt(v.get('total_excl_verify'))} | {_fmt(t.get('build'))} "
-                         f"| {_fmt(t.get('step'))} | {_fmt(t.get('total'))} | {_fmt(ratio, 2)} "
-                         f"| {_m(info.get('params_after'))} | {_m(ti.get('params_after'))} | {runs} |")
+                         f"| {_fmt(v.get('total'))} | {_fmt(v.get('capture'))} | {_fmt(v.get('passes'))} "
+                         f"| {_fmt(v.get('after'))} | {_fmt(t.get('build'))} | {_fmt(t.get('step'))} "
+                         f"| {_fmt(t.get('total'))} | {_fmt(ratio.get('total/tp'), 2)} "
+                         f"| {_fmt(ratio.get('passes/tp'), 2)} | {_m(info.get('params_after'))} "
+                         f"| {_m(ti.get('params_after'))} | {runs} |")
             L.append("")
-        for clock, vkey in (("wall-clock", "vitcc_median"),):
-            L.append(f"### vitcc per pass, {clock} seconds\n")
-            L.append("| model | trace (separate call) | " + " | ".join(PASSES) + " | other (trace+counting) | total |")
-            L.append("|---|" + "---:|" * (len(PASSES) + 3))
-            for r in rows:
-                v = r.get(vkey) or {}
-                L.append(f"| {r['label']} | {_fmt(v.get('trace'))} | "
-                         + " | ".join(_fmt(v.get(p)) for p in PASSES)
-                         + f" | {_fmt(v.get('other'))} | {_fmt(v.get('total'))} |")
+        L.append("### vitcc per pass, process CPU seconds\n")
+        L.append("| model | capture | " + " | ".join(PASSES) + " | after | total |")
+        L.append("|---|" + "---:|" * (len(PASSES) + 3))
+        for r in rows:
+            v = r.get("vitcc_cpu_median") or {}
+            L.append(f"| {r['label']} | {_fmt(v.get('capture'))} | " + " | ".join(_fmt(v.get(p)) for p in PASSES)
+                     + f" | {_fmt(v.get('after'))} | {_fmt(v.get('total'))} |")
+        L.append("")
+        if rows is depth_rows:
+            L.append("### Growth with depth (least squares, process CPU)\n")
+            L.append("| what | seconds at depth 0 | seconds per block | largest relative residual |")
+            L.append("|---|---:|---:|---:|")
+            for what, key, part in (("vitcc total", "vitcc_cpu_median", "total"),
+                                    ("vitcc capture", "vitcc_cpu_median", "capture"),
+                                    ("vitcc passes", "vitcc_cpu_median", "passes"),
+                                    ("Torch-Pruning total", "tp_cpu_median", "total")):
+                fit = depth_fit(rows, key, part)
+                if fit:
+                    L.append(f"| {what} | {fit['intercept']:.3f} | {fit['per_block']:.4f} "
+                             f"| {fit['max_rel_residual']:.1%} |")
             L.append("")
     notes = []
     for r in width_rows + depth_rows:
@@ -387,13 +421,11 @@ def render(meta, width_rows, depth_rows) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="ViT-Ti and depth 6 only, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="ViT-Ti and depths 6, 12, 24 only, 1 round")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    ap.add_argument("--repeats-small", type=int, default=3)
-    ap.add_argument("--repeats-large", type=int, default=1)
-    ap.add_argument("--large-params", type=float, default=50e6, help="models with at least this many "
-                    "parameters are large")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per model (vitcc then TP in each)")
+    ap.add_argument("--only", default=None, help="comma-separated row labels to run (e.g. ViT-B,'depth 24')")
     ap.add_argument("--round-to", type=int, default=None, help="Torch-Pruning round_to (vitcc align=1)")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even if installed")
     ap.add_argument("--out", default=str(HERE / "results" / "compile_time"),
@@ -402,9 +434,9 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     width = WIDTH[:1] if args.quick else WIDTH
-    depths = DEPTHS[:1] if args.quick else DEPTHS
+    depths = DEPTHS[:3] if args.quick else DEPTHS
     if args.quick:
-        args.repeats_small = args.repeats_large = 1
+        args.repeats = 1
     _warmup(args)
 
     cache: dict[tuple, dict] = {}
@@ -412,19 +444,22 @@ def main(argv=None):
     def case(label, name, kwargs):
         key = (name, tuple(sorted(kwargs.items())))
         if key not in cache:
-            n_params = sum(p.numel() for p in _make(name, kwargs, 0).parameters())
-            reps = args.repeats_large if n_params >= args.large_params else args.repeats_small
+            reps = args.repeats
             t0 = time.perf_counter()
             cache[key] = bench_case(label, name, kwargs, args, reps)
-            v, t = cache[key]["vitcc_median"] or {}, cache[key]["tp_median"] or {}
-            print(f"{label:10s} n={reps} vitcc {_fmt(v.get('total'))} s  TP {_fmt(t.get('total'))} s  "
-                  f"(case wall {time.perf_counter() - t0:.1f}s)", flush=True)
+            v, t = cache[key]["vitcc_cpu_median"] or {}, cache[key]["tp_cpu_median"] or {}
+            ratio = ((cache[key].get("ratios") or {}).get("cpu") or {}).get("total/tp")
+            print(f"{label:10s} n={reps} CPU s: vitcc {_fmt(v.get('total'))} (passes {_fmt(v.get('passes'))})  "
+                  f"TP {_fmt(t.get('total'))}  vitcc/TP {_fmt(ratio, 2)}  (case wall {time.perf_counter() - t0:.1f}s)",
+                  flush=True)
         return {**cache[key], "label": label}
 
     load0 = _loadavg()
     t_start = time.perf_counter()
-    width_rows = [case(label, name, kw) for label, name, kw in width]
-    depth_rows = [case(f"depth {d}", "vit_small_patch16_224", {"depth": d}) for d in depths]
+    only = {x.strip() for x in args.only.split(",")} if args.only else None
+    width_rows = [case(label, name, kw) for label, name, kw in width if only is None or label in only]
+    depth_rows = [case(f"depth {d}", "vit_small_patch16_224", {"depth": d}) for d in depths
+                  if only is None or f"depth {d}" in only]
 
     meta = {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
@@ -433,8 +468,7 @@ def main(argv=None):
         "torch_pruning": _version("torch-pruning") if tp is not None else "not installed",
         "vitcc": getattr(vitcc, "__version__", "?"), "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "nproc": os.cpu_count(),
-        "threads": args.threads, "sparsity": args.sparsity, "repeats_small": args.repeats_small,
-        "repeats_large": args.repeats_large, "large_params": args.large_params, "round_to": args.round_to,
+        "threads": args.threads, "sparsity": args.sparsity, "repeats": args.repeats, "round_to": args.round_to,
         "quick": args.quick, "wall_seconds": time.perf_counter() - t_start, "loadavg": [load0, _loadavg()],
     }
     try:

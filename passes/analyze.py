@@ -7,6 +7,7 @@ from vitcc.pipeline import Pass, PassResult, analyze_program, register_pass
 
 @register_pass("analyze", kind="structural")
 class Analyze(Pass):
+    writes_weights = False  # reads weights only (Pass.writes_weights)
     needs = frozenset({"shapes"})
 
     def run(self, program: Program) -> PassResult:

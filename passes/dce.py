@@ -17,6 +17,7 @@ def is_impure(node) -> bool:
 
 @register_pass("dce", kind="structural")
 class DeadCodeElimination(Pass):
+    writes_weights = False  # only removes (Pass.writes_weights)
     def run(self, program: Program) -> PassResult:
         gm = program.gm
         before = len(gm.graph.nodes)

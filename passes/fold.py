@@ -22,6 +22,7 @@ aten = torch.ops.aten
 
 @register_pass("fold", kind="structural")
 class Fold(Pass):
+    writes_weights = False  # adds new constants, never writes a tensor in place (Pass.writes_weights)
     def run(self, program: Program) -> PassResult:
         gm = program.gm
         empty = [n for n in gm.graph.nodes if n.target is aten.linear.default

@@ -17,6 +17,7 @@ from .magnitude import group_norms
 @register_pass("lamp")
 class Lamp(Pass):
     """Layer-adaptive magnitude scores, ranked with one global threshold per kind."""
+    writes_weights = False  # reads weights only (Pass.writes_weights)
 
     def run(self, program: Program) -> PassResult:
         cache: dict = {}

@@ -11,16 +11,31 @@ from vitcc.spaces import index_map
 def group_norms(program: Program, group, p: float = 2.0, cache: dict | None = None) -> torch.Tensor:
     """Per-index sum of |w|^p over every parameter slice laid on the group (not yet the p-th root).
 
-    `cache` keeps each parameter's per-row sums across groups: a qkv weight is read once, not per group.
+    `cache` keeps each parameter's sums along every axis across groups: a weight is read once, not per group
+    and axis (a qkv weight lies on the residual group by its columns and on head groups by its rows).
     """
     cache = {} if cache is None else cache
 
     def rows(name: str, w: torch.Tensor, axis: int) -> torch.Tensor:
-        key = (name, axis, p)
+        key = (name, p)
         if key not in cache:
-            cache[key] = w.detach().double().abs().pow(p).movedim(axis, 0).reshape(w.shape[axis], -1).sum(1)
-        return cache[key]
-    return group_slice_sums(program, group, rows)
+            cache[key] = axis_sums(w.detach(), p)
+        return cache[key][axis]
+    if "tensors" not in cache:
+        cache["tensors"] = dict(program.gm.named_parameters())
+    return group_slice_sums(program, group, rows, tensors=cache["tensors"])
+
+
+def axis_sums(w: torch.Tensor, p: float) -> list[torch.Tensor]:
+    """For every axis of `w`, the sum of |w|^p over all other axes (float64), from one elementwise pass.
+
+    |w|^p is formed once in the weight's precision (at least float32) and reduced there: scores end as
+    float32, and a copy in float64 would cost more than every other step of scoring together.
+    """
+    w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+    a = w.abs() if p == 1 else w.square() if p == 2 else w.abs().pow(p)
+    dims = range(a.dim())
+    return [(a.sum([d for d in dims if d != axis]) if a.dim() > 1 else a).double() for axis in dims]
 
 
 def group_slice_sums(program: Program, group, rows, tensors: dict | None = None) -> torch.Tensor:
@@ -57,6 +72,7 @@ def _axis_index_map(axis, leaf):
 @register_pass("magnitude")
 class Magnitude(Pass):
     """Group Lp norm (p=1 or 2, default 2), the uniform-magnitude baseline of the papers."""
+    writes_weights = False  # reads weights only (Pass.writes_weights)
     options_spec = (Option("p", float, 2, "norm order > 0: 1 or 2", check=lambda p: p > 0),)
 
     def run(self, program: Program) -> PassResult:

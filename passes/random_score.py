@@ -10,6 +10,7 @@ from vitcc.pipeline import Option, Pass, PassResult, register_pass
 @register_pass("random")
 class RandomScore(Pass):
     """Uniformly random scores, the floor every method must beat."""
+    writes_weights = False  # reads weights only (Pass.writes_weights)
     options_spec = (Option("seed", int, 0, "seed of the random scores"),)
 
     def run(self, program: Program) -> PassResult:

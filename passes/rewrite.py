@@ -28,6 +28,7 @@ aten = torch.ops.aten
 
 @register_pass("rewrite", kind="structural")
 class Rewrite(Pass):
+    writes_weights = False  # slices into new tensors, never writes one in place (Pass.writes_weights)
     needs = frozenset({"shapes", "coupling"})
 
     def run(self, program: Program) -> PassResult:
@@ -94,8 +95,9 @@ def _merge_reshapes(gm: fx.GraphModule, skips: list[fx.Node]) -> None:
 def _rewrite_sizes(program: Program, skip: Container[str] = ()) -> dict[str, str]:
     """Each node's op-table `rewrite` entry; if any raises, every node is restored and the failures returned."""
     c, keep = program.coupling, program.keep_by_root()
+    roots = program.group_roots()
     ctx = SimpleNamespace(types=c.types, size=lambda ax: axis_count(ax, keep, c.aliases),
-                          is_channel=program.is_channel_axis)
+                          is_channel=lambda ax: program.is_channel_axis(ax, roots))
     saved, failed = [], {}
     for node in list(program.gm.graph.nodes):
         info = program.ops.get(node.target) if node.op == "call_function" else None
@@ -150,11 +152,11 @@ def _slice_parameters(gm: fx.GraphModule, params: dict, keep: dict) -> int:
                 new = new.index_select(axis, torch.as_tensor(idx, dtype=torch.long))
         if new.shape == old.shape:
             continue
-        changed += 1
+        changed += 1  # `new` came out of index_select: a tensor of its own, never a view of `old`
         if isinstance(old, nn.Parameter):
-            setattr(mod, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
+            setattr(mod, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         elif attr in mod._buffers:
-            mod._buffers[attr] = new.clone()
+            mod._buffers[attr] = new
         else:
-            setattr(mod, attr, new.clone())  # a lifted tensor constant
+            setattr(mod, attr, new)  # a lifted tensor constant
     return changed

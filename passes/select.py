@@ -35,6 +35,7 @@ from .magnitude import group_norms
 @register_pass("select", kind="structural")
 class Select(Pass):
     """Kept indices from scores, under the graph's constraints and the budget (options override compile's)."""
+    writes_weights = False  # reads weights only (Pass.writes_weights)
     options_spec = (Option("sparsity", float, None, "fraction to remove, in [0, 1)"),
                     Option("prune", str, None, "group kinds to prune, comma-separated (then separate options "
                            "with ';')"),

@@ -41,6 +41,7 @@ def calibration_of(program: Program, method: str) -> tuple[torch.Tensor, torch.T
 class Taylor(Pass):
     """First-order Taylor scores (sum |w * dL/dw| or |sum w * dL/dw| over a group index's slices), averaged
     over calibration batches."""
+    writes_weights = False  # reads weights only (Pass.writes_weights)
     options_spec = (Option("target", str, "labels", "loss against the calibration labels or the model's own "
                            "predictions", choices=("labels", "pred")),
                     Option("reduce", str, "abs", "sum |w * dL/dw| (abs) or |sum w * dL/dw| (group)",

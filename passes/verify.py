@@ -16,6 +16,7 @@ from vitcc.verification import verify
 @register_pass("verify", kind="structural")
 class Verify(Pass):
     """Check compact(x) == masked(x) on the example input and fresh random inputs."""
+    writes_weights = False  # reads weights only (Pass.writes_weights)
     options_spec = (Option("trials", int, 2, "inputs compared: the example input and trials-1 random ones"),
                     Option("rtol", float, 1e-4, "relative tolerance (of the reference's largest magnitude)"),
                     Option("atol", float, 1e-5, "absolute tolerance"),

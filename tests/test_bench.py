@@ -63,11 +63,32 @@ def test_bench_model_alone(model_file, capsys):
     (["--batch", "a,b"], "--batch"),
     (["--runtime", "tensorrt"], "--runtime"),
     (["--sparsity", "1.5"], "--sparsity"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "two"], "--threads"),
 ])
 def test_bench_bad_arguments_exit_2(model_file, capsys, args, message):
     assert run(["bench", str(model_file), *args, *SHAPE]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("profile", ["--threads", "0"], "--threads must be >= 1"),
+    ("compile", ["--threads", "0", "--target", "latency"], "--threads must be >= 1"),
+    ("compile", ["--threads", "2"], "add --target latency"),
+    ("compile", ["--threads", "2", "--target", "macs"], "add --target latency"),
+])
+def test_thread_counts_are_checked_before_any_work(model_file, capsys, command, args, message):
+    assert run([command, str(model_file), *args, *SHAPE]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err and err.count("\n") <= 2
+
+
+def test_bench_restores_the_thread_count(model_file, capsys):
+    before = torch.get_num_threads()
+    assert run(["bench", str(model_file), "--runtime", "eager", "--rounds", "1", "--warmup", "0", "--threads", "2",
+                *SHAPE]) == 0
+    assert torch.get_num_threads() == before and "2 thread(s)" in capsys.readouterr().out
 
 
 def test_bench_compiled_and_sparsity_is_a_usage_error(model_file, capsys):

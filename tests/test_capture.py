@@ -63,3 +63,34 @@ def test_capture_failure_is_one_line():
     with pytest.raises(VitccError, match=r"torch.export cannot capture Gate: .*data-dependent") as e:
         capture(m, (x,))
     assert "\n" not in str(e.value)
+
+
+def _records(gm):
+    def key(tm):
+        if tm is None or hasattr(tm, "shape"):
+            return tm and (tuple(tm.shape), tm.dtype)
+        return type(tm), tuple(key(t) for t in tm)
+    return {n.name: key(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
+
+
+@pytest.mark.parametrize("model, x", [(tiny_vit, (1, 3, 32, 32)), (tiny_swin, (1, 3, 56, 56)),
+                                      (lambda: torch.nn.MultiheadAttention(16, 2).eval(), (5, 1, 16))])
+def test_shapes_from_export_records_are_those_a_run_records(model, x):
+    from vitcc.capture import propagate_shapes, shapes_from_export
+    m, x = model(), torch.randn(x)
+    args = (x, x, x) if isinstance(m, torch.nn.MultiheadAttention) else (x,)
+    gm = capture(m, args)  # shapes from torch.export's records, evaluated at the example batch
+    recorded = _records(gm)
+    assert shapes_from_export(gm, args)
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+    propagate_shapes(gm, args)
+    assert _records(gm) == recorded and gm.meta["macs"] > 0
+
+
+def test_shapes_from_export_refuses_a_graph_without_records():
+    from vitcc.capture import shapes_from_export
+    gm = capture(tiny_vit(), (torch.randn(1, 3, 32, 32),))
+    next(n for n in gm.graph.nodes if n.op == "call_function").meta.pop("val")
+    before = _records(gm)
+    assert not shapes_from_export(gm, (torch.randn(1, 3, 32, 32),)) and _records(gm) == before

@@ -268,3 +268,41 @@ def test_cli_compile_target_latency(tmp_path, capsys, monkeypatch, fake_timings)
                 "--report", str(rep)])
     assert code == 0
     assert json.loads(rep.read_text())["latency_model"]["predicted_reduction"] >= 0.3
+
+
+# -- thread counts: the latency model is measured, and cached, per count -----------------------------------
+
+def _cache_files():
+    return {json.loads(p.read_text())["info"]["threads"] for p in cache_dir().glob("*.json")}
+
+
+def test_target_latency_times_ops_at_the_given_thread_count_cached_per_count(fake_timings):
+    before = torch.get_num_threads()
+    two = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.3, target="latency", threads=2,
+                        example_inputs=(image(batch=1),))
+    assert two.report["latency_model"]["threads"] == 2 and torch.get_num_threads() == before
+    assert _cache_files() == {2}
+    one = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.3, target="latency", threads=1,
+                        example_inputs=(image(batch=1),))
+    assert one.report["latency_model"]["threads"] == 1 and one.report["latency_model"]["ops_measured"] > 0
+    assert _cache_files() == {1, 2}  # the second count measured its own ops into its own file
+    again = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.3, target="latency", threads=2,
+                          example_inputs=(image(batch=1),))
+    assert again.report["latency_model"]["ops_measured"] == 0 and torch.get_num_threads() == before
+
+
+def test_profile_fills_the_cache_of_its_thread_count(fake_timings):
+    from vitcc.commands.profile import profile_model
+    before = torch.get_num_threads()
+    res = profile_model(tiny_vit(), (image(batch=1),), grid=[0.5], threads=2)
+    assert res["machine"]["threads"] == 2 and _cache_files() == {2} and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threads": 0, "target": "latency"}, "a whole number >= 1"),
+    ({"threads": 1.5, "target": "latency"}, "a whole number >= 1"),
+    ({"threads": 2, "target": "macs"}, "applies to target='latency' only"),
+])
+def test_threads_are_a_positive_count_for_target_latency(kwargs, message):
+    with pytest.raises(VitccError, match=message):
+        vitcc.compile(tiny_vit(), "magnitude", sparsity=0.3, example_inputs=(image(batch=1),), **kwargs)

@@ -295,6 +295,47 @@ def test_refresh_recomputes_what_is_stale():
         refresh(p, "types")
 
 
+def _storages(module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in module.state_dict().values()}
+
+
+@pytest.mark.parametrize("prune", [None, "mlp"])
+def test_compile_leaves_the_model_as_it_was_and_hands_back_tensors_of_its_own(prune):
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = vitcc.compile(model, "magnitude", sparsity=0.5, prune=prune, example_inputs=(image(),))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # with prune=mlp the attention weights are not sliced: they are still copied before being handed back
+    assert not _storages(r.module) & _storages(model)
+
+
+def test_a_pass_that_writes_weights_in_place_writes_a_copy_never_the_model_or_the_reference():
+    class Double(Pass):
+        name = "test-double"  # writes_weights by default: the manager gives it tensors of its own
+
+        def run(self, program):
+            with torch.no_grad():
+                for t in program.gm.parameters():
+                    t.mul_(2)
+            return PassResult()
+
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # the reference is still the model as given, so the doubled weights cannot pass as a pruning of it
+    with pytest.raises(VitccError, match="verification failed"):
+        vitcc.compile(model, [make_pass("magnitude"), Double()], sparsity=0.5, example_inputs=(image(),))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_reported_macs_are_flop_counter_counts_of_both_models():
+    from vitcc.metrics import count_macs
+    model, x = tiny_vit(), image(batch=1)
+    r = vitcc.compile(model, "magnitude", sparsity=0.5, example_inputs=(x,))
+    assert r.report["macs_before"] == count_macs(model, (x,)) > r.report["macs_after"] == count_macs(r.module, (x,))
+    r = vitcc.compile(model, "magnitude", sparsity=0.5, example_inputs=(x,), verify=False)
+    assert r.report["macs_after"] == count_macs(r.module, (x,))
+
+
 def test_core_modules_import_nothing_from_passes():
     import pathlib
     import re

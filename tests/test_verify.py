@@ -134,3 +134,13 @@ class IgnoresInput(nn.Module):
 def test_a_check_that_ignores_the_input_is_vacuous_and_refused_when_alone():
     with pytest.raises(VerificationError, match="vacuous"):
         vitcc.compile(IgnoresInput(), "magnitude", sparsity=0.5, example_inputs=(torch.randn(2, 4),))
+
+
+def test_non_finite_weights_at_removed_positions_are_zero_in_the_reference():
+    # the reference leaves a linear's weight unzeroed only where that cannot change a product (finite weights)
+    model = tiny_vit()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[-1] = float("nan")
+        model.blocks[0].mlp.fc2.weight[:, -1] = float("inf")
+    r = vitcc.compile(model, "magnitude", example_inputs=(image(),), keep={"blocks.0.mlp.hidden": range(96)})
+    assert r.report["max_abs_error"] < 1e-4 and r.report["widths"]["mlp"]["after"] == 96 + 192

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from .errors import VitccError
 from .capture import capture, export_program, source_meta
 from .groups import Group, model_blocks
-from .ir import Program
+from .ir import Program, working_copy
 from .selection import Selection
 from .spaces import find
 from .metrics import count_macs, count_params
@@ -43,7 +43,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
             progress: bool = False, registry: PassRegistry | None = None,
-            rules: OpTable | Iterable[Callable] | None = None) -> CompileResult:
+            rules: OpTable | Iterable[Callable] | None = None, threads: int | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices; a residual branch's name -> [] removes
@@ -64,6 +64,9 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     `rules` is the op table this compile uses (`vitcc.default_table()` plus your `table.rule(...)` additions),
     or functions marked with `@vitcc.rule(...)`, added to a fresh copy of the built-in table.
 
+    `threads` is the intra-op thread count the compact model will run with: `target="latency"` times ops at it
+    (each count has its own cache; default: torch's current count).
+
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
     """
@@ -71,10 +74,24 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         from .sources import input_shape_for
         example_inputs = (torch.randn(input_shape_for(model)),)
     example_inputs = tuple(example_inputs)
+    if threads is not None and (target != "latency" or isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise VitccError(f"threads={threads!r}: a whole number >= 1, the thread count target='latency' times ops at "
+                         f"(target is {target!r})" if target == "latency" else
+                         f"threads={threads!r} applies to target='latency' only (target is {target!r}): it is the "
+                         "thread count the latency model times ops at")
     model = model.eval()
-    gm = model if isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model) else capture(copy.deepcopy(model), example_inputs)
-    program = Program(gm=gm, example_inputs=example_inputs,
-                      options={"sparsity": sparsity, "prune": prune, "target": target, "align": align},
+    captured = isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model)
+    # the reference shares the model's tensors and never writes them (a graph that mutates state gets a copy);
+    # the passes work on a copy that shares them too until a pass may write weights (Program.own_tensors)
+    original = model if captured else capture(model, example_inputs)
+    macs_before = original.meta.pop("macs", None) if not captured else None  # where capture had to run it
+    if _mutates_state(original):
+        original = copy.deepcopy(original)
+    gm, shared = working_copy(original)
+    program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
+                      options={"sparsity": sparsity, "prune": prune, "target": target, "align": align,
+                               **({"threads": threads} if threads is not None else {})},
                       ops=table_with(rules))
     loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
                                               batch_size, calibration_size)
@@ -89,9 +106,12 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         pipeline = [p for p in pipeline if p.name != "verify"]
     if keep is not None:
         pipeline.insert(next(i for i, p in enumerate(pipeline) if p.name == "select"), _GivenSelection(keep))
-    before = {"params_before": count_params(gm), "macs_before": count_macs(gm, example_inputs)}
     PassManager(pipeline, on_pass).run(program)
-    program.report.update(before)
+    if macs_before is None and program.original is original:  # verify ran the model it was given
+        macs_before = program.reference_macs
+    program.report.update({"params_before": count_params(original), "macs_before": macs_before
+                           if macs_before is not None else count_macs(original, example_inputs)})
+    macs_after = program.gm.meta.pop("macs", None)  # counted with the compact graph's shapes, when they were
     blocks, block_of = model_blocks(program.groups)
     gone = {g for name in program.keep.removed for g in program.branch(name).groups}  # went with their branch
     program.report.update({
@@ -100,7 +120,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                    "prune": prune if prune is None or isinstance(prune, str) else list(prune)},
         "input_shapes": [list(getattr(x, "shape", ())) for x in example_inputs],
         "params_after": count_params(program.gm),
-        "macs_after": count_macs(program.gm, example_inputs),
+        "macs_after": macs_after if macs_after is not None else count_macs(program.gm, example_inputs),
         "groups": [{**g.to_json(), "block": block_of[g.name],
                     "kept": [] if g.name in gone else [int(i) for i in program.keep.get(g.name, range(g.size))]}
                    for g in program.groups],
@@ -224,6 +244,11 @@ class _GivenSelection(Pass):
             for g in program.branch(name).groups:
                 program.keep.pop(g, None)
         return PassResult()
+
+
+def _mutates_state(gm: fx.GraphModule) -> bool:
+    """Whether running the graph may write a tensor in place (an op whose schema mutates an argument)."""
+    return any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes)
 
 
 def _any_meta(gm: fx.GraphModule) -> dict:

@@ -77,6 +77,17 @@ def check_budget(sparsity: Optional[float], align: int, target: str, passes: Opt
         build_pipeline(passes)  # unknown passes and options fail now, not after tracing
 
 
+def check_threads(threads: Optional[int], target: Optional[str] = None, option: str = "--threads") -> None:
+    """A thread count is a whole number >= 1; with compile it only means something for --target latency."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise VitccError(f"{option} must be >= 1 (this machine has {os.cpu_count()} CPUs), got {threads}")
+    if target is not None and target != "latency":
+        raise VitccError(f"{option} is the thread count --target latency times ops at; add --target latency "
+                         f"(the target is {target})")
+
+
 @app.command("compile")
 def compile_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
@@ -89,6 +100,9 @@ def compile_cmd(
     target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
     align: int = typer.Option(DEFAULT_ALIGN, "--align", help="round kept widths to multiples of N (unaligned widths "
                               "run up to 1.5x slower per FLOP on CPU; benchmarks/results/latency.md)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="with --target latency: the intra-op thread "
+                                          "count the model will run with, which ops are timed at (cached per "
+                                          "count; default: torch's)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the report: R.json (figures), R.html (a page "
@@ -114,6 +128,7 @@ def compile_cmd(
     """Prune MODEL and write a smaller, verified GraphModule (optionally fine-tuned on --data)."""
     args = SimpleNamespace(**locals())
     check_budget(sparsity, align, target, passes)
+    check_threads(threads, target)
     if finetune_epochs < 0:
         raise VitccError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     if finetune_epochs > 0 and data is None:
@@ -158,7 +173,7 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
                              align=a.align, verify=not a.no_verify, on_pass=on_pass, data=loaders,
                              finetune_epochs=a.finetune_epochs, lr=a.lr, distill=not a.no_distill, seed=a.seed,
                              batch_size=a.batch_size, checkpoint_dir=a.checkpoint_dir, progress=True,
-                             sparsity_epochs=a.sparsity_epochs)
+                             sparsity_epochs=a.sparsity_epochs, threads=a.threads)
         if a.onnx is not None and is_main():
             progress.update(task, description="onnx export")
             result.report["onnx"] = {**export_onnx(result.module, example, files["onnx"]), "path": str(a.onnx)}

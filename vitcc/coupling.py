@@ -275,7 +275,7 @@ class Analyzer:
         key = find(outer).id
         if key in self.selects:
             return self.selects[key]
-        parent = self._parent_of(outer)
+        parent = self._parent_of(outer, near=src)
         result = None
         if parent is not None:
             kind, children = find(parent).split
@@ -305,8 +305,24 @@ class Analyzer:
         self.selects[key] = result
         return result
 
-    def _parent_of(self, s: Space) -> Space | None:
+    def _parent_of(self, s: Space, near: fx.Node | None = None) -> Space | None:
+        """The product `s` is a factor of. Looked for first in the types of the few nodes `near` is computed
+        from (the reshape that made the product is there), so a select costs the same in every block of a
+        deep model; then in every parameter's type."""
         target = find(s)
+        todo, seen = [near] if near is not None else [], set()
+        while todo and len(seen) < 16:
+            n = todo.pop(0)
+            if n.name in seen:
+                continue
+            seen.add(n.name)
+            t = self.types.get(n)
+            for ax in t if is_ttype(t) else ():
+                for f in ax:
+                    hit = _search_parent(f, target)
+                    if hit is not None:
+                        return hit
+            todo += n.all_input_nodes
         for t in self.params.values():
             for ax in t:
                 for f in ax:

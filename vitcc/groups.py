@@ -42,7 +42,7 @@ def build_groups(c: Coupling) -> list[Group]:
     live = {find(s).id for name, t in c.types.items() if name in activations and is_ttype(t) for s in spaces_of(t)}
     for copies in c.aliases.values():
         live |= {find(s).id for s in copies}
-    found: dict[int, tuple[Space, list[Member]]] = {}
+    found: dict[int, tuple[Space, list[Member], set]] = {}  # root -> (space, members, their (param, axis))
     first_use = {}
     for i, n in enumerate(c.gm.graph.nodes):
         for a in n.all_input_nodes:
@@ -57,12 +57,13 @@ def build_groups(c: Coupling) -> list[Group]:
                     r = find(leaf)
                     if r.fixed or r.id not in live:
                         continue
-                    entry = found.setdefault(r.id, (r, []))
-                    if all((m.param, m.axis) != (pname, axis) for m in entry[1]):
+                    entry = found.setdefault(r.id, (r, [], set()))
+                    if (pname, axis) not in entry[2]:
                         entry[1].append(Member(pname, axis))
+                        entry[2].add((pname, axis))
     params = {name for name, _ in c.gm.named_parameters()}
     groups, used = [], set()
-    for r, members in found.values():
+    for r, members, _ in found.values():
         if not any(m.param in params for m in members):
             continue  # only buffers (a shift mask, an index table): sizes, not channels
         kind = _kind(r, members)

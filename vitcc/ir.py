@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .coupling import Coupling, is_ttype, shape_of
 from .errors import VitccError
@@ -41,10 +42,37 @@ class Program:
     ops: OpTable = field(default_factory=default_table)  # this compile's op table (built-ins + user rules)
     stale: set[str] = field(default_factory=set)  # analyses (of ANALYSES) that no longer describe `gm`
     branches: list = field(default_factory=list)  # residual branches (vitcc.branches.Branch), with the coupling
+    # storages `gm` still shares with `original` (a `working_copy`): written in place, they would change the
+    # reference and the user's model too, so `own_tensors` copies them before any pass that may write weights
+    shared: frozenset[int] = frozenset()
+    reference_macs: int | None = None  # MACs of a run of `original` at the example inputs, when verify counted them
 
     def __post_init__(self) -> None:
         if self.original is None:
             self.original = copy.deepcopy(self.gm)
+
+    def shapes_recorded(self, macs: int) -> None:
+        """`gm`'s tensor_meta was just recorded at the example inputs, and `macs` counted in that same run
+        (by `pipeline.refresh`, or by verify's run of the compact graph): the shapes analysis holds."""
+        for n in self.gm.graph.nodes:
+            n.meta.pop("val", None)  # export's records describe the captured graph, not this one
+        self.gm.meta["macs"] = macs
+        self.stale.discard("shapes")
+
+    def own_tensors(self) -> int:
+        """Give `gm` its own copy of every tensor it still shares with `original`; how many were copied."""
+        if not self.shared:
+            return 0
+        copied = 0
+        for owner in self.gm.modules():
+            for slots in (owner._parameters, owner._buffers):
+                for name, t in slots.items():
+                    if t is not None and t.untyped_storage().data_ptr() in self.shared:
+                        own = t.detach().clone()
+                        slots[name] = nn.Parameter(own, t.requires_grad) if isinstance(t, nn.Parameter) else own
+                        copied += 1
+        self.shared = frozenset()
+        return copied
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "keep" and not isinstance(value, Selection):  # a pass may assign a plain dict
@@ -85,9 +113,13 @@ class Program:
         names = set(getattr(keep, "removed", ()))
         return {b.output for b in self.branches if b.name in names}
 
-    def is_channel_axis(self, axis: Axis) -> bool:
-        """Whether an axis carries a group's channels (directly, or through the copies a select made)."""
-        roots = {find(g.space).id for g in self.groups}
+    def group_roots(self) -> set[int]:
+        return {find(g.space).id for g in self.groups}
+
+    def is_channel_axis(self, axis: Axis, roots: set[int] | None = None) -> bool:
+        """Whether an axis carries a group's channels (directly, or through the copies a select made).
+        `roots` (`group_roots()`) saves recomputing them when many axes are asked in a row."""
+        roots = self.group_roots() if roots is None else roots
         aliases = self.coupling.aliases
         for leaf in spaces_of([axis]):
             r = find(leaf)
@@ -99,6 +131,18 @@ class Program:
     def keep_by_root(self):
         """The selection as the analysis reads it (a `KeptByRoot`: kept indices by root id, removed branches)."""
         return self.keep.by_root(self.groups)
+
+
+def working_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, frozenset[int]]:
+    """A copy of `gm` (graph, modules, node meta) whose parameters and buffers share storage with gm's, and
+    those storages. The copy's Parameters are its own objects (its gradients and requires_grad flags are not
+    gm's); its tensor values are gm's until `Program.own_tensors`. Copying every weight of a ViT-B up front
+    would cost more than all of select, rewrite, fold and dce together, and rewrite replaces most of them."""
+    memo: dict[int, Any] = {}
+    for t in [*gm.parameters(), *gm.buffers()]:
+        memo[id(t)] = nn.Parameter(t.detach(), t.requires_grad) if isinstance(t, nn.Parameter) else t.detach()
+    storages = frozenset(t.untyped_storage().data_ptr() for t in memo.values())
+    return copy.deepcopy(gm, memo), storages
 
 
 def kept_count(f: Any, keep: dict[int, np.ndarray], aliases: dict) -> int:

@@ -11,11 +11,14 @@ per model as the measured latency of the whole dense model minus the sum of its 
 
 Timings are cached in ``$VITCC_CACHE/latency/<key>.json`` (default ``~/.cache/vitcc``), one entry per
 op and shapes; the key hashes the CPU model, CPU count, torch version, thread count and dtype, and the
-file repeats them, so a cache never answers for another machine or setting. ``vitcc profile`` fills it
+file repeats them, so a cache never answers for another machine or setting. Ops are timed at the thread
+count the model will run with (``threads=``, ``--threads``): a GEMM split over two threads does not shrink
+with its width as it does on one, so each count has its own cache. ``vitcc profile`` fills it
 ahead of time; ``select`` (``target="latency"``, :func:`select_for_latency`) measures what is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,7 +40,7 @@ from .selection import Selection, search_budget, smallest
 
 __all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyModel", "compact_ops",
            "select_for_latency", "time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok",
-           "with_batch", "onnx_session", "onnx_feed"]
+           "intra_op_threads", "with_batch", "onnx_session", "onnx_feed"]
 
 CACHE_ENV = "VITCC_CACHE"
 FORMAT = 4
@@ -50,6 +53,23 @@ def loadavg() -> str:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:  # pragma: no cover - not on Unix
         return "n/a"
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """torch's intra-op thread count set to ``threads`` inside (None: left as it is), and restored after:
+    what a latency is measured at, without changing the process for whoever called."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise VitccError(f"threads must be a whole number >= 1 (1 thread .. {os.cpu_count()} on this machine), "
+                             f"got {threads!r}")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def cpu_clock_ok(threads: int | None = None) -> bool:
@@ -463,7 +483,13 @@ def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str,
 
 def select_for_latency(program: Program, goal: float, kinds: set, align: int, scope: str) -> tuple[Selection, dict]:
     """Kept indices that remove at least ``goal`` of the predicted latency (vitcc.selection's `search_budget`
-    on the per-op latency model), and what the model predicted."""
+    on the per-op latency model), and what the model predicted. Ops are timed at the thread count the
+    model will run with, ``program.options["threads"]`` (default: torch's), from that count's cache."""
+    with intra_op_threads(program.options.get("threads")):
+        return _select_for_latency(program, goal, kinds, align, scope)
+
+
+def _select_for_latency(program: Program, goal: float, kinds: set, align: int, scope: str) -> tuple[Selection, dict]:
     model = LatencyModel(program)
     base = model.predict({})
     least = smallest(program, kinds, align, scope).by_root(program.groups)

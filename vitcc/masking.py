@@ -13,10 +13,13 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from .coupling import Coupling, is_ttype
 from .ir import axis_mask
 from .ops import OpTable
+
+aten = torch.ops.aten
 
 
 class MaskedInterpreter(fx.Interpreter):
@@ -27,11 +30,51 @@ class MaskedInterpreter(fx.Interpreter):
         self.zeroed = frozenset(zeroed)  # nodes whose output is zero: the outputs of removed branches
         self.masks: dict[str, list[np.ndarray | None]] = {}
         self._cache: dict = {}
+        self._removed: dict = {}
+        # a masked parameter is the same on every input: masked once per interpreter, unless the graph
+        # writes tensors in place (then every run starts from the tensors as they are)
+        self._constants: dict[str, torch.Tensor] | None = {} if not any(
+            getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes) else None
         for name, t in coupling.types.items():
             if is_ttype(t):
                 masks = [axis_mask(ax, keep, coupling.aliases) for ax in t]
                 if any(m is not None for m in masks):
                     self.masks[name] = masks
+        self._implied = {n.name for n in gm.graph.nodes if n.op == "get_attr" and self._zeros_implied(n)}
+
+    def _zeros_implied(self, param: fx.Node) -> bool:
+        """Whether zeroing a weight is implied by zeroing around its readers: every reader is an aten.linear
+        taking it as the weight, whose input is zeroed at (at least) the weight's removed columns and whose
+        output at its removed rows. A finite weight then gives the same products unzeroed (0 * w = 0), so
+        the copy is skipped (finiteness is checked when it is read); the weights are most of what a
+        reference would otherwise copy."""
+        masks = self.masks.get(param.name)
+        if masks is None or len(masks) != 2 or not param.users:
+            return False
+        rows, cols = masks
+        for u in param.users:
+            if not (u.op == "call_function" and u.target is aten.linear.default and len(u.args) > 1
+                    and u.args[1] is param and u.args[0] is not param and isinstance(u.args[0], fx.Node)):
+                return False
+            if not (self._zeroed(u.args[0], cols) and self._zeroed(u, rows)):
+                return False
+        return True
+
+    def _zeroed(self, node: fx.Node, removed_of: np.ndarray | None) -> bool:
+        """Whether the last axis of `node`'s output is zeroed wherever the keep-mask `removed_of` is False."""
+        if removed_of is None:
+            return True
+        masks, meta = self.masks.get(node.name), node.meta.get("tensor_meta")
+        if masks is None or masks[-1] is None or not hasattr(meta, "shape") or len(meta.shape) != len(masks):
+            return False
+        last = masks[-1]
+        return len(last) == len(removed_of) and not np.any(~removed_of & last)
+
+    def counts_like_original(self, counted) -> bool:
+        """Whether a run dispatches the ops of `counted` (FlopCounterMode's registry) exactly as a run of the
+        original graph does: none is an op whose masked semantics run instead of it (norms count none)."""
+        return not any(n.op == "call_function" and getattr(n.target, "overloadpacket", n.target) in counted
+                       and getattr(self.ops.get(n.target), "masked", None) is not None for n in self.module.graph.nodes)
 
     def mask(self, name: str, like: torch.Tensor, dims: range | None = None) -> torch.Tensor | None:
         """The keep-mask of a node's output over `dims`, built once and broadcastable against it."""
@@ -50,7 +93,31 @@ class MaskedInterpreter(fx.Interpreter):
             self._cache[key] = out
         return self._cache[key]
 
+    def removed(self, name: str, like: torch.Tensor) -> list[torch.Tensor] | None:
+        """Where a node's output lost channels: one bool mask per axis that lost some, shaped to broadcast
+        against the output (never a mask of the output's full size), built once."""
+        masks = self.masks.get(name)
+        if masks is None or not isinstance(like, torch.Tensor) or len(masks) != like.dim():
+            return None
+        if name not in self._removed:
+            per_axis = []
+            for d, m in enumerate(masks):
+                if m is not None:
+                    shape = [1] * like.dim()
+                    shape[d] = -1
+                    per_axis.append(torch.as_tensor(~m, dtype=torch.bool).reshape(shape))
+            self._removed[name] = per_axis
+        return self._removed[name]
+
     def run_node(self, n: fx.Node) -> Any:
+        if self._constants is not None and n.name in self._constants:
+            return self._constants[n.name]
+        if n.name in self._implied:
+            w = super().run_node(n)
+            if bool(torch.isfinite(w.sum())):  # a sum is finite only if every entry is (else: zeroed below)
+                if self._constants is not None:
+                    self._constants[n.name] = w
+                return w
         out = None
         info = self.ops.get(n.target) if n.op == "call_function" else None
         if info is not None and info.masked is not None:
@@ -60,9 +127,28 @@ class MaskedInterpreter(fx.Interpreter):
             out = super().run_node(n)
         if n.name in self.zeroed:
             return torch.zeros_like(out)
-        m = self.mask(n.name, out)
-        # where, not multiply: a removed position is zero even where the op made it NaN (0/0 after masking)
-        return torch.where(m != 0, out, torch.zeros((), dtype=out.dtype)) if m is not None else out
+        removed = self.removed(n.name, out)
+        if not removed:
+            return out
+        # a removed position is zero even where the op made it NaN (0/0 after masking): a fill, not a product;
+        # in place where the op made a new tensor, else into a new one (a view must not write its source)
+        fresh = n.op == "call_function" and not self._aliases_input(n, out)
+        for i, where in enumerate(removed):
+            out = out.masked_fill_(where, 0) if fresh or i else out.masked_fill(where, 0)
+        if n.op == "get_attr" and self._constants is not None:
+            self._constants[n.name] = out
+        return out
+
+    def _aliases_input(self, n: fx.Node, out: torch.Tensor) -> bool:
+        """Whether `out` shares storage with a tensor `n` read (a view, or an op that returned its input)."""
+        if not out.numel():
+            return True
+        ptr = out.untyped_storage().data_ptr()
+        for arg in n.all_input_nodes:
+            for t in pytree.tree_leaves(self.env.get(arg)):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr:
+                    return True
+        return False
 
 
 def run_masked(program, keep: dict[int, np.ndarray], *inputs: torch.Tensor) -> Any:

@@ -10,7 +10,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_macs", "latency_ms"]
+__all__ = ["count_params", "count_macs", "latency_ms", "macs_counter"]
 
 _aten = torch.ops.aten
 
@@ -42,6 +42,11 @@ def _eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
+def macs_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with the CPU SDPA formula: what every MAC figure of vitcc is counted with."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+
+
 def count_params(module: torch.nn.Module) -> int:
     """Number of parameter elements; shared (tied) parameters are counted once."""
     unique = {id(p): p for _, p in module.named_parameters(remove_duplicate=False)}
@@ -57,7 +62,7 @@ def count_macs(module: torch.nn.Module, example_inputs: tuple) -> int:
     counted, as is conventional for MAC figures. Works for any callable module,
     including torch.fx GraphModules.
     """
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    counter = macs_counter()
     with _eval_mode(module), torch.no_grad(), counter:
         module(*example_inputs)
     return counter.get_total_flops() // 2

@@ -100,6 +100,11 @@ class Pass:
     # None: by kind, what can be recomputed of both for a method pass (scores come from groups and types),
     # nothing for a structural one
     needs: frozenset[str] | None = None
+    # whether `run` may change tensor values of program.gm in place (training, projections, masks). A pass
+    # that only reads them, or replaces tensors by new ones (rewrite's slices), says False and runs on the
+    # working copy that still shares its tensors with the reference; before any other pass the manager gives
+    # program.gm its own copies (`Program.own_tensors`)
+    writes_weights: bool = True
 
     def __init__(self, **options: Any):
         self.options = check_options(type(self), options)
@@ -296,6 +301,8 @@ class PassManager:
                 self.on_pass(p, "start")
             start = time.perf_counter()
             try:
+                if p.writes_weights:
+                    program.own_tensors()
                 _prepare(program, p, changed_by)
                 before = graph_signature(program.gm)
                 p.requires(program)
@@ -370,7 +377,8 @@ def _prepare(program: Program, p: Pass, changed_by: dict[str, str]) -> None:
 def refresh(program: Program, *analyses: str) -> None:
     """Recompute analyses of `program.gm` (default: the stale ones), shapes before coupling.
 
-    shapes: run the graph on the example inputs (node tensor_meta; export's stale `val` records dropped);
+    shapes: run the graph on the example inputs (node tensor_meta, and `gm.meta["macs"]` counted in the same
+    run; export's stale `val` records dropped);
     coupling: the analyzer's types, the groups, and `report["frozen"]`."""
     todo = set(analyses) if analyses else set(program.stale)
     unknown = todo - ANALYSES
@@ -379,7 +387,7 @@ def refresh(program: Program, *analyses: str) -> None:
     if "shapes" in todo:
         for n in program.gm.graph.nodes:
             n.meta.pop("val", None)
-        propagate_shapes(program.gm, program.example_inputs)
+        program.shapes_recorded(propagate_shapes(program.gm, program.example_inputs))
     if "coupling" in todo:
         analyze_program(program)
     program.stale -= todo
@@ -407,8 +415,9 @@ def analyze_program(program: Program) -> None:
 
 
 def _finish(program: Program) -> None:
-    """The graph handed back describes itself: shapes recomputed on the compact graph, or dropped when it
-    does not run (only possible without verify)."""
+    """The graph handed back owns its tensors and describes itself: shapes (and MACs) recomputed on the
+    compact graph, or dropped when it does not run (only possible without verify)."""
+    program.own_tensors()
     if "shapes" not in program.stale:
         return
     try:

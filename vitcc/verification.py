@@ -15,6 +15,7 @@ the comparison its meaning.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from .capture import ShapeRecording
 from .coupling import is_ttype
 from .errors import VerificationError
 from .ir import Program, axis_mask
 from .masking import MaskedInterpreter
+from .metrics import macs_counter
 from .spaces import axis_size, find, spaces_of
 
 _COMPUTED = ("call_function", "call_method", "call_module")
@@ -147,8 +150,10 @@ class _Recording:
         return out
 
 
-class _CompactRecorder(_Recording, fx.Interpreter):
-    pass
+class _CompactRecorder(_Recording, ShapeRecording, fx.Interpreter):
+    """Runs the compact graph. On the example input it also records the graph's shapes, and its MACs are
+    counted (`_run_both`): the shapes analysis of the compact graph, which would otherwise cost a run more."""
+    recording = False
 
 
 class _MaskedRecorder(_Recording, MaskedInterpreter):
@@ -179,8 +184,10 @@ def verify(program: Program, keep: dict[int, np.ndarray], *, trials: int = 2, rt
     previous: dict[str, torch.Tensor] | None = None
     inputs = verification_inputs(program.example_inputs, trials, seed)
     program.gm.eval()
+    macs = None
     for i, xs in enumerate(inputs):
-        refs = _run_both(reference, compact, xs, program, keep, checks, rtol, atol)
+        refs, counted = _run_both(reference, compact, xs, program, keep, checks, rtol, atol, record=i == 0)
+        macs = counted if i == 0 else macs
         if i == 1 and not _same_inputs(inputs[0], xs):
             _mark_input_independent(checks, previous, refs)
         previous = refs
@@ -189,6 +196,7 @@ def verify(program: Program, keep: dict[int, np.ndarray], *, trials: int = 2, rt
     program.report["max_abs_error"] = max((c.max_abs_error for c in checks.values()), default=0.0)
     program.report["max_rel_error"] = max((c.max_rel_error for c in checks.values()), default=0.0)
     _raise_on_failure(checks, report)
+    program.shapes_recorded(macs)  # the example input was the first: its run recorded them
     return report
 
 
@@ -207,17 +215,30 @@ def _check_same_ops(program: Program, names: list[str]) -> None:
 
 
 def _run_both(reference: _MaskedRecorder, compact: _CompactRecorder, xs: tuple, program: Program,
-              keep: dict, checks: dict[str, Check], rtol: float, atol: float) -> dict[str, torch.Tensor]:
-    """One input through both sides; updates `checks`, returns the references at the kept positions."""
+              keep: dict, checks: dict[str, Check], rtol: float, atol: float,
+              record: bool = False) -> tuple[dict[str, torch.Tensor], int | None]:
+    """One input through both sides; updates `checks`. Returns the references at the kept positions, and
+    with `record` the compact run's MACs (its shapes recorded on the way); the reference's run then counts
+    `program.reference_macs`, where it dispatches what a run of the original does."""
     reference.values, compact.values = {}, {}
+    counter = macs_counter() if record else contextlib.nullcontext()
+    counted = record and reference.counts_like_original(counter.flop_registry)
+    reference_counter = macs_counter() if counted else contextlib.nullcontext()
+    compact.recording = record
     with torch.no_grad():
-        want_out = reference.run(*xs)
+        with reference_counter:
+            want_out = reference.run(*xs)
+        if counted:  # the original's MACs, as a run of it would count them
+            program.reference_macs = reference_counter.get_total_flops() // 2
         try:
-            got_out = compact.run(*xs)
+            with counter:
+                got_out = compact.run(*xs)
         except Exception as e:  # a broken rewrite may not even run: that is a failed check, not a crash
             raise VerificationError(f"verification failed: the compact model does not run "
                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                     "nothing was written") from e
+        finally:
+            compact.recording = False
     want = {n: reference.values[n] for n in reference.names if isinstance(reference.values.get(n), torch.Tensor)}
     got = {n: compact.values.get(n) for n in want}
     types = {n: program.coupling.types.get(n) for n in want}
@@ -231,7 +252,7 @@ def _run_both(reference: _MaskedRecorder, compact: _CompactRecorder, xs: tuple, 
         check = checks.setdefault(name, Check(name))
         refs[name] = _compare(check, want[name], got[name], types[name], keep, program.coupling.aliases,
                               rtol, atol)
-    return refs
+    return refs, counter.get_total_flops() // 2 if record else None
 
 
 def _output_producers(gm: fx.GraphModule) -> dict[str, str]:

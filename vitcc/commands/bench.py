@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app, check_budget
+from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app, check_budget, check_threads
 from vitcc.errors import VitccError
 from vitcc.outputs import Outputs
 
@@ -47,12 +47,18 @@ def _runtimes(text: str) -> list[str]:
 def run_bench(models: dict[str, torch.nn.Module], example: tuple, *, batches: list[int], runtimes: list[str],
               threads: int, rounds: int, warmup: int = 2, workdir: Path | None = None,
               on_progress=None) -> dict:
-    """Time every model at every (runtime, batch), interleaved; sizes at batch 1. Returns a JSON-able dict."""
+    """Time every model at every (runtime, batch), interleaved, at `threads` intra-op threads (torch's for eager,
+    onnxruntime's intra_op_num_threads; torch's count is restored after); sizes at batch 1. A JSON-able dict."""
+    from vitcc.latency import intra_op_threads
+    with intra_op_threads(threads):
+        return _run_bench(models, example, batches, runtimes, threads, rounds, warmup, workdir, on_progress)
+
+
+def _run_bench(models, example, batches, runtimes, threads, rounds, warmup, workdir, on_progress) -> dict:
     from vitcc.export import export_onnx
     from vitcc.latency import interleaved, loadavg, machine_info, onnx_feed, onnx_session, summarize, with_batch
     from vitcc.metrics import count_macs, count_params
 
-    torch.set_num_threads(threads)
     first = next(iter(models))
     sizes = {name: {"params": count_params(m), "macs": count_macs(m, example)} for name, m in models.items()}
     result = {"machine": machine_info(threads), "threads": threads, "rounds": rounds, "warmup": warmup,
@@ -132,7 +138,8 @@ def bench_cmd(
     passes: str = typer.Option("magnitude", "--passes", help="with --sparsity: method passes"),
     batch: str = typer.Option("1", "--batch", help="batch sizes, e.g. 1,32"),
     runtime: str = typer.Option("eager,onnx", "--runtime", help="eager, onnx or both"),
-    threads: int = typer.Option(1, "--threads", help="intra-op threads (torch and onnxruntime)"),
+    threads: int = typer.Option(1, "--threads", help="intra-op threads (torch.set_num_threads for eager, "
+                                "onnxruntime's intra_op_num_threads)"),
     rounds: int = typer.Option(10, "--rounds", help="interleaved rounds (one call of each model per round)"),
     warmup: int = typer.Option(2, "--warmup", help="untimed rounds first"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
@@ -144,8 +151,9 @@ def bench_cmd(
     """Time MODEL (and COMPILED) in eager PyTorch and onnxruntime on this machine; print a table."""
     args = SimpleNamespace(**locals())
     batches, runtimes = _batches(batch), _runtimes(runtime)
-    if threads < 1 or rounds < 1 or warmup < 0:
-        raise VitccError("--threads and --rounds must be >= 1, --warmup >= 0")
+    check_threads(threads)
+    if rounds < 1 or warmup < 0:
+        raise VitccError("--rounds must be >= 1, --warmup >= 0")
     if compiled is not None and sparsity is not None:
         raise VitccError("give either COMPILED or --sparsity, not both")
     check_budget(sparsity, align, target, passes if sparsity is not None else None)
@@ -159,13 +167,13 @@ def bench_cmd(
 def _bench(a: SimpleNamespace, batches: list[int], runtimes: list[str]) -> dict:
     """With the command's arguments `a`: load (and with --sparsity compile), time, print the table; the figures."""
     from vitcc import api
-    torch.set_num_threads(a.threads)
     m, example = _load(a.model, a.weights, a.arch, a.trust_pickle, a.input_shape)
     models = {"model": m.eval()}
     if a.compiled is not None:
         models["compiled"] = api.load(a.compiled, trust_pickle=a.trust_pickle).eval()
     elif a.sparsity is not None:
-        r = api.compile(m, a.passes, sparsity=a.sparsity, example_inputs=example, target=a.target, align=a.align)
+        r = api.compile(m, a.passes, sparsity=a.sparsity, example_inputs=example, target=a.target, align=a.align,
+                        threads=a.threads if a.target == "latency" else None)  # timed at the count it will run at
         models["compiled"] = r.module.eval()
     console = Console(stderr=True)
     progress = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if console.is_terminal else None

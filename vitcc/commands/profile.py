@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app
+from vitcc.cli import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app, check_threads
 from vitcc.errors import VitccError
 from vitcc.outputs import Outputs
 
@@ -33,8 +33,16 @@ def _grid(text: str) -> list[float]:
 
 
 def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], align: int = 1,
-                  prune=None, check: bool = False, rounds: int = 7, on_progress=None) -> dict:
-    """Fill the latency cache for ``model`` and return predicted (and, with ``check``, measured) latencies."""
+                  prune=None, check: bool = False, rounds: int = 7, on_progress=None,
+                  threads: int | None = None) -> dict:
+    """Fill the latency cache for ``model`` at ``threads`` intra-op threads (default: torch's; each count has its
+    own cache) and return predicted (and, with ``check``, measured) latencies."""
+    from vitcc.latency import intra_op_threads
+    with intra_op_threads(threads):
+        return _profile_model(model, example, grid, align, prune, check, rounds, on_progress)
+
+
+def _profile_model(model, example, grid, align, prune, check, rounds, on_progress) -> dict:
     import statistics
 
     from vitcc import api
@@ -88,8 +96,9 @@ def profile_cmd(
     grid: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", "--grid",
                              help="uniform fractions of every group to remove"),
     prune: str = typer.Option("residual,heads,head_dim,mlp", "--prune", help="group kinds to prune"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads (default: torch's, as "
-                                          "compile uses)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads the model will run with "
+                                          "(cached per count; `compile --target latency --threads N` reads it; "
+                                          "default: torch's)"),
     check: bool = typer.Option(False, "--check", help="also build and time the compact model at each fraction"),
     rounds: int = typer.Option(7, "--rounds", help="with --check: interleaved rounds"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
@@ -100,17 +109,16 @@ def profile_cmd(
 ) -> None:
     """Measure and cache per-op latencies of MODEL on this machine (used by `compile --target latency`)."""
     fractions = _grid(grid)
-    if align < 1 or rounds < 1 or (threads is not None and threads < 1):
-        raise VitccError("--align, --rounds and --threads must be >= 1")
+    check_threads(threads)
+    if align < 1 or rounds < 1:
+        raise VitccError("--align and --rounds must be >= 1")
     with Outputs([model, weights]) as outputs:
         tmp = outputs.plan(json_out, "--json")
-        if threads is not None:
-            torch.set_num_threads(threads)
         m, example = _load(model, weights, arch, trust_pickle, input_shape)
         err = Console(stderr=True)
         progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
         res = profile_model(m, example, grid=fractions, align=align, prune=prune, check=check, rounds=rounds,
-                            on_progress=progress)
+                            on_progress=progress, threads=threads)
         if tmp is not None:
             tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
         _print_profile(model, example, res, align, check)
