@@ -11,7 +11,10 @@ import vitcc
 from vitcc.capture import capture
 from vitcc.cli import run
 from vitcc.errors import VitccError
-from vitcc.selection import prune_kinds
+from vitcc.cost import estimate
+from vitcc.ir import Program
+from vitcc.pipeline import analyze_program
+from vitcc.selection import KeptByRoot, prune_kinds
 
 from conftest import image, tiny_hf, tiny_swin, tiny_vit
 
@@ -245,6 +248,11 @@ def test_depth_pruning_for_a_budget_removes_whole_branches_only():
     r = vitcc.compile(gm, sparsity=0.3, prune="branch", target="macs", example_inputs=(x,))
     assert r.report["removed_branches"] and not r.selection.kept
     assert 1 - r.report["macs_after"] / r.report["macs_before"] >= 0.3
+    p = Program(gm=captured("vit4")[1], example_inputs=(x,))
+    analyze_program(p)
+    dense, removed = estimate(p, KeptByRoot())[1], set(r.report["removed_branches"])
+    for name in removed:  # none of them is more than the goal needs
+        assert 1 - estimate(p, KeptByRoot({}, removed - {name}))[1] / dense < 0.3
     w = r.report["widths"]
     assert w["branch"] == {"groups": 8, "before": 8, "after": 8 - len(r.report["removed_branches"])}
     with pytest.raises(VitccError, match="out of reach"):

@@ -301,14 +301,16 @@ def _search_with_branches(program: "Program", goal: float, widths: set[str], ali
     """Remove the k branches that lose least per unit of cost, and narrow the rest as far as the goal still
     needs; k is the one whose selection loses least (vitcc.branches.BranchLoss: the measured change of the
     output on the calibration batch, else normalised scores times the parameters they own, branches and
-    channels in one unit). Without width kinds, the fewest branches that reach the goal."""
+    channels in one unit). Without width kinds, the branches that reach the goal with the least total score
+    (`_branches_for`)."""
     from .branches import BranchLoss
     branches = [b.name for b in program.branches if b.prunable]
     alone = {n: base - cost(KeptByRoot({}, {n})) for n in branches}
     order = branch_order(program, per=alone)
     if not widths:
-        k = next(k for k in range(len(order) + 1) if reduction(without_branches(program, Selection(), order[:k])) >= goal)
-        return without_branches(program, Selection(), order[:k]), f"{k} of {len(order)} branches removed, lowest score per {what} first"
+        names = _branches_for(program, goal, order, reduction)
+        return (without_branches(program, Selection(), names),
+                f"{len(names)} of {len(order)} branches removed (least score for the {what})")
     loss = BranchLoss(program)
     found = []
     for k in _branch_counts(len(order)):
@@ -325,6 +327,28 @@ def _search_with_branches(program: "Program", goal: float, widths: set[str], ali
         [min(found, key=lambda f: reduction(f[2]))]
     lost, k, keep, how = min(close, key=lambda f: (f[0], f[1]))
     return keep, f"{k} of {len(order)} branches removed (least loss per {what}), widths: {how}"
+
+
+def _branches_for(program: "Program", goal: float, order: list[str], reduction: Callable[[Selection], float]) -> list[str]:
+    """Branches whose removal reaches the goal with the least total score: the first of `order` that reach it,
+    then while it lowers the total, one dropped or one swapped for a lower-scored one (a whole branch is a
+    big step: the first that reach the goal can overshoot it by most of a branch)."""
+    score = {n: float(program.scores[n].sum()) for n in order}
+    reaches = lambda names: reduction(without_branches(program, Selection(), names)) >= goal
+    k = next(k for k in range(len(order) + 1) if reaches(order[:k]))
+    chosen = order[:k]
+    while True:
+        drop = [n for n in sorted(chosen, key=score.__getitem__, reverse=True)
+                if reaches([m for m in chosen if m != n])]
+        if drop:
+            chosen = [m for m in chosen if m != drop[0]]
+            continue
+        swaps = [(score[i] - score[o], o, i) for o in chosen for i in order if i not in chosen and score[i] < score[o]
+                 and reaches([*(m for m in chosen if m != o), i])]
+        if not swaps:
+            return [n for n in order if n in chosen]
+        _, o, i = min(swaps)
+        chosen = [*(m for m in chosen if m != o), i]
 
 
 OVERSHOOT = 0.02  # how far past the goal a selection may go (a whole branch is a big step) and still compete
