@@ -9,10 +9,13 @@ mean 0.5, std 0.5) with one fixed recipe: AdamW lr 1e-3, weight decay 0.05, batc
 
 Then every method prunes the same trained model at two budgets, `target="params", sparsity=0.4` (40% of the
 parameters removed) and `target="macs", sparsity=0.5`, and the compact model is fine-tuned with the same
-budget for all: `vitcc.train.finetune`, FT epochs (1), lr 5e-4, distillation from the unpruned model
-(kd_weight 0.5). Seeds 0, 1, 2 change the fine-tuning data order, the random baseline, and the sparsity
-training of gohsp/vtp; the trained base model is the same. The sparsity-training epochs of gohsp
-(stage 2, ADMM) and vtp (gates) are part of those methods, as in their papers (1 epoch each, same lr).
+training budget for all: every method gets the same number of training epochs after the base model
+(FT epochs + sparsity epochs: 3 + 1). gohsp (stage 2, ADMM) and vtp (gates) spend one of them on their
+sparsity training, as in their papers, and fine-tune for the rest; every other method fine-tunes for all of
+them, so no method's lead is extra training. Fine-tuning: `vitcc.train.finetune`, lr 5e-4, distillation from
+the unpruned model (kd_weight 0.5; its logits on the fixed training images are computed once per base
+model, `TeacherLogits`). Seeds 0, 1, 2 change the fine-tuning data order, the random baseline, and the
+sparsity training of gohsp/vtp; the trained base model is the same.
 
 Methods: magnitude (group L2), random, taylor (first order, 64 calibration images) pruning heads, head
 dims and MLP neurons; gohsp (Markov head ranking + ADMM stage), gohsp{ranking=norm} (ablation: heads by
@@ -20,7 +23,16 @@ weight norm), dimap (structured, module families), vtp (gates), vtp{scores=norm}
 model, norm ranking), lowrank (SVD attention + MLP at half the rate); Torch-Pruning's group magnitude and
 group Taylor (MetaPruner, heads + head dims + MLP, embedding dimension ignored, ratio searched to meet the
 same budget; set up as in benchmarks/compile_time.py; on Swin MLP neurons only, as Torch-Pruning cannot
-prune WindowAttention's heads with its relative-position-bias table). Nothing prunes the residual stream.
+prune WindowAttention's heads with its relative-position-bias table). Depth pruning: `branch` removes whole
+residual branches (attentions, MLPs) and nothing else, `branch+widths` weighs removing branches against
+narrowing heads, head dims and MLP neurons (both with the calibration batch: a branch scores the change its
+removal makes to the output; channels by magnitude). Nothing prunes the residual stream.
+
+What runs where is `MATRIX` (to keep the whole run within an hour on 2 cores at 4 training epochs a run):
+on the ViT at the params budget every method but Torch-Pruning's Taylor; at the MACs budget and on Swin
+(params) the methods the claims after fine-tuning compare, without the ablations, dimap (its claims are
+the one-shot sweeps) and the context rows (random, taylor, Torch-Pruning, which on Swin prunes only the
+MLPs). `--full-matrix` runs every method everywhere (about twice as long).
 
 Sweeps without fine-tuning (dimap's claims are about one-shot accuracy): structured dimap, dimap with one
 global ranking, LAMP and uniform magnitude at 30/50/70% of the parameters; and the paper as written,
@@ -31,8 +43,8 @@ Data reach the passes as `vitcc.compile(data=...)` puts them (`options["data"]`,
 of 64 training images with labels, `seed`), by a pass inserted after analyze: compile's own data path
 would also evaluate the unpruned model on every call (the base accuracy is measured once here).
 
-Usage:  python benchmarks/accuracy_small.py [--quick] [--models vit,swin] [--seeds 3] [--no-cache]
-Writes benchmarks/results/accuracy_small.md and .json. `--quick` (under 5 minutes on 2 cores, base models
+Usage:  python benchmarks/accuracy_small.py [--quick] [--models vit,swin] [--seeds 3] [--no-cache] [--threads 2]
+Writes benchmarks/results/accuracy_small.md and .json. `--quick` (under 10 minutes on 2 free cores, base models
 included): 1,000 training images (100 per class), short base training, the ViT matrix at 40% parameters
 with 1 seed, and the sweeps at 50%; it writes to benchmarks/results/accuracy_small_quick.*. Trained base models are
 cached under ~/.cache/vitcc/accuracy_small (keyed by model and epochs).
@@ -59,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcc
+from vitcc.capture import capture
 from vitcc.data import calibration_batch, make_loaders
 from vitcc.metrics import count_macs, count_params
 from vitcc.train import evaluate, finetune
@@ -96,9 +109,15 @@ METHODS = [
     ("lowrank", "lowrank", None),
     ("tp-magnitude", "tp:magnitude", None),
     ("tp-taylor", "tp:taylor", None),
+    ("branch", "magnitude", "branch"),
+    ("branch+widths", "magnitude", HM + ",branch"),
 ]
 ABLATIONS = {"gohsp{ranking=norm}", "vtp{scores=norm}"}  # run on the ViT only (time budget)
+SPARSITY_TRAINED = {"gohsp", "gohsp{ranking=norm}", "vtp", "vtp{scores=norm}"}  # spend epochs before pruning
 TARGETS = [("params", 0.4), ("macs", 0.5)]
+CLAIMED = ("magnitude", "gohsp", "vtp", "lowrank", "branch", "branch+widths")  # what the claims compare
+MATRIX = {("vit", "params"): [m[0] for m in METHODS if m[0] != "tp-taylor"], ("vit", "macs"): CLAIMED,
+          ("swin", "params"): CLAIMED}
 SWEEP = [0.3, 0.5, 0.7]
 SWEEP_STRUCT = [("magnitude", "magnitude", HM), ("lamp", "lamp", HM), ("dimap", "dimap", None),
                 ("dimap{scope=global}", "dimap{scope=global}", None)]
@@ -215,6 +234,39 @@ def tp_prune(base, key, importance, target, goal, x, calib) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------- runs
 
+class TeacherLogits(torch.nn.Module):
+    """The unpruned model's logits on the training images, computed once: the same distillation targets at a
+    fraction of the cost (the training data are fixed tensors, no augmentation). An image it has not seen
+    (another split) goes through the model."""
+
+    def __init__(self, model: torch.nn.Module, loader):
+        super().__init__()
+        self.model = model.eval()
+        self.table: dict[bytes, torch.Tensor] = {}
+        with torch.no_grad():
+            for x, _ in loader:
+                for key, row in zip(self._keys(x), model(x)):
+                    self.table[key] = row
+
+    @staticmethod
+    def _keys(x: torch.Tensor) -> list[bytes]:
+        return [row.numpy().tobytes() for row in x.detach().contiguous().reshape(len(x), -1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [self.table.get(k) for k in self._keys(x)]
+        if any(r is None for r in rows):
+            with torch.no_grad():
+                return self.model(x)
+        return torch.stack(rows)
+
+
+def train_epochs(args, label: str) -> tuple[int, int]:
+    """(sparsity-training epochs, fine-tuning epochs) of a method: the same total for every method."""
+    if label in SPARSITY_TRAINED:
+        return args.sparsity_epochs, args.ft_epochs
+    return 0, args.ft_epochs + args.sparsity_epochs
+
+
 class GiveData(vitcc.Pass):
     """What compile(data=...) gives the passes, without its evaluation of the unpruned model."""
     name = "give-data"
@@ -229,26 +281,30 @@ class GiveData(vitcc.Pass):
         return vitcc.PassResult(modified=False)
 
 
-def run_one(args, key, base, loaders, calib, x, label, spec, prune, target, goal, seed) -> dict:
+def run_one(args, key, base, captured, teacher, loaders, calib, x, label, spec, prune, target, goal, seed) -> dict:
+    """One method at one budget and seed; `captured` is the base model's capture (compiled as a fresh copy)."""
     t0 = time.perf_counter()
-    row = {"model": key, "method": label, "target": target, "goal": goal, "seed": seed}
+    sp, ft = train_epochs(args, label)
+    row = {"model": key, "method": label, "target": target, "goal": goal, "seed": seed, "sparsity_epochs": sp,
+           "ft_epochs": ft}
     try:
         if spec.startswith("tp:"):
             small = tp_prune(base, key, spec[3:], target, goal, x, calib)
         else:
-            pipeline = spec.format(seed=seed, sp=args.sparsity_epochs)
-            res = vitcc.compile(base, pipeline, sparsity=goal, target=target, prune=prune, example_inputs=(x,),
+            pipeline = spec.format(seed=seed, sp=sp)
+            res = vitcc.compile(copy.deepcopy(captured), pipeline, sparsity=goal, target=target, prune=prune,
+                                example_inputs=(x[:1],),
                                 insert=[vitcc.Insertion(GiveData(loaders, calib, seed), after="analyze")])
             small = res.module
             row["widths"] = res.report["widths"]
+            row["removed_branches"] = res.report["removed_branches"]
             row["max_abs_error"] = res.report.get("max_abs_error")
             if "vtp" in res.report:
                 row["vtp_mean_gate"] = res.report["vtp"]["mean_gate"]
         row["params_removed"] = 1 - count_params(small) / count_params(base)
         row["macs_removed"] = 1 - count_macs(small, (x,)) / count_macs(base, (x,))
         row["top1_pruned"] = evaluate(small, loaders[1])["top1"]
-        finetune(small, loaders[0], epochs=args.ft_epochs, lr=5e-4, teacher=base, kd_weight=0.5, seed=seed,
-                 progress=False)
+        finetune(small, loaders[0], epochs=ft, lr=5e-4, teacher=teacher, kd_weight=0.5, seed=seed, progress=False)
         row["top1"] = evaluate(small, loaders[1])["top1"]
     except Exception as e:  # recorded, not hidden
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -261,16 +317,17 @@ def run_one(args, key, base, loaders, calib, x, label, spec, prune, target, goal
     return row
 
 
-def run_sweep(key, base, loaders, x, levels) -> list[dict]:
+def run_sweep(key, captured, loaders, x, levels) -> list[dict]:
     rows = []
     for s in levels:
         for label, spec, prune in SWEEP_STRUCT:
-            res = vitcc.compile(base, spec, sparsity=s, target="params", prune=prune, example_inputs=(x,))
+            res = vitcc.compile(copy.deepcopy(captured), spec, sparsity=s, target="params", prune=prune,
+                                example_inputs=(x[:1],))
             rows.append({"model": key, "kind": "channels", "method": label, "sparsity": s,
                          "params_removed": 1 - res.report["params_after"] / res.report["params_before"],
                          "top1": evaluate(res.module, loaders[1])["top1"]})
         for label, spec in SWEEP_WEIGHT:
-            res = vitcc.compile(base, spec, sparsity=s, example_inputs=(x,))
+            res = vitcc.compile(copy.deepcopy(captured), spec, sparsity=s, example_inputs=(x[:1],))
             ws = res.report["weight_sparsity"]
             rows.append({"model": key, "kind": "weights", "method": label, "sparsity": s,
                          "weights_removed": ws["of_all_parameters"], "per_family": ws["per_family"],
@@ -365,6 +422,11 @@ def claims(summ, sweeps, base_acc, models):
                             f"{metric.replace('_', ' ')} {sl[metric]['mean']:.1%} vs {sv[metric]['mean']:.1%}"))
             v, txt = compare(summ, model, target, "dimap", "magnitude")
             out.append(("dimap", f"structured dimap >= uniform magnitude after fine-tuning ({t})", v, txt))
+            v, txt = compare(summ, model, target, "branch+widths", "magnitude")
+            out.append(("depth (MDP's shape)", f"removing branches where that loses least, and narrowing the rest, "
+                        f">= narrowing alone (magnitude) ({t})", v, txt))
+            v, txt = compare(summ, model, target, "branch", "magnitude")
+            out.append(("depth", f"removing whole branches alone >= narrowing alone (magnitude) ({t})", v, txt))
         sw = [r for r in sweeps if r["model"] == model]
         if sw:
             acc = {(r["kind"], r["method"], r["sparsity"]): r["top1"] for r in sw}
@@ -386,6 +448,14 @@ def claims(summ, sweeps, base_acc, models):
     return out
 
 
+def _branches(rows) -> str:
+    """How many residual branches a method removed (seed 0's selection), of how many."""
+    w = next((r["widths"] for r in rows if "widths" in r), None)
+    if not w or "branch" not in w:
+        return "–"
+    return f"{w['branch']['before'] - w['branch']['after']} of {w['branch']['before']}"
+
+
 def render(meta, base, summ, sweeps, claim_rows) -> str:
     L = ["# Accuracy benchmark (small, offline): the papers' claim shapes\n"]
     L.append(f"- command: `{meta['command']}`")
@@ -395,8 +465,10 @@ def render(meta, base, summ, sweeps, claim_rows) -> str:
     L.append(f"- versions: torch {meta['torch']}, timm {meta['timm']}, torch-pruning {meta['torch_pruning']}, "
              f"vitcc {meta['vitcc']}")
     L.append(f"- data: mnist5k ({meta.get('train_images', 4000):,} train / 1,000 val); base recipe AdamW lr 1e-3, wd 0.05, batch {meta.get('batch', 64)}, cosine, "
-             f"seed 0; fine-tuning after pruning: {meta['ft_epochs']} epoch(s), lr 5e-4, KD from the unpruned "
-             f"model (weight 0.5); sparsity training of gohsp/vtp: {meta['sparsity_epochs']} epoch(s); seeds "
+             f"seed 0; training after the base model, equal for every method: {meta['sparsity_epochs'] + meta['ft_epochs']} "
+             f"epoch(s) (gohsp/vtp: {meta['sparsity_epochs']} of sparsity training, then {meta['ft_epochs']} of "
+             f"fine-tuning; every other method: {meta['sparsity_epochs'] + meta['ft_epochs']} of fine-tuning), "
+             f"fine-tuning lr 5e-4, KD from the unpruned model (weight 0.5); seeds "
              f"{meta['seeds']} (fine-tuning order, random baseline, sparsity training; one base model).")
     L.append("- top-1 on the 1,000 validation digits; mean ± standard deviation over seeds [min, max]. "
              "\"pruned\" = right after pruning, before fine-tuning.\n")
@@ -409,15 +481,19 @@ def render(meta, base, summ, sweeps, claim_rows) -> str:
             if not rows:
                 continue
             L.append(f"### {target}: {goal:.0%} removed\n")
-            L.append("| method | params removed | MACs removed | top-1 pruned | top-1 after FT | vs base | s/run |")
-            L.append("| --- | --- | --- | --- | --- | --- | --- |")
+            L.append("| method | epochs (sparsity + FT) | params removed | MACs removed | branches removed | "
+                     "top-1 pruned | top-1 after FT | vs base | s/run |")
+            L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
             for (m, meth, t), s in rows:
+                first = s["rows"][0]
+                epochs = f"{first.get('sparsity_epochs', '?')} + {first.get('ft_epochs', '?')}"
                 if s["top1"] is None:
-                    L.append(f"| {meth} | – | – | – | failed: {s['error']} | – | – |")
+                    L.append(f"| {meth} | {epochs} | – | – | – | – | failed: {s['error']} | – | – |")
                     continue
                 a = s["top1"]
-                L.append(f"| {meth} | {s['params_removed']['mean']:.1%} | {s['macs_removed']['mean']:.1%} | "
-                         f"{s['top1_pruned']['mean']:.1%} | {a['mean']:.1%} ± {a['sd']:.1%} [{a['min']:.1%}, {a['max']:.1%}] | "
+                L.append(f"| {meth} | {epochs} | {s['params_removed']['mean']:.1%} | {s['macs_removed']['mean']:.1%} | "
+                         f"{_branches(s['rows'])} | {s['top1_pruned']['mean']:.1%} | "
+                         f"{a['mean']:.1%} ± {a['sd']:.1%} [{a['min']:.1%}, {a['max']:.1%}] | "
                          f"{a['mean'] - info['top1']:+.1%} | {s['seconds']['mean']:.0f} |")
             L.append("")
         sw = [r for r in sweeps if r["model"] == key]
@@ -441,8 +517,10 @@ def render(meta, base, summ, sweeps, claim_rows) -> str:
             L.append("")
     L.append("## Claim shapes (METHODS.md), as measured here\n")
     L.append("A claim \"A beats B\" is **held** when A's mean top-1 is higher; the note says when the difference "
-             "is within the seed spread (then it is not evidence either way). The ablations (gohsp{ranking=norm}, "
-             "vtp{scores=norm}) run on the ViT only.\n")
+             "is within the seed spread (then it is not evidence either way). Every method trained the same number "
+             "of epochs after the base model. The ablations (gohsp{ranking=norm}, vtp{scores=norm}) run on the ViT "
+             "only. The depth rows are vitcc's own (MDP, CVPR 2025, prunes depth and width together under a "
+             "latency budget; here the budgets are params and MACs).\n")
     L.append("| method | claim | verdict | figures |")
     L.append("| --- | --- | --- | --- |")
     for who, what, v, txt in claim_rows:
@@ -463,8 +541,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default=None, help="comma list of vit,swin")
     ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs after pruning (methods without a "
+                    "sparsity-training phase fine-tune --sparsity-epochs more: equal training for all)")
     ap.add_argument("--sparsity-epochs", type=int, default=1)
+    ap.add_argument("--full-matrix", action="store_true", help="every method at every budget on every model "
+                    "(about twice the hour on 2 cores)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest on shared cores; 2 on two free cores)")
     ap.add_argument("--methods", default=None, help="comma list of method labels (default: all)")
@@ -510,18 +591,27 @@ def main(argv=None):
         base[key] = info
         log(f"{key}: base top-1 {info['top1']:.3f}, {info['params']:,} params")
         calib = calibration_batch(loaders[0], 64, with_labels=True)
+        captured = capture(model, (x[:1],))  # once per model: every compile starts from a copy
         if key in matrix_models:
+            teacher = TeacherLogits(model, loaders[0])
             for target, goal in targets:
                 for label, spec, prune in methods:
                     if key != "vit" and label in ABLATIONS:
                         continue
+                    if not (args.full_matrix or args.quick or label in MATRIX.get((key, target), ())):
+                        continue
                     for seed in seeds:
                         loaders = loaders_for(seed, per_class)
-                        rows.append(run_one(args, key, model, loaders, calib, x, label, spec, prune, target, goal, seed))
-        sweeps += run_sweep(key, model, loaders, x, levels)
+                        rows.append(run_one(args, key, model, captured, teacher, loaders, calib, x, label, spec,
+                                            prune, target, goal, seed))
+        sweeps += run_sweep(key, captured, loaders, x, levels)
     summ = summarise(rows)
     base_acc = {k: v["top1"] for k, v in base.items()}
     claim_rows = claims(summ, sweeps, base_acc, models)
+    if not (args.full_matrix or args.quick):
+        notes.append("What ran where (time budget): " + "; ".join(
+            f"{m} at {t}: {', '.join(v)}" for (m, t), v in MATRIX.items()
+            if m in matrix_models) + ". `--full-matrix` runs every method everywhere.")
     if args.quick:
         notes.append(f"--quick: {QUICK_PER_CLASS} training images per class, short base training, 1 seed, 40% "
                      "parameters only, sweeps at 50% only; Swin is swept but not fine-tuned. Treat verdicts as a "

@@ -105,6 +105,8 @@ def _branch_of(gm: fx.GraphModule, add: fx.Node, order: dict) -> Branch | None:
         skip, out = (v, u) if only_u else (u, v)
     if shape_of(skip) is None or shape_of(skip) != shape_of(add):
         return None  # the add broadcasts the skip: it cannot become the skip
+    if out.op != "call_function" or not any(a.op == "placeholder" for a in (up if out is u else vp)):
+        return None  # a table added to the stream (a position embedding), not something computed from it
     before = _ancestors(skip)
     candidate = sorted((_ancestors(out) - before), key=order.__getitem__, reverse=True)
     removable: set[fx.Node] = {add}
