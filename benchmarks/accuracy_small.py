@@ -282,7 +282,7 @@ class GiveData(vitcc.Pass):
 
 
 def run_one(args, key, base, captured, teacher, loaders, calib, x, label, spec, prune, target, goal, seed) -> dict:
-    """One method at one budget and seed; `captured` is the base model's capture (compiled as a fresh copy)."""
+    """One method at one budget and seed; `captured` is the base model's capture (compile never writes it)."""
     t0 = time.perf_counter()
     sp, ft = train_epochs(args, label)
     row = {"model": key, "method": label, "target": target, "goal": goal, "seed": seed, "sparsity_epochs": sp,
@@ -292,7 +292,7 @@ def run_one(args, key, base, captured, teacher, loaders, calib, x, label, spec, 
             small = tp_prune(base, key, spec[3:], target, goal, x, calib)
         else:
             pipeline = spec.format(seed=seed, sp=sp)
-            res = vitcc.compile(copy.deepcopy(captured), pipeline, sparsity=goal, target=target, prune=prune,
+            res = vitcc.compile(captured, pipeline, sparsity=goal, target=target, prune=prune,
                                 example_inputs=(x[:1],),
                                 insert=[vitcc.Insertion(GiveData(loaders, calib, seed), after="analyze")])
             small = res.module
@@ -321,13 +321,13 @@ def run_sweep(key, captured, loaders, x, levels) -> list[dict]:
     rows = []
     for s in levels:
         for label, spec, prune in SWEEP_STRUCT:
-            res = vitcc.compile(copy.deepcopy(captured), spec, sparsity=s, target="params", prune=prune,
+            res = vitcc.compile(captured, spec, sparsity=s, target="params", prune=prune,
                                 example_inputs=(x[:1],))
             rows.append({"model": key, "kind": "channels", "method": label, "sparsity": s,
                          "params_removed": 1 - res.report["params_after"] / res.report["params_before"],
                          "top1": evaluate(res.module, loaders[1])["top1"]})
         for label, spec in SWEEP_WEIGHT:
-            res = vitcc.compile(copy.deepcopy(captured), spec, sparsity=s, example_inputs=(x[:1],))
+            res = vitcc.compile(captured, spec, sparsity=s, example_inputs=(x[:1],))
             ws = res.report["weight_sparsity"]
             rows.append({"model": key, "kind": "weights", "method": label, "sparsity": s,
                          "weights_removed": ws["of_all_parameters"], "per_family": ws["per_family"],
@@ -591,7 +591,7 @@ def main(argv=None):
         base[key] = info
         log(f"{key}: base top-1 {info['top1']:.3f}, {info['params']:,} params")
         calib = calibration_batch(loaders[0], 64, with_labels=True)
-        captured = capture(model, (x[:1],))  # once per model: every compile starts from a copy
+        captured = capture(model, (x[:1],))  # once per model: compile never writes it
         if key in matrix_models:
             teacher = TeacherLogits(model, loaders[0])
             for target, goal in targets:
