@@ -296,6 +296,27 @@ def _m(v):
     return "n/a" if v is None else f"{v / 1e6:.2f}M"
 
 
+def render_aims(width_rows: list[dict], depth_rows: list[dict]) -> list[str]:
+    """Issue 11's three aims, each with the figure that decides it (process CPU and wall-clock)."""
+    L = ["## The aims\n", "| aim | process CPU | wall-clock | met |", "|---|---:|---:|---|"]
+    vit_b = next((r for r in width_rows if r["label"] == "ViT-B"), None)
+    ratios = (vit_b or {}).get("ratios") or {}
+    for what, key, limit in (("ViT-B: whole compile <= Torch-Pruning (vitcc / TP)", "total/tp", 1.0),
+                             ("ViT-B: passes <= half of Torch-Pruning (passes / TP)", "passes/tp", 0.5)):
+        cpu, wall = (ratios.get(c, {}).get(key) for c in ("cpu", "wall"))
+        if cpu is not None:
+            L.append(f"| {what} | {cpu:.2f} | {_fmt(wall, 2)} | {'yes' if cpu <= limit else '**no**'} |")
+    fit = depth_fit(depth_rows, "vitcc_cpu_median", "total")
+    wall_fit = depth_fit(depth_rows, "vitcc_median", "total")
+    if fit:
+        L.append(f"| linear in depth (largest relative residual of a line through depths "
+                 f"{', '.join(str(d) for d, _ in fit['points'])}) | {fit['max_rel_residual']:.1%} | "
+                 f"{wall_fit['max_rel_residual']:.1%} | {'yes' if fit['max_rel_residual'] <= 0.1 else '**no**'} |")
+    L.append("\nRatios are medians of per-round ratios (vitcc and Torch-Pruning run back to back in each round). "
+             "Linear: within 10% of a straight line at every depth.\n")
+    return L
+
+
 def render(meta, width_rows, depth_rows) -> str:
     L = []
     L.append("# Compile time: vitcc's whole compile vs Torch-Pruning\n")
@@ -331,6 +352,7 @@ def render(meta, width_rows, depth_rows) -> str:
              "DependencyGraph built with `fused_attn=False`; num_heads/head_dim/attn_dim written back after "
              "`step()`. vitcc: `vitcc.compile(model, 'magnitude', sparsity=s)` (defaults: uniform, all group "
              "kinds residual/heads/head_dim/mlp, align=1).\n")
+    L.extend(render_aims(width_rows, depth_rows))
     for title, rows in (("Width: ViT-Ti / ViT-S / ViT-B", width_rows),
                         ("Depth: vit_small_patch16_224 with depth=N", depth_rows)):
         if not rows:

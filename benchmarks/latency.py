@@ -52,8 +52,8 @@ sys.path.insert(0, str(HERE))
 
 import vitcc  # noqa: E402
 from vitcc.export import export_onnx  # noqa: E402
-from vitcc.latency import (interleaved, loadavg, machine_info, onnx_feed, onnx_session, summarize,  # noqa: E402
-                           time_ratio, with_batch)
+from vitcc.latency import (interleaved, intra_op_threads, loadavg, machine_info, onnx_feed,  # noqa: E402
+                           onnx_session, summarize, time_ratio, with_batch)
 from vitcc.metrics import count_macs, count_params  # noqa: E402
 
 try:
@@ -78,11 +78,12 @@ def _err(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------- variants
 
-def compile_variant(dense, x, s: float, target: str, args, mods: dict, info: dict, key: str):
+def compile_variant(dense, x, s: float, target: str, args, mods: dict, info: dict, key: str, prune=None):
     """vitcc's magnitude compile of `dense` into mods[key] / info[key]; the error in info[key] on failure."""
     t0 = time.perf_counter()
     try:
-        r = vitcc.compile(dense, "magnitude", sparsity=s, target=target, align=args.align, example_inputs=(x,))
+        r = vitcc.compile(dense, "magnitude", sparsity=s, target=target, align=args.align, example_inputs=(x,),
+                          prune=prune)
     except Exception as e:
         info[key] = {"error": _err(e), "sparsity": s}
         traceback.print_exc()
@@ -91,6 +92,7 @@ def compile_variant(dense, x, s: float, target: str, args, mods: dict, info: dic
     rep = r.report
     info[key] = {"sparsity": s, "target": target, "align": args.align, "params": rep["params_after"],
                  "macs": rep["macs_after"], "widths": rep["widths"], "max_abs_error": rep.get("max_abs_error"),
+                 "removed_branches": rep.get("removed_branches", []), "prune": prune,
                  "compile_s": time.perf_counter() - t0}
     return r
 
@@ -237,8 +239,8 @@ def _ort_optimized_ops(path: Path) -> dict:
     return _onnx_ops(path.with_suffix(".opt.onnx"))
 
 
-def time_onnx(paths: dict, x: torch.Tensor, batch: int, args) -> dict:
-    sessions = {n: onnx_session(p, args.threads) for n, p in paths.items()}
+def time_onnx(paths: dict, x: torch.Tensor, batch: int, args, threads: int | None = None) -> dict:
+    sessions = {n: onnx_session(p, threads or args.threads) for n, p in paths.items()}
     xs = with_batch((x,), batch)
     fns = {n: (lambda s=s, f=onnx_feed(s, xs): s.run(None, f)) for n, s in sessions.items()}
     la0 = loadavg()
@@ -299,6 +301,55 @@ def bench_model(key: str, args) -> dict:
     out["seconds"] = time.perf_counter() - t_start
     del mods
     gc.collect()
+    return out
+
+
+def thread_counts(spec: str) -> list[int]:
+    """'1,2,all' -> [1, 2, os.cpu_count()], each count once, in order."""
+    counts = [os.cpu_count() or 1 if v == "all" else int(v) for v in spec.split(",") if v]
+    return list(dict.fromkeys(counts))
+
+
+THREAD_VARIANTS = {  # key -> --prune kinds (None: the default widths); all at 50% of MACs
+    "vitcc-50": None,
+    "branch-50": "branch",
+    "branch+widths-50": "residual,heads,head_dim,mlp,branch",
+}
+
+
+def threads_section(args) -> dict:
+    """DeiT-S, 50% of MACs removed by widths, by whole branches, and by both, timed against dense at every
+    thread count in `--thread-counts`, eager and onnxruntime, at the `--thread-batches`."""
+    label, name = MODELS["deit_s"]
+    print(f"== threads: {label}, counts {args.thread_counts}", flush=True)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    t_start = time.perf_counter()
+    dense = _make(name)
+    mods, info = {"dense": dense}, {"dense": {"params": count_params(dense), "macs": count_macs(dense, (x,))}}
+    for key, prune in THREAD_VARIANTS.items():
+        if compile_variant(dense, x, 0.5, "macs", args, mods, info, key, prune=prune) is not None:
+            v = info[key]
+            print(f"  {key}: MACs kept {v['macs'] / info['dense']['macs']:.3f}, branches removed "
+                  f"{len(v['removed_branches'])}", flush=True)
+    out = {"label": label, "model": name, "runs": [], "variants": info, "loadavg_start": loadavg(),
+           "command": _command(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    rounds = argparse.Namespace(**{**vars(args), "rounds": args.thread_rounds, "rounds_large": args.thread_rounds})
+    with tempfile.TemporaryDirectory(prefix="vitcc-threads-") as tmp:
+        paths = export_all(mods, x, Path(tmp), info, list(mods)) if args.onnx else {}
+        for threads in args.thread_counts:
+            with intra_op_threads(threads):
+                for b in args.thread_batches:
+                    runs = [time_eager(mods, x, b, rounds)]
+                    if paths:
+                        runs.append(time_onnx(paths, x, b, rounds, threads=threads))
+                    for run in runs:
+                        run["threads"] = threads
+                        compare([run], info)
+                        print(f"  {threads} thread(s):", flush=True)
+                        _print_run(run)
+                    out["runs"].extend(runs)
+    out["loadavg_end"] = loadavg()
+    out["seconds"] = time.perf_counter() - t_start
     return out
 
 
@@ -689,6 +740,8 @@ def render(data: dict) -> str:
                      f"**{_pct(h['efficiency'], 1)}** | {_pct(h['efficiency_cpu'], 1)} |")
         L.append("")
 
+    L.extend(render_threads(data.get("threads")))
+
     for key, m in data["models"].items():
         L.append(f"## {m['label']} (`{m['model']}`)\n")
         info = m["variants"]
@@ -832,6 +885,50 @@ def render(data: dict) -> str:
     return "\n".join(L)
 
 
+def render_threads(th: dict | None) -> list:
+    if not th:
+        return []
+    info, runs, d = th["variants"], th["runs"], th["variants"]["dense"]
+    counts = sorted({r["threads"] for r in runs})
+    L = [f"## Threads: {th['label']}, 50% of MACs removed, at {', '.join(map(str, counts))} threads\n",
+         f"Widths (`vitcc-50`), whole residual branches (`branch-50`: `--prune branch`) and both "
+         f"(`branch+widths-50`), each `target='macs'`, align {info.get('vitcc-50', {}).get('align')}; timed "
+         "against dense at each intra-op thread count (torch.set_num_threads, onnxruntime intra_op_num_threads), "
+         f"interleaved, {runs[0]['stats']['dense']['n'] if runs else 0} rounds. Load average "
+         f"{th['loadavg_start']} -> {th['loadavg_end']}; {th.get('seconds', 0):.0f} s. Measured by "
+         f"`{th['command']}` on {th['date']}. Aims (issue 11): at least 95% of the ideal at 1 and 2 threads in "
+         "both runtimes, at least 98% for the branch-removal models.\n"]
+    cols = [(r["threads"], r["runtime"], r["batch"]) for r in runs]
+    L.append("| variant | MACs kept | branches removed | ideal | "
+             + " | ".join(f"{rt} b{b}, {t} thr" for t, rt, b in cols) + " |")
+    L.append("|---|---:|---:|---:|" + "---:|" * len(cols))
+    for n, v in info.items():
+        if n == "dense":
+            L.append("| dense | 100% | 0 | 1.00x | " + " | ".join(
+                f"{r['stats']['dense']['wall']:.1f} ms" for r in runs) + " |")
+            continue
+        if "error" in v:
+            L.append(f"| {n} | failed: `{v['error'][:100]}` | | | " + " | ".join("" for _ in runs) + " |")
+            continue
+        cells = []
+        for r in runs:
+            c = r.get("compare", {}).get(n)
+            cells.append("-" if c is None else f"{c['speedup']:.2f}x, **{_pct(c['efficiency'])}** "
+                                               f"(cpu {_pct(c['efficiency_cpu'])})")
+        L.append(f"| {n} | {_pct(v['macs'] / d['macs'], 1)} | {len(v.get('removed_branches') or [])} | "
+                 f"{_x(d['macs'] / v['macs'])} | " + " | ".join(cells) + " |")
+    L.append("\nCells: speed-up (wall), **efficiency (wall)** (efficiency from CPU time, which counts every "
+             "thread's time: above 1 thread it is the work, not the latency). Dense row: median wall ms.\n")
+    for n, v in info.items():
+        if v.get("removed_branches"):
+            L.append(f"- {n}: removed {', '.join(v['removed_branches'])}; widths "
+                     + ", ".join(f"{k} {x['after']}/{x['before']}" for k, x in v["widths"].items()))
+        elif "widths" in v:
+            L.append(f"- {n}: widths " + ", ".join(f"{k} {x['after']}/{x['before']}" for k, x in v["widths"].items()))
+    L.append("")
+    return L
+
+
 def _count_diff(a: dict, b: dict) -> list:
     return [f"{k} {a.get(k, 0)} -> {b.get(k, 0)}" for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)]
 
@@ -962,12 +1059,17 @@ def main(argv=None):
     ap.add_argument("--rounds-large", type=int, default=5, help="interleaved rounds at batch >= 8")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="DeiT-S only, 50%%, batch 1, few rounds, no sweep")
-    ap.add_argument("--sections", default="models,latency,align,micro,breakdown",
-                    help="what to run: models (the comparison), latency (--target latency), align (the sweep), micro, "
+    ap.add_argument("--sections", default="models,threads,latency,align,micro,breakdown",
+                    help="what to run: models (the comparison), threads (DeiT-S at 1, 2 and all threads), latency "
+                         "(--target latency), align (the sweep), micro, "
                          "breakdown (torch.profiler time per op category, dense vs compact)")
     ap.add_argument("--breakdown-sparsity", type=float, default=0.5, help="fraction of MACs removed in breakdown")
     ap.add_argument("--breakdown-rounds", type=int, default=25, help="profiled calls per variant in breakdown")
     ap.add_argument("--breakdown-warmup", type=int, default=3)
+    ap.add_argument("--thread-counts", default="1,2,all", help="intra-op thread counts of the threads section "
+                                                               "('all': os.cpu_count())")
+    ap.add_argument("--thread-batches", default="8", help="batch sizes of the threads section")
+    ap.add_argument("--thread-rounds", type=int, default=11, help="interleaved rounds per batch in the threads section")
     ap.add_argument("--merge", action="store_true", help="keep what this run does not redo from an earlier run")
     ap.add_argument("--out", default=str(HERE / "results" / "latency"), help="path without extension")
     args = ap.parse_args(argv)
@@ -976,6 +1078,7 @@ def main(argv=None):
     args.sparsities, args.latency_targets = floats(args.sparsities), floats(args.latency_targets)
     args.batches, args.onnx_batches = ints(args.batches), ints(args.onnx_batches)
     args.align_sweep, args.sweep_batches = ints(args.align_sweep), ints(args.sweep_batches)
+    args.thread_counts, args.thread_batches = thread_counts(args.thread_counts), ints(args.thread_batches)
     models = [m for m in args.models.split(",") if m]
     if args.quick:
         models, args.sparsities, args.latency_targets = ["deit_s"], [0.5], [0.5]
@@ -1009,6 +1112,9 @@ def main(argv=None):
         _write(data, args, out, la0, t0)
     if "micro" in sections and args.micro:
         data["micro"] = micro(args)
+    if "threads" in sections:
+        data["threads"] = threads_section(args)
+        _write(data, args, out, la0, t0)
     if "breakdown" in sections:
         data.setdefault("breakdown", {})
         for key in models:

@@ -133,6 +133,12 @@ class Program:
         return self.keep.by_root(self.groups)
 
 
+def writes_in_place(graph: fx.Graph) -> bool:
+    """Whether some op of the graph mutates a tensor (an in-place aten op): a value read from a run may
+    then change later in the same run."""
+    return any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in graph.nodes)
+
+
 def working_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, frozenset[int]]:
     """A copy of `gm` (graph, modules, node meta) whose parameters and buffers share storage with gm's, and
     those storages. The copy's Parameters are its own objects (its gradients and requires_grad flags are not

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .coupling import Coupling, is_ttype
-from .ir import axis_mask
+from .ir import axis_mask, writes_in_place
 from .ops import OpTable
 
 aten = torch.ops.aten
@@ -33,8 +33,7 @@ class MaskedInterpreter(fx.Interpreter):
         self._removed: dict = {}
         # a masked parameter is the same on every input: masked once per interpreter, unless the graph
         # writes tensors in place (then every run starts from the tensors as they are)
-        self._constants: dict[str, torch.Tensor] | None = {} if not any(
-            getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes) else None
+        self._constants: dict[str, torch.Tensor] | None = None if writes_in_place(gm.graph) else {}
         for name, t in coupling.types.items():
             if is_ttype(t):
                 masks = [axis_mask(ax, keep, coupling.aliases) for ax in t]
