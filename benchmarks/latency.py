@@ -1068,7 +1068,7 @@ def main(argv=None):
     ap.add_argument("--breakdown-warmup", type=int, default=3)
     ap.add_argument("--thread-counts", default="1,2,all", help="intra-op thread counts of the threads section "
                                                                "('all': os.cpu_count())")
-    ap.add_argument("--thread-batches", default="8", help="batch sizes of the threads section")
+    ap.add_argument("--thread-batches", default="1,8", help="batch sizes of the threads section")
     ap.add_argument("--thread-rounds", type=int, default=11, help="interleaved rounds per batch in the threads section")
     ap.add_argument("--merge", action="store_true", help="keep what this run does not redo from an earlier run")
     ap.add_argument("--out", default=str(HERE / "results" / "latency"), help="path without extension")

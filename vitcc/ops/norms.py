@@ -56,19 +56,15 @@ def masked_norm(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
     w, b, eps = bound.get("weight"), bound.get("bias"), bound.get("eps")
     dims = tuple(range(x.dim() - k, x.dim()))
     count = m.expand(x.shape).sum(dims, keepdim=True)
-    x = x * m
-    if rms:
-        var = (x * x).sum(dims, keepdim=True) / count
-        y = x * torch.rsqrt(var + (eps if eps is not None else torch.finfo(x.dtype).eps))
-    else:
-        mean = x.sum(dims, keepdim=True) / count
-        xc = (x - mean) * m
-        var = (xc * xc).sum(dims, keepdim=True) / count
-        y = xc * torch.rsqrt(var + (1e-5 if eps is None else eps))
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
+    y = x * m  # the one full-size temporary: the rest is in place on it (a norm's input is a residual stream)
+    if not rms:
+        y.sub_(y.sum(dims, keepdim=True).div_(count)).mul_(m)
+    var = torch.linalg.vector_norm(y, 2, dims, keepdim=True).square_().div_(count)
+    default_eps = torch.finfo(x.dtype).eps if rms else 1e-5
+    y.mul_(var.add_(default_eps if eps is None else eps).rsqrt_())
+    for p, op in ((w, torch.Tensor.mul_), (b, torch.Tensor.add_)):
+        if p is not None:
+            y = op(y, p) if torch.result_type(y, p) == y.dtype else (y * p if op is torch.Tensor.mul_ else y + p)
     return y
 
 
