@@ -78,12 +78,13 @@ def _err(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------- variants
 
-def compile_variant(dense, x, s: float, target: str, args, mods: dict, info: dict, key: str, prune=None):
+def compile_variant(dense, x, s: float, target: str, args, mods: dict, info: dict, key: str, prune=None,
+                    threads=None):
     """vitcc's magnitude compile of `dense` into mods[key] / info[key]; the error in info[key] on failure."""
     t0 = time.perf_counter()
     try:
         r = vitcc.compile(dense, "magnitude", sparsity=s, target=target, align=args.align, example_inputs=(x,),
-                          prune=prune)
+                          prune=prune, threads=threads)
     except Exception as e:
         info[key] = {"error": _err(e), "sparsity": s}
         traceback.print_exc()
@@ -93,7 +94,8 @@ def compile_variant(dense, x, s: float, target: str, args, mods: dict, info: dic
     info[key] = {"sparsity": s, "target": target, "align": args.align, "params": rep["params_after"],
                  "macs": rep["macs_after"], "widths": rep["widths"], "max_abs_error": rep.get("max_abs_error"),
                  "removed_branches": rep.get("removed_branches", []), "prune": prune,
-                 "compile_s": time.perf_counter() - t0}
+                 "compile_s": time.perf_counter() - t0, **({"latency_model": rep["latency_model"]}
+                                                           if "latency_model" in rep else {})}
     return r
 
 
@@ -334,14 +336,25 @@ def threads_section(args) -> dict:
     out = {"label": label, "model": name, "runs": [], "variants": info, "loadavg_start": loadavg(),
            "command": _command(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     rounds = argparse.Namespace(**{**vars(args), "rounds": args.thread_rounds, "rounds_large": args.thread_rounds})
+    fixed = list(mods)
     with tempfile.TemporaryDirectory(prefix="vitcc-threads-") as tmp:
-        paths = export_all(mods, x, Path(tmp), info, list(mods)) if args.onnx else {}
+        paths = export_all(mods, x, Path(tmp), info, fixed) if args.onnx else {}
         for threads in args.thread_counts:
+            # --target latency --threads N: ops timed at this count (its own cache), then timed here with the rest
+            key = f"latency-50@{threads}"
+            names = fixed
+            if compile_variant(dense, x, 0.5, "latency", args, mods, info, key, threads=threads) is not None:
+                names = [*fixed, key]
+                if args.onnx:
+                    paths.update(export_all(mods, x, Path(tmp), info, [key]))
+                print(f"  {key}: predicted reduction {info[key]['latency_model']['predicted_reduction']:.3f}, MACs "
+                      f"kept {info[key]['macs'] / info['dense']['macs']:.3f}", flush=True)
             with intra_op_threads(threads):
                 for b in args.thread_batches:
-                    runs = [time_eager(mods, x, b, rounds)]
+                    runs = [time_eager(mods, x, b, rounds, names)]
                     if paths:
-                        runs.append(time_onnx(paths, x, b, rounds, threads=threads))
+                        runs.append(time_onnx({n: paths[n] for n in names if n in paths}, x, b, rounds,
+                                              threads=threads))
                     for run in runs:
                         run["threads"] = threads
                         compare([run], info)
@@ -377,7 +390,6 @@ def latency_targets(key: str, args) -> dict:
         if r is None:
             continue
         rep = r.report
-        info[k]["latency_model"] = rep["latency_model"]
         print(f"  {k}: predicted reduction {rep['latency_model']['predicted_reduction']:.3f}, MACs kept "
               f"{rep['macs_after'] / rep['macs_before']:.3f}, {rep['latency_model']['ops_measured']} ops measured, "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
@@ -920,7 +932,16 @@ def render_threads(th: dict | None) -> list:
     L.append("\nCells: speed-up (wall), **efficiency (wall)** (efficiency from CPU time, which counts every "
              "thread's time: above 1 thread it is the work, not the latency). Dense row: median wall ms.\n")
     for n, v in info.items():
-        if v.get("removed_branches"):
+        lm = v.get("latency_model")
+        if lm:
+            t = lm.get("threads")
+            run = next((r for r in runs if r["threads"] == t and r["runtime"] == "eager" and r["batch"] == 1), None)
+            c = (run or {}).get("compare", {}).get(n, {})
+            L.append(f"- {n}: `target='latency', threads={t}` (ops timed at {t} thread(s), eager, batch 1): "
+                     f"requested 50%, predicted {_pct(lm['predicted_reduction'], 1)}, measured at {t} thread(s) "
+                     f"**{_pct(c.get('reduction'), 1)}** (eager b1); widths "
+                     + ", ".join(f"{k} {x['after']}/{x['before']}" for k, x in v["widths"].items()))
+        elif v.get("removed_branches"):
             L.append(f"- {n}: removed {', '.join(v['removed_branches'])}; widths "
                      + ", ".join(f"{k} {x['after']}/{x['before']}" for k, x in v["widths"].items()))
         elif "widths" in v:

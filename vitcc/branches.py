@@ -18,7 +18,7 @@ a value mutated in place outside it) is listed with `frozen`, the reason, and ca
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -59,12 +59,12 @@ class Branch:
 
 def find_branches(gm: fx.GraphModule, types: dict, groups: list[Group]) -> list[Branch]:
     """The residual branches of a captured graph, in graph order, named by the parameters they read."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    graph = _Ancestry(gm.graph)
     adds = stream_adds(gm.graph, types, groups)
     add_names = {a.name for a in adds}
     found = []
     for add in adds:
-        b = _branch_of(gm, add, order)
+        b = _branch_of(add, graph)
         if b is None:
             continue
         if b.prunable and add_names & (set(b.nodes) - {add.name}):
@@ -74,41 +74,57 @@ def find_branches(gm: fx.GraphModule, types: dict, groups: list[Group]) -> list[
     return found
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
+class _Ancestry:
+    """Every node's ancestors (itself included) as a bit set over graph positions, from one pass in graph
+    order: a branch is the ancestors of its output less those of its skip, and walking them per add
+    made finding branches quadratic in depth."""
+
+    def __init__(self, graph: fx.Graph):
+        self.nodes = list(graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.bits: dict[fx.Node, int] = {}
+        self.params = self.inputs = 0
+        for i, n in enumerate(self.nodes):
+            bits = 1 << i
+            for a in n.all_input_nodes:
+                bits |= self.bits[a]
+            self.bits[n] = bits
+            self.params |= (n.op == "get_attr") << i
+            self.inputs |= (n.op == "placeholder") << i
+
+    def has(self, node: fx.Node, ancestor: fx.Node) -> bool:
+        return bool(self.bits[node] >> self.order[ancestor] & 1)
+
+    def members(self, bits: int) -> list[fx.Node]:
+        """The nodes of a bit set, in graph order."""
+        out = []
+        while bits:
+            low = bits & -bits
+            out.append(self.nodes[low.bit_length() - 1])
+            bits ^= low
+        return out
 
 
-def _has_params(nodes: Iterable[fx.Node]) -> bool:
-    return any(n.op == "get_attr" for n in nodes)
-
-
-def _branch_of(gm: fx.GraphModule, add: fx.Node, order: dict) -> Branch | None:
+def _branch_of(add: fx.Node, graph: _Ancestry) -> Branch | None:
     operands = [a for a in add.args if isinstance(a, fx.Node)]
     if len(operands) != 2 or operands[0] is operands[1] or len(add.args) != 2:
         return None
     u, v = operands
-    up, vp = _ancestors(u), _ancestors(v)
-    if u in vp:
+    up, vp = graph.bits[u], graph.bits[v]
+    if graph.has(v, u):
         skip, out = u, v
-    elif v in up:
+    elif graph.has(u, v):
         skip, out = v, u
     else:  # both read the stream (the skip through a view): the branch is the side that owns parameters
-        only_u, only_v = _has_params(up - vp), _has_params(vp - up)
+        only_u, only_v = bool(up & ~vp & graph.params), bool(vp & ~up & graph.params)
         if only_u == only_v:
             return None
         skip, out = (v, u) if only_u else (u, v)
     if shape_of(skip) is None or shape_of(skip) != shape_of(add):
         return None  # the add broadcasts the skip: it cannot become the skip
-    if out.op != "call_function" or not any(a.op == "placeholder" for a in (up if out is u else vp)):
+    if out.op != "call_function" or not graph.bits[out] & graph.inputs:
         return None  # a table added to the stream (a position embedding), not something computed from it
-    before = _ancestors(skip)
-    candidate = sorted((_ancestors(out) - before), key=order.__getitem__, reverse=True)
+    candidate = graph.members(graph.bits[out] & ~graph.bits[skip])[::-1]
     removable: set[fx.Node] = {add}
     outside = None
     for n in candidate:  # users first: a node goes with the branch when everything that reads it does
@@ -121,7 +137,7 @@ def _branch_of(gm: fx.GraphModule, add: fx.Node, order: dict) -> Branch | None:
             continue
         removable.add(n)
     removable.discard(add)
-    nodes = sorted(removable, key=order.__getitem__)
+    nodes = sorted(removable, key=graph.order.__getitem__)
     b = Branch(name="", role=BRANCH, add=add.name, output=out.name, skip=skip.name,
                nodes=tuple(n.name for n in nodes), params=tuple(n.target for n in nodes if n.op == "get_attr"),
                ops=sum(n.op != "get_attr" for n in nodes))
