@@ -146,14 +146,13 @@ class MaskedInterpreter(fx.Interpreter):
             return out, True
         if not isinstance(out, torch.Tensor):  # a tuple (unbind, split): clean where its parts re-index a clean input
             return out, self._reindexes_clean(n, [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
+        source = self._aliased_input(n, out) if n.op == "call_function" else None
+        view_of_clean = source is not None and self._keeps_zeros(n, source, out)
         removed = self.removed(n.name, out)
-        if not removed:  # removed positions it cannot tell per position (a fused axis) or of another rank
-            return out, self._reindexes_clean(n, [out])
+        if not removed or view_of_clean:  # (not removed: a fused axis it cannot tell per position, or another rank)
+            return out, view_of_clean
         # a removed position is zero even where the op made it NaN (0/0 after masking): a fill, not a product;
         # in place where the op made a new tensor, else into a new one (a view must not write its source)
-        if self._reindexes_clean(n, [out]):
-            return out, True
-        source = self._aliased_input(n, out) if n.op == "call_function" else None
         fresh = n.op == "call_function" and source is None
         for i, where in enumerate(removed):
             out = out.masked_fill_(where, 0) if fresh or i else out.masked_fill(where, 0)
@@ -171,7 +170,7 @@ class MaskedInterpreter(fx.Interpreter):
         return None
 
     def _reindexes_clean(self, n: fx.Node, outputs: list[torch.Tensor]) -> bool:
-        """Whether every output of `n` is a view of a clean input that keeps its zeros (`_keeps_zeros`)."""
+        """Whether every output of `n` (a tuple's parts) is a view of a clean input that keeps its zeros."""
         if n.op != "call_function" or not outputs:
             return False
         return all((src := self._aliased_input(n, t)) is not None and self._keeps_zeros(n, src, t) for t in outputs)
