@@ -604,7 +604,7 @@ def breakdown(key: str, args) -> dict:
     out = {"label": label, "model": name, "sparsity": s, "align": args.align, "macs": macs,
            "widths": r.report["widths"], "command": _command(), "loadavg_start": loadavg(),
            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "rounds": args.breakdown_rounds, "warmup": args.breakdown_warmup}
+           "rounds": args.breakdown_rounds, "warmup": args.breakdown_warmup, "threads": torch.get_num_threads()}
     names = list(mods)
     samples = {n: [] for n in names}
     t0 = time.perf_counter()
@@ -710,11 +710,11 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    removed branch takes its LayerNorm, GELU, softmax and add with it, which the MAC ratio does not count.
    Narrowing keeps 89-93% at 1 thread and 85-93% at 2 (21 interleaved rounds; an 11-round run an hour earlier
    gave 90-92% and 83-90%). What costs the narrower model at 2 threads, batch 1
-   (`--sections breakdown --threads 2`): the GEMMs run 10% slower per MAC than the dense ones (30% of the
-   gap to the ideal); fused attention keeps 62% of its work (60 of 72 heads at head dim 48) while the MACs
-   keep 50%, and runs 10% slower per unit of work (26%); GELU, LayerNorm, the adds and the patch embedding
-   shrink only with the residual and MLP widths (71%) and run 19-32% slower per element at the smaller
-   size, where a two-thread split has less to share (37%). No op is added and none is unfused: per aten op
+   (`benchmarks/results/latency_breakdown_threads2.md`): the GEMMs run 8% slower per MAC than the dense
+   ones (25% of the gap to the ideal); fused attention keeps 62% of its work (60 of 72 heads at head dim
+   48) while the MACs keep 50%, and runs 10% slower per unit of work (29%); GELU, LayerNorm, the adds and
+   the patch embedding shrink only with the residual and MLP widths (71%) and run 4-36% slower per element
+   at the smaller size, where a two-thread split has less to share (40%). No op is added and none is unfused: per aten op
    the compact graph makes the dense graph's calls. In onnxruntime the optimized compact and dense graphs
    have the same op histogram, and attention is unfused (MatMul, Softmax) in both: ORT's CPU optimizer has
    no fusion for this export's attention pattern, so neither model loses one. One measurement fix: sessions
@@ -982,7 +982,8 @@ def render_breakdown(bd: dict) -> list:
     L = ["## Where the time goes: time per op category, dense vs compact (torch.profiler, eager, batch 1)\n"]
     L.append("`--sections breakdown`: the dense timm model, the same model as vitcc's torch.export capture sees it (dense-captured, "
              "unpruned) and the vitcc compact model (`vitcc.compile(model, 'magnitude', sparsity=0.5, target='macs', "
-             f"align={'/'.join(sorted({str(m.get('align')) for m in bd.values()}))})`, as in the models section), 1 thread, `torch.inference_mode()`, profiled interleaved (one "
+             f"align={'/'.join(sorted({str(m.get('align')) for m in bd.values()}))})`, as in the models section), "
+             f"{'/'.join(sorted({str(m.get('threads', 1)) for m in bd.values()}))} thread(s), `torch.inference_mode()`, profiled interleaved (one "
              "call of each per round, rotating order) under `torch.profiler` (CPU, record_shapes). Every aten op's "
              "self CPU time is charged to the top-level aten op the graph called (so `aten::linear` holds its "
              "`addmm`, `aten::roll` and `aten::reshape` the copies they make) and grouped by category; figures are "
