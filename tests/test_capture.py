@@ -94,3 +94,20 @@ def test_shapes_from_export_refuses_a_graph_without_records():
     next(n for n in gm.graph.nodes if n.op == "call_function").meta.pop("val")
     before = _records(gm)
     assert not shapes_from_export(gm, (torch.randn(1, 3, 32, 32),)) and _records(gm) == before
+
+
+def test_capture_reads_parameters_not_a_cache_a_forward_filled():
+    """EfficientViT-MSRA caches its attention-bias table on the first eval forward: capture must not run one
+    first, or the graph bakes the table in as a constant and its parameter goes dead (and is never trained)."""
+    timm = pytest.importorskip("timm")
+    import warnings
+    m = timm.create_model("efficientvit_m0", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's note that the cache attribute was assigned during export
+        gm = capture(m, (x,))
+    attrs = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    assert sum(a.endswith("attn.attention_biases") for a in attrs) == 6
+    assert not any("attention_bias_cache" in a for a in attrs)
+    assert all(not a.attention_bias_cache for a in m.modules() if hasattr(a, "attention_bias_cache"))
+    torch.testing.assert_close(gm(x), m(x))
