@@ -714,7 +714,10 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    ones (25% of the gap to the ideal); fused attention keeps 62% of its work (60 of 72 heads at head dim
    48) while the MACs keep 50%, and runs 10% slower per unit of work (29%); GELU, LayerNorm, the adds and
    the patch embedding shrink only with the residual and MLP widths (71%) and run 4-36% slower per element
-   at the smaller size, where a two-thread split has less to share (40%). No op is added and none is unfused: per aten op
+   at the smaller size, where a two-thread split has less to share (40%). Coarser widths do not close it
+   (`benchmarks/results/latency_align_threads2.md`, align 16/32/64 at 2 threads: 87-89% at batch 1 in eager,
+   84-86% in onnxruntime), and at batch 8 the same align-16 model measured 100% there against 93% in the
+   threads table: at 2 threads on 2 shared cores, runs differ by several points. No op is added and none is unfused: per aten op
    the compact graph makes the dense graph's calls. In onnxruntime the optimized compact and dense graphs
    have the same op histogram, and attention is unfused (MatMul, Softmax) in both: ORT's CPU optimizer has
    no fusion for this export's attention pattern, so neither model loses one. One measurement fix: sessions
@@ -866,6 +869,8 @@ def render(data: dict) -> str:
     if sweep:
         info = sweep["variants"]
         L.append("## --align sweep: DeiT-S, 50% of MACs removed\n")
+        if sweep.get("command"):
+            L.append(f"Measured by `{sweep['command']}`.\n")
         cols = [(r["runtime"], r["batch"]) for r in sweep["runs"]]
         L.append("| align | head dim | residual | mlp/block | MACs kept | " + " | ".join(
             f"{rt} b{b} eff (wall / cpu)" for rt, b in cols) + " |")
@@ -1152,7 +1157,7 @@ def main(argv=None):
             data["latency_target"][key] = latency_targets(key, args)
             _write(data, args, out, la0, t0)
     if "align" in sections and args.align_sweep:
-        data["align_sweep"] = align_sweep(args)
+        data["align_sweep"] = {**align_sweep(args), "command": _command()}
         _write(data, args, out, la0, t0)
     if "micro" in sections and args.micro:
         data["micro"] = micro(args)
