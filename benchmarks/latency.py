@@ -787,24 +787,8 @@ def render(data: dict) -> str:
                  f"Measured by `{m.get('command', meta['command'])}` on {m.get('date', meta['date'])}"
                  f"{', ' + m['cpu'] if m.get('cpu') else ''}.\n")
         runs = m["runs"]
-        cols = [(r["runtime"], r["batch"]) for r in runs]
-        L.append("| variant | MACs kept | params | ideal | " + " | ".join(f"{rt} b{b}" for rt, b in cols) + " |")
-        L.append("|---|---:|---:|---:|" + "---:|" * len(cols))
-        for n, v in info.items():
-            if n == "dense":
-                cells = [f"{r['stats']['dense']['wall']:.1f} ms" if "dense" in r["stats"] else "n/a" for r in runs]
-                L.append(f"| dense | 100% | {d['params'] / 1e6:.2f}M | 1.00x | " + " | ".join(cells) + " |")
-                continue
-            if "error" in v:
-                L.append(f"| {n} | failed | | | " + " | ".join("" for _ in runs) + " |")
-                continue
-            cells = []
-            for r in runs:
-                c = r.get("compare", {}).get(n)
-                cells.append("-" if c is None else f"{c['speedup']:.2f}x, **{_pct(c['efficiency'])}** "
-                                                   f"(cpu {_pct(c['efficiency_cpu'])})")
-            L.append(f"| {n} | {_pct(v['macs'] / d['macs'], 1)} | {v['params'] / 1e6:.2f}M | "
-                     f"{_x(d['macs'] / v['macs'])} | " + " | ".join(cells) + " |")
+        L.extend(_variant_table(info, runs, [f"{r['runtime']} b{r['batch']}" for r in runs], "params",
+                                lambda v: f"{v['params'] / 1e6:.2f}M"))
         L.append("\nCells: speed-up (wall), **efficiency (wall)** (efficiency from CPU time). Dense row: median ms.\n")
         notes = []
         dense_ops = (d.get("onnx") or {}).get("ort_optimized_nodes")
@@ -924,10 +908,33 @@ def render(data: dict) -> str:
     return "\n".join(L)
 
 
+def _variant_table(info: dict, runs: list, columns: list[str], extra: str, extra_of) -> list[str]:
+    """Rows of variants against dense: MACs kept, one model-specific column, the ideal, and per run the
+    speed-up and efficiency (dense: its median wall ms)."""
+    d = info["dense"]
+    L = [f"| variant | MACs kept | {extra} | ideal | " + " | ".join(columns) + " |",
+         "|---|---:|---:|---:|" + "---:|" * len(runs)]
+    for n, v in info.items():
+        if n == "dense":
+            L.append(f"| dense | 100% | {extra_of(v)} | 1.00x | " + " | ".join(
+                f"{r['stats']['dense']['wall']:.1f} ms" if "dense" in r["stats"] else "n/a" for r in runs) + " |")
+        elif "error" in v:
+            L.append(f"| {n} | failed: `{v['error'][:100]}` | | | " + " | ".join("" for _ in runs) + " |")
+        else:
+            cells = []
+            for r in runs:
+                c = r.get("compare", {}).get(n)
+                cells.append("-" if c is None else f"{c['speedup']:.2f}x, **{_pct(c['efficiency'])}** "
+                                                   f"(cpu {_pct(c['efficiency_cpu'])})")
+            L.append(f"| {n} | {_pct(v['macs'] / d['macs'], 1)} | {extra_of(v)} | {_x(d['macs'] / v['macs'])} | "
+                     + " | ".join(cells) + " |")
+    return L
+
+
 def render_threads(th: dict | None) -> list:
     if not th:
         return []
-    info, runs, d = th["variants"], th["runs"], th["variants"]["dense"]
+    info, runs = th["variants"], th["runs"]
     counts = sorted({r["threads"] for r in runs})
     L = [f"## Threads: {th['label']}, 50% of MACs removed, at {', '.join(map(str, counts))} threads\n",
          f"Widths (`vitcc-50`), whole residual branches (`branch-50`: `--prune branch`) and both "
@@ -937,25 +944,8 @@ def render_threads(th: dict | None) -> list:
          f"{th['loadavg_start']} -> {th['loadavg_end']}; {th.get('seconds', 0):.0f} s. Measured by "
          f"`{th['command']}` on {th['date']}, {th.get('cpu', 'n/a')}. Aims (issue 11): at least 95% of the ideal at 1 and 2 threads in "
          "both runtimes, at least 98% for the branch-removal models.\n"]
-    cols = [(r["threads"], r["runtime"], r["batch"]) for r in runs]
-    L.append("| variant | MACs kept | branches removed | ideal | "
-             + " | ".join(f"{rt} b{b}, {t} thr" for t, rt, b in cols) + " |")
-    L.append("|---|---:|---:|---:|" + "---:|" * len(cols))
-    for n, v in info.items():
-        if n == "dense":
-            L.append("| dense | 100% | 0 | 1.00x | " + " | ".join(
-                f"{r['stats']['dense']['wall']:.1f} ms" for r in runs) + " |")
-            continue
-        if "error" in v:
-            L.append(f"| {n} | failed: `{v['error'][:100]}` | | | " + " | ".join("" for _ in runs) + " |")
-            continue
-        cells = []
-        for r in runs:
-            c = r.get("compare", {}).get(n)
-            cells.append("-" if c is None else f"{c['speedup']:.2f}x, **{_pct(c['efficiency'])}** "
-                                               f"(cpu {_pct(c['efficiency_cpu'])})")
-        L.append(f"| {n} | {_pct(v['macs'] / d['macs'], 1)} | {len(v.get('removed_branches') or [])} | "
-                 f"{_x(d['macs'] / v['macs'])} | " + " | ".join(cells) + " |")
+    L.extend(_variant_table(info, runs, [f"{r['runtime']} b{r['batch']}, {r['threads']} thr" for r in runs],
+                            "branches removed", lambda v: str(len(v.get("removed_branches") or []))))
     L.append("\nCells: speed-up (wall), **efficiency (wall)** (efficiency from CPU time, which counts every "
              "thread's time: above 1 thread it is the work, not the latency). Dense row: median wall ms.\n")
     for n, v in info.items():
