@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from .errors import VitccError
 from .capture import capture, export_program, source_meta
 from .groups import Group, model_blocks
-from .ir import Program, working_copy
+from .ir import Program, working_copy, writes_in_place
 from .selection import Selection
 from .spaces import find
 from .metrics import count_macs, count_params
@@ -86,7 +86,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     # the passes work on a copy that shares them too until a pass may write weights (Program.own_tensors)
     original = model if captured else capture(model, example_inputs)
     macs_before = original.meta.pop("macs", None) if not captured else None  # where capture had to run it
-    if _mutates_state(original):
+    if writes_in_place(original.graph):
         original = copy.deepcopy(original)
     gm, shared = working_copy(original)
     program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
@@ -244,11 +244,6 @@ class _GivenSelection(Pass):
             for g in program.branch(name).groups:
                 program.keep.pop(g, None)
         return PassResult()
-
-
-def _mutates_state(gm: fx.GraphModule) -> bool:
-    """Whether running the graph may write a tensor in place (an op whose schema mutates an argument)."""
-    return any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes)
 
 
 def _any_meta(gm: fx.GraphModule) -> dict:
