@@ -308,7 +308,7 @@ def _search_with_branches(program: "Program", goal: float, widths: set[str], ali
     alone = {n: base - cost(KeptByRoot({}, {n})) for n in branches}
     order = branch_order(program, per=alone)
     if not widths:
-        names = _branches_for(program, goal, order, reduction)
+        names = _branches_for(program, goal, order, reduction, alone, base)
         return (without_branches(program, Selection(), names),
                 f"{len(names)} of {len(order)} branches removed (least score for the {what})")
     loss = BranchLoss(program)
@@ -329,26 +329,41 @@ def _search_with_branches(program: "Program", goal: float, widths: set[str], ali
     return keep, f"{k} of {len(order)} branches removed (least loss per {what}), widths: {how}"
 
 
-def _branches_for(program: "Program", goal: float, order: list[str], reduction: Callable[[Selection], float]) -> list[str]:
+def _branches_for(program: "Program", goal: float, order: list[str], reduction: Callable[[Selection], float],
+                  alone: dict[str, float], base: float) -> list[str]:
     """Branches whose removal reaches the goal with the least total score: the first of `order` that reach it,
     then while it lowers the total, one dropped or one swapped for a lower-scored one (a whole branch is a
-    big step: the first that reach the goal can overshoot it by most of a branch)."""
+    big step: the first that reach the goal can overshoot it by most of a branch).
+
+    A candidate is costed (a walk over the whole graph) only where the sum of its branches' own reductions
+    (`alone`) says it may reach the goal, give or take how far that sum has been from the costed figure so
+    far: parameters and MACs add up exactly, so trying every swap costed the graph thousands of times."""
     score = {n: float(program.scores[n].sum()) for n in order}
-    reaches = lambda names: reduction(without_branches(program, Selection(), names)) >= goal
+    slack = 0.0
+
+    def reaches(names: list[str]) -> bool:
+        nonlocal slack
+        additive = sum(alone[n] for n in names) / base if base > 0 else 0.0
+        if additive + slack + 1e-9 < goal:
+            return False
+        got = reduction(without_branches(program, Selection(), names))
+        slack = max(slack, additive - got)  # where the sum overstated a reduction, trust it less
+        return got >= goal
+
     k = next(k for k in range(len(order) + 1) if reaches(order[:k]))
     chosen = order[:k]
-    while True:
-        drop = [n for n in sorted(chosen, key=score.__getitem__, reverse=True)
-                if reaches([m for m in chosen if m != n])]
-        if drop:
-            chosen = [m for m in chosen if m != drop[0]]
+    while True:  # candidates best first, each costed only until one reaches the goal
+        drop = next((n for n in sorted(chosen, key=score.__getitem__, reverse=True)
+                     if reaches([m for m in chosen if m != n])), None)
+        if drop is not None:
+            chosen = [m for m in chosen if m != drop]
             continue
-        swaps = [(score[i] - score[o], o, i) for o in chosen for i in order if i not in chosen and score[i] < score[o]
-                 and reaches([*(m for m in chosen if m != o), i])]
-        if not swaps:
+        swaps = sorted((score[i] - score[o], o, i) for o in chosen for i in order
+                       if i not in chosen and score[i] < score[o])
+        swap = next(((o, i) for _, o, i in swaps if reaches([*(m for m in chosen if m != o), i])), None)
+        if swap is None:
             return [n for n in order if n in chosen]
-        _, o, i = min(swaps)
-        chosen = [*(m for m in chosen if m != o), i]
+        chosen = [*(m for m in chosen if m != swap[0]), swap[1]]
 
 
 OVERSHOOT = 0.02  # how far past the goal a selection may go (a whole branch is a big step) and still compete
