@@ -151,15 +151,19 @@ def test_norm_over_all_channels_fails(classifier, monkeypatch):
     assert calls, "no norm was evaluated by the reference"
 
 
-# (4) slice a bias but not its weight ----------------------------------------------------------------
+# (4) slice a weight wrong: not as its bias, or not as its input ------------------------------------
 
-def unselected_fc1_rows(program) -> int:
-    """fc1's bias takes the kept neurons, its weight the first rows (the right shape, the wrong rows)."""
-    name = "blocks.0.mlp.fc1.weight"
-    rows = _kept(program, name, 0)
-    assert not torch.equal(rows, torch.arange(len(rows))), "kept neurons are a prefix: nothing to break"
-    _reslice(program, name, axis0=torch.arange(len(rows)))
-    return 1
+def first_positions(name: str, axis: int):
+    """The weight `name` sliced with its first positions on `axis` instead of the kept ones: the right shape,
+    the wrong neurons (fc1's rows: its bias holds the kept ones; fc2's columns: the reference reads the kept
+    ones of the original weight)."""
+    def edit(program) -> int:
+        kept = _kept(program, name, axis)
+        assert not torch.equal(kept, torch.arange(len(kept))), "kept neurons are a prefix: nothing to break"
+        _reslice(program, name, **{f"axis{axis}": torch.arange(len(kept))})
+        return 1
+    edit.__name__ = f"first_positions_of_{name}_{axis}"
+    return edit
 
 
 def unsliced_fc1_weight(program) -> int:
@@ -170,8 +174,9 @@ def unsliced_fc1_weight(program) -> int:
 
 
 @pytest.mark.parametrize("classifier", CLASSIFIERS)
-@pytest.mark.parametrize("edit", [unselected_fc1_rows, unsliced_fc1_weight])
-def test_bias_sliced_but_not_weight_fails(classifier, edit):
+@pytest.mark.parametrize("edit", [first_positions("blocks.0.mlp.fc1.weight", 0), unsliced_fc1_weight,
+                                  first_positions("blocks.0.mlp.fc2.weight", 1)], ids=["fc1 rows", "fc1 whole", "fc2 columns"])
+def test_a_weight_sliced_wrong_fails(classifier, edit):
     compile_mutated(classifier, edit)
 
 

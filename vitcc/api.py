@@ -18,7 +18,7 @@ from .groups import Group, model_blocks
 from .ir import Program, working_copy, writes_in_place
 from .selection import Selection
 from .spaces import find
-from .metrics import count_macs, count_params
+from .metrics import count_graph_macs, count_params
 from .ops import OpTable, default_table
 from .pipeline import Insertion, Pass, PassManager, PassRegistry, build_pipeline, format_pipeline
 
@@ -107,10 +107,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     if keep is not None:
         pipeline.insert(next(i for i, p in enumerate(pipeline) if p.name == "select"), _GivenSelection(keep))
     PassManager(pipeline, on_pass).run(program)
-    if macs_before is None and program.original is original:  # verify ran the model it was given
-        macs_before = program.reference_macs
     program.report.update({"params_before": count_params(original), "macs_before": macs_before
-                           if macs_before is not None else count_macs(original, example_inputs)})
+                           if macs_before is not None else count_graph_macs(original, example_inputs)})
     macs_after = program.gm.meta.pop("macs", None)  # counted with the compact graph's shapes, when they were
     blocks, block_of = model_blocks(program.groups)
     gone = {g for name in program.keep.removed for g in program.branch(name).groups}  # went with their branch
@@ -120,7 +118,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                    "prune": prune if prune is None or isinstance(prune, str) else list(prune)},
         "input_shapes": [list(getattr(x, "shape", ())) for x in example_inputs],
         "params_after": count_params(program.gm),
-        "macs_after": macs_after if macs_after is not None else count_macs(program.gm, example_inputs),
+        "macs_after": macs_after if macs_after is not None else count_graph_macs(program.gm, example_inputs),
         "groups": [{**g.to_json(), "block": block_of[g.name],
                     "kept": [] if g.name in gone else [int(i) for i in program.keep.get(g.name, range(g.size))]}
                    for g in program.groups],

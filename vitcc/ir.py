@@ -45,7 +45,6 @@ class Program:
     # storages `gm` still shares with `original` (a `working_copy`): written in place, they would change the
     # reference and the user's model too, so `own_tensors` copies them before any pass that may write weights
     shared: frozenset[int] = frozenset()
-    reference_macs: int | None = None  # MACs of a run of `original` at the example inputs, when verify counted them
 
     def __post_init__(self) -> None:
         if self.original is None:

@@ -3,7 +3,9 @@
 Semantics (docs/ARCHITECTURE.md): a removed channel is zero wherever its space appears; a norm over a
 space with removed channels takes its statistics over the kept channels only; attention keeps the
 original scale (the original graph is run unchanged, so it does). Ops whose masked semantics differ from
-running them on zeroed inputs say so in the op table (`OpInfo.masked`). A removed residual branch
+running them on zeroed inputs say so in the op table (`OpInfo.masked`), as do ops that reach the same values
+with less work (a linear computes its kept rows from its kept columns: the reference's GEMMs cost what the
+compact model's do, while the weights stay the original's, indexed by the selection). A removed residual branch
 (vitcc.branches) has its output zeroed (`zeroed`), so the add that puts it on the stream contributes nothing.
 """
 from __future__ import annotations
@@ -73,12 +75,6 @@ class MaskedInterpreter(fx.Interpreter):
         last = masks[-1]
         return len(last) == len(removed_of) and not np.any(~removed_of & last)
 
-    def counts_like_original(self, counted) -> bool:
-        """Whether a run dispatches the ops of `counted` (FlopCounterMode's registry) exactly as a run of the
-        original graph does: none is an op whose masked semantics run instead of it (norms count none)."""
-        return not any(n.op == "call_function" and getattr(n.target, "overloadpacket", n.target) in counted
-                       and getattr(self.ops.get(n.target), "masked", None) is not None for n in self.module.graph.nodes)
-
     def mask(self, name: str, like: torch.Tensor, dims: range | None = None) -> torch.Tensor | None:
         """The keep-mask of a node's output over `dims`, built once and broadcastable against it."""
         masks = self.masks.get(name)
@@ -111,6 +107,24 @@ class MaskedInterpreter(fx.Interpreter):
                     per_axis.append(torch.as_tensor(~m, dtype=torch.bool).reshape(shape))
             self._removed[name] = per_axis
         return self._removed[name]
+
+    def kept_last(self, node: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The kept positions of the last axis of `node`'s output (of `shape`) where it lost some, else
+        None: for an op that computes only those (the reference need not compute what it zeroes)."""
+        masks = self.masks.get(node.name) if isinstance(node, fx.Node) else None
+        if masks is None or len(masks) != len(shape) or masks[-1] is None:
+            return None
+        last = masks[-1]
+        if len(last) != shape[-1] or last.all():
+            return None
+        key = (node.name, "kept last")
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(np.flatnonzero(last), dtype=torch.long)
+        return self._cache[key]
+
+    def zero_where_removed(self, node: Any) -> bool:
+        """Whether `node`'s output this run is zero at every removed position (see `_run_masked`)."""
+        return isinstance(node, fx.Node) and node.name in self._clean
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         self._clean = set()

@@ -7,10 +7,11 @@ import time
 from contextlib import contextmanager
 
 import torch
+import torch.fx as fx
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_macs", "latency_ms", "macs_counter"]
+__all__ = ["count_params", "count_macs", "count_graph_macs", "latency_ms", "macs_counter"]
 
 _aten = torch.ops.aten
 
@@ -65,6 +66,28 @@ def count_macs(module: torch.nn.Module, example_inputs: tuple) -> int:
     counter = macs_counter()
     with _eval_mode(module), torch.no_grad(), counter:
         module(*example_inputs)
+    return counter.get_total_flops() // 2
+
+
+class _OnMeta(fx.Interpreter):
+    """Runs a graph on the meta device: its parameters and buffers become meta tensors as they are read."""
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def count_graph_macs(gm: fx.GraphModule, example_inputs: tuple) -> int:
+    """`count_macs` of a captured graph, counted on the meta device: the counter sees the kernels a run
+    dispatches, with shapes and no arithmetic (0.1 s for a ViT-B where a forward takes 0.4). A graph that
+    reads tensor values (`item`, data-dependent sizes) or has an op without a meta kernel is run for real."""
+    counter = macs_counter()
+    meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    try:
+        with torch.no_grad(), counter:
+            _OnMeta(gm).run(*meta_inputs)
+    except Exception:  # noqa: BLE001 - any op meta cannot run: count a real run instead
+        return count_macs(gm, example_inputs)
     return counter.get_total_flops() // 2
 
 

@@ -219,18 +219,12 @@ def _run_both(reference: _MaskedRecorder, compact: _CompactRecorder, xs: tuple, 
               keep: dict, checks: dict[str, Check], rtol: float, atol: float,
               record: bool = False) -> tuple[dict[str, torch.Tensor], int | None]:
     """One input through both sides; updates `checks`. Returns the references at the kept positions, and
-    with `record` the compact run's MACs (its shapes recorded on the way); the reference's run then counts
-    `program.reference_macs`, where it dispatches what a run of the original does."""
+    with `record` the compact run's MACs (its shapes recorded on the way)."""
     reference.values, compact.values = {}, {}
     counter = macs_counter() if record else contextlib.nullcontext()
-    counted = record and reference.counts_like_original(counter.flop_registry)
-    reference_counter = macs_counter() if counted else contextlib.nullcontext()
     compact.recording = record
     with torch.no_grad():
-        with reference_counter:
-            want_out = reference.run(*xs)
-        if counted:  # the original's MACs, as a run of it would count them
-            program.reference_macs = reference_counter.get_total_flops() // 2
+        want_out = reference.run(*xs)
         try:
             with counter:
                 got_out = compact.run(*xs)

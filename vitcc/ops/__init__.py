@@ -6,7 +6,8 @@ An entry (:class:`OpInfo`) holds, for one aten overload:
 - ``macs(node, shapes) -> int``: analytic multiply-accumulates at the compact shapes;
 - ``rewrite(node, ctx)``: how rewrite updates the op's size arguments;
 - ``masked(interpreter, node, args, kwargs) -> Tensor | None``: masked semantics that differ from running the
-  op on zeroed inputs (norm statistics over kept channels);
+  op on zeroed inputs (norm statistics over kept channels), or the same values for less work (a linear's
+  kept block);
 - ``latency(node, shapes) -> TimedOp | None``: what the latency model times.
 
 Entries are grouped by family in this package (linalg, elementwise, norms, layout, attention, reductions,

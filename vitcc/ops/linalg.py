@@ -36,6 +36,26 @@ def linear_macs(node: fx.Node, shapes) -> int:
     return math.prod(shapes.node(node)) * shapes.node(node.args[1])[1]
 
 
+@family.masked(aten.linear)
+def kept_linear(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
+    """The kept rows from the kept columns only: the input is zero at its removed columns and the removed
+    rows are zeroed after, so the kept block gives the full product's values. GEMMs are most of the
+    reference's time, and this cuts them to the compact model's size (the weight is still the original's)."""
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    rows = interp.kept_last(node, (*x.shape[:-1], w.shape[0]))
+    cols = interp.kept_last(node.args[0], x.shape) if interp.zero_where_removed(node.args[0]) else None
+    if rows is None and cols is None:
+        return None
+    block = w if rows is None else w.index_select(0, rows)
+    block = block if cols is None else block.index_select(1, cols)
+    kept_bias = bias if bias is None or rows is None else bias.index_select(0, rows)
+    y = torch.nn.functional.linear(x if cols is None else x.index_select(-1, cols), block, kept_bias)
+    return y if rows is None else y.new_zeros((*y.shape[:-1], w.shape[0])).index_copy_(-1, rows, y)
+
+
 @family.latency(aten.linear)
 def timed_linear(node: fx.Node, shapes) -> TimedOp | None:
     x, w = shapes.node(node.args[0]), shapes.node(node.args[1])
