@@ -343,8 +343,11 @@ def render(meta, width_rows, depth_rows) -> str:
     L.append("**Note:** vitcc's total includes capture (torch.export of the model) and `verify`, the equivalence "
              "check that runs the compact model and the masked original on two inputs and compares their "
              "outputs and residual streams; Torch-Pruning checks nothing. Its build includes its own tracing "
-             "(an autograd-graph walk). MACs are torch.utils.flop_counter's counts of runs of both models "
-             "(verify's runs on the example input).\n")
+             "(an autograd-graph walk). MACs are torch.utils.flop_counter's counts (the compact model's on verify's run "
+             "of it, the original's on the meta device: shapes, no arithmetic, in vitcc's *after*). The masked "
+             "original computes each Linear's kept rows from its kept columns, the same values with the compact "
+             "model's GEMM sizes, so verify costs about four compact-sized runs (two inputs, two sides) plus the "
+             "reference's full-size attention, norms and adds.\n")
     L.append("Torch-Pruning setup (following its timm ViT example, own code): `MetaPruner(model, x, "
              "GroupMagnitudeImportance(p=2, group_reduction='sum', normalizer=None), pruning_ratio=s, "
              "global_pruning=False, ignored_layers=[model.head], num_heads={attn.qkv: attn.num_heads}, "
