@@ -705,28 +705,35 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    to pruning by MACs, not added by the compiler. Where latency rather than MACs is the goal,
    `--target latency` selects with these costs measured per op (Swin-T: it prunes heads much harder,
    70 of 138 kept at 50%, and lands within 1.2 points of the requested reduction, table above).
-7. **Threads** (the threads table; DeiT-S at 50% of MACs, measured on a 2-core Intel Xeon). Removing whole
-   branches runs at 104-116% of the ideal at 1 and 2 threads, eager and onnxruntime, batch 1 and 8: a
-   removed branch takes its LayerNorm, GELU, softmax and add with it, which the MAC ratio does not count.
-   Narrowing keeps 89-93% at 1 thread and 85-93% at 2 (21 interleaved rounds; an 11-round run an hour earlier
-   gave 90-92% and 83-90%). What costs the narrower model at 2 threads, batch 1
-   (`benchmarks/results/latency_breakdown_threads2.md`): the GEMMs run 8% slower per MAC than the dense
-   ones (25% of the gap to the ideal); fused attention keeps 62% of its work (60 of 72 heads at head dim
-   48) while the MACs keep 50%, and runs 10% slower per unit of work (29%); GELU, LayerNorm, the adds and
-   the patch embedding shrink only with the residual and MLP widths (71%) and run 4-36% slower per element
-   at the smaller size, where a two-thread split has less to share (40%). Coarser widths do not close it
-   (`benchmarks/results/latency_align_threads2.md`, align 16/32/64 at 2 threads: 87-89% at batch 1 in eager,
-   84-86% in onnxruntime), and at batch 8 the same align-16 model measured 100% there against 93% in the
-   threads table: at 2 threads on 2 shared cores, runs differ by several points. No op is added and none is unfused: per aten op
-   the compact graph makes the dense graph's calls. In onnxruntime the optimized compact and dense graphs
-   have the same op histogram, and attention is unfused (MatMul, Softmax) in both: ORT's CPU optimizer has
-   no fusion for this export's attention pattern, so neither model loses one. One measurement fix: sessions
-   timed in turns spun their idle worker threads on the cores the next session ran on (a dense DeiT-S at 2
-   threads, batch 1, ran no faster than at 1), so `vitcc.latency.onnx_session` now lets idle workers sleep;
-   `vitcc bench` times its sessions the same way. `--target latency --threads N` times the ops at N
-   threads from that count's cache: measured 48.7% at 1 thread and 47.9% at 2 threads for 50% requested
-   (predicted 50.2% and 50.4%; the 11-round run measured 44.9% at 2 threads): the per-op model times each op
-   alone, and at 2 threads the whole model scales a little worse than its ops do.
+7. **Threads** (the threads table; DeiT-S at 50% of MACs). Removing whole branches runs at 102-120% of the
+   ideal at 1 and 2 threads, eager and onnxruntime, batch 1 and 8 (AMD EPYC; 104-116% on a 2-core Intel Xeon
+   the day before): a removed branch takes its LayerNorm, GELU, softmax and add with it, which the MAC ratio
+   does not count. Narrowing (21 interleaved rounds): on the AMD EPYC eager PyTorch keeps 95-99% at 1 thread
+   and 92-95% at 2, onnxruntime 92-93% at 1 and 85-90% at 2; on the Intel Xeon 89-93% at 1 thread and 85-93%
+   at 2. So the 95% aim holds for eager PyTorch at 1 thread and not for onnxruntime or at 2 threads. What
+   costs the narrower model is the same on both machines, and none of it is an op vitcc adds:
+   - eager, 2 threads, batch 1 (`benchmarks/results/latency_breakdown_threads2.md`, Intel): the GEMMs run 8%
+     slower per MAC than the dense ones (25% of the gap to the ideal); fused attention keeps 62% of its work
+     (60 of 72 heads at head dim 48) while the MACs keep 50%, and runs 10% slower per unit of work (29%);
+     GELU, LayerNorm, the adds and the patch embedding shrink only with the residual and MLP widths (71%)
+     and run 4-36% slower per element at the smaller size, where a two-thread split has less to share (40%);
+   - onnxruntime, 2 threads, batch 1 (its profiler, per op type, AMD): MatMul takes 0.51 of its dense time
+     for 0.50 of the MACs; everything else, 29% of the dense model's kernel time, takes 0.73-0.97 of it
+     (BiasGelu 0.77, Transpose 0.73, attention's scaled QK^T 0.74, Add 0.77, LayerNormalization 0.82,
+     Softmax 0.97). ORT's CPU optimizer fuses no attention for this export in either model, so its
+     transposes and softmax weigh more than in eager PyTorch, and they follow the heads and widths.
+   Coarser widths do not close it (`benchmarks/results/latency_align_threads2.md`, align 16/32/64 at 2
+   threads: 87-89% at batch 1 in eager, 84-86% in onnxruntime). Neither does pruning other kinds at the same
+   MACs (one 11-round run, AMD, eager: no head dims 89-99%, no heads 87-101%, residual and MLP only 86-98%,
+   against 90-104% for all kinds: within the run-to-run spread of several points at 2 threads). Per aten
+   op the compact graph makes the dense graph's calls, and the optimized onnxruntime graphs have the same
+   op histogram. One measurement fix: sessions timed in turns spun their idle worker threads on the cores
+   the next session ran on (a dense DeiT-S at 2 threads, batch 1, ran no faster than at 1), so
+   `vitcc.latency.onnx_session` lets idle workers sleep (`vitcc bench` times its sessions the same way;
+   with spinning on and a 50 ms pause between calls instead, the compact model's efficiency is the same).
+   `--target latency --threads N` times the ops at N threads from that count's cache: measured 47.5% at 1
+   thread and 46.8% at 2 for 50% requested (predicted 51.0% and 50.1%): the per-op model times each op
+   alone, and the whole model scales a little worse than its ops do.
 """
 
 def _pct(v, nd=0):
