@@ -727,7 +727,11 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    MACs (one 11-round run, AMD, eager: no head dims 89-99%, no heads 87-101%, residual and MLP only 86-98%,
    against 90-104% for all kinds: within the run-to-run spread of several points at 2 threads). Per aten
    op the compact graph makes the dense graph's calls, and the optimized onnxruntime graphs have the same
-   op histogram. One measurement fix: sessions timed in turns spun their idle worker threads on the cores
+   op histogram. Two exporter changes were tried and left out: opset 23, where SDPA exports as ONNX
+   `Attention` (which onnxruntime 1.32 runs), and onnxruntime's offline transformer optimizer (24
+   SkipLayerNormalization fusions, no attention fusion); in one 15-round run each (AMD) they moved the
+   compact model's efficiency by -15 to +10 points against the plain export, in no consistent direction
+   (each gives the dense and compact graphs the same op histogram). One measurement fix: sessions timed in turns spun their idle worker threads on the cores
    the next session ran on (a dense DeiT-S at 2 threads, batch 1, ran no faster than at 1), so
    `vitcc.latency.onnx_session` lets idle workers sleep (`vitcc bench` times its sessions the same way;
    with spinning on and a 50 ms pause between calls instead, the compact model's efficiency is the same).
