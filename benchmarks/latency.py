@@ -725,7 +725,14 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    Coarser widths do not close it (`benchmarks/results/latency_align_threads2.md`, align 16/32/64 at 2
    threads: 87-89% at batch 1 in eager, 84-86% in onnxruntime). Neither does pruning other kinds at the same
    MACs (one 11-round run, AMD, eager: no head dims 89-99%, no heads 87-101%, residual and MLP only 86-98%,
-   against 90-104% for all kinds: within the run-to-run spread of several points at 2 threads). Per aten
+   against 90-104% for all kinds: within the run-to-run spread of several points at 2 threads). Pruning
+   attention as far as the rest does help a little: 4 of 6 heads per block at head dim 48 (attention keeps
+   50% of its work, residual 288 and MLP 1136 wide for the same 49.8% of MACs) against the search's 5 of 6
+   measured eager 97/100/92/102% and onnxruntime 97/97/93/95% (1 thread b1/b8, 2 threads b1/b8) where the
+   default selection measured 93/96/92/99% and 97/97/89/93% in the same 15-round run (AMD). The budget
+   search keeps a coarse kind at the step below the goal (5 heads), which keeps MAC targets exact; rounding
+   heads to the nearest step instead would trade accuracy we have not measured for 0-4 points, so it is
+   left as it is. Per aten
    op the compact graph makes the dense graph's calls, and the optimized onnxruntime graphs have the same
    op histogram. Two exporter changes were tried and left out: opset 23, where SDPA exports as ONNX
    `Attention` (which onnxruntime 1.32 runs), and onnxruntime's offline transformer optimizer (24
