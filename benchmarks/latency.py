@@ -715,36 +715,35 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    - eager, 2 threads, batch 1 (`benchmarks/results/latency_breakdown_threads2.md`, Intel): the GEMMs run 8%
      slower per MAC than the dense ones (25% of the gap to the ideal); fused attention keeps 62% of its work
      (60 of 72 heads at head dim 48) while the MACs keep 50%, and runs 10% slower per unit of work (29%);
-     GELU, LayerNorm, the adds and the patch embedding shrink only with the residual and MLP widths (71%)
-     and run 4-36% slower per element at the smaller size, where a two-thread split has less to share (40%);
-   - onnxruntime, 2 threads, batch 1 (its profiler, per op type, AMD): MatMul takes 0.51 of its dense time
-     for 0.50 of the MACs; everything else, 29% of the dense model's kernel time, takes 0.73-0.97 of it
-     (BiasGelu 0.77, Transpose 0.73, attention's scaled QK^T 0.74, Add 0.77, LayerNormalization 0.82,
-     Softmax 0.97). ORT's CPU optimizer fuses no attention for this export in either model, so its
-     transposes and softmax weigh more than in eager PyTorch, and they follow the heads and widths.
+     GELU, LayerNorm, the adds and the patch embedding shrink only with the residual and MLP widths (71%) and
+     run 4-36% slower per element at the smaller size, where a two-thread split has less to share (40%);
+   - onnxruntime, 2 threads, batch 1 (its profiler, per op type, AMD): MatMul takes 0.51 of its dense time for
+     0.50 of the MACs; everything else, 29% of the dense model's kernel time, takes 0.73-0.97 of it (BiasGelu
+     0.77, Transpose 0.73, attention's scaled QK^T 0.74, Add 0.77, LayerNormalization 0.82, Softmax 0.97).
+     ORT's CPU optimizer fuses no attention for this export in either model, so its transposes and softmax
+     weigh more than in eager PyTorch, and they follow the heads and widths.
    Coarser widths do not close it (`benchmarks/results/latency_align_threads2.md`, align 16/32/64 at 2
    threads: 87-89% at batch 1 in eager, 84-86% in onnxruntime). Neither does pruning other kinds at the same
    MACs (one 11-round run, AMD, eager: no head dims 89-99%, no heads 87-101%, residual and MLP only 86-98%,
    against 90-104% for all kinds: within the run-to-run spread of several points at 2 threads). Pruning
-   attention as far as the rest does help a little: 4 of 6 heads per block at head dim 48 (attention keeps
-   50% of its work, residual 288 and MLP 1136 wide for the same 49.8% of MACs) against the search's 5 of 6
+   attention as far as the rest does help a little: 4 of 6 heads per block at head dim 48 (attention keeps 50%
+   of its work, residual 288 and MLP 1136 wide for the same 49.8% of MACs) against the search's 5 of 6
    measured eager 97/100/92/102% and onnxruntime 97/97/93/95% (1 thread b1/b8, 2 threads b1/b8) where the
-   default selection measured 93/96/92/99% and 97/97/89/93% in the same 15-round run (AMD). The budget
-   search keeps a coarse kind at the step below the goal (5 heads), which keeps MAC targets exact; rounding
-   heads to the nearest step instead would trade accuracy we have not measured for 0-4 points, so it is
-   left as it is. Per aten
-   op the compact graph makes the dense graph's calls, and the optimized onnxruntime graphs have the same
-   op histogram. Two exporter changes were tried and left out: opset 23, where SDPA exports as ONNX
-   `Attention` (which onnxruntime 1.32 runs), and onnxruntime's offline transformer optimizer (24
-   SkipLayerNormalization fusions, no attention fusion); in one 15-round run each (AMD) they moved the
-   compact model's efficiency by -15 to +10 points against the plain export, in no consistent direction
-   (each gives the dense and compact graphs the same op histogram). One measurement fix: sessions timed in turns spun their idle worker threads on the cores
-   the next session ran on (a dense DeiT-S at 2 threads, batch 1, ran no faster than at 1), so
-   `vitcc.latency.onnx_session` lets idle workers sleep (`vitcc bench` times its sessions the same way;
-   with spinning on and a 50 ms pause between calls instead, the compact model's efficiency is the same).
-   `--target latency --threads N` times the ops at N threads from that count's cache: measured 47.5% at 1
-   thread and 46.8% at 2 for 50% requested (predicted 51.0% and 50.1%): the per-op model times each op
-   alone, and the whole model scales a little worse than its ops do.
+   default selection measured 93/96/92/99% and 97/97/89/93% in the same 15-round run (AMD). The budget search
+   tries a coarse kind only at the step the uniform fraction reaches or the one before (5 heads here); trying
+   the next step too would change the selections everywhere, for 0-4 points here and an accuracy cost not
+   measured yet, so it is left as it is. Per aten op the compact graph makes the dense graph's calls, and the
+   optimized onnxruntime graphs have the same op histogram. Two exporter changes were tried and left out:
+   opset 23, where SDPA exports as ONNX `Attention` (which onnxruntime 1.32 runs), and onnxruntime's offline
+   transformer optimizer (24 SkipLayerNormalization fusions, no attention fusion); in one 15-round run each
+   (AMD) they moved the compact model's efficiency by -15 to +10 points against the plain export, in no
+   consistent direction (each gives the dense and compact graphs the same op histogram). One measurement fix:
+   sessions timed in turns spun their idle worker threads on the cores the next session ran on (a dense DeiT-S
+   at 2 threads, batch 1, ran no faster than at 1), so `vitcc.latency.onnx_session` lets idle workers sleep
+   (`vitcc bench` times its sessions the same way; with spinning on and a 50 ms pause between calls instead,
+   the compact model's efficiency is the same). `--target latency --threads N` times the ops at N threads from
+   that count's cache: measured 47.5% at 1 thread and 46.8% at 2 for 50% requested (predicted 51.0% and
+   50.1%): the per-op model times each op alone, and the whole model scales a little worse than its ops do.
 """
 
 def _pct(v, nd=0):
