@@ -3,7 +3,8 @@ import timm
 import torch
 from torch import nn
 
-from vitcc.metrics import count_macs, count_params, latency_ms
+from vitcc.capture import capture
+from vitcc.metrics import count_graph_macs, count_macs, count_params, latency_ms
 
 
 def tiny_vit():
@@ -89,9 +90,6 @@ def test_latency_ms():
 @pytest.mark.parametrize("make, fused", [(tiny_vit, True), (tiny_vit, False), (tiny_swin, True)])
 def test_graph_macs_on_meta_equal_a_real_run(make, fused):
     """count_graph_macs never runs the arithmetic, and counts what a run of the captured graph counts."""
-    from vitcc.capture import capture
-    from vitcc.metrics import count_graph_macs
-
     model = make()
     set_fused_attn(model, fused)
     x = torch.randn(2, 3, 56, 56) if make is tiny_swin else torch.randn(2, 3, 32, 32)
@@ -101,8 +99,6 @@ def test_graph_macs_on_meta_equal_a_real_run(make, fused):
 
 def test_graph_macs_run_for_real_where_meta_cannot():
     """nonzero's size depends on the values: no meta kernel, so the graph is counted on a real run."""
-    from vitcc.metrics import count_graph_macs
-
     class Gathered(nn.Module):
         def forward(self, x):
             return torch.mm(x, x) + x.nonzero().shape[0]

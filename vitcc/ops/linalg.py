@@ -49,6 +49,8 @@ def kept_linear(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
     cols = interp.kept_last(node.args[0], x.shape) if interp.zero_where_removed(node.args[0]) else None
     if rows is None and cols is None:
         return None
+    # sliced on every run, not kept: kept blocks are a quarter of the weights in fresh memory, whose first-touch
+    # page faults cost more than slicing again (ViT-B: 46K faults against 37K, no faster)
     block = w if rows is None else w.index_select(0, rows)
     block = block if cols is None else block.index_select(1, cols)
     kept_bias = bias if bias is None or rows is None else bias.index_select(0, rows)

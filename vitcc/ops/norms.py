@@ -62,9 +62,10 @@ def masked_norm(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
     var = torch.linalg.vector_norm(y, 2, dims, keepdim=True).square_().div_(count)
     default_eps = torch.finfo(x.dtype).eps if rms else 1e-5
     y.mul_(var.add_(default_eps if eps is None else eps).rsqrt_())
-    for p, op in ((w, torch.Tensor.mul_), (b, torch.Tensor.add_)):
-        if p is not None:
-            y = op(y, p) if torch.result_type(y, p) == y.dtype else (y * p if op is torch.Tensor.mul_ else y + p)
+    if w is not None:  # in place unless the affine parameters promote the dtype
+        y = y.mul_(w) if torch.result_type(y, w) == y.dtype else y * w
+    if b is not None:
+        y = y.add_(b) if torch.result_type(y, b) == y.dtype else y + b
     return y
 
 
