@@ -99,3 +99,28 @@ def test_a_compile_takes_a_selection_back():
     again = vitcc.compile(tiny_vit(), "magnitude", keep=first.selection.to_json(), example_inputs=(image(),))
     assert again.selection.to_json() == first.selection.to_json()
     assert again.report["params_after"] == first.report["params_after"]
+
+
+def test_further_steps_try_each_kind_past_the_uniform_fraction_and_keep_the_least_loss():
+    # a cost in which a head costs more than its MACs, as the softmax and the attention's transposes make a
+    # latency: narrowing every kind alike is then not the cheapest way to the goal
+    from vitcc.branches import BranchLoss
+    from vitcc.cost import estimate
+    from vitcc.selection import OVERSHOOT, KeptByRoot, kept_of_kind, prune_kinds, search_budget
+    from vitcc.spaces import find
+    p = selected(sparsity=0.4, target="macs")
+    heads = [g for g in p.groups if g.kind == "heads"]
+    per_head = estimate(p, KeptByRoot())[1] / sum(g.size for g in heads)
+    cost = lambda keep: estimate(p, keep)[1] + per_head * sum(len(keep.get(find(g.space).id, range(g.size)))
+                                                              for g in heads)
+    reduction = lambda sel: 1 - cost(sel.by_root(p.groups)) / cost(KeptByRoot())
+    kinds = prune_kinds(None)
+    plain, how = search_budget(p, 0.4, kinds, 1, "uniform", cost)
+    weighed, weighed_how = search_budget(p, 0.4, kinds, 1, "uniform", cost, further_steps=2)
+    assert 0.4 <= reduction(weighed) <= 0.4 + OVERSHOOT
+    loss = BranchLoss(p)
+    assert loss(weighed) < loss(plain), (how, weighed_how)
+    assert "heads" in weighed_how and "past the largest fraction short" in weighed_how and "least loss" in weighed_how
+    assert kept_of_kind(p, weighed, "heads") < kept_of_kind(p, plain, "heads")
+    # without further steps the search is the one params and MACs targets use
+    assert search_budget(p, 0.4, kinds, 1, "uniform", cost)[0].to_json() == plain.to_json()

@@ -44,6 +44,8 @@ __all__ = ["cache_dir", "machine_info", "machine_key", "LatencyTable", "LatencyM
 
 CACHE_ENV = "VITCC_CACHE"
 FORMAT = 4
+# how many steps past the uniform fraction the latency search tries each kind (selection.search_budget)
+LATENCY_FURTHER_STEPS = 2
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -504,7 +506,8 @@ def _select_for_latency(program: Program, goal: float, kinds: set, align: int, s
         raise VitccError(f"--target latency: removing {goal:.0%} of the latency is out of reach; pruning every "
                          f"group to its minimum removes {most:.0%} (of {base:.3g} ms predicted, "
                          f"{model.overhead_ms:.3g} ms do not shrink with widths)")
-    best, how = search_budget(program, goal, kinds, align, scope, model.predict, base, "latency")
+    best, how = search_budget(program, goal, kinds, align, scope, model.predict, base, "latency",
+                              further_steps=LATENCY_FURTHER_STEPS)
     after = model.predict(best.by_root(program.groups))
     model.save()
     return best, {"predicted_ms_before": base, "predicted_ms_after": after,

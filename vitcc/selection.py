@@ -242,7 +242,7 @@ def smallest(program: "Program", kinds: set[str], align: int = 1, scope: str = "
 
 
 def search_budget(program: "Program", goal: float, kinds: set[str], align: int, scope: str, cost: Cost,
-                  base: float | None = None, what: str = "cost") -> tuple[Selection, str]:
+                  base: float | None = None, what: str = "cost", further_steps: int = 0) -> tuple[Selection, str]:
     """A selection that removes at least `goal` of `cost` (measured against `base`, default the dense
     cost), as little more as the widths allow; and how it was found.
 
@@ -252,6 +252,12 @@ def search_budget(program: "Program", goal: float, kinds: set[str], align: int, 
     keeps the widths of the largest fraction that fell short, the fraction of the other kinds is searched
     again, and the closest selection that still reaches the goal wins. With the kind `branch`, removing
     branches is weighed against narrowing (`_search_with_branches`).
+
+    `further_steps` > 0 also tries each kind up to that many steps past the widths of the largest fraction
+    that falls short, the other kinds searched again, and keeps the candidate within OVERSHOOT of the goal
+    that loses least (vitcc.branches.BranchLoss). `--target latency` does: work that follows head counts (softmax, the
+    attention's transposes) makes a head worth more latency than its MACs, so narrowing every kind alike is
+    not the cheapest way to a latency.
     """
     if goal <= 0:
         return select_uniform(program, 0.0, kinds, align, scope), "uniform"
@@ -268,36 +274,70 @@ def search_budget(program: "Program", goal: float, kinds: set[str], align: int, 
         raise VitccError(f"removing {goal:.0%} of the {what} is out of reach: pruning every group of the kinds "
                          f"{', '.join(sorted(kinds))} to its minimum removes {most:.0%}; ask for less or prune more kinds")
     if BRANCH in kinds and any(b.prunable for b in program.branches):
-        return _search_with_branches(program, goal, kinds - {BRANCH}, align, scope, reduction, base, cost, what)
-    return _search_widths(program, goal, kinds - {BRANCH}, align, scope, reduction)
+        return _search_with_branches(program, goal, kinds - {BRANCH}, align, scope, reduction, base, cost, what,
+                                     further_steps)
+    return _search_widths(program, goal, kinds - {BRANCH}, align, scope, reduction, further_steps=further_steps)
 
 
 def _search_widths(program: "Program", goal: float, kinds: set[str], align: int, scope: str,
-                   reduction: Callable[[Selection], float], removed: Iterable[str] = ()) -> tuple[Selection, str]:
+                   reduction: Callable[[Selection], float], removed: Iterable[str] = (),
+                   further_steps: int = 0, loss: Callable[[Selection], float] | None = None) -> tuple[Selection, str]:
     """The uniform-fraction search of `search_budget`, with the `removed` branches gone in every candidate
-    (the goal must be reachable with them)."""
+    (the goal must be reachable with them); with `further_steps`, the candidates weighed by `loss` (default
+    a new vitcc.branches.BranchLoss)."""
     removed = list(removed)
     choose = lambda frac: without_branches(program, _select_widths(program, frac, kinds, align, scope), removed)
     lo, hi = _bisect(goal, lambda frac: reduction(choose(frac)))
     best, short, how = choose(hi), choose(lo), "uniform"
+
+    def others_searched(held: tuple[str, ...], at: Selection) -> Selection | None:
+        """`held` kinds as in `at`, the fraction of the other kinds searched again; None where it cannot reach."""
+        kept = {n: v for n, v in at.items() if program.group(n).kind in held}
+        rest = lambda frac: without_branches(program, Selection(
+            {**_select_widths(program, frac, kinds - set(held), align, scope), **kept}), removed)
+        if reduction(rest(0.999)) < goal:
+            return None
+        return rest(_bisect(goal, lambda frac: reduction(rest(frac)))[1])
+
     jumped = [k for k in sorted(kinds) if kept_of_kind(program, best, k) < kept_of_kind(program, short, k)]
     for held in _subsets(jumped):
         if len(held) == len(kinds):
             continue
-        kept = {n: v for n, v in short.items() if program.group(n).kind in held}
-        rest = lambda frac, held=held, kept=kept: without_branches(program, Selection(
-            {**_select_widths(program, frac, kinds - set(held), align, scope), **kept}), removed)
-        if reduction(rest(0.999)) < goal:
-            continue
-        alt = rest(_bisect(goal, lambda frac: reduction(rest(frac)))[1])
-        if goal <= reduction(alt) < reduction(best):
+        alt = others_searched(held, short)
+        if alt is not None and goal <= reduction(alt) < reduction(best):
             best, how = alt, f"{' and '.join(held)} of a smaller fraction, other kinds searched again"
-    return best, how
+    if not further_steps or len(kinds) < 2:
+        return best, how
+    if loss is None:
+        from .branches import BranchLoss
+        loss = BranchLoss(program)
+    found = [(best, how)]
+    for kind in sorted(kinds):
+        frac = lo  # the steps are counted from the widths of the largest fraction that falls short
+        for step in range(1, further_steps + 1):
+            frac = _next_step(lambda f: kept_of_kind(program, choose(f), kind), frac)
+            alt = None if frac is None else others_searched((kind,), choose(frac))
+            if alt is None:
+                break
+            found.append((alt, f"{kind} {step} step(s) past the largest fraction short of the goal, other kinds "
+                               "searched again"))
+    close = [f for f in found if goal <= reduction(f[0]) <= goal + OVERSHOOT] or found[:1]
+    best, how = min(close, key=lambda f: loss(f[0]))
+    return best, f"{how} (least loss of {len(close)} within {OVERSHOOT:.0%} of the goal)"
+
+
+def _next_step(kept_at: Callable[[float], int], start: float) -> float | None:
+    """The smallest fraction above `start` where `kept_at` (which falls as the fraction grows) falls below its
+    value there; None if it never does."""
+    now = kept_at(start)
+    if kept_at(0.999) >= now:
+        return None
+    return _bisect(1.0, lambda frac: float(kept_at(frac) < now))[1]
 
 
 def _search_with_branches(program: "Program", goal: float, widths: set[str], align: int, scope: str,
                           reduction: Callable[[Selection], float], base: float, cost: Cost,
-                          what: str) -> tuple[Selection, str]:
+                          what: str, further_steps: int = 0) -> tuple[Selection, str]:
     """Remove the k branches that lose least per unit of cost, and narrow the rest as far as the goal still
     needs; k is the one whose selection loses least (vitcc.branches.BranchLoss: the measured change of the
     output on the calibration batch, else normalised scores times the parameters they own, branches and
@@ -320,7 +360,7 @@ def _search_with_branches(program: "Program", goal: float, widths: set[str], ali
             break
         if reduction(without_branches(program, smallest(program, widths, align, scope), order[:k])) < goal:
             continue
-        keep, how = _search_widths(program, goal, widths, align, scope, reduction, order[:k])
+        keep, how = _search_widths(program, goal, widths, align, scope, reduction, order[:k], further_steps, loss)
         found.append((loss(keep), k, keep, how))
     # as little more than the goal as the widths allow: what overshoots by more only wins when nothing is closer
     close = [f for f in found if reduction(f[2]) <= goal + OVERSHOOT] or \
