@@ -197,24 +197,24 @@ def test_target_latency_reaches_the_predicted_goal(fake_timings):
 
 
 def test_target_latency_matches_macs_when_time_is_proportional_to_macs(fake_timings):
-    # the stand-in timings are MAC-proportional for linears and attention and ~free otherwise, so
-    # removing 40% of the latency and removing 40% of the MACs must pick (almost) the same widths
+    # the stand-in timings are MAC-proportional for linears and attention and ~free otherwise, so removing
+    # 40% of the latency removes about 40% of the MACs; the widths may differ, since the latency search also
+    # tries each kind further than the rest and keeps the candidate that loses least
     lat = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.4, target="latency", example_inputs=(image(batch=1),))
     macs = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.4, target="macs", example_inputs=(image(batch=1),))
-    a, b = lat.report["widths"], macs.report["widths"]
-    assert abs(a["residual"]["after"] - b["residual"]["after"]) <= 2
-    assert abs(a["mlp"]["after"] - b["mlp"]["after"]) <= 0.05 * b["mlp"]["before"]  # the step-aware refinement
     assert lat.report["macs_after"] == pytest.approx(macs.report["macs_after"], rel=0.05)
+    assert "least loss" in lat.report["latency_model"]["selection"]
+    assert lat.report["max_abs_error"] < 1e-4
 
 
 def test_target_latency_does_not_overshoot_on_a_head_step(fake_timings, monkeypatch):
     # attention made expensive: one head fewer per block (3 -> 2) removes far more than 40%, so the
-    # uniform search overshoots; the refinement keeps 3 heads and prunes the other kinds further
+    # uniform search overshoots; a refined candidate keeps 3 heads and prunes the other kinds further
     heavy = lambda key, orig=fake_ms: orig(key) * (40 if key.startswith("sdpa") else 1)
     monkeypatch.setattr(__import__("test_latency"), "fake_ms", heavy)
     r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.4, target="latency", example_inputs=(image(batch=1),))
     lm = r.report["latency_model"]
-    assert "smaller fraction" in lm["selection"]
+    assert "searched again" in lm["selection"] and not lm["selection"].startswith("uniform")
     assert r.report["widths"]["heads"]["after"] == 6
     assert 0.4 <= lm["predicted_reduction"] < 0.5
     assert r.report["max_abs_error"] < 1e-4
