@@ -255,9 +255,9 @@ def search_budget(program: "Program", goal: float, kinds: set[str], align: int, 
 
     `further_steps` > 0 also tries each kind up to that many steps past the widths of the largest fraction
     that falls short, the other kinds searched again, and keeps the candidate within OVERSHOOT of the goal
-    that loses least (vitcc.branches.BranchLoss). `--target latency` does: work that follows head counts (softmax, the
-    attention's transposes) makes a head worth more latency than its MACs, so narrowing every kind alike is
-    not the cheapest way to a latency.
+    that loses least (vitcc.branches.BranchLoss). `--target latency` does: work that follows head counts
+    (softmax, the attention's transposes) makes a head worth more latency than its MACs, so narrowing every
+    kind alike is not the cheapest way to a latency.
     """
     if goal <= 0:
         return select_uniform(program, 0.0, kinds, align, scope), "uniform"
