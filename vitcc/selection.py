@@ -321,7 +321,7 @@ def _search_widths(program: "Program", goal: float, kinds: set[str], align: int,
                 break
             found.append((alt, f"{kind} {step} step(s) past the largest fraction short of the goal, other kinds "
                                "searched again"))
-    close = [f for f in found if goal <= reduction(f[0]) <= goal + OVERSHOOT] or found[:1]
+    close = _within_overshoot(found, goal, lambda f: reduction(f[0]))
     best, how = min(close, key=lambda f: loss(f[0]))
     return best, f"{how} (least loss of {len(close)} within {OVERSHOOT:.0%} of the goal)"
 
@@ -362,9 +362,7 @@ def _search_with_branches(program: "Program", goal: float, widths: set[str], ali
             continue
         keep, how = _search_widths(program, goal, widths, align, scope, reduction, order[:k], further_steps, loss)
         found.append((loss(keep), k, keep, how))
-    # as little more than the goal as the widths allow: what overshoots by more only wins when nothing is closer
-    close = [f for f in found if reduction(f[2]) <= goal + OVERSHOOT] or \
-        [min(found, key=lambda f: reduction(f[2]))]
+    close = _within_overshoot(found, goal, lambda f: reduction(f[2]))
     lost, k, keep, how = min(close, key=lambda f: (f[0], f[1]))
     return keep, f"{k} of {len(order)} branches removed (least loss per {what}), widths: {how}"
 
@@ -407,6 +405,12 @@ def _branches_for(program: "Program", goal: float, order: list[str], reduction: 
 
 
 OVERSHOOT = 0.02  # how far past the goal a selection may go (a whole branch is a big step) and still compete
+
+
+def _within_overshoot(found: list, goal: float, reduction_of: Callable[[Any], float]) -> list:
+    """The candidates (each reaching the goal) at most OVERSHOOT past it; else the closest one alone: as little
+    more than the goal as the widths allow, what overshoots by more wins only when nothing is closer."""
+    return [f for f in found if reduction_of(f) <= goal + OVERSHOOT] or [min(found, key=reduction_of)]
 
 
 def _branch_counts(n: int) -> list[int]:
