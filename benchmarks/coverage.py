@@ -153,7 +153,7 @@ def _short(a) -> str:
 
 def _node_code(node) -> str:
     """The node as one line of code, its argument shapes after it: what the rule saw."""
-    from vitcc.coupling import shape_of
+    from vitcc.ir.types import shape_of
     args = ", ".join([_short(a) for a in node.args] + [f"{k}={_short(v)}" for k, v in node.kwargs.items()])
     shapes = []
     for a in node.all_input_nodes:
@@ -170,7 +170,7 @@ def _locate(model, x) -> dict | None:
     against), node by node on the example input: the first node that raises, with its input shapes."""
     import torch
     import vitcc
-    from vitcc.masking import masked_reference
+    from vitcc.reference.masking import masked_reference
 
     captured = {}
 

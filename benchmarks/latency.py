@@ -3,7 +3,7 @@
 For DeiT-S, ViT-B and Swin-T (random weights), at 25%, 50% and 75% of MACs removed
 (`vitcc.compile(model, "magnitude", sparsity=s, target="macs", align=A)`), measures on CPU:
 
-* eager PyTorch at batch 1 and 32, and onnxruntime (vitcc.export.export_onnx, verified) at batch 1 and 32;
+* eager PyTorch at batch 1 and 32, and onnxruntime (vitcc.deploy.export.export_onnx, verified) at batch 1 and 32;
 * every variant of one model is timed in one process, interleaved: each round calls every variant once,
   in a rotating order; figures are medians over rounds of wall-clock time, with process CPU time beside
   it (CPU time leaves out the time the process waited for a core on a shared machine; with one thread
@@ -12,7 +12,7 @@ For DeiT-S, ViT-B and Swin-T (random weights), at 25%, 50% and 75% of MACs remov
 * Torch-Pruning (if installed) prunes the same model at the ratio that gives vitcc's widths (its timm
   ViT setup, benchmarks/compile_time.py::run_tp; on Swin MLP neurons only, the part it can prune there
   without model code), timed beside it;
-* `--target latency` at 25% and 50% (the per-op latency model of vitcc.latency, eager, batch 1, filled
+* `--target latency` at 25% and 50% (the per-op latency model of vitcc.search.latency, eager, batch 1, filled
   from the cache under $VITCC_CACHE or measured during the compile): the measured latency reduction
   against the requested one;
 * an --align sweep on DeiT-S at 50% of MACs (the evidence for the CLI's --align default), and a
@@ -51,9 +51,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import vitcc  # noqa: E402
-from vitcc.export import export_onnx  # noqa: E402
-from vitcc.latency import (interleaved, intra_op_threads, loadavg, machine_info, onnx_feed,  # noqa: E402
-                           onnx_session, summarize, time_ratio, with_batch)
+from vitcc.deploy.export import export_onnx  # noqa: E402
+from vitcc.deploy.timing import (interleaved, intra_op_threads, loadavg, onnx_feed, onnx_session, summarize, time_ratio, with_batch)
+from vitcc.search.latency import machine_info
 from vitcc.metrics import count_macs, count_params  # noqa: E402
 
 try:
@@ -592,7 +592,7 @@ def breakdown(key: str, args) -> dict:
     sees it, unpruned: separates the cost of running the captured aten graph from the cost of pruning) and the compact model, built as the
     models section does. Profiled interleaved (one call of each per round, rotating order); per category the
     median over rounds."""
-    from vitcc.capture import capture
+    from vitcc.frontend.capture import capture
     label, name = MODELS[key]
     s = args.breakdown_sparsity
     print(f"== breakdown: {label} ({name}), {int(s * 100)}% of MACs removed", flush=True)
@@ -673,7 +673,7 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    removed) and is lowest at batch 1 in eager PyTorch, where those ops weigh most, and where the
    per-op Python and dispatch overhead (4.6 ms of DeiT-S's 120 ms, the same number of ops before and
    after pruning) costs another point or two.
-4. **`--target latency`** (the per-op latency model, vitcc.latency, eager at the compile's batch) lands
+4. **`--target latency`** (the per-op latency model, vitcc.search.latency, eager at the compile's batch) lands
    within a few points of the requested reduction (its table above). It needs no per-model
    code: every linear, attention, norm, softmax and elementwise op of the traced graph is timed at
    its compact shape, relative to the same op at its dense shape timed beside it (thread CPU time;
@@ -754,7 +754,7 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    (AMD) they moved the compact model's efficiency by -15 to +10 points against the plain export, in no
    consistent direction (each gives the dense and compact graphs the same op histogram). One measurement fix:
    sessions timed in turns spun their idle worker threads on the cores the next session ran on (a dense DeiT-S
-   at 2 threads, batch 1, ran no faster than at 1), so `vitcc.latency.onnx_session` lets idle workers sleep
+   at 2 threads, batch 1, ran no faster than at 1), so `vitcc.deploy.timing.onnx_session` lets idle workers sleep
    (`vitcc bench` times its sessions the same way; with spinning on and a 50 ms pause between calls instead,
    the compact model's efficiency is the same). `--target latency --threads N` times the ops at N threads from
    that count's cache: measured 47.7% at 1 thread and 45.8% at 2 for 50% requested (predicted 50.2% at
@@ -859,7 +859,7 @@ def render(data: dict) -> str:
         aligns = sorted({v.get("align") for m in lt.values() for k, v in m.get("variants", {}).items()
                          if isinstance(v, dict) and v.get("align")} or {data["meta"]["align"]})
         L.append(f"`vitcc.compile(model, 'magnitude', sparsity=s, target='latency', align={'/'.join(map(str, aligns))})` "
-                 "(vitcc.latency's per-op "
+                 "(vitcc.search.latency's per-op "
                  "model, cache under $VITCC_CACHE or ~/.cache/vitcc), then dense and compact timed together as "
                  "above. Aim: measured within 5 points of requested.\n")
         L.append("| model | requested | predicted | measured (wall) | measured (cpu) | MACs removed | selection | "

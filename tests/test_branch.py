@@ -8,13 +8,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitcc
-from vitcc.capture import capture
+from vitcc.frontend.capture import capture
 from vitcc.cli import run
 from vitcc.errors import VitccError
-from vitcc.cost import estimate
-from vitcc.ir import Program
-from vitcc.pipeline import analyze_program
-from vitcc.selection import KeptByRoot, prune_kinds
+from vitcc.search.cost import estimate
+from vitcc.ir.program import Program
+from vitcc.analysis.refresh import analyze_program
+from vitcc.ir.selection import KeptByRoot, prune_kinds
 
 from conftest import image, tiny_hf, tiny_swin, tiny_vit
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.fx as fx
 
-from vitcc.capture import capture
+from vitcc.frontend.capture import capture
 from vitcc.errors import VitccError
-from vitcc.sources import input_shape_for
+from vitcc.frontend.input_shapes import input_shape_for
 
 from conftest import tiny_swin, tiny_vit
 
@@ -76,7 +76,7 @@ def _records(gm):
 @pytest.mark.parametrize("model, x", [(tiny_vit, (1, 3, 32, 32)), (tiny_swin, (1, 3, 56, 56)),
                                       (lambda: torch.nn.MultiheadAttention(16, 2).eval(), (5, 1, 16))])
 def test_shapes_from_export_records_are_those_a_run_records(model, x):
-    from vitcc.capture import propagate_shapes, shapes_from_export
+    from vitcc.frontend.capture import propagate_shapes, shapes_from_export
     m, x = model(), torch.randn(x)
     args = (x, x, x) if isinstance(m, torch.nn.MultiheadAttention) else (x,)
     gm = capture(m, args)  # shapes from torch.export's records, evaluated at the example batch
@@ -89,7 +89,7 @@ def test_shapes_from_export_records_are_those_a_run_records(model, x):
 
 
 def test_shapes_from_export_refuses_a_graph_without_records():
-    from vitcc.capture import shapes_from_export
+    from vitcc.frontend.capture import shapes_from_export
     gm = capture(tiny_vit(), (torch.randn(1, 3, 32, 32),))
     next(n for n in gm.graph.nodes if n.op == "call_function").meta.pop("val")
     before = _records(gm)

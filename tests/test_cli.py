@@ -8,8 +8,8 @@ import torch
 
 import vitcc
 from vitcc.cli import run
-import vitcc.pipeline as pipeline
-from vitcc.pipeline import Pass, PassResult, register_pass
+from vitcc.pipeline import pass_base
+from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 
 from conftest import tiny_vit
 
@@ -105,7 +105,7 @@ def test_never_overwrites_the_input(model_file, capsys):
 
 
 def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "_DECLARED", dict(pipeline._DECLARED))  # the pass is declared for this test only
+    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))  # the pass is declared for this test only
 
     @register_pass("test-corrupt")
     class Corrupt(Pass):
@@ -219,7 +219,7 @@ def test_every_command_gives_one_line_for_bad_input(tmp_path, model_file, capsys
 
 
 def test_vitcc_bug_is_exit_1_with_where_to_report_it(tmp_path, model_file, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "_DECLARED", dict(pipeline._DECLARED))
+    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))
 
     @register_pass("test-crash")
     class Crash(Pass):

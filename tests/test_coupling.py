@@ -2,9 +2,9 @@ import torch
 from torch import nn
 
 import vitcc
-from vitcc.coupling import analyze
-from vitcc.capture import capture
-from vitcc.groups import build_groups
+from vitcc.analysis.coupling import analyze
+from vitcc.frontend.capture import capture
+from vitcc.analysis.groups import build_groups
 
 from conftest import image, tiny_vit
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from vitcc.data import calibration_batch, make_loaders, normalization_for
+from vitcc.training.data import calibration_batch, make_loaders, normalization_for
 from vitcc.errors import VitccError
-from vitcc.capture import capture
+from vitcc.frontend.capture import capture
 
 from conftest import tiny_vit
 

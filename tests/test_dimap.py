@@ -93,7 +93,7 @@ def test_weight_granularity_masks_weights_and_keeps_shapes():
 def test_weight_masks_are_exported_to_onnx_as_zeros(tmp_path):
     import onnx
     from onnx import numpy_helper
-    from vitcc.export import export_onnx
+    from vitcc.deploy.export import export_onnx
     x = image()
     r = vitcc.compile(tiny_vit(), "dimap{granularity=weight}", sparsity=0.5, example_inputs=(x,))
     res = export_onnx(r.module, (x,), tmp_path / "w.onnx")

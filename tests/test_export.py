@@ -11,9 +11,9 @@ import torch
 import torch.fx
 from timm.layers import _fx as timm_fx
 
-import vitcc.export as export_mod
+import vitcc.deploy.export as export_mod
 from vitcc.errors import VerificationError, VitccError
-from vitcc.export import export_onnx
+from vitcc.deploy.export import export_onnx
 
 
 def tiny_vit():

@@ -8,11 +8,11 @@ from torch.utils.data import DataLoader, Subset
 
 import vitcc
 from conftest import image, tiny_vit
-from vitcc.data import make_loaders
-from vitcc.capture import capture
-from vitcc.ir import Program
+from vitcc.training.data import make_loaders
+from vitcc.frontend.capture import capture
+from vitcc.ir.program import Program
 from vitcc.passes.gohsp import attention_outputs, head_graph, markov_ranking
-from vitcc.pipeline import make_pass
+from vitcc.pipeline.manager import make_pass
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,10 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vitcc
-from vitcc.capture import capture
-from vitcc.ir import Program
-from vitcc.pipeline import make_pass
-from vitcc.spaces import find
+from vitcc.frontend.capture import capture
+from vitcc.ir.program import Program
+from vitcc.pipeline.manager import make_pass
+from vitcc.ir.spaces import find
 
 from conftest import ATTENTIONS, PATCHES, QKV_FORMS, hand_vit, image, one_training_step
 

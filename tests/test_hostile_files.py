@@ -14,7 +14,7 @@ import torch.fx as fx
 import torchvision
 
 import vitcc
-from vitcc import safe_pickle
+from vitcc.frontend import safe_pickle
 from vitcc.cli import run
 from vitcc.errors import VitccError
 

@@ -1,6 +1,6 @@
 import torch
 
-from vitcc.pipeline import make_pass
+from vitcc.pipeline.manager import make_pass
 
 from test_magnitude import analyzed
 

@@ -1,4 +1,4 @@
-"""Latency model (vitcc.latency), `--target latency`, and aligned/folded compiles staying verified.
+"""Latency model (vitcc.search.latency), `--target latency`, and aligned/folded compiles staying verified.
 
 Timings themselves belong to benchmarks/latency.py; these tests check structure, caching and selection
 logic on tiny models (a few use a deterministic stand-in for the measured op times).
@@ -13,11 +13,11 @@ import torch
 import vitcc
 from vitcc import Insertion, Pass, PassResult
 from vitcc.errors import VitccError
-from vitcc.capture import capture
-from vitcc.ir import Program
-from vitcc.latency import (LatencyModel, LatencyTable, cache_dir, compact_ops, machine_info, machine_key,
-                           time_fn, time_ratio, with_batch)
-from vitcc.pipeline import make_pass
+from vitcc.frontend.capture import capture
+from vitcc.ir.program import Program
+from vitcc.search.latency import LatencyModel, LatencyTable, cache_dir, compact_ops, machine_info, machine_key
+from vitcc.deploy.timing import time_fn, time_ratio, with_batch
+from vitcc.pipeline.manager import make_pass
 
 from conftest import image, tiny_vit
 
@@ -36,7 +36,7 @@ def analyzed(model=None, x=None):
 
 
 def by_root(p, keep):
-    from vitcc.spaces import find
+    from vitcc.ir.spaces import find
     return {find(p.group(n).space).id: np.asarray(v) for n, v in keep.items()}
 
 
@@ -221,7 +221,7 @@ def test_target_latency_does_not_overshoot_on_a_head_step(fake_timings, monkeypa
 
 
 def test_target_latency_with_branches_counts_what_removed_branches_take_away(fake_timings):
-    from vitcc.selection import KeptByRoot
+    from vitcc.ir.selection import KeptByRoot
     p = analyzed()
     model = LatencyModel(p)
     gone = KeptByRoot({}, {"blocks.1.attn"})
@@ -292,7 +292,7 @@ def test_target_latency_times_ops_at_the_given_thread_count_cached_per_count(fak
 
 
 def test_profile_fills_the_cache_of_its_thread_count(fake_timings):
-    from vitcc.commands.profile import profile_model
+    from vitcc.cli.profile import profile_model
     before = torch.get_num_threads()
     res = profile_model(tiny_vit(), (image(batch=1),), grid=[0.5], threads=2)
     assert res["machine"]["threads"] == 2 and _cache_files() == {2} and torch.get_num_threads() == before

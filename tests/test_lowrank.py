@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Subset
 
 import vitcc
 from conftest import image, tiny_vit
-from vitcc.data import make_loaders
+from vitcc.training.data import make_loaders
 from vitcc.passes.lowrank import break_even, choose_rank, factorise
 
 

@@ -1,8 +1,8 @@
 import torch
 
-from vitcc.ir import Program
-from vitcc.capture import capture
-from vitcc.pipeline import make_pass
+from vitcc.ir.program import Program
+from vitcc.frontend.capture import capture
+from vitcc.pipeline.manager import make_pass
 
 from conftest import image, tiny_vit
 

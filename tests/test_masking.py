@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 import vitcc
-from vitcc.masking import MaskedInterpreter
+from vitcc.reference.masking import MaskedInterpreter
 from vitcc.metrics import macs_counter
 
 from conftest import image, tiny_vit

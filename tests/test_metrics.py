@@ -3,7 +3,7 @@ import timm
 import torch
 from torch import nn
 
-from vitcc.capture import capture
+from vitcc.frontend.capture import capture
 from vitcc.metrics import count_graph_macs, count_macs, count_params, latency_ms
 
 

@@ -1,4 +1,4 @@
-from vitcc.pipeline import make_pass
+from vitcc.pipeline.manager import make_pass
 
 from test_magnitude import analyzed
 

@@ -1,7 +1,7 @@
 import pytest
 
 from vitcc.errors import VitccError
-from vitcc.pipeline import make_pass
+from vitcc.pipeline.manager import make_pass
 
 from test_magnitude import analyzed
 
@@ -33,7 +33,7 @@ def test_align_rounds_kept_widths():
 
 @pytest.mark.parametrize("target", ["params", "macs"])
 def test_target_params_and_macs_reach_the_requested_fraction(target):
-    from vitcc.cost import estimate
+    from vitcc.search.cost import estimate
     p = selected(sparsity=0.4, target=target)
     which = 0 if target == "params" else 1
     base = estimate(p, {})[which]
@@ -66,7 +66,7 @@ def test_macs_target_does_not_overshoot_on_a_coarse_head_dim_step():
 def test_selection_is_a_mapping_with_helpers_by_root_widths_and_json():
     import numpy as np
     from vitcc.api import kept_widths
-    from vitcc.selection import Selection
+    from vitcc.ir.selection import Selection
     p = selected(sparsity=0.5, prune="mlp,heads")
     assert isinstance(p.keep, Selection) and p.keep["blocks.0.mlp.hidden"].dtype == np.int64
     assert p.keep.by_root(p.groups).keys() == p.keep_by_root().keys()
@@ -80,16 +80,17 @@ def test_selection_is_a_mapping_with_helpers_by_root_widths_and_json():
 
 
 def test_select_pass_and_public_search_agree():
-    from vitcc.cost import estimate
-    from vitcc.selection import prune_kinds, search_budget, select_uniform
+    from vitcc.search.cost import AnalyticCost
+    from vitcc.ir.selection import prune_kinds
+    from vitcc.search.budget import search_budget, select_uniform
     p = selected(sparsity=0.4, target="macs")
     kinds = prune_kinds(None)
-    best, how = search_budget(p, 0.4, kinds, 1, "uniform", lambda keep: estimate(p, keep)[1], what="MACs")
+    best, how = search_budget(p, 0.4, kinds, 1, "uniform", AnalyticCost(p, "macs"))
     assert best.to_json() == p.keep.to_json() and how == p.report["selection"]
     uniform = select_uniform(p, 0.5, prune_kinds("mlp,heads"))
     assert uniform.to_json() == selected(sparsity=0.5, prune="mlp,heads").keep.to_json()
-    with pytest.raises(VitccError, match="removing 99% of the MACs is out of reach"):
-        search_budget(p, 0.99, {"heads"}, 1, "uniform", lambda keep: estimate(p, keep)[1], what="MACs")
+    with pytest.raises(VitccError, match="removing 99% of the macs is out of reach"):
+        search_budget(p, 0.99, {"heads"}, 1, "uniform", AnalyticCost(p, "macs"))
 
 
 def test_a_compile_takes_a_selection_back():
@@ -104,21 +105,23 @@ def test_a_compile_takes_a_selection_back():
 def test_further_steps_try_each_kind_past_the_uniform_fraction_and_keep_the_least_loss():
     # a cost in which a head costs more than its MACs, as the softmax and the attention's transposes make a
     # latency: narrowing every kind alike is then not the cheapest way to the goal
-    from vitcc.branches import BranchLoss
-    from vitcc.cost import estimate
-    from vitcc.selection import OVERSHOOT, KeptByRoot, kept_of_kind, prune_kinds, search_budget
-    from vitcc.spaces import find
+    from vitcc.search.loss import loss_model
+    from vitcc.search.cost import FunctionCost, estimate
+    from vitcc.search.budget import OVERSHOOT, search_budget
+    from vitcc.ir.selection import KeptByRoot, prune_kinds
+    from vitcc.search.budget import kept_of_kind
+    from vitcc.ir.spaces import find
     p = selected(sparsity=0.4, target="macs")
     heads = [g for g in p.groups if g.kind == "heads"]
     per_head = estimate(p, KeptByRoot())[1] / sum(g.size for g in heads)
-    cost = lambda keep: estimate(p, keep)[1] + per_head * sum(len(keep.get(find(g.space).id, range(g.size)))
-                                                              for g in heads)
+    cost = FunctionCost(lambda keep: estimate(p, keep)[1] + per_head * sum(len(keep.get(find(g.space).id,
+                                                                                       range(g.size))) for g in heads))
     reduction = lambda sel: 1 - cost(sel.by_root(p.groups)) / cost(KeptByRoot())
     kinds = prune_kinds(None)
     plain, how = search_budget(p, 0.4, kinds, 1, "uniform", cost)
-    weighed, weighed_how = search_budget(p, 0.4, kinds, 1, "uniform", cost, further_steps=2)
+    weighed, weighed_how = search_budget(p, 0.4, kinds, 1, "uniform", FunctionCost(cost.fn, further_steps=2))
     assert 0.4 <= reduction(weighed) <= 0.4 + OVERSHOOT
-    loss = BranchLoss(p)
+    loss = loss_model(p)
     assert loss(weighed) < loss(plain), (how, weighed_how)
     assert "heads" in weighed_how and "past the largest fraction short" in weighed_how and "least loss" in weighed_how
     assert kept_of_kind(p, weighed, "heads") < kept_of_kind(p, plain, "heads")

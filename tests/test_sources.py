@@ -1,4 +1,4 @@
-"""vitcc.sources: every model spec loads and runs, weights land, errors are one line, shapes come from the model."""
+"""vitcc.frontend.sources: every model spec loads and runs, weights land, errors are one line, shapes come from the model."""
 import json
 import sys
 import zipfile
@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from conftest import HF_KINDS, hand_vit, randomized, same_params, tiny_hf
 from vitcc.errors import VerificationError, VitccError
-from vitcc.sources import Source, input_shape_for, load_model, parse_spec
+from vitcc.frontend.sources import Source, load_model, parse_spec
+from vitcc.frontend.input_shapes import input_shape_for
 
 
 def logits(out):

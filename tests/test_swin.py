@@ -5,9 +5,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vitcc
-from vitcc.coupling import analyze
-from vitcc.capture import capture
-from vitcc.groups import build_groups
+from vitcc.analysis.coupling import analyze
+from vitcc.frontend.capture import capture
+from vitcc.analysis.groups import build_groups
 
 from conftest import image, tiny_swin
 

@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 
 import vitcc
-from vitcc.data import make_loaders
+from vitcc.training.data import make_loaders
 from vitcc.errors import VitccError
-from vitcc.capture import capture
-from vitcc.ir import Program
-from vitcc.pipeline import make_pass
+from vitcc.frontend.capture import capture
+from vitcc.ir.program import Program
+from vitcc.pipeline.manager import make_pass
 
 from conftest import tiny_vit
 

@@ -6,11 +6,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import vitcc
-from vitcc import safe_pickle
-from vitcc.sources import load_model
-from vitcc.data import make_loaders
+from vitcc.frontend import safe_pickle
+from vitcc.frontend.sources import load_model
+from vitcc.training.data import make_loaders
 from vitcc.errors import VitccError
-from vitcc.train import distillation_loss, evaluate, finetune
+from vitcc.training.finetune import distillation_loss, evaluate, finetune
 
 from conftest import tiny_vit
 
@@ -133,7 +133,7 @@ def test_finetune_compact_graphmodule_with_checkpoints_and_resume(digits, tmp_pa
 
 def test_compact_graph_trains_through_aten_ops(digits):
     from torch import nn
-    from vitcc.train import _unused_parameters
+    from vitcc.training.finetune import _unused_parameters
     train, _ = digits
     small = vitcc.compile(small_vit(), "magnitude", sparsity=0.5, example_inputs=(torch.randn(1, 3, 8, 8),)).module
     assert not any(n.op == "call_module" for n in small.graph.nodes)  # parameters are get_attr nodes

@@ -6,8 +6,10 @@ from torch import nn
 
 import vitcc
 from vitcc.errors import VerificationError
-from vitcc.pipeline import Insertion, Pass, PassResult
-from vitcc.verification import compared_nodes, is_add, tensor_leaves
+from vitcc.pipeline.manager import Insertion
+from vitcc.pipeline.pass_base import Pass, PassResult
+from vitcc.reference.verification import compared_nodes, tensor_leaves
+from vitcc.analysis.branches import is_add
 
 from conftest import image, tiny_vit
 

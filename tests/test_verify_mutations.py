@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 import vitcc
-import vitcc.masking
+import vitcc.reference.masking
 from vitcc.errors import VerificationError
-from vitcc.pipeline import Insertion, Pass, PassResult
-from vitcc.spaces import axis_kept, normalize
+from vitcc.pipeline.manager import Insertion
+from vitcc.pipeline.pass_base import Pass, PassResult
+from vitcc.ir.spaces import axis_kept, normalize
 
 from conftest import image, tiny_vit
 

@@ -1,9 +1,10 @@
 """vitcc: a structured-pruning compiler for vision transformers, with verified equivalence."""
-from .api import CompileResult, compile, load, rule, save
-from .errors import VerificationError, VitccError
-from .ir import Program
-from .ops import OpInfo, OpTable, default_table
-from .pipeline import Insertion, Option, Pass, PassRegistry, PassResult, register_pass
+from vitcc.api import CompileResult, compile, load, rule, save
+from vitcc.errors import VerificationError, VitccError
+from vitcc.ir.program import Program
+from vitcc.analysis.ops import OpInfo, OpTable, default_table
+from vitcc.pipeline.manager import Insertion, PassRegistry
+from vitcc.pipeline.pass_base import Option, Pass, PassResult, register_pass
 
 __all__ = ["compile", "load", "save", "rule", "CompileResult", "Program", "Pass", "PassResult", "Insertion", "Option",
            "PassRegistry", "register_pass", "OpTable", "OpInfo", "default_table", "VitccError", "VerificationError"]

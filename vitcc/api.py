@@ -12,15 +12,16 @@ import torch
 import torch.fx as fx
 from torch.utils.data import DataLoader
 
-from .errors import VitccError
-from .capture import capture, export_program, source_meta
-from .groups import Group, model_blocks
-from .ir import Program, working_copy, writes_in_place
-from .selection import Selection
-from .spaces import find
-from .metrics import count_graph_macs, count_params
-from .ops import OpTable, default_table
-from .pipeline import Insertion, Pass, PassManager, PassRegistry, build_pipeline, format_pipeline
+from vitcc.errors import VitccError
+from vitcc.frontend.capture import capture, export_program, source_meta
+from vitcc.analysis.groups import Group, model_blocks
+from vitcc.ir.program import Program, working_copy, writes_in_place
+from vitcc.ir.selection import Selection
+from vitcc.ir.spaces import find
+from vitcc.metrics import count_graph_macs, count_params
+from vitcc.analysis.ops import OpTable, default_table
+from vitcc.pipeline.manager import Insertion, PassManager, PassRegistry, build_pipeline, format_pipeline
+from vitcc.pipeline.pass_base import Pass
 
 
 @dataclass
@@ -50,12 +51,12 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     it, see `vitcc inspect`) instead of scores and a budget.
     `registry` resolves pass names (default: a fresh `PassRegistry.default()`, so nothing is shared).
 
-    `data` is (train, val) DataLoaders or a spec for `vitcc.data.make_loaders` (an ImageFolder tree,
+    `data` is (train, val) DataLoaders or a spec for `vitcc.training.data.make_loaders` (an ImageFolder tree,
     `mnist5k`, `digits`; built with `batch_size`, `seed` and the model's normalisation). Before the passes
     run it is put in `program.options["data"]`, with a fixed calibration batch of `calibration_size`
     images (and labels) in `options["calibration"]` / `options["calibration_labels"]` for data-driven
     passes. Verification always runs before fine-tuning (which changes the function on purpose). With
-    `finetune_epochs > 0` the compact module is fine-tuned (`vitcc.train.finetune`: AdamW, cosine, `lr`,
+    `finetune_epochs > 0` the compact module is fine-tuned (`vitcc.training.finetune.finetune`: AdamW, cosine, `lr`,
     `seed`), distilling from the unpruned traced model when `distill`. With data the report gets
     `accuracy_before` (unpruned), `accuracy_pruned` (before fine-tuning, when fine-tuned),
     `accuracy_after` (top-1/top-5 on val) and the `finetune` history. Weight masks a pass leaves in
@@ -71,7 +72,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
     """
     if example_inputs is None:
-        from .sources import input_shape_for
+        from vitcc.frontend.input_shapes import input_shape_for
         example_inputs = (torch.randn(input_shape_for(model)),)
     example_inputs = tuple(example_inputs)
     if threads is not None and (target != "latency" or isinstance(threads, bool) or not isinstance(threads, int)
@@ -131,7 +132,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     })
     program.gm.meta.pop("tensor_meta", None)
     if loaders is not None:
-        from .train import evaluate, finetune, keep_zeros
+        from vitcc.training.finetune import evaluate, finetune, keep_zeros
         train_loader, val_loader = loaders
         program.report["accuracy_before"] = accuracy
         if finetune_epochs > 0:
@@ -141,7 +142,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             history = finetune(program.gm, train_loader, epochs=finetune_epochs, lr=lr, teacher=teacher,
                                kd_weight=kd_weight, temperature=temperature, seed=seed,
                                checkpoint_dir=checkpoint_dir, progress=progress, on_step=on_step)
-            from .distributed import world_size
+            from vitcc.training.distributed import world_size
             program.report["finetune"] = {"epochs": finetune_epochs, "lr": lr, "distill": teacher is not None,
                                           "seed": seed, "world_size": world_size(), **history}
         program.report["accuracy_after"] = evaluate(program.gm, val_loader)
@@ -157,8 +158,8 @@ def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs
         if finetune_epochs > 0:
             raise VitccError("fine-tuning needs data: pass --data (e.g. --data mnist5k) or data=(train, val)")
         return None, None, None
-    from .data import calibration_batch, make_loaders, normalization_for
-    from .train import evaluate
+    from vitcc.training.data import calibration_batch, make_loaders, normalization_for
+    from vitcc.training.finetune import evaluate
     if isinstance(data, (str, Path)):
         mean, std = normalization_for(model)
         data = make_loaders(str(data), tuple(program.example_inputs[0].shape[1:]), batch_size=batch_size,
@@ -208,8 +209,8 @@ class _GivenSelection(Pass):
         self.keep = keep
 
     def run(self, program: Program):
-        from .errors import VitccError
-        from .pipeline import PassResult
+        from vitcc.errors import VitccError
+        from vitcc.pipeline.pass_base import PassResult
         names = {g.name for g in program.groups}
         branches = {b.name: b for b in program.branches}
         unknown = set(self.keep) - names - set(branches)
@@ -280,5 +281,5 @@ def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None 
 def load(path: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Load a compiled model (a program archive, whatever its suffix) as a trainable GraphModule; other files
     go through the safe loader (a pickled GraphModule from an older vitcc needs trust_pickle)."""
-    from .sources import load_model
+    from vitcc.frontend.sources import load_model
     return load_model(str(path), trust_pickle=trust_pickle)

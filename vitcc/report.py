@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from .errors import VitccError
+from vitcc.errors import VitccError
 
 FORMATS = (".json", ".html", ".png")
 PNG_NEEDS = 'matplotlib, which is not installed; install it with pip install -e ".[report]"'

@@ -1,0 +1,67 @@
+"""Fused attention (scaled_dot_product_attention).
+
+q, k and v share their batch axes (heads) and q, k their contracted head dim; v's head dim only meets the
+output projection. SDPA's default scale reads q's last size, so after head-dim pruning the compact graph
+passes the original scale explicitly (masked semantics: attention keeps the original model's scale).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from vitcc.ir.types import is_ttype, shape_of
+from vitcc.analysis.rulekit import named_arg, tag
+
+from vitcc.analysis.ops.table import Family
+from vitcc.analysis.ops._timing import TimedOp, bind, rand, shape_key
+
+aten = torch.ops.aten
+family = Family("attention")
+SDPA = aten.scaled_dot_product_attention
+
+
+@family.coupling(SDPA)
+def sdpa(a, node: fx.Node) -> Any:
+    q, k, v = (a.type_of(named_arg(node, n)) for n in ("query", "key", "value"))
+    a.tie(q[-1], k[-1], "attention q.k")
+    a.tie(k[-2], v[-2], "attention keys/values")
+    batch = a.broadcast([tuple(q[:-2]), tuple(k[:-2]), tuple(v[:-2])])
+    mask = a.type_of(named_arg(node, "attn_mask"))
+    if is_ttype(mask):
+        a.broadcast([tuple(batch) + (q[-2], k[-2]), mask])
+    tag(q[-1], "head_dim_qk")
+    tag(v[-1], "head_dim_v")
+    for ax in batch:
+        tag(ax, "heads")
+    return tuple(batch) + (q[-2], v[-1])
+
+
+@family.rewrite(SDPA)
+def pin_scale(node: fx.Node, ctx) -> None:
+    q = named_arg(node, "query")
+    full = shape_of(q)[-1]
+    if named_arg(node, "scale") is None and ctx.size(ctx.types[q.name][-1]) != full:
+        node.kwargs = {**node.kwargs, "scale": full ** -0.5}
+
+
+@family.macs(SDPA)
+def sdpa_macs(node: fx.Node, shapes) -> int:
+    q, k, v = (shapes.node(named_arg(node, n)) for n in ("query", "key", "value"))
+    batch = math.prod(shapes.node(node)[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+@family.latency(SDPA)
+def timed_sdpa(node: fx.Node, shapes) -> TimedOp | None:
+    q, k, v = (shapes.node(named_arg(node, n)) for n in ("query", "key", "value"))
+    if q is None or k is None or v is None:
+        return None
+    mask = named_arg(node, "attn_mask")
+    m = shapes.node(mask) if isinstance(mask, fx.Node) else None
+    causal = bool(named_arg(node, "is_causal", False))
+    key = f"sdpa|{shape_key(q)}|{shape_key(k)}|{shape_key(v)}|{shape_key(m) if m else '-'}|{int(causal)}"
+    return TimedOp(key, lambda: bind(torch.nn.functional.scaled_dot_product_attention, rand(q), rand(k), rand(v),
+                                     attn_mask=rand(m) if m else None, is_causal=causal, scale=0.125))

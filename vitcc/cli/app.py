@@ -1,0 +1,291 @@
+"""`vitcc compile` and `vitcc inspect`, and what the other commands share (vitcc/cli/*.py: one file each).
+
+Exit codes: 0 success, 2 bad input or usage (one line, no traceback), 3 verification failed, 1 vitcc's own
+bug (one line saying where to report it; VITCC_DEBUG=1 adds the traceback). Every output path is checked
+before any work, and nothing is written unless every step, verification included, succeeded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vitcc.errors import VitccError
+from vitcc.cli.outputs import Outputs, check_folder
+from vitcc.report import accuracy_rows, check_output
+from vitcc.report import write as write_report
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="vitcc: structured pruning for vision transformers, with verified equivalence.")
+console = Console(stderr=True)
+DEFAULT_MODEL = "timm:deit_tiny_patch16_224"
+MODEL_HELP = ("timm:NAME, torchvision:NAME, hf:DIR (save_pretrained folder), py:MODULE:CALLABLE or py:FILE.py:CALLABLE, "
+              "an ExportedProgram (.pt2), a torch.save'd module (.pt), or a state dict with --arch")
+WEIGHTS_HELP = "state dict or safetensors to load into a timm:, torchvision:, hf: or py: model"
+ARCH_HELP = "the model a state-dict input belongs to: timm:NAME, torchvision:NAME, hf:DIR or py:MODULE:CALLABLE"
+# Kept widths rounded to multiples of 16: unaligned widths run up to 1.5x slower per FLOP in MKL's GEMMs, and
+# onnxruntime at batch 32 needs 16 where eager PyTorch is content with 8 (benchmarks/results/latency.md).
+DEFAULT_ALIGN = 16
+TARGETS = ("channels", "params", "macs", "latency")
+
+
+def _load(model: str, weights, arch, trust_pickle, input_shape):
+    """The model and one example input, checked to run: a shape the model cannot take is one line, here."""
+    from vitcc.frontend.input_shapes import input_shape_for
+    from vitcc.frontend.sources import load_model
+    m = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle)
+    example = (torch.randn(input_shape_for(m, input_shape)),)
+    _check_runs(m, example, input_shape)
+    return m, example
+
+
+def _check_runs(m: torch.nn.Module, example: tuple, given: Optional[str]) -> None:
+    from vitcc.frontend.input_shapes import input_shape_for
+    try:
+        with torch.no_grad():
+            m.eval()(*example)
+    except Exception as e:
+        shape = ",".join(map(str, example[0].shape))
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        try:
+            hint = f"; it takes e.g. --input-shape {','.join(map(str, input_shape_for(m)))}"
+        except VitccError:
+            hint = "; pass --input-shape with the shape it takes"
+        origin = "--input-shape" if given is not None else "the input shape it declares,"
+        raise VitccError(f"{type(m).__name__} cannot run on {origin} {shape}: {first}{hint}") from None
+
+
+def check_budget(sparsity: Optional[float], align: int, target: str, passes: Optional[str]) -> None:
+    """What compile and bench --sparsity share: checked before a model is loaded."""
+    from vitcc.pipeline.manager import build_pipeline
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise VitccError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if align < 1:
+        raise VitccError(f"--align must be >= 1 (1: no rounding, 16: CPU GEMM-friendly widths), got {align}")
+    if target not in TARGETS:
+        raise VitccError(f"unknown --target {target!r}; use {', '.join(TARGETS)}")
+    if passes is not None:
+        build_pipeline(passes)  # unknown passes and options fail now, not after tracing
+
+
+def check_threads(threads: Optional[int], target: Optional[str] = None, option: str = "--threads") -> None:
+    """A thread count is a whole number >= 1; with compile it only means something for --target latency."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise VitccError(f"{option} must be >= 1 (this machine has {os.cpu_count()} CPUs), got {threads}")
+    if target is not None and target != "latency":
+        raise VitccError(f"{option} is the thread count --target latency times ops at; add --target latency "
+                         f"(the target is {target})")
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    passes: str = typer.Option("magnitude", "--passes", help="method passes, e.g. 'magnitude{p=1}' or 'lamp' "
+                               "(`vitcc passes` lists them with their options)"),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="fraction to remove, in [0, 1)"),
+    prune: Optional[str] = typer.Option(None, "--prune", help="group kinds to prune (default: residual,heads,"
+                                        "head_dim,mlp, or the kinds the method passes were designed for); "
+                                        "branch: remove whole residual branches (attention, MLP: depth pruning)"),
+    target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
+    align: int = typer.Option(DEFAULT_ALIGN, "--align", help="round kept widths to multiples of N (unaligned widths "
+                              "run up to 1.5x slower per FLOP on CPU; benchmarks/results/latency.md)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="with --target latency: the intra-op thread "
+                                          "count the model will run with, which ops are timed at (cached per "
+                                          "count; default: torch's)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the report: R.json (figures), R.html (a page "
+                                          "with the picture of what was pruned) or R.png (the picture alone)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="unpickle classes outside torch/timm/vitcc"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="skip the equivalence check (not recommended)"),
+    data: Optional[str] = typer.Option(None, "--data", help="image folder with train/ and val/, or mnist5k or digits"),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="fine-tune the compact model N epochs (needs --data)"),
+    lr: float = typer.Option(5e-4, "--lr", help="fine-tuning learning rate (AdamW, cosine schedule)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="batch size for fine-tuning and evaluation"),
+    seed: int = typer.Option(0, "--seed", help="random init, data order and training: same seed, same result"),
+    no_distill: bool = typer.Option(False, "--no-distill", help="fine-tune without distilling from the unpruned model"),
+    sparsity_epochs: Optional[int] = typer.Option(None, "--sparsity-epochs", help="epochs of the sparsity-training "
+                                                  "phase of gohsp (stage 2, default 0) and vtp (gates, default 1); "
+                                                  "needs --data"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean, e.g. 0.5,0.5,0.5 (default: the model's)"),
+    std: Optional[str] = typer.Option(None, "--std", help="normalisation std, e.g. 0.5,0.5,0.5 (default: the model's)"),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="write a checkpoint every epoch here"),
+) -> None:
+    """Prune MODEL and write a smaller, verified GraphModule (optionally fine-tuned on --data)."""
+    args = SimpleNamespace(**locals())
+    check_budget(sparsity, align, target, passes)
+    check_threads(threads, target)
+    if finetune_epochs < 0:
+        raise VitccError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    if finetune_epochs > 0 and data is None:
+        raise VitccError("--finetune-epochs needs --data (an image folder with train/ and val/, mnist5k or digits)")
+    if sparsity_epochs is not None and sparsity_epochs < 0:
+        raise VitccError(f"--sparsity-epochs must be >= 0, got {sparsity_epochs}")
+    if sparsity_epochs and data is None:
+        raise VitccError("--sparsity-epochs needs --data (an image folder with train/ and val/, mnist5k or digits)")
+    check_folder(checkpoint_dir, "--checkpoint-dir")
+    with Outputs([model, weights]) as outputs:
+        files = {"model": outputs.plan(output, "-o"), "onnx": outputs.plan(onnx, "--onnx"),
+                 "report": outputs.plan(report, "--report")}
+        check_output(report, "--report")
+        rep = _compile(args, files)
+        if rep is None:  # not rank 0 under torchrun: rank 0 writes
+            outputs.discard()
+    if rep is not None:
+        _summary(rep, model)
+
+
+def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[dict]:
+    """Compile with the command's arguments `a`, export and write to the temporaries in `files`; the report,
+    or None on ranks other than 0."""
+    from vitcc import api
+    from vitcc.training.distributed import init_distributed, is_main
+    from vitcc.deploy.export import export_onnx
+    init_distributed()  # under torchrun: one process group for fine-tuning, only rank 0 prints and writes
+    torch.manual_seed(a.seed)  # a timm: model's random init is the same on every rank and every run
+    m, example = _load(a.model, a.weights, a.arch, a.trust_pickle, a.input_shape)
+    loaders = _loaders(m, example, a.data, a.batch_size, a.mean, a.std, a.seed) if a.data is not None else None
+    last = "dce" if a.no_verify else "verify"
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not (console.is_terminal and is_main())) as progress:
+        task = progress.add_task("tracing", total=None)
+
+        def on_pass(p, phase):
+            if phase == "start":
+                progress.update(task, description=f"{p.name}")
+            elif p.name == last and a.finetune_epochs > 0:
+                progress.stop()  # fine-tuning shows its own progress bar
+        result = api.compile(m, a.passes, sparsity=a.sparsity, example_inputs=example, prune=a.prune, target=a.target,
+                             align=a.align, verify=not a.no_verify, on_pass=on_pass, data=loaders,
+                             finetune_epochs=a.finetune_epochs, lr=a.lr, distill=not a.no_distill, seed=a.seed,
+                             batch_size=a.batch_size, checkpoint_dir=a.checkpoint_dir, progress=True,
+                             sparsity_epochs=a.sparsity_epochs, threads=a.threads)
+        if a.onnx is not None and is_main():
+            progress.update(task, description="onnx export")
+            result.report["onnx"] = {**export_onnx(result.module, example, files["onnx"]), "path": str(a.onnx)}
+    if not is_main():
+        return None
+    rep = result.report
+    rep["model"] = a.model
+    if files["model"] is not None:
+        api.save(result.module, files["model"])
+    if files["report"] is not None:
+        write_report(rep, files["report"])
+    return rep
+
+
+def _floats(text: Optional[str], name: str):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise VitccError(f"{name} takes comma-separated numbers like 0.5,0.5,0.5, got {text!r}") from None
+
+
+def _loaders(m, example, data: str, batch_size: int, mean: Optional[str], std: Optional[str], seed: int):
+    """(train, val) for --data, shaped like the model input, normalised like the model unless --mean/--std."""
+    from vitcc.training.data import make_loaders, normalization_for
+    model_mean, model_std = normalization_for(m)
+    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
+    return make_loaders(data, tuple(example[0].shape[1:]), batch_size=batch_size,
+                        mean=model_mean if mean_v is None else mean_v, std=model_std if std_v is None else std_v,
+                        seed=seed, distributed=True)
+
+
+def _accuracy_lines(rep: dict) -> list[str]:
+    return [f"accuracy {label}: top-1 {a['top1']:.2%}, top-5 {a['top5']:.2%} ({a['n']:,} images)"
+            for label, a in accuracy_rows(rep)]
+
+
+def _summary(rep: dict, model: str) -> None:
+    out = Console()
+    t = Table(title=f"vitcc compile {model}", show_header=True)
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("kept", justify="right")
+    for key, label in (("params", "parameters"), ("macs", "MACs")):
+        b, a = rep[f"{key}_before"], rep[f"{key}_after"]
+        t.add_row(label, f"{b:,}", f"{a:,}", f"{a / max(b, 1):.1%}")
+    for kind, w in rep["widths"].items():
+        t.add_row(f"{kind} ({w['groups']} groups)", f"{w['before']:,}", f"{w['after']:,}",
+                  f"{w['after'] / max(w['before'], 1):.1%}")
+    out.print(t)
+    if rep.get("removed_branches"):
+        out.print(f"removed branches: {', '.join(rep['removed_branches'])}", highlight=False)
+    if "max_abs_error" in rep:
+        out.print(f"verified: max |compact - masked| = {rep['max_abs_error']:.3g} "
+                  f"(relative {rep['max_rel_error']:.3g}, worst {rep.get('verify', {}).get('worst')})")
+    if "onnx" in rep:
+        out.print(f"onnx: {rep['onnx']['path']} checked, onnxruntime max error {rep['onnx']['max_abs_error']:.3g}")
+    out.print("passes: " + ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in rep["passes"]))
+    for line in _accuracy_lines(rep):
+        out.print(line, highlight=False)
+    for f in rep.get("frozen", [])[:10]:
+        out.print(f"[yellow]frozen[/yellow] at {f['node']}: {f['reason']}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    html: Optional[Path] = typer.Option(None, "--html", help="also write a page drawing the groups (one bar per "
+                                        "group, by kind, frozen ones with the reason) to this .html file"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+) -> None:
+    """Print the coupled groups (kind, size, members), the residual branches (`--prune branch` removes them
+    whole) and the frozen dimensions of MODEL."""
+    from vitcc.frontend.capture import capture
+    from vitcc.ir.program import Program
+    from vitcc.pipeline.manager import make_pass
+    from vitcc.report import render_groups_html
+    with Outputs([model, weights]) as outputs:
+        page = outputs.plan(html, "--html")
+        check_output(html, "--html", (".html",))
+        m, example = _load(model, weights, arch, trust_pickle, input_shape)
+        program = Program(gm=capture(m, example), example_inputs=example)
+        make_pass("analyze").run(program)
+        data = {"groups": [g.to_json() for g in program.groups],
+                "branches": [b.to_json() for b in program.branches], "frozen": program.report["frozen"]}
+        if page is not None:
+            page.write_text(render_groups_html(data, model), encoding="utf-8")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    out = Console()
+    t = Table(title=f"groups of {model}")
+    for col in ("name", "kind", "size", "members", "status"):
+        t.add_column(col)
+    for g in program.groups:
+        members = ", ".join(f"{mm.param}[{mm.axis}]" for mm in g.members[:4])
+        if len(g.members) > 4:
+            members += f", … (+{len(g.members) - 4})"
+        t.add_row(g.name, g.kind, str(g.size), members, "frozen: " + g.frozen if g.frozen else "prunable")
+    out.print(t)
+    if program.branches:
+        t = Table(title=f"residual branches of {model} (--prune branch removes them whole)")
+        for col in ("name", "role", "ops", "parameters", "groups", "status"):
+            t.add_column(col)
+        for b in program.branches:
+            t.add_row(b.name, b.role, str(b.ops), str(len(b.params)), ", ".join(b.groups),
+                      "frozen: " + b.frozen if b.frozen else "removable")
+        out.print(t)
+    for f in data["frozen"]:
+        out.print(f"[yellow]frozen[/yellow] at {f['node']}: {f['reason']}")

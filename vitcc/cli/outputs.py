@@ -1,0 +1,101 @@
+"""All-or-none outputs: every file a command writes is checked before any work, written to a temporary next
+to it, and renamed into place only when everything succeeded; on any failure the temporaries are removed.
+
+Checking up front means a bad `--report` path fails in a second, not after minutes of compiling, and never
+after the model was already written. The temporary keeps the final suffix (`.small.x1y2.tmp.pt`), so writers
+that choose a format by suffix write the right one.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Iterable
+
+from vitcc.errors import VitccError
+
+
+def _new_temporary(path: Path) -> Path:
+    """A fresh file next to `path`, created with the mode any new file gets (mkstemp's would be 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+class Outputs:
+    """The files one command writes; use as a context manager: commit on success, discard on any exception."""
+
+    def __init__(self, inputs: Iterable[str | Path | None] = ()):
+        self._inputs = {Path(i).resolve() for i in inputs if i is not None and Path(i).exists()}
+        self._planned: list[tuple[str, Path, Path]] = []  # (flag, final path, temporary)
+
+    def plan(self, path: str | Path | None, flag: str) -> Path | None:
+        """The temporary to write `path` to, after checking that `path` can be written; None for no output."""
+        if path is None:
+            return None
+        path = Path(path)
+        check_writable_file(path, flag)
+        final = path.resolve()
+        if final in self._inputs:
+            raise VitccError(f"{flag} {path} would overwrite the input model; choose another path")
+        other = next((f for f, p, _ in self._planned if p.resolve() == final), None)
+        if other is not None:
+            raise VitccError(f"{flag} {path} is also the path given to {other}; give each output its own file")
+        try:
+            tmp = _new_temporary(path)
+        except OSError as e:
+            raise VitccError(f"cannot write {flag} {path}: {e.strerror or e} in {path.parent or '.'}; "
+                             "choose a folder you can write to") from None
+        self._planned.append((flag, path, Path(tmp)))
+        return Path(tmp)
+
+    def commit(self) -> None:
+        """Rename every temporary to its final path."""
+        planned, self._planned = self._planned, []
+        try:
+            for _, path, tmp in planned:
+                os.replace(tmp, path)
+        except OSError as e:
+            self._planned = planned
+            raise VitccError(f"cannot write {e.filename}: {e.strerror or e}") from None
+
+    def discard(self) -> None:
+        """Remove every temporary (what a writer left next to one, too: `<tmp>.tmp`)."""
+        for _, _, tmp in self._planned:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):
+                leftover.unlink(missing_ok=True)
+        self._planned = []
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        self.discard()
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """One-line errors for a path that names a folder or lies in a folder that does not exist."""
+    if path.is_dir():
+        raise VitccError(f"{flag} {path} is a folder; name a file in it, e.g. {path / ('out' + (path.suffix or '.pt'))}")
+    parent = path.parent
+    if not parent.exists():
+        raise VitccError(f"output folder {parent} of {flag} does not exist; create it first")
+    if not parent.is_dir():
+        raise VitccError(f"{flag} {path}: {parent} is not a folder")
+
+
+def check_folder(path: Path | None, flag: str) -> None:
+    """A folder a command fills as it goes (checkpoints): it may not exist yet, but must not be a file."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise VitccError(f"{flag} {path} is a file; name a folder")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise VitccError(f"{flag} {path}: cannot write in {existing}; choose a folder you can write to")

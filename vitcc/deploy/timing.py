@@ -1,0 +1,192 @@
+"""Timing a model the way a deployment runs it: interleaved runs of dense and compact, per-thread CPU time
+where it is trustworthy, the example inputs at another batch, onnxruntime sessions. `vitcc bench`, the
+latency model (vitcc.search.latency) and benchmarks/ share these.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vitcc.errors import VitccError
+
+__all__ = ["time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok", "intra_op_threads",
+           "with_batch", "onnx_session", "onnx_feed"]
+
+
+def loadavg() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on Unix
+        return "n/a"
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """torch's intra-op thread count set to ``threads`` inside (None: left as it is), and restored after:
+    what a latency is measured at, without changing the process for whoever called."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise VitccError(f"threads must be a whole number >= 1 (1 thread .. {os.cpu_count()} on this machine), "
+                             f"got {threads!r}")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def cpu_clock_ok(threads: int | None = None) -> bool:
+    """With one intra-op thread every kernel runs on the calling thread, so its CPU time is the op's cost
+    without the time the scheduler gave to other processes (the machine may be shared)."""
+    return int(threads or torch.get_num_threads()) == 1
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, samples: int = 7, min_sample_ms: float = 2.0,
+            budget_ms: float = 400.0, clock: str = "wall") -> float:
+    """Median milliseconds per call of ``fn``; short ops are looped so one sample lasts ``min_sample_ms``.
+
+    ``clock="thread"`` measures the calling thread's CPU time (see :func:`cpu_clock_ok`), ``"wall"``
+    wall-clock time. Fewer samples (at least 3) are taken when ``samples`` would exceed ``budget_ms``.
+    """
+    now = time.thread_time if clock == "thread" else time.perf_counter
+    with torch.inference_mode():
+        for _ in range(max(1, warmup)):
+            t0 = time.perf_counter()
+            fn()
+            once = (time.perf_counter() - t0) * 1e3
+        inner = max(1, int(math.ceil(min_sample_ms / max(once, 1e-4))))
+        n = max(3, min(samples, int(budget_ms / max(once * inner, 1e-6))))
+        out = []
+        for _ in range(n):
+            t0 = now()
+            for _ in range(inner):
+                fn()
+            out.append((now() - t0) * 1e3 / inner)
+    return float(statistics.median(out))
+
+
+def time_ratio(fn: Callable[[], Any], ref: Callable[[], Any], *, warmup: int = 2, samples: int = 7,
+               min_sample_ms: float = 2.0, budget_ms: float = 600.0, clock: str = "wall") -> float:
+    """Median over paired samples of (time of ``fn``) / (time of ``ref``), the two alternating.
+
+    A shared machine speeds up and slows down over seconds (other processes, caches, clocks); timing
+    every op against a reference measured right beside it cancels most of that drift.
+    """
+    now = time.thread_time if clock == "thread" else time.perf_counter
+    with torch.inference_mode():
+        once = {}
+        for name, f in (("fn", fn), ("ref", ref)):
+            for _ in range(max(1, warmup)):
+                t0 = time.perf_counter()
+                f()
+                once[name] = (time.perf_counter() - t0) * 1e3
+        inner = {k: max(1, int(math.ceil(min_sample_ms / max(v, 1e-4)))) for k, v in once.items()}
+        per = once["fn"] * inner["fn"] + once["ref"] * inner["ref"]
+        n = max(3, min(samples, int(budget_ms / max(per, 1e-6))))
+        ratios = []
+        for i in range(n):
+            pair = {}
+            for name, f in ((("fn", fn), ("ref", ref)) if i % 2 == 0 else (("ref", ref), ("fn", fn))):
+                t0 = now()
+                for _ in range(inner[name]):
+                    f()
+                pair[name] = (now() - t0) / inner[name]
+            ratios.append(pair["fn"] / max(pair["ref"], 1e-12))
+    return float(statistics.median(ratios))
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 10, warmup: int = 2,
+                on_round: Callable[[int], None] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Milliseconds per call of every function, one call of each per round, in a rotating order.
+
+    Dense and compact models timed this way share whatever else the machine is doing: compare them
+    within one call, never across calls. Returns ``{name: {"wall": [...], "cpu": [...]}}`` (process CPU
+    time, which excludes time the process waited for a core); take medians.
+    """
+    names = list(fns)
+    out = {n: {"wall": [], "cpu": []} for n in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                fns[n]()
+        for r in range(rounds):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                c0, t0 = time.process_time(), time.perf_counter()
+                fns[n]()
+                t1, c1 = time.perf_counter(), time.process_time()
+                out[n]["wall"].append((t1 - t0) * 1e3)
+                out[n]["cpu"].append((c1 - c0) * 1e3)
+            if on_round is not None:
+                on_round(r)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+def with_batch(example_inputs: tuple, batch: int, seed: int = 0) -> tuple:
+    """The example inputs with batch size ``batch`` (float tensors redrawn, others repeated)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in example_inputs:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            out.append(t)
+            continue
+        shape = (batch, *t.shape[1:])
+        if t.is_floating_point():
+            out.append(torch.randn(shape, generator=g, dtype=t.dtype))
+        else:
+            out.append(t[torch.arange(batch) % t.shape[0]])
+    return tuple(out)
+
+
+def onnx_session(path: str | Path, threads: int):
+    """An onnxruntime CPU session with all graph optimizations and ``threads`` intra-op threads.
+
+    Its worker threads sleep when idle instead of spinning: sessions timed in turns (`interleaved`) would
+    otherwise spin on the cores the next one runs on (at 2 threads, batch 1, a dense DeiT-S ran no faster
+    than on one thread, and the compact models looked 25 points slower than they are)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_feed(session, inputs: tuple) -> dict:
+    names = [i.name for i in session.get_inputs()]
+    arrays = [t.detach().cpu().numpy() for t in inputs if isinstance(t, torch.Tensor)]
+    return dict(zip(names, arrays))
+
+
+def summarize(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Median, min and relative spread (IQR / median) of interleaved samples, per clock."""
+    out = {}
+    for name, clocks in samples.items():
+        row = {}
+        for clock, xs in clocks.items():
+            if not xs:
+                continue
+            q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+            med = statistics.median(xs)
+            row[clock] = med
+            row[f"{clock}_min"] = min(xs)
+            row[f"{clock}_iqr"] = (q[2] - q[0]) / med if med else 0.0
+        row["n"] = len(clocks.get("wall", []))
+        out[name] = row
+    return out
+
+

@@ -1,0 +1,1 @@
+"""Training: data loaders, fine-tuning (with distillation, under torchrun), evaluation."""
