@@ -16,9 +16,9 @@ SCRIPT = textwrap.dedent('''
     import json, sys, torch
     sys.path.insert(0, sys.argv[2])
     from conftest import tiny_vit
-    from vitcc.data import make_loaders
-    from vitcc.distributed import is_distributed, rank, world_size
-    from vitcc.train import evaluate, finetune
+    from vitcc.training.data import make_loaders
+    from vitcc.training.distributed import is_distributed, rank, world_size
+    from vitcc.training.finetune import evaluate, finetune
 
     out = sys.argv[1]
     train, val = make_loaders("digits", (3, 8, 8), batch_size=32, mean=0.5, std=0.5, distributed=True)

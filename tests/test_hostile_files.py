@@ -418,7 +418,7 @@ def test_real_graph_module_loads_with_trust(canary, tmp_path):
 _MEMORY_SCRIPT = """
 import resource, sys
 from vitcc.errors import VitccError
-from vitcc.sources import load_model
+from vitcc.frontend.sources import load_model
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for path in sys.argv[1:]:
     try:

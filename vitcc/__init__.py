@@ -8,4 +8,4 @@ from vitcc.pipeline.pass_base import Option, Pass, PassResult, register_pass
 
 __all__ = ["compile", "load", "save", "rule", "CompileResult", "Program", "Pass", "PassResult", "Insertion", "Option",
            "PassRegistry", "register_pass", "OpTable", "OpInfo", "default_table", "VitccError", "VerificationError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
