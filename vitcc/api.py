@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture, export_program, source_meta
-from vitcc.analysis.groups import Group, model_blocks
+from vitcc.analysis.groups import model_blocks
+from vitcc.ir.groups import Group
 from vitcc.ir.program import Program, working_copy, writes_in_place
 from vitcc.ir.selection import Selection
 from vitcc.ir.spaces import find

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from vitcc.analysis.groups import Group, common_prefix
+from vitcc.analysis.groups import common_prefix
+from vitcc.ir.groups import Group
 from vitcc.ir.spaces import axis_size, find, spaces_of
 from vitcc.ir.types import is_ttype, shape_of
 

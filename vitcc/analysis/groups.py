@@ -2,38 +2,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
 
+from vitcc.ir.groups import Group, Member
 from vitcc.ir.types import Coupling, is_ttype
 from vitcc.ir.spaces import Space, find, leaves, spaces_of
 
-KINDS = ("residual", "heads", "head_dim", "mlp", "other")
 _SUFFIX = {"residual": "residual", "heads": "heads", "mlp": "hidden", "other": "channels"}
-
-
-@dataclass
-class Member:
-    param: str
-    axis: int
-
-
-@dataclass
-class Group:
-    name: str
-    kind: str
-    size: int
-    members: list[Member]
-    frozen: str | None = None
-    space: Space | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def prunable(self) -> bool:
-        return self.frozen is None and self.size > 1
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("space")
-        return d
 
 
 def build_groups(c: Coupling) -> list[Group]:

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from vitcc.errors import VitccError
+from vitcc.ir.groups import Group
 from vitcc.ir.selection import Selection
 from vitcc.ir.spaces import Axis, find, spaces_of
 from vitcc.ir.types import Coupling
-
-if TYPE_CHECKING:
-    from vitcc.analysis.groups import Group
-    from vitcc.analysis.ops import OpTable
 
 ANALYSES = frozenset({"shapes", "coupling"})
 
@@ -35,12 +32,12 @@ class Program:
     example_inputs: tuple
     original: fx.GraphModule | None = None  # frozen copy of the traced model: the masked reference runs it
     coupling: Coupling | None = None  # analysis of `original`; of `gm` too while "coupling" is not stale
-    groups: list["Group"] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # group name -> score per index
     keep: Selection = field(default_factory=Selection)  # group name -> kept indices (sorted)
     options: dict[str, Any] = field(default_factory=dict)  # sparsity, prune kinds, target, align, ...
     report: dict[str, Any] = field(default_factory=dict)
-    ops: OpTable | None = None  # this compile's op table (built-ins + user rules); the analysis sets the default
+    ops: Any = None  # this compile's op table (vitcc.analysis.ops.OpTable: built-ins + user rules); the analysis sets the default
     stale: set[str] = field(default_factory=set)  # analyses (of ANALYSES) that no longer describe `gm`
     branches: list = field(default_factory=list)  # residual branches (vitcc.analysis.branches.Branch), with the coupling
     # storages `gm` still shares with `original` (a `working_copy`): written in place, they would change the

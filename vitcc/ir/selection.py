@@ -8,17 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vitcc.errors import VitccError
+from vitcc.ir.groups import KINDS, Group
 from vitcc.ir.spaces import find
 
-if TYPE_CHECKING:
-    from vitcc.analysis.groups import Group
-
-KINDS = ("residual", "heads", "head_dim", "mlp", "other")  # group kinds, in report order
 BRANCH = "branch"  # the --prune kind of whole residual branches (vitcc.analysis.branches)
 PRUNE_KINDS = (*KINDS, BRANCH)
 MIN_KEEP = {"residual": 1, "heads": 1, "head_dim": 1, "mlp": 1, "other": 1}

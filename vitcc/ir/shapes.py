@@ -5,16 +5,14 @@ made of a stacked space (`Coupling.aliases`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch.fx as fx
 
+from vitcc.ir.program import Program
 from vitcc.ir.spaces import Axis, axis_kept, find, fsize, normalize
 from vitcc.ir.types import is_ttype, shape_of
-
-if TYPE_CHECKING:
-    from vitcc.ir.program import Program
 
 
 def kept_count(f: Any, keep: dict[int, np.ndarray], aliases: dict) -> int:
@@ -53,7 +51,7 @@ class CompactShapes:
     """Compact shapes of a captured graph's nodes under a selection (group-root id -> kept indices), for the
     op table's MAC counts and latency entries; nodes without a channel type keep their captured shape."""
 
-    def __init__(self, program: "Program", keep: dict):
+    def __init__(self, program: Program, keep: dict):
         program.require("shapes", "coupling", why="counting compact shapes")
         self.coupling, self.keep, self.cache = program.coupling, keep, {}
 

@@ -19,25 +19,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from itertools import combinations
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from vitcc.errors import VitccError
+from vitcc.ir.groups import Group
+from vitcc.ir.program import Program
 from vitcc.ir.selection import BRANCH, MIN_KEEP, KeptByRoot, Selection
 from vitcc.ir.spaces import find
 from vitcc.search.cost import CostModel
 from vitcc.search.loss import LossModel, loss_model, score_branches
 
-if TYPE_CHECKING:
-    from vitcc.analysis.groups import Group
-    from vitcc.ir.program import Program
-
 __all__ = ["select_uniform", "search_budget", "smallest", "branch_order", "without_branches"]
 
 
-def kept_of_kind(program: "Program", keep: Mapping[str, Any], kind: str) -> int:
+def kept_of_kind(program: Program, keep: Mapping[str, Any], kind: str) -> int:
     """Channels kept over every group of one kind."""
     return sum(len(keep.get(g.name, range(g.size))) for g in program.groups if g.kind == kind)
 
@@ -51,7 +49,7 @@ def _count(n: int, frac: float, kind: str, align: int) -> int:
     return k
 
 
-def select_uniform(program: "Program", frac: float, kinds: set[str], align: int = 1,
+def select_uniform(program: Program, frac: float, kinds: set[str], align: int = 1,
                    scope: str = "uniform") -> Selection:
     """Remove `frac` of every prunable group of `kinds` (times its `group_rate`), the lowest scores first.
 
@@ -66,7 +64,7 @@ def select_uniform(program: "Program", frac: float, kinds: set[str], align: int 
     return without_branches(program, keep, order[:int(frac * len(order) + 1e-9)])
 
 
-def branch_order(program: "Program", per: dict[str, float] | None = None) -> list[str]:
+def branch_order(program: Program, per: dict[str, float] | None = None) -> list[str]:
     """Removable branches, lowest score first (divided by `per[name]`, e.g. the cost each removes alone);
     scores the branches that have none (`vitcc.search.loss.score_branches`)."""
     score_branches(program)
@@ -75,14 +73,14 @@ def branch_order(program: "Program", per: dict[str, float] | None = None) -> lis
     return sorted(names, key=value.__getitem__)
 
 
-def without_branches(program: "Program", keep: "Selection", removed: Iterable[str]) -> "Selection":
+def without_branches(program: Program, keep: Selection, removed: Iterable[str]) -> Selection:
     """`keep` with the named branches removed whole, and the groups inside them left out (they go with them)."""
     removed = set(removed)
     gone = {g for b in program.branches if b.name in removed for g in b.groups}
     return Selection({n: v for n, v in keep.items() if n not in gone}, removed | keep.removed)
 
 
-def _select_widths(program: "Program", frac: float, kinds: set[str], align: int, scope: str) -> Selection:
+def _select_widths(program: Program, frac: float, kinds: set[str], align: int, scope: str) -> Selection:
     prunable = [g for g in program.groups if g.prunable and g.kind in kinds]
     rate = program.options.get("group_rate") or {}
     counts = {g.name: _count(g.size, min(0.999, frac * float(rate.get(g.name, 1.0))), g.kind, align)
@@ -106,7 +104,7 @@ def _select_widths(program: "Program", frac: float, kinds: set[str], align: int,
     return keep
 
 
-def _families(program: "Program", groups: list[Group], scope: str) -> dict:
+def _families(program: Program, groups: list[Group], scope: str) -> dict:
     """Groups that share one threshold: families a method pass registered, else with scope=global one per kind."""
     registered = program.options.get("families") or {}
     fams: dict = {}
@@ -119,7 +117,7 @@ def _families(program: "Program", groups: list[Group], scope: str) -> dict:
     return fams
 
 
-def _global_counts(program: "Program", groups: list[Group], frac: float, align: int,
+def _global_counts(program: Program, groups: list[Group], frac: float, align: int,
                    scope: str = "global") -> dict[str, int]:
     """One threshold per family over scores that are comparable across its groups (LAMP: one per kind)."""
     counts = {}
@@ -140,13 +138,13 @@ def _global_counts(program: "Program", groups: list[Group], frac: float, align: 
 
 # -- a budget ---------------------------------------------------------------------------------------------
 
-def smallest(program: "Program", kinds: set[str], align: int = 1, scope: str = "uniform") -> Selection:
+def smallest(program: Program, kinds: set[str], align: int = 1, scope: str = "uniform") -> Selection:
     """The most that pruning `kinds` can remove: every group at its minimum, every removable branch gone."""
     keep = _select_widths(program, 0.999, kinds - {BRANCH}, align, scope)
     return without_branches(program, keep, [b.name for b in program.branches if b.prunable]) if BRANCH in kinds else keep
 
 
-def search_budget(program: "Program", goal: float, kinds: set[str], align: int, scope: str, cost: CostModel,
+def search_budget(program: Program, goal: float, kinds: set[str], align: int, scope: str, cost: CostModel,
                   loss: LossModel | None = None) -> tuple[Selection, str]:
     """A selection that removes at least `goal` of the cost model's cost (against its dense cost), as little
     more as the widths allow; and how it was found.
@@ -185,7 +183,7 @@ def search_budget(program: "Program", goal: float, kinds: set[str], align: int, 
                           loss=loss)
 
 
-def _search_widths(program: "Program", goal: float, kinds: set[str], align: int, scope: str,
+def _search_widths(program: Program, goal: float, kinds: set[str], align: int, scope: str,
                    reduction: Callable[[Selection], float], removed: Iterable[str] = (),
                    further_steps: int = 0, loss: Callable[[Selection], float] | None = None) -> tuple[Selection, str]:
     """The uniform-fraction search of `search_budget`, with the `removed` branches gone in every candidate
@@ -239,7 +237,7 @@ def _next_step(kept_at: Callable[[float], int], start: float) -> float | None:
     return _bisect(1.0, lambda frac: float(kept_at(frac) < now))[1]
 
 
-def _search_with_branches(program: "Program", goal: float, widths: set[str], align: int, scope: str,
+def _search_with_branches(program: Program, goal: float, widths: set[str], align: int, scope: str,
                           reduction: Callable[[Selection], float], base: float, cost: CostModel,
                           what: str, further_steps: int = 0, loss: LossModel | None = None) -> tuple[Selection, str]:
     """Remove the k branches that lose least per unit of cost, and narrow the rest as far as the goal still
@@ -270,7 +268,7 @@ def _search_with_branches(program: "Program", goal: float, widths: set[str], ali
     return keep, f"{k} of {len(order)} branches removed (least loss per {what}), widths: {how}"
 
 
-def _branches_for(program: "Program", goal: float, order: list[str], reduction: Callable[[Selection], float],
+def _branches_for(program: Program, goal: float, order: list[str], reduction: Callable[[Selection], float],
                   alone: dict[str, float], base: float) -> list[str]:
     """Branches whose removal reaches the goal with the least total score: the first of `order` that reach it,
     then while it lowers the total, one dropped or one swapped for a lower-scored one (a whole branch is a
