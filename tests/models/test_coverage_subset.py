@@ -45,7 +45,7 @@ def test_family_rule_finds_attention_by_class_name_or_softmax_in_forward():
     """benchmarks/coverage_models.py lists timm's families by this rule, on models built on the meta device."""
     import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from coverage_models import _attention_classes
     cache: dict = {}
     with torch.device("meta"):

@@ -14,7 +14,7 @@ from vitcc.cli import app
 from conftest import HF_KINDS, image, one_training_step, tiny_hf
 
 pytest.importorskip("transformers")
-GOLDEN = Path(__file__).parent / "data" / "hf_vit_groups.json"
+GOLDEN = Path(__file__).parents[1] / "data" / "hf_vit_groups.json"
 ALL_KINDS = ("residual", "heads", "head_dim", "mlp")
 
 

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from vitcc.cli import app
 
-GOLDEN = Path(__file__).parent / "data" / "deit_tiny_groups.json"
+GOLDEN = Path(__file__).parents[1] / "data" / "deit_tiny_groups.json"
 
 
 def test_deit_tiny_groups_match_golden():

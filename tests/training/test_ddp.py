@@ -40,7 +40,7 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path), os.path.dirname(__file__)],
+                           str(script), str(tmp_path), os.path.dirname(os.path.dirname(__file__))],  # tests/: conftest
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.perf_counter() - t0 < 60
