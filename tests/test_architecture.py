@@ -18,7 +18,7 @@ FLOORS = [
     ["vitcc.search", "vitcc.training"],
     ["vitcc.pipeline.pass_base"],
     ["vitcc.passes"],
-    ["vitcc.pipeline.manager", "vitcc.pipeline", "vitcc.api", "vitcc"],
+    ["vitcc.pipeline.manager", "vitcc.pipeline", "vitcc.api", "vitcc.profiling", "vitcc"],
     ["vitcc.report", "vitcc.cli"],
 ]
 

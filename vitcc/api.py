@@ -45,7 +45,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
             progress: bool = False, registry: PassRegistry | None = None,
-            rules: OpTable | Iterable[Callable] | None = None, threads: int | None = None) -> CompileResult:
+            rules: OpTable | Iterable[Callable] | None = None, threads: int | None = None,
+            latency_table: str | Path | dict[str, Any] | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices; a residual branch's name -> [] removes
@@ -69,6 +70,10 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     `threads` is the intra-op thread count the compact model will run with: `target="latency"` times ops at it
     (each count has its own cache; default: torch's current count).
 
+    `latency_table` (a path or the dict `vitcc.profiling.profile_table` returns) makes `target="latency"`
+    select against that table, measured on its device (`vitcc profile MODEL -o TABLE.json`), instead of
+    timing ops here; it must have been measured on this model (one-line error otherwise).
+
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
     """
@@ -82,6 +87,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                          f"(target is {target!r})" if target == "latency" else
                          f"threads={threads!r} applies to target='latency' only (target is {target!r}): it is the "
                          "thread count the latency model times ops at")
+    table_options = _latency_table_options(latency_table, target)
     model = model.eval()
     captured = isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model)
     # the reference shares the model's tensors and never writes them (a graph that mutates state gets a copy);
@@ -93,7 +99,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     gm, shared = working_copy(original)
     program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align,
-                               **({"threads": threads} if threads is not None else {})},
+                               **({"threads": threads} if threads is not None else {}), **table_options},
                       ops=table_with(rules))
     loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
                                               batch_size, calibration_size)
@@ -148,6 +154,17 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                                           "seed": seed, "world_size": world_size(), **history}
         program.report["accuracy_after"] = evaluate(program.gm, val_loader)
     return CompileResult(program.gm, program.groups, program.keep, program.report, program)
+
+
+def _latency_table_options(table, target: str) -> dict[str, Any]:
+    """The table read and its format checked before tracing; its fit to the model is checked at select."""
+    if table is None:
+        return {}
+    if target != "latency":
+        raise VitccError(f"a latency table applies to target='latency' only (target is {target!r})")
+    from vitcc.search.latency_table import read_table
+    where = "the latency table" if isinstance(table, dict) else str(table)
+    return {"latency_table": read_table(table), "latency_table_source": where}
 
 
 def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs: int, distill: bool, seed: int,

@@ -102,6 +102,9 @@ def compile_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="with --target latency: the intra-op thread "
                                           "count the model will run with, which ops are timed at (cached per "
                                           "count; default: torch's)"),
+    latency_table: Optional[Path] = typer.Option(None, "--latency-table", help="with --target latency: select "
+                                                 "against this table (`vitcc profile MODEL -o TABLE.json` on the "
+                                                 "device) instead of timing ops here"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the report: R.json (figures), R.html (a page "
@@ -128,6 +131,12 @@ def compile_cmd(
     args = SimpleNamespace(**locals())
     check_budget(sparsity, align, target, passes)
     check_threads(threads, target)
+    if latency_table is not None and target != "latency":
+        raise VitccError(f"--latency-table is what --target latency selects against; add --target latency (the "
+                         f"target is {target})")
+    if latency_table is not None:
+        from vitcc.search.latency_table import read_table
+        read_table(latency_table)  # a file that is no table fails now, before the model is loaded
     if finetune_epochs < 0:
         raise VitccError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     if finetune_epochs > 0 and data is None:
@@ -172,7 +181,8 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
                              align=a.align, verify=not a.no_verify, on_pass=on_pass, data=loaders,
                              finetune_epochs=a.finetune_epochs, lr=a.lr, distill=not a.no_distill, seed=a.seed,
                              batch_size=a.batch_size, checkpoint_dir=a.checkpoint_dir, progress=True,
-                             sparsity_epochs=a.sparsity_epochs, threads=a.threads)
+                             sparsity_epochs=a.sparsity_epochs, threads=a.threads,
+                             latency_table=a.latency_table)
         if a.onnx is not None and is_main():
             progress.update(task, description="onnx export")
             result.report["onnx"] = {**export_onnx(result.module, example, files["onnx"]), "path": str(a.onnx)}
@@ -225,6 +235,12 @@ def _summary(rep: dict, model: str) -> None:
         t.add_row(f"{kind} ({w['groups']} groups)", f"{w['before']:,}", f"{w['after']:,}",
                   f"{w['after'] / max(w['before'], 1):.1%}")
     out.print(t)
+    lm = rep.get("latency_model") or {}
+    if "table" in lm:
+        m = lm["measured"]
+        out.print(f"latency table {lm['table']} ({m['device_name']}, {m['dtype']}, batch {m['batch']}, {m['mode']}): "
+                  f"predicted {lm['predicted_ms_before']:.3f} -> {lm['predicted_ms_after']:.3f} ms "
+                  f"({lm['predicted_reduction']:.1%} less)", highlight=False)
     if rep.get("removed_branches"):
         out.print(f"removed branches: {', '.join(rep['removed_branches'])}", highlight=False)
     if "max_abs_error" in rep:

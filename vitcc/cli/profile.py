@@ -104,16 +104,30 @@ def profile_cmd(
     check: bool = typer.Option(False, "--check", help="also build and time the compact model at each fraction"),
     rounds: int = typer.Option(7, "--rounds", help="with --check: interleaved rounds"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write a latency table (JSON) that "
+                                          "`compile --target latency --latency-table` reads on any machine: each "
+                                          "residual branch timed at a grid of its widths on --device in --mode"),
+    device: str = typer.Option("cpu", "--device", help="with -o: where to measure (cpu, cuda, cuda:N)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="with -o: fp32, bf16 or fp16"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="with -o: the batch the model will run at "
+                                        "(default: the input shape's)"),
+    mode: str = typer.Option("eager", "--mode", help="with -o: eager, cudagraph (CUDA graph replay) or compile "
+                             "(torch.compile)"),
+    points: int = typer.Option(16, "--points", help="with -o: the most widths timed per kind"),
     weights: Optional[str] = typer.Option(None, "--weights"),
     arch: Optional[str] = typer.Option(None, "--arch"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:
-    """Measure and cache per-op latencies of MODEL on this machine (used by `compile --target latency`)."""
+    """Measure and cache per-op latencies of MODEL on this machine (used by `compile --target latency`); with
+    -o, write a latency table measured on --device that `compile --latency-table` reads anywhere."""
     fractions = _grid(grid)
     check_threads(threads)
     if align < 1 or rounds < 1:
         raise VitccError("--align and --rounds must be >= 1")
+    if output is not None:
+        return _table_cmd(model, output, device, dtype, batch, mode, threads, points, weights, arch, input_shape,
+                          trust_pickle)
     with Outputs([model, weights]) as outputs:
         tmp = outputs.plan(json_out, "--json")
         m, example = _load(model, weights, arch, trust_pickle, input_shape)
@@ -124,6 +138,32 @@ def profile_cmd(
         if tmp is not None:
             tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
         _print_profile(model, example, res, align, check)
+
+
+def _table_cmd(model: str, output: Path, device: str, dtype: str, batch: Optional[int], mode: str,
+               threads: Optional[int], points: int, weights, arch, input_shape, trust_pickle) -> None:
+    """`vitcc profile MODEL -o TABLE.json`: measure a latency table on --device and write it."""
+    from vitcc.profiling import DTYPES, MODES, profile_table, resolve_device, write_table
+    if mode not in MODES:
+        raise VitccError(f"unknown --mode {mode!r}; use {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise VitccError(f"unknown --dtype {dtype!r}; use {', '.join(DTYPES)}")
+    if batch is not None and batch < 1 or points < 2:
+        raise VitccError("--batch must be >= 1 and --points >= 2")
+    resolve_device(device)  # no CUDA: one line, before the model is loaded
+    with Outputs([model, weights]) as outputs:
+        tmp = outputs.plan(output, "-o")
+        m, example = _load(model, weights, arch, trust_pickle, input_shape)
+        err = Console(stderr=True)
+        progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
+        table = profile_table(m, example, device=device, dtype=dtype, batch=batch, mode=mode, threads=threads,
+                              model_spec=model, points=points, on_progress=progress)
+        write_table(table, tmp)
+    meas = table["measured"]
+    Console().print(f"latency table {output}: {meas['model']} on {meas['device_name']} ({meas['device']}, "
+                    f"{meas['dtype']}, batch {meas['batch']}, {meas['mode']}, {meas['threads']} thread(s)): dense "
+                    f"{table['dense_ms']:.3f} ms = {len(table['units'])} unit(s) for {len(table['branches'])} "
+                    f"branches + {table['rest_ms']:.3f} ms rest; {table['seconds']:.1f} s", highlight=False)
 
 
 def _print_profile(model: str, example: tuple, res: dict, align: int, check: bool) -> None:

@@ -18,6 +18,7 @@ from vitcc.ir.selection import BRANCH, Selection, prune_kinds
 from vitcc.search.budget import search_budget, select_uniform
 from vitcc.search.cost import AnalyticCost, CostModel
 from vitcc.search.latency import LatencyCost
+from vitcc.search.latency_table import TableCost
 from vitcc.search.loss import score_branches
 from vitcc.search.scores import group_norms
 
@@ -30,6 +31,9 @@ def cost_model(program: Program, target: str) -> CostModel:
         ref = program.options.get("cost_reference")
         return AnalyticCost(program, target, None if ref is None else ref[0 if target == "params" else 1])
     if target == "latency":
+        table = program.options.get("latency_table")
+        if table is not None:  # measured elsewhere (vitcc.search.latency_table): nothing is timed here
+            return TableCost(program, table, program.options.get("latency_table_source"))
         return LatencyCost(program)
     raise VitccError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
 

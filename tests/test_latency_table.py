@@ -1,0 +1,201 @@
+"""Latency tables that travel (vitcc.search.latency_table, vitcc.profiling): written by `vitcc profile -o`, read
+in another process by `compile --latency-table`, selection from a hand-made table, prediction against measurement,
+and the one-line errors. Tiny models on the CPU; the CUDA test skips without CUDA."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vitcc
+from vitcc.cli import run
+from vitcc.errors import VitccError
+from vitcc.frontend.capture import capture
+from vitcc.ir.program import Program
+from vitcc.pipeline.manager import make_pass
+from vitcc.profiling import profile_table, read_table, write_table
+from vitcc.search.latency_table import (FORMAT, TableCost, branch_slots, interp, lanes, model_fingerprint,
+                                        unit_signature)
+
+from conftest import image, tiny_vit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPE = ["--input-shape", "1,3,32,32"]
+HEADER = ("device", "device_name", "torch", "cuda", "dtype", "batch", "mode", "threads", "date", "vitcc", "model",
+          "fingerprint", "input_shape")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "model.pt"
+    torch.save(tiny_vit(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def table_file(model_file):
+    out = model_file.parent / "t.json"
+    code = run(["profile", str(model_file), *SHAPE, "--device", "cpu", "--threads", "1", "--points", "3",
+                "--batch", "2", "-o", str(out)])
+    assert code == 0
+    return out
+
+
+def analyzed(model, x):
+    p = Program(gm=capture(model, (x,)), example_inputs=(x,), original=None)
+    make_pass("analyze").run(p)
+    return p
+
+
+def test_table_header_and_units(table_file, model_file):
+    t = read_table(table_file)
+    assert t["format"] == FORMAT
+    m = t["measured"]
+    assert all(k in m for k in HEADER)
+    assert (m["device"], m["dtype"], m["mode"], m["batch"], m["threads"]) == ("cpu", "fp32", "eager", 2, 1)
+    assert m["model"] == str(model_file) and m["input_shape"] == [3, 32, 32] and m["vitcc"] == vitcc.__version__
+    # two blocks of one structure: one unit per role, shared by the blocks
+    assert len(t["branches"]) == 4 and len(t["units"]) == 2
+    assert sorted(u["role"] for u in t["units"].values()) == ["attn", "mlp"]
+    for u in t["units"].values():
+        assert u["dense_ms"] > 0
+        assert len(u["slots"]["residual"]) >= 3  # dense and narrowed residual widths
+    assert t["dense_ms"] > 0 and set(t["rest"]) >= {"residual/residual", "mlp/0", "heads/0"}
+
+
+def test_table_read_back_in_another_process(table_file, model_file, tmp_path):
+    rep, out = tmp_path / "r.json", tmp_path / "c.pt2"
+    code = ("import sys; from vitcc.cli import run; sys.exit(run(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "compile", str(model_file), *SHAPE, "--target", "latency",
+                           "--sparsity", "0.2", "--prune", "residual,heads,head_dim,mlp,branch", "--latency-table",
+                           str(table_file), "--report", str(rep), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "VITCC_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "verified" in proc.stdout and f"latency table {table_file}" in proc.stdout.replace("\n", " ")
+    lm = json.loads(rep.read_text())["latency_model"]
+    assert lm["table"] == str(table_file) and lm["measured"] == read_table(table_file)["measured"]
+    assert lm["predicted_reduction"] >= 0.2 - 1e-9 and lm["predicted_ms_after"] < lm["predicted_ms_before"]
+    assert not (tmp_path / "cache").exists()  # nothing was timed: the table answered
+    assert out.exists()
+
+
+def hand_made(program, heads_ms: float, other_ms: float) -> dict:
+    """A table in which every unit costs `other_ms` per width slot at dense and heads cost `heads_ms` each."""
+    units, branches = {}, {}
+    for b in program.branches:
+        s = unit_signature(program, b)
+        branches[b.name] = s
+        slots = {}
+        for slot, g in branch_slots(program, b).items():
+            grp = program.group(g)
+            per = heads_ms if grp.kind == "heads" else other_ms
+            slots[slot] = [[w, 1.0 + per * w / grp.size * 10] for w in range(1, grp.size + 1)]
+        units[s] = {"role": b.role, "dense_ms": 1.0, "slots": slots}
+    fp = model_fingerprint(program.gm, program.example_inputs)
+    return {"format": FORMAT, "measured": {"model": "hand-made", **fp}, "units": units, "branches": branches,
+            "dense_ms": len(program.branches) + 0.1, "rest_ms": 0.1, "rest": {}}
+
+
+def test_selection_follows_the_table():
+    """Heads dear, everything else nearly free: the latency search takes heads first; the reverse keeps them."""
+    model, x = tiny_vit(depth=2, num_heads=4, embed_dim=64), image(batch=1)
+    p = analyzed(model, x)
+
+    def kept_heads(table):
+        r = vitcc.compile(model, "magnitude", example_inputs=(x,), target="latency", sparsity=0.3,
+                          prune="heads,mlp", latency_table=table)
+        assert r.report["latency_model"]["table"] == "the latency table"
+        return r.report["widths"]["heads"]["after"] / r.report["widths"]["heads"]["before"], \
+            r.report["widths"]["mlp"]["after"] / r.report["widths"]["mlp"]["before"]
+    heads, mlp = kept_heads(hand_made(p, heads_ms=1.0, other_ms=0.01))
+    assert heads < 1.0 and heads < mlp
+    heads2, mlp2 = kept_heads(hand_made(p, heads_ms=0.01, other_ms=1.0))
+    assert heads2 > heads and mlp2 < mlp
+
+
+def test_removed_branch_loses_its_unit():
+    model, x = tiny_vit(), image(batch=1)
+    p = analyzed(model, x)
+    cost = TableCost(p, hand_made(p, 0.1, 0.1))
+    from vitcc.ir.selection import KeptByRoot
+    dense = cost(KeptByRoot())
+    assert cost(KeptByRoot({}, {p.branches[0].name})) == pytest.approx(dense - 1.0)
+
+
+def test_interp_is_piecewise_linear():
+    pts = [[16, 1.0], [32, 1.0], [48, 3.0]]
+    assert interp(pts, 40) == pytest.approx(2.0) and interp(pts, 24) == pytest.approx(1.0)
+    assert interp(pts, 8) == pytest.approx(1.0) and interp(pts, 64) == pytest.approx(5.0)
+
+
+def test_prediction_close_to_measurement():
+    """On the CPU (1 thread), the table's predicted cut of a compact tiny ViT against the measured one."""
+    from vitcc.deploy.timing import intra_op_threads, time_ratio
+    model, x = tiny_vit(embed_dim=96, depth=2, num_heads=3), image(batch=8)
+    table = profile_table(model, (x,), threads=1, points=4, samples=5)
+    r = vitcc.compile(model, "magnitude", example_inputs=(x,), target="latency", sparsity=0.3, latency_table=table,
+                      prune="residual,heads,mlp,branch")
+    predicted = r.report["latency_model"]["predicted_ms_after"] / r.report["latency_model"]["predicted_ms_before"]
+    with intra_op_threads(1):
+        compact, dense = r.module.eval(), model.eval()
+        measured = time_ratio(lambda: compact(x), lambda: dense(x), samples=9, clock="thread")
+    assert abs(predicted - measured) < 0.3, (predicted, measured)
+
+
+def test_mismatched_table_is_one_line_and_writes_nothing(table_file, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    torch.save(tiny_vit(depth=3), other)
+    out = tmp_path / "c.pt2"
+    code = run(["compile", str(other), *SHAPE, "--target", "latency", "--sparsity", "0.2", "--latency-table",
+                str(table_file), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("vitcc: error:") and "\n" not in err
+    assert "was measured on" in err and "not on this model" in err and not out.exists()
+    with pytest.raises(VitccError, match="not on this model"):
+        vitcc.compile(tiny_vit(embed_dim=96), "magnitude", example_inputs=(image(batch=1),), target="latency",
+                      sparsity=0.2, latency_table=read_table(table_file))
+
+
+def test_bad_table_files(tmp_path, model_file, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert run(["compile", str(model_file), *SHAPE, "--target", "latency", "--latency-table", str(bad)]) == 2
+    assert "is not a vitcc latency table" in capsys.readouterr().err
+    assert run(["compile", str(model_file), *SHAPE, "--latency-table", str(bad)]) == 2
+    assert "add --target latency" in capsys.readouterr().err
+    t = tmp_path / "t.json"
+    write_table({"format": FORMAT}, t)
+    with pytest.raises(VitccError, match="has no 'measured'"):
+        read_table(t)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_refused_without_cuda(model_file, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert run(["profile", str(model_file), *SHAPE, "--device", "cuda", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA" in err and "\n" not in err and not out.exists()
+    assert run(["profile", str(model_file), *SHAPE, "--mode", "cudagraph", "-o", str(out)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["eager", "cudagraph"])
+def test_cuda_table(mode):
+    model, x = tiny_vit(), image(batch=4)
+    t = profile_table(model, (x,), device="cuda", dtype="bf16", mode=mode, points=3)
+    assert t["measured"]["device"].startswith("cuda") and t["measured"]["mode"] == mode
+    r = vitcc.compile(model, "magnitude", example_inputs=(x.cpu(),), target="latency", sparsity=0.2,
+                      prune="residual,heads,mlp,branch", latency_table=t)
+    assert r.report["latency_model"]["predicted_reduction"] >= 0.2 - 1e-9
+
+
+def test_lanes_tie_fused_head_dims():
+    p = analyzed(tiny_vit(), image(batch=1))
+    lane = lanes(p)
+    assert lane["blocks.0.attn.qk_dim"] == lane["blocks.0.attn.v_dim"]  # one fused qkv reshape
+    assert lane["blocks.0.attn.heads"] == lane["blocks.1.attn.heads"] == "heads/0"

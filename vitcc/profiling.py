@@ -1,0 +1,266 @@
+"""Measure a latency table (vitcc.search.latency_table) on a device: `vitcc profile MODEL -o TABLE.json`.
+
+Each residual branch is cut out of the compact graph vitcc builds at a grid of widths (vitcc.compile with an
+explicit selection: the same rewrite a real compile does) into its own GraphModule, its inputs recorded from
+a run of the whole model, and timed on the device in the mode the model will run in (eager, CUDA graph
+replay, torch.compile). One kind is narrowed at a time, in every group of that kind at once, so one compile
+gives every block's unit at that width; branches of the same structure are timed once. The whole model is
+timed at every point too, which calibrates what the units do not hold. Graphs are built on the CPU in fp32
+and moved to the device and dtype to be timed.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+import vitcc
+from vitcc.errors import VitccError
+from vitcc.frontend.capture import capture
+from vitcc.ir.program import Program
+from vitcc.ir.selection import MIN_KEEP
+from vitcc.pipeline.manager import make_pass
+from vitcc.search.latency_table import (FORMAT, branch_slots, lanes, model_fingerprint, read_table, unit_signature,
+                                        write_table)
+
+__all__ = ["MODES", "DTYPES", "profile_table", "read_table", "write_table", "widths_grid", "resolve_device"]
+
+MODES = ("eager", "cudagraph", "compile")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has; CUDA without CUDA is a one-line error."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VitccError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise VitccError(f"device {device!r} asked for, but this machine has no CUDA (torch "
+                         f"{torch.__version__}); profile on the GPU machine, or use --device cpu")
+    if d.type not in ("cpu", "cuda"):
+        raise VitccError(f"device {device!r} is not supported; use cpu or cuda")
+    return d
+
+
+def widths_grid(n: int, kind: str, points: int = 16) -> list[int]:
+    """Kept widths a unit is timed at: the dense width down to a quarter, in steps of 16 for widths of 64 and
+    more (GEMM tiles; coarser where that would exceed `points`), every head count, then the minimum."""
+    lo = max(MIN_KEEP.get(kind, 1), math.ceil(n / 4))
+    if kind == "heads":
+        step = 1
+    else:
+        base = 16 if n >= 64 else max(1, n // 8)
+        step = base * max(1, math.ceil((n - lo) / max(1, points - 1) / base))
+    out = list(range(n, lo - 1, -step))[:points]
+    if out[-1] > MIN_KEEP.get(kind, 1):
+        out.append(MIN_KEEP.get(kind, 1))
+    return out
+
+
+def extract(gm: fx.GraphModule, nodes: Sequence[str], output: str) -> tuple[fx.GraphModule, list[str]]:
+    """The named nodes as a GraphModule of their own; every value they read from outside is a placeholder."""
+    names = set(nodes)
+    inside = [n for n in gm.graph.nodes if n.name in names]
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    inputs: list[str] = []
+    for n in inside:
+        for a in n.all_input_nodes:
+            if a.name not in names and a.name not in env and a.op != "get_attr":
+                env[a.name] = g.placeholder(a.name)
+                inputs.append(a.name)
+    for n in inside:
+        for a in n.all_input_nodes:
+            if a.name not in env and a.op == "get_attr":
+                env[a.name] = g.get_attr(a.target)
+        env[n.name] = g.node_copy(n, lambda x: env[x.name])
+    g.output(env[output])
+    return fx.GraphModule(gm, g), inputs
+
+
+def _values(gm: fx.GraphModule, example: tuple, want: set[str]) -> dict[str, Any]:
+    got: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.name in want:
+                got[n.name] = v
+            return v
+    with torch.no_grad():
+        Recorder(gm).run(*example)
+    return got
+
+
+def _to(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    return x
+
+
+class Timer:
+    """Median milliseconds of a module on one device, dtype and mode: CUDA events on a GPU, the CPU clock
+    (vitcc.deploy.timing.time_fn) on a CPU."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, mode: str, samples: int = 7):
+        self.device, self.dtype, self.mode, self.samples = device, dtype, mode, samples
+
+    def __call__(self, module: torch.nn.Module, inputs: Sequence[Any]) -> float:
+        module = module.to(device=self.device, dtype=self.dtype).eval()
+        args = [_to(x, self.device, self.dtype) for x in inputs]
+        with torch.inference_mode():
+            run = self._runner(module, args)
+            if self.device.type == "cuda":
+                return self._cuda(run)
+            from vitcc.deploy.timing import cpu_clock_ok, time_fn
+            return time_fn(run, samples=self.samples, clock="thread" if cpu_clock_ok() else "wall")
+
+    def _runner(self, module, args) -> Callable[[], Any]:
+        if self.mode == "compile":
+            compiled = torch.compile(module)
+            return lambda: compiled(*args)
+        if self.mode == "cudagraph":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    module(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                module(*args)
+            return graph.replay
+        return lambda: module(*args)
+
+    def _cuda(self, run: Callable[[], Any]) -> float:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        inner = max(1, min(200, int(1e-3 / max(time.perf_counter() - t0, 1e-6))))  # samples of >= ~1 ms
+        out = []
+        for _ in range(self.samples):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                run()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / inner)
+        return float(statistics.median(out))
+
+
+def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: int | None, model_spec: str,
+              fp: dict) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "dtype": dtype, "batch": batch, "mode": mode, "threads": int(threads or torch.get_num_threads()),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "vitcc": vitcc.__version__, "model": model_spec, **fp}
+
+
+def _cpu_name() -> str:
+    from vitcc.search.latency import _cpu_model
+    return _cpu_model()
+
+
+def profile_table(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, device: str | torch.device = "cpu",
+                  dtype: str = "fp32", batch: int | None = None, mode: str = "eager", threads: int | None = None,
+                  model_spec: str = "", points: int = 16, samples: int = 7,
+                  on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the latency table of `model` on `device` in `mode` at `dtype` and `batch` (default: the example's
+    batch; the example is repeated or cut to it). `points`: the most widths timed per kind."""
+    from vitcc.deploy.timing import intra_op_threads, with_batch
+    if mode not in MODES:
+        raise VitccError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise VitccError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    if mode == "cudagraph" and dev.type != "cuda":
+        raise VitccError("--mode cudagraph needs a CUDA device (--device cuda)")
+    if batch is not None and batch < 1:
+        raise VitccError(f"batch must be >= 1, got {batch}")
+    example = tuple(example_inputs)
+    if batch is not None and batch != example[0].shape[0]:
+        example = with_batch(example, batch)
+    started = time.perf_counter()
+    with intra_op_threads(threads):
+        table = _profile(model.eval(), example, dev, dtype, mode, points, samples, on_progress or (lambda m: None))
+    fp = model_fingerprint(table.pop("_gm"), example)
+    table["measured"] = _measured(dev, dtype, int(example[0].shape[0]), mode, threads, model_spec, fp)
+    table["seconds"] = round(time.perf_counter() - started, 2)
+    return table
+
+
+def _profile(model, example, dev, dtype, mode, points_per_kind, samples, progress) -> dict[str, Any]:
+    gm = capture(model, example)
+    program = Program(gm=gm, example_inputs=example, original=gm)
+    make_pass("analyze").run(program)
+    timer = Timer(dev, DTYPES[dtype], mode, samples)
+    branches = program.branches
+    sig = {b.name: unit_signature(program, b) for b in branches}
+    reps = {}
+    for b in branches:
+        reps.setdefault(sig[b.name], b)
+    slots = {s: branch_slots(program, b) for s, b in reps.items()}
+
+    def measure(compact: fx.GraphModule) -> tuple[float, dict[str, float]]:
+        """The whole model and each unit (by signature) as `compact` has them."""
+        have = {n.name for n in compact.graph.nodes}
+        cut = {}
+        for s, b in reps.items():
+            if b.output in have:
+                cut[s] = extract(compact, [n for n in b.nodes if n in have], b.output)
+        vals = _values(compact, example, {i for _, ins in cut.values() for i in ins})
+        units = {s: timer(sub, [vals[i] for i in ins]) for s, (sub, ins) in cut.items()}
+        return timer(compact, example), units
+
+    total = lambda units: sum(units.get(sig[b.name], 0.0) for b in branches)
+    progress("dense model")
+    measure(gm)  # warm-up: the first runs of a process are slower
+    lane_of = lanes(program)
+    lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
+    dense: list[tuple[float, dict[str, float]]] = []
+    points: dict[str, dict[str, list]] = {s: {slot: [] for slot in slots[s]} for s in reps}
+    rest: dict[str, list] = {}
+    for lane in lane_names or [None]:
+        whole, units = measure(gm)  # each lane's own dense point: the machine's drift cancels in its ratios
+        dense.append((whole, units))
+        if lane is None:
+            break
+        groups = [g for g in program.groups if g.prunable and lane_of[g.name] == lane]
+        grids = {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
+        size = sum(g.size for g in groups)
+        rest[lane] = [[1.0, whole - total(units)]]
+        first = {s: next((k for k, g in slots[s].items() if g in grids), None) for s in reps}
+        for s, ms in units.items():  # the unit's first group in this lane holds its points (tied ones: one)
+            if first[s] is not None:
+                points[s][first[s]].append([program.group(slots[s][first[s]]).size, ms])
+        n = max(len(v) for v in grids.values())
+        for j in range(1, n):
+            keep = {name: range(v[min(j, len(v) - 1)]) for name, v in grids.items()}
+            progress(f"{lane} {j}/{n - 1}")
+            try:
+                compact = vitcc.compile(gm, None, example_inputs=example, keep=keep, verify=False).module
+            except VitccError:  # a width the graph's constraints refuse: not a point
+                continue
+            whole_j, units_j = measure(compact)
+            for s, ms in units_j.items():
+                if first[s] is not None:
+                    points[s][first[s]].append([len(keep[slots[s][first[s]]]), ms])
+            rest[lane].append([sum(len(keep[g.name]) for g in groups) / size, whole_j - total(units_j)])
+    whole = statistics.median(d[0] for d in dense)
+    unit_ms = {s: statistics.median(d[1][s] for d in dense if s in d[1]) for s in reps if s in dense[0][1]}
+    return {"format": FORMAT, "dense_ms": whole, "rest_ms": whole - total(unit_ms), "branches": sig,
+            "units": {s: {"role": reps[s].role, "dense_ms": ms, "slots": points[s],
+                          "widths": {slot: program.group(g).size for slot, g in slots[s].items()}}
+                      for s, ms in unit_ms.items()},
+            "rest": rest, "_gm": gm}
