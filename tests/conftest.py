@@ -268,3 +268,14 @@ def randomized(model):
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     return model
+
+
+def analyzed(model=None):
+    """A tiny ViT (or `model`) captured and analyzed: (program, model)."""
+    from vitcc.frontend.capture import capture
+    from vitcc.ir.program import Program
+    from vitcc.pipeline.manager import make_pass
+    model = model or tiny_vit()
+    p = Program(gm=capture(model, (image(),)), example_inputs=(image(),))
+    make_pass("analyze").run(p)
+    return p, model

@@ -1,7 +1,6 @@
 """The command line as a user meets it: outputs, reports, exit codes and one-line errors."""
 import json
 import os
-import pickle
 
 import pytest
 import torch

@@ -1,8 +1,7 @@
-import torch
 
 from vitcc.pipeline.manager import make_pass
 
-from test_magnitude import analyzed
+from conftest import analyzed
 
 
 def test_lamp_scores_are_normalised_within_each_group_and_ask_for_a_global_threshold():

@@ -1,17 +1,8 @@
 import torch
 
-from vitcc.ir.program import Program
-from vitcc.frontend.capture import capture
 from vitcc.pipeline.manager import make_pass
 
-from conftest import image, tiny_vit
-
-
-def analyzed(model=None):
-    model = model or tiny_vit()
-    p = Program(gm=capture(model, (image(),)), example_inputs=(image(),))
-    make_pass("analyze").run(p)
-    return p, model
+from conftest import analyzed
 
 
 def test_l1_and_l2_scores_sum_every_member_slice():

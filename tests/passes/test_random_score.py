@@ -1,6 +1,6 @@
 from vitcc.pipeline.manager import make_pass
 
-from test_magnitude import analyzed
+from conftest import analyzed
 
 
 def test_random_scores_depend_on_the_seed_only():

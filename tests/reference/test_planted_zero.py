@@ -1,5 +1,4 @@
 """Independent of vitcc's masked reference: prune channels that are already zero, compare with the ORIGINAL."""
-import numpy as np
 import torch
 
 import vitcc

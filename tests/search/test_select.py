@@ -3,7 +3,7 @@ import pytest
 from vitcc.errors import VitccError
 from vitcc.pipeline.manager import make_pass
 
-from test_magnitude import analyzed
+from conftest import analyzed
 
 
 def selected(**opts):
