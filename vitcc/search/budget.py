@@ -1,11 +1,10 @@
-"""Selections: the kept channel indices of each group, and the one budget search behind them.
+"""The one budget search: which channels (and branches) to keep so that a cost model's cost falls by a goal.
 
-A `Selection` maps a group name to its kept indices; a group it does not name is kept whole. The
-`select` pass, `--target latency` (vitcc.search.latency) and `vitcc profile` build selections with the same two
-functions: `select_uniform` (remove a fraction of every prunable group of some kinds, under the graph's
-constraints) and `search_budget` (the smallest such fraction that removes a goal fraction of a cost:
-params, MACs or predicted latency). Costs are functions of a selection by group-root id
-(`Selection.by_root`), the form the analysis (`vitcc.ir.kept_count`) reads.
+The select pass (through vitcc.search.choose), method passes' provisional selections and `vitcc profile`
+build selections with the same two functions: `select_uniform` (remove a fraction of every prunable group of
+some kinds, under the graph's constraints) and `search_budget` (the smallest such fraction that removes a goal
+fraction of a `CostModel`'s cost: params, MACs or predicted latency, weighing candidates by a `LossModel`).
+Cost models read a selection by group-root id (`Selection.by_root`), the form `vitcc.ir.shapes` reads.
 
 Method passes steer the search through `program.options` (see vitcc/passes/_common.py): `families` (groups
 that share one threshold), `group_rate` (a per-group multiplier of the uniform fraction).
