@@ -1,6 +1,7 @@
 """Exceptions the vitcc CLI turns into a one-line message and an exit code, and the line for vitcc's own bugs."""
 from __future__ import annotations
 
+import signal
 import sysconfig
 import traceback
 from pathlib import Path
@@ -18,6 +19,16 @@ class VerificationError(VitccError):
     """The compiled model was checked against the original and does not match."""
 
     exit_code = 3
+
+
+class Interrupted(BaseException):
+    """A signal (Ctrl-C, SIGTERM, SIGHUP) ends the command. A BaseException, as KeyboardInterrupt is, so that no
+    `except Exception` swallows it and every `with Outputs` and `finally` removes its temporaries on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum  # what a shell shows for a process the signal ended: 130 SIGINT, 143 SIGTERM
 
 
 def internal_error_line(exc: BaseException) -> str:

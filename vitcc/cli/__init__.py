@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
+from typing import Iterator
 
 import typer
 
 from vitcc.cli import bench, evaluate, passes, profile, report  # noqa: F401  (each declares its command)
 from vitcc.cli.app import app, console
-from vitcc.errors import VitccError, internal_error_line
+from vitcc.errors import Interrupted, VitccError, internal_error_line
 
 __all__ = ["app", "main", "run"]
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # what ends a command: its temporaries are removed on the way out
 
 
 def _click_exceptions() -> tuple[tuple, tuple, tuple]:
@@ -33,12 +39,59 @@ def _say(line: str) -> None:
     console.print(f"vitcc: error: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
+@contextmanager
+def _signals_end_cleanly() -> Iterator[None]:
+    """While a command runs, the signals that end it raise Interrupted, so that every `with Outputs` and `finally`
+    removes its temporaries on the way out (SIGTERM's default ends the process on the spot, leaving them behind).
+
+    Only the first raises: later ones wait for that cleanup. A signal the caller ignores (nohup) stays ignored;
+    Python runs handlers in the main thread only, so elsewhere (run() from a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _interrupted(name: str) -> None:
+    console.print(f"vitcc: interrupted by {name}; unfinished outputs were removed", markup=False, highlight=False)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: every error becomes one line on stderr, never a traceback."""
     usage, exits, aborts = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        with _signals_end_cleanly():
+            return _run(argv, usage, exits, aborts)
+    except Interrupted as e:
+        _interrupted(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:  # a SIGINT outside the handler's reach
+        _interrupted("SIGINT")
+        return 130
+
+
+def _run(argv: list[str] | None, usage: tuple, exits: tuple, aborts: tuple) -> int:
+    try:
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt into Exit(130), and returns an Exit's code
+            _interrupted("SIGINT")
+        return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except VitccError as e:
         _say(str(e).strip().replace("\n", " "))
         return e.exit_code
@@ -49,7 +102,8 @@ def run(argv: list[str] | None = None) -> int:
         if message:  # empty when the help was shown instead (no arguments)
             _say(message + " (see --help)")
         return 2
-    except (*aborts, KeyboardInterrupt):
+    except aborts:  # click's Abort: end of input at a prompt
+        console.print("vitcc: aborted", markup=False, highlight=False)
         return 130
     except MemoryError:
         _say("out of memory; try a smaller --input-shape (batch) or a smaller model")

@@ -1,8 +1,9 @@
 """`vitcc compile` and `vitcc inspect`, and what the other commands share (vitcc/cli/*.py: one file each).
 
 Exit codes: 0 success, 2 bad input or usage (one line, no traceback), 3 verification failed, 1 vitcc's own
-bug (one line saying where to report it; VITCC_DEBUG=1 adds the traceback). Every output path is checked
-before any work, and nothing is written unless every step, verification included, succeeded.
+bug (one line saying where to report it; VITCC_DEBUG=1 adds the traceback), 128 + the signal's number when a
+signal ended it (130 Ctrl-C, 143 SIGTERM). Every output path is checked before any work, and nothing is written
+unless every step, verification included, succeeded.
 """
 from __future__ import annotations
 

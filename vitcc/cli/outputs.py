@@ -15,15 +15,9 @@ from typing import Iterable
 from vitcc.errors import VitccError
 
 
-def _new_temporary(path: Path) -> Path:
-    """A fresh file next to `path`, created with the mode any new file gets (mkstemp's would be 0600)."""
-    while True:
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
+def _create(tmp: Path) -> None:
+    """Create `tmp` with the mode any new file gets (mkstemp's would be 0600); FileExistsError if it exists."""
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
 
 
 class Outputs:
@@ -45,23 +39,36 @@ class Outputs:
         other = next((f for f, p, _ in self._planned if p.resolve() == final), None)
         if other is not None:
             raise VitccError(f"{flag} {path} is also the path given to {other}; give each output its own file")
-        try:
-            tmp = _new_temporary(path)
-        except OSError as e:
-            raise VitccError(f"cannot write {flag} {path}: {e.strerror or e} in {path.parent or '.'}; "
-                             "choose a folder you can write to") from None
-        self._planned.append((flag, path, Path(tmp)))
-        return Path(tmp)
+        while True:
+            tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+            entry = (flag, path, tmp)
+            self._planned.append(entry)  # before the file exists: a signal between the two leaves nothing behind
+            try:
+                _create(tmp)
+                return tmp
+            except FileExistsError:  # another file's name: not ours to remove
+                self._planned.remove(entry)
+            except OSError as e:
+                self._planned.remove(entry)
+                raise VitccError(f"cannot write {flag} {path}: {e.strerror or e} in {path.parent or '.'}; "
+                                 "choose a folder you can write to") from None
 
     def commit(self) -> None:
-        """Rename every temporary to its final path."""
-        planned, self._planned = self._planned, []
+        """Rename every temporary to its final path. A signal in the middle does not stop it half-way: the
+        renames are finished first (the work is done), so the outputs are all there or none."""
+        planned = list(self._planned)
         try:
             for _, path, tmp in planned:
                 os.replace(tmp, path)
         except OSError as e:
-            self._planned = planned
             raise VitccError(f"cannot write {e.filename}: {e.strerror or e}") from None
+        except BaseException:  # Interrupted between two renames: the rest, where not renamed yet
+            for _, path, tmp in planned:
+                if tmp.exists():
+                    os.replace(tmp, path)
+            raise
+        finally:
+            self._planned = [p for p in planned if p[2].exists()]
 
     def discard(self) -> None:
         """Remove every temporary (what a writer left next to one, too: `<tmp>.tmp`)."""
@@ -74,9 +81,11 @@ class Outputs:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        self.discard()
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.discard()
 
 
 def check_writable_file(path: Path, flag: str) -> None:

@@ -112,8 +112,11 @@ class LatencyTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         merged = {**_read(self.path, self.info), **self.entries}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"info": self.info, "entries": merged}, indent=0, sort_keys=True))
-        tmp.replace(self.path)
+        try:
+            tmp.write_text(json.dumps({"info": self.info, "entries": merged}, indent=0, sort_keys=True))
+            tmp.replace(self.path)
+        finally:  # interrupted mid-write: no partial file stays behind
+            tmp.unlink(missing_ok=True)
         self.entries = merged
         self.dirty = False
         return self.path

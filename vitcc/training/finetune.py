@@ -160,8 +160,11 @@ class _Reporter:
 
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:  # interrupted mid-write: no partial checkpoint stays behind
+        tmp.unlink(missing_ok=True)
 
 
 def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: float = 5e-4,
