@@ -1,6 +1,10 @@
 """Tiny model configs shared by the tests: depth 2, width 32-96, so the suite stays fast on 2 cores."""
 from __future__ import annotations
 
+import logging
+import warnings
+from contextlib import contextmanager
+
 import timm
 import torch
 import pytest
@@ -279,3 +283,28 @@ def analyzed(model=None):
     p = Program(gm=capture(model, (image(),)), example_inputs=(image(),))
     make_pass("analyze").run(p)
     return p, model
+
+
+@contextmanager
+def no_warnings():
+    """Python warnings raise, and a logged warning fails on the way out: torch logs some instead of warning
+    (torch.export.load's "must be a file ending in .pt2"), on its own loggers, which do not reach the root."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.WARNING)
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger) and not lg.propagate]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert not records, [f"{r.name}: {r.getMessage()}" for r in records]

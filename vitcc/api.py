@@ -24,6 +24,8 @@ from vitcc.analysis.ops import OpTable, default_table
 from vitcc.pipeline.manager import Insertion, PassManager, PassRegistry, build_pipeline, format_pipeline
 from vitcc.pipeline.pass_base import Pass
 
+PROGRAM_SUFFIX = ".pt2"  # what `save` writes: torch.export.load warns about an archive named otherwise
+
 
 @dataclass
 class CompileResult:
@@ -272,11 +274,14 @@ def _any_meta(gm: fx.GraphModule) -> dict:
 def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None = None) -> None:
     """Write the compact program with torch.export.save (a graph as data, with a dynamic batch), atomically.
 
-    Whatever the suffix (`.pt2` is the convention; `.pt` writes the same archive), the file loads with
-    `torch.export.load(path).module()` or `vitcc.load(path)`: no vitcc code, no unpickling, no trust needed.
-    A torch.save'd GraphModule would carry Python source that only --trust-pickle could read back.
+    The file loads with `torch.export.load(path).module()` or `vitcc.load(path)`: no vitcc code, no unpickling,
+    no trust needed. It must be named `.pt2`: torch.export.load warns about an archive named otherwise, and a
+    `.pt` would pass for a torch.save'd file (which would carry Python source only --trust-pickle could read).
     """
     path = Path(path)
+    if path.suffix != PROGRAM_SUFFIX:
+        raise VitccError(f"cannot save {path}: a program archive is named {PROGRAM_SUFFIX} (torch.export.load warns "
+                         f"about other names); name it {path.with_suffix(PROGRAM_SUFFIX).name}")
     if example_inputs is None:
         shape = source_meta(module).get("input_shape")
         if not shape:

@@ -10,7 +10,7 @@ from vitcc.cli import run
 from vitcc.pipeline import pass_base
 from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 
-from conftest import tiny_vit
+from conftest import no_warnings, tiny_vit
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 
@@ -44,10 +44,11 @@ def test_compile_writes_model_onnx_and_report(tmp_path, model_file, capsys):
     assert g["kind"] == "mlp" and g["size"] == 192 and len(g["kept"]) == 96
     assert all({"name", "seconds"} <= set(p) for p in report["passes"])
     assert report["onnx"]["checker"] == "ok" and onnx.exists()
-    small = vitcc.load(out)  # a .pt2 program is data: no trust needed
-    x = torch.randn(4, 3, 32, 32)
-    assert small(x).shape == (4, 10)
-    torch.testing.assert_close(torch.export.load(out).module()(x), small(x))  # no vitcc code needed
+    with no_warnings():  # torch.export.load warns about an archive not named .pt2
+        small = vitcc.load(out)  # a .pt2 program is data: no trust needed
+        x = torch.randn(4, 3, 32, 32)
+        assert small(x).shape == (4, 10)
+        torch.testing.assert_close(torch.export.load(out).module()(x), small(x))  # no vitcc code needed
 
 
 def test_inspect_lists_groups_as_json(model_file, capsys):
@@ -66,7 +67,7 @@ def test_inspect_lists_groups_as_json(model_file, capsys):
     (["compile", "timm:not_a_model"], "not_a_model"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, model_file, capsys, args, message):
-    out = tmp_path / "o.pt"
+    out = tmp_path / "o.pt2"
     args = [str(model_file) if a == "MODEL" else a for a in args]
     assert run(args + ["-o", str(out)]) == 2
     assert message in error_line(capsys)
@@ -90,10 +91,10 @@ def test_hostile_pickle_never_runs(tmp_path, capsys):
     Hostile.marker = marker
     evil = tmp_path / "evil.pt"
     torch.save({"model": Hostile()}, evil)
-    assert run(["compile", str(evil), "-o", str(tmp_path / "o.pt")]) == 2
+    assert run(["compile", str(evil), "-o", str(tmp_path / "o.pt2")]) == 2
     err = error_line(capsys)
     assert "--trust-pickle" in err and "system" in err
-    assert not marker.exists() and not (tmp_path / "o.pt").exists()
+    assert not marker.exists() and not (tmp_path / "o.pt2").exists()
 
 
 def test_never_overwrites_the_input(model_file, capsys):
@@ -113,7 +114,7 @@ def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, ca
                 program.gm.get_submodule("blocks.0.mlp.fc1").weight.mul_(1.5)
             return PassResult()
 
-    out, rep = tmp_path / "o.pt", tmp_path / "r.json"
+    out, rep = tmp_path / "o.pt2", tmp_path / "r.json"
     code = run(["compile", str(model_file), "--passes", "magnitude,test-corrupt", "-o", str(out),
                 "--report", str(rep), *SHAPE])
     assert code == 3
@@ -155,7 +156,7 @@ def listing(folder):
 ])
 def test_bad_values_are_one_line_exit_2_and_write_nothing(tmp_path, model_file, capsys, args, message):
     before = listing(tmp_path)
-    code = run(["compile", str(model_file), *SHAPE, *args, "-o", str(tmp_path / "o.pt"), "--report",
+    code = run(["compile", str(model_file), *SHAPE, *args, "-o", str(tmp_path / "o.pt2"), "--report",
                 str(tmp_path / "r.json")])
     assert code == 2
     err = error_line(capsys)
@@ -168,10 +169,10 @@ def test_bad_output_paths_fail_before_any_work_and_write_nothing(tmp_path, model
                                                                  which):
     folder = tmp_path / "existing"
     folder.mkdir()
-    good = {"-o": tmp_path / "o.pt", "--onnx": tmp_path / "o.onnx", "--report": tmp_path / "r.json"}
+    good = {"-o": tmp_path / "o.pt2", "--onnx": tmp_path / "o.onnx", "--report": tmp_path / "r.json"}
     for bad, message in ((folder, "is a folder; name a file in it"),
-                         (tmp_path / "missing" / "x", "does not exist; create it first"),
-                         (unwritable_dir / "x", "cannot write"),
+                         (tmp_path / "missing" / good[which].name, "does not exist; create it first"),
+                         (unwritable_dir / good[which].name, "cannot write"),
                          (model_file, "would overwrite the input model")):
         before = listing(tmp_path)
         paths = {**good, which: bad}
@@ -183,7 +184,8 @@ def test_bad_output_paths_fail_before_any_work_and_write_nothing(tmp_path, model
 
 
 def test_two_outputs_on_one_path_is_an_error(tmp_path, model_file, capsys):
-    assert run(["compile", str(model_file), *SHAPE, "-o", str(tmp_path / "x"), "--report", str(tmp_path / "x")]) == 2
+    x = str(tmp_path / "x.pt2")
+    assert run(["compile", str(model_file), *SHAPE, "-o", x, "--report", x]) == 2
     assert "is also the path given to -o" in error_line(capsys)
     assert listing(tmp_path) == ["model.pt"]
 
@@ -225,7 +227,7 @@ def test_vitcc_bug_is_exit_1_with_where_to_report_it(tmp_path, model_file, capsy
         def run(self, program):
             return {}["missing"]  # a bug
 
-    args = ["compile", str(model_file), *SHAPE, "--passes", "magnitude,test-crash", "-o", str(tmp_path / "o.pt")]
+    args = ["compile", str(model_file), *SHAPE, "--passes", "magnitude,test-crash", "-o", str(tmp_path / "o.pt2")]
     assert run(args) == 1
     err = error_line(capsys)
     assert err.startswith("vitcc: error: internal error in vitcc (KeyError at tests/test_cli.py:")
@@ -260,3 +262,16 @@ def test_outputs_get_the_permissions_of_any_new_file(tmp_path, model_file):
     mask = os.umask(0o022)
     os.umask(mask)
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in (out, report))
+
+
+# -- what a new user trips over --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, name, right", [("-o", "out.txt", "out.pt2"), ("-o", "small.pt", "small.pt2"),
+                                               ("-o", "small", "small.pt2"), ("-o", "small.PT2", "small.pt2"),
+                                               ("--onnx", "small.txt", "small.onnx")])
+def test_an_unsupported_output_suffix_is_refused_before_any_work(tmp_path, model_file, capsys, flag, name, right):
+    before = listing(tmp_path)
+    assert run(["compile", str(model_file), *SHAPE, flag, str(tmp_path / name)]) == 2
+    err = error_line(capsys)
+    assert f"{flag} {tmp_path / name}: unsupported suffix" in err and f"e.g. {right}" in err and "\n" not in err
+    assert listing(tmp_path) == before

@@ -24,7 +24,7 @@ def model_file(tmp_path):
 
 
 def test_compile_finetune_then_evaluate(tmp_path, model_file, capsys):
-    out, rep, ckpt = tmp_path / "small.pt", tmp_path / "report.json", tmp_path / "ckpt"
+    out, rep, ckpt = tmp_path / "small.pt2", tmp_path / "report.json", tmp_path / "ckpt"
     code = run(["compile", str(model_file), "--passes", "taylor", "--sparsity", "0.5", "--data", "digits",
                 "--finetune-epochs", "1", "--batch-size", "128", "--lr", "2e-3", "--seed", "3", "--mean", "0.5",
                 "--std", "0.5", "--checkpoint-dir", str(ckpt), "-o", str(out), "--report", str(rep)])
@@ -77,7 +77,7 @@ def test_no_distill_and_default_normalisation(tmp_path, model_file):
     (["evaluate", "MODEL", "--data", "nowhere"], "unknown data 'nowhere'"),
 ])
 def test_bad_data_usage_is_one_line_exit_2(tmp_path, model_file, capsys, args, message):
-    out = tmp_path / "o.pt"
+    out = tmp_path / "o.pt2"
     args = [str(model_file) if a == "MODEL" else a for a in args]
     assert run(args + (["-o", str(out)] if args[0] == "compile" else [])) == 2
     err = capsys.readouterr().err.strip()

@@ -89,7 +89,7 @@ def test_any_arguments_exit_cleanly(model_file, read_only, capsys, sparsity, ali
     args += ["--prune", prune] if prune is not None else []
     args += ["--passes", passes] if passes is not None else []
     outputs = {}
-    for flag, place, name in (("-o", out, "o.pt"), ("--report", report, "r.json"), ("--onnx", onnx, "o.onnx")):
+    for flag, place, name in (("-o", out, "o.pt2"), ("--report", report, "r.json"), ("--onnx", onnx, "o.onnx")):
         path = output_path(place, root, read_only, name)
         if path is not None:
             args += [flag, str(path)]

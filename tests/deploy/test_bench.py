@@ -44,7 +44,7 @@ def test_bench_compiles_and_prints_a_table(tmp_path, model_file, capsys):
 
 
 def test_bench_model_and_compiled_file(tmp_path, model_file, capsys):
-    small = tmp_path / "small.pt"
+    small = tmp_path / "small.pt2"
     assert run(["compile", str(model_file), "--sparsity", "0.5", "--align", "8", "-o", str(small), *SHAPE]) == 0
     capsys.readouterr()
     assert run(["bench", str(model_file), str(small), "--trust-pickle", "--runtime", "eager", *QUICK, *SHAPE]) == 0

@@ -159,3 +159,25 @@ def test_pt2_round_trip_in_a_fresh_process(tmp_path, compact_deit):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ok [(1, 3, 32, 32), (5, 3, 32, 32)] DeiTForImageClassificationWithTeacherOutput" in proc.stdout
+
+
+def test_a_saved_program_is_named_pt2_and_loads_without_warnings(tmp_path):
+    import shutil
+
+    import vitcc
+    from conftest import no_warnings
+    r = vitcc.compile(tiny_vit(), sparsity=0.3, example_inputs=(torch.randn(1, 3, 32, 32),))
+    for name in ("small.pt", "small.txt", "small", "small.PT2"):
+        with pytest.raises(VitccError, match=r"named \.pt2 .*; name it small\.pt2"):
+            vitcc.save(r.module, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    path = tmp_path / "small.pt2"
+    vitcc.save(r.module, path)
+    x = torch.randn(3, 3, 32, 32)
+    with no_warnings():
+        torch.testing.assert_close(torch.export.load(str(path)).module()(x), r.module(x))
+        torch.testing.assert_close(vitcc.load(path)(x), r.module(x))
+    shutil.copy(path, tmp_path / "renamed.pt")  # what `-o small.pt` used to write: the check does see the warning
+    with pytest.raises(AssertionError, match="ending in .pt2"):
+        with no_warnings():
+            torch.export.load(str(tmp_path / "renamed.pt"))

@@ -455,7 +455,7 @@ def test_pickled_timm_vit_loads_and_compiles_without_trust(proto, canary, tmp_pa
     canary.assert_untouched()
     x = torch.randn(1, 3, 32, 32)
     assert type(loaded) is type(m) and torch.equal(loaded(x), m(x))
-    assert run(["compile", str(path), "--sparsity", "0.5", "--align", "8", "-o", str(tmp_path / "small.pt")]) == 0
+    assert run(["compile", str(path), "--sparsity", "0.5", "--align", "8", "-o", str(tmp_path / "small.pt2")]) == 0
 
 
 def test_torchvision_vit_with_its_norm_layer_partial(tmp_path):

@@ -53,8 +53,8 @@ def test_budget_mode_verifies_and_meets_the_target_against_the_dense_model():
     # the compact model is plain torch: it saves and loads through the safe unpickler
     import tempfile, os
     with tempfile.TemporaryDirectory() as d:
-        vitcc.save(r.module, os.path.join(d, "m.pt"))
-        back = vitcc.load(os.path.join(d, "m.pt"), trust_pickle=True)
+        vitcc.save(r.module, os.path.join(d, "m.pt2"))
+        back = vitcc.load(os.path.join(d, "m.pt2"), trust_pickle=True)
     with torch.no_grad():
         assert torch.allclose(back(x), r.module(x))
 
@@ -97,7 +97,7 @@ def test_hybrid_with_vtp_gates_on_the_mlp_verifies_and_is_deterministic():
 def test_methods_run_from_the_command_line_on_offline_data(tmp_path, passes):
     import json
     from vitcc.cli import run
-    src, out, rep = tmp_path / "model.pt", tmp_path / "small.pt", tmp_path / "report.json"
+    src, out, rep = tmp_path / "model.pt", tmp_path / "small.pt2", tmp_path / "report.json"
     torch.save(tiny_vit(), src)
     code = run(["compile", str(src), "--passes", passes, "--sparsity", "0.3", "--data", "digits", "--batch-size",
                 "256", "--input-shape", "1,3,32,32", "-o", str(out), "--report", str(rep)])

@@ -121,8 +121,8 @@ def test_finetune_compact_graphmodule_with_checkpoints_and_resume(digits, tmp_pa
     assert not (tmp_path / "epoch002.pt").exists()
     ckpt = safe_pickle.load(tmp_path / "epoch001.pt")  # a checkpoint is data: a state dict, no trust needed
     assert ckpt["epoch"] == 1 and ckpt["model"].keys() == small.state_dict().keys()
-    vitcc.save(small, tmp_path / "small.pt")  # the compiled structure the weights go into
-    saved = load_model(str(tmp_path / "small.pt"), weights=str(tmp_path / "epoch001.pt"), trust_pickle=True)
+    vitcc.save(small, tmp_path / "small.pt2")  # the compiled structure the weights go into
+    saved = load_model(str(tmp_path / "small.pt2"), weights=str(tmp_path / "epoch001.pt"), trust_pickle=True)
     assert torch.equal(saved.head.weight, ckpt["model"]["head.weight"]) and evaluate(saved, val)["n"] == len(val.dataset)
     resumed = copy.deepcopy(small)
     h = finetune(resumed, train, epochs=2, lr=2e-3, checkpoint_dir=tmp_path, resume=True, progress=False)

@@ -106,8 +106,9 @@ def compile_cmd(
     latency_table: Optional[Path] = typer.Option(None, "--latency-table", help="with --target latency: select "
                                                  "against this table (`vitcc profile MODEL -o TABLE.json` on the "
                                                  "device) instead of timing ops here"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact GraphModule here"),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact program here: a .pt2 "
+                                          "file (torch.export archive; torch.export.load or vitcc.load reads it)"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX (a .onnx file)"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the report: R.json (figures), R.html (a page "
                                           "with the picture of what was pruned) or R.png (the picture alone)"),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
@@ -147,8 +148,10 @@ def compile_cmd(
     if sparsity_epochs and data is None:
         raise VitccError("--sparsity-epochs needs --data (an image folder with train/ and val/, mnist5k or digits)")
     check_folder(checkpoint_dir, "--checkpoint-dir")
+    from vitcc.api import PROGRAM_SUFFIX
     with Outputs([model, weights]) as outputs:
-        files = {"model": outputs.plan(output, "-o"), "onnx": outputs.plan(onnx, "--onnx"),
+        files = {"model": outputs.plan(output, "-o", (PROGRAM_SUFFIX,)),
+                 "onnx": outputs.plan(onnx, "--onnx", (".onnx",)),
                  "report": outputs.plan(report, "--report")}
         check_output(report, "--report")
         rep = _compile(args, files)

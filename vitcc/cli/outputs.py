@@ -2,7 +2,7 @@
 to it, and renamed into place only when everything succeeded; on any failure the temporaries are removed.
 
 Checking up front means a bad `--report` path fails in a second, not after minutes of compiling, and never
-after the model was already written. The temporary keeps the final suffix (`.small.x1y2.tmp.pt`), so writers
+after the model was already written. The temporary keeps the final suffix (`.small.x1y2.tmp.pt2`), so writers
 that choose a format by suffix write the right one.
 """
 from __future__ import annotations
@@ -27,18 +27,23 @@ class Outputs:
         self._inputs = {Path(i).resolve() for i in inputs if i is not None and Path(i).exists()}
         self._planned: list[tuple[str, Path, Path]] = []  # (flag, final path, temporary)
 
-    def plan(self, path: str | Path | None, flag: str) -> Path | None:
-        """The temporary to write `path` to, after checking that `path` can be written; None for no output."""
+    def plan(self, path: str | Path | None, flag: str, suffixes: tuple[str, ...] = ()) -> Path | None:
+        """The temporary to write `path` to, after checking that `path` can be written (and, given `suffixes`,
+        names a format `flag` writes: a file named for one format must not hold another); None for no output."""
         if path is None:
             return None
         path = Path(path)
-        check_writable_file(path, flag)
+        check_writable_file(path, flag, suffixes)
         final = path.resolve()
         if final in self._inputs:
             raise VitccError(f"{flag} {path} would overwrite the input model; choose another path")
         other = next((f for f, p, _ in self._planned if p.resolve() == final), None)
         if other is not None:
             raise VitccError(f"{flag} {path} is also the path given to {other}; give each output its own file")
+        if suffixes and path.suffix not in suffixes:
+            names = " or ".join(suffixes)
+            raise VitccError(f"{flag} {path}: unsupported suffix {path.suffix or '(none)'}; {flag} writes {names} "
+                             f"files, e.g. {path.with_suffix(suffixes[0]).name}")
         while True:
             tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
             entry = (flag, path, tmp)
@@ -88,10 +93,11 @@ class Outputs:
             self.discard()
 
 
-def check_writable_file(path: Path, flag: str) -> None:
+def check_writable_file(path: Path, flag: str, suffixes: tuple[str, ...] = ()) -> None:
     """One-line errors for a path that names a folder or lies in a folder that does not exist."""
     if path.is_dir():
-        raise VitccError(f"{flag} {path} is a folder; name a file in it, e.g. {path / ('out' + (path.suffix or '.pt'))}")
+        raise VitccError(f"{flag} {path} is a folder; name a file in it, e.g. "
+                         f"{path / ('out' + (suffixes[0] if suffixes else path.suffix))}")
     parent = path.parent
     if not parent.exists():
         raise VitccError(f"output folder {parent} of {flag} does not exist; create it first")
