@@ -275,3 +275,9 @@ def test_an_unsupported_output_suffix_is_refused_before_any_work(tmp_path, model
     err = error_line(capsys)
     assert f"{flag} {tmp_path / name}: unsupported suffix" in err and f"e.g. {right}" in err and "\n" not in err
     assert listing(tmp_path) == before
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"vitcc {version('vitcc')} (torch {torch.__version__})"

@@ -38,6 +38,23 @@ DEFAULT_ALIGN = 16
 TARGETS = ("channels", "params", "macs", "latency")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            ours = version("vitcc")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            ours = "(not installed)"
+        print(f"vitcc {ours} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print vitcc's and torch's versions and exit")) -> None:
+    pass
+
+
 def _load(model: str, weights, arch, trust_pickle, input_shape):
     """The model and one example input, checked to run: a shape the model cannot take is one line, here."""
     from vitcc.frontend.input_shapes import input_shape_for
