@@ -281,3 +281,21 @@ def test_version(capsys):
     from importlib.metadata import version
     assert run(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"vitcc {version('vitcc')} (torch {torch.__version__})"
+
+
+def test_every_command_describes_model_with_one_help_string(capsys):
+    """One string for MODEL in every command that takes it, so that no command forgets a source (hf:, .pt2)."""
+    import typer
+    from vitcc.cli.app import MODEL_HELP, app
+    commands = typer.main.get_command(app).commands
+    takes_model = {name for name, c in commands.items() if any(p.name == "model" for p in c.params)}
+    assert {"compile", "inspect", "bench", "profile", "evaluate"} <= takes_model
+    for name in takes_model:
+        (param,) = [p for p in commands[name].params if p.name == "model"]
+        assert param.help == MODEL_HELP, name
+    for source in ("timm:NAME", "torchvision:NAME", "hf:DIR", "py:MODULE:CALLABLE", "(.pt2)", "(.pt)"):
+        assert source in MODEL_HELP
+    for name in ("bench", "profile"):
+        assert run([name, "--help"]) == 0
+        shown = capsys.readouterr().out
+        assert all(source in shown for source in ("hf:DIR", "torchvision:NAME", "py:MODULE:CALLABLE", "(.pt2)"))

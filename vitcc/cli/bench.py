@@ -20,7 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcc.cli.app import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app, check_budget, check_threads
+from vitcc.cli.app import (ARCH_HELP, DEFAULT_ALIGN, DEFAULT_MODEL, MODEL_HELP, WEIGHTS_HELP, _load, app,
+                           check_budget, check_threads)
 from vitcc.errors import VitccError
 from vitcc.cli.outputs import Outputs
 
@@ -130,8 +131,9 @@ def print_table(result: dict, title: str) -> None:
 
 @app.command("bench")
 def bench_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL, help="timm:NAME, a torch.save'd module (.pt), or a state dict with --arch"),
-    compiled: Optional[str] = typer.Argument(None, help="a compiled model (.pt) to compare with MODEL"),
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    compiled: Optional[str] = typer.Argument(None, help="a compiled model (.pt2, from vitcc compile -o) to compare "
+                                             "with MODEL"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="without COMPILED: compile MODEL with this "
                                              "sparsity first"),
     target: str = typer.Option("macs", "--target", help="with --sparsity: channels, params, macs or latency"),
@@ -144,8 +146,8 @@ def bench_cmd(
     rounds: int = typer.Option(10, "--rounds", help="interleaved rounds (one call of each model per round)"),
     warmup: int = typer.Option(2, "--warmup", help="untimed rounds first"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON here"),
-    weights: Optional[str] = typer.Option(None, "--weights"),
-    arch: Optional[str] = typer.Option(None, "--arch"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:

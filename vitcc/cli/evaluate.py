@@ -8,19 +8,19 @@ import torch
 import typer
 from rich.console import Console
 
-from vitcc.cli.app import _floats, _load, app
+from vitcc.cli.app import ARCH_HELP, MODEL_HELP, WEIGHTS_HELP, _floats, _load, app
 from vitcc.errors import VitccError
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: str = typer.Argument(..., help="timm:NAME, a torch.save'd module (a compiled small.pt), or a state dict with --arch"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option(..., "--data", help="image folder with train/ and val/, or mnist5k or digits"),
     batch_size: int = typer.Option(64, "--batch-size"),
     mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean, e.g. 0.5,0.5,0.5 (default: the model's)"),
     std: Optional[str] = typer.Option(None, "--std", help="normalisation std (default: the model's)"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="state dict to load into a timm model"),
-    arch: Optional[str] = typer.Option(None, "--arch", help="timm:NAME for a state-dict input"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
     seed: int = typer.Option(0, "--seed", help="seeds a timm: model's random init"),

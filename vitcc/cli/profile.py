@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vitcc.cli.app import DEFAULT_ALIGN, DEFAULT_MODEL, _load, app, check_threads
+from vitcc.cli.app import ARCH_HELP, DEFAULT_ALIGN, DEFAULT_MODEL, MODEL_HELP, WEIGHTS_HELP, _load, app, check_threads
 from vitcc.errors import VitccError
 from vitcc.cli.outputs import Outputs
 
@@ -93,7 +93,7 @@ def _profile_model(model, example, grid, align, prune, check, rounds, on_progres
 
 @app.command("profile")
 def profile_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL, help="timm:NAME, a torch.save'd module (.pt), or a state dict with --arch"),
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     align: int = typer.Option(DEFAULT_ALIGN, "--align", help="align kept widths as `compile --align` will"),
     grid: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", "--grid",
                              help="uniform fractions of every group to remove"),
@@ -114,8 +114,8 @@ def profile_cmd(
     mode: str = typer.Option("eager", "--mode", help="with -o: eager, cudagraph (CUDA graph replay) or compile "
                              "(torch.compile)"),
     points: int = typer.Option(16, "--points", help="with -o: the most widths timed per kind"),
-    weights: Optional[str] = typer.Option(None, "--weights"),
-    arch: Optional[str] = typer.Option(None, "--arch"),
+    weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:
