@@ -299,3 +299,17 @@ def test_every_command_describes_model_with_one_help_string(capsys):
         assert run([name, "--help"]) == 0
         shown = capsys.readouterr().out
         assert all(source in shown for source in ("hf:DIR", "torchvision:NAME", "py:MODULE:CALLABLE", "(.pt2)"))
+
+
+def test_inspect_counts_branch_parameter_elements(model_file, capsys):
+    model = torch.load(model_file, weights_only=False)
+    assert run(["inspect", str(model_file), "--json", *SHAPE]) == 0
+    branches = {b["name"]: b for b in json.loads(capsys.readouterr().out)["branches"]}
+    block = model.blocks[0]
+    attn = sum(p.numel() for m in (block.norm1, block.attn) for p in m.parameters())
+    mlp = sum(p.numel() for m in (block.norm2, block.mlp) for p in m.parameters())
+    assert branches["blocks.0.attn"]["param_elements"] == attn > len(branches["blocks.0.attn"]["params"])
+    assert branches["blocks.0.mlp"]["param_elements"] == mlp
+    assert run(["inspect", str(model_file), *SHAPE]) == 0
+    shown = capsys.readouterr().out
+    assert "(elements)" in shown and f"{attn:,}" in shown and f"{mlp:,}" in shown

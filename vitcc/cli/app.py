@@ -299,8 +299,10 @@ def inspect_cmd(
         m, example = _load(model, weights, arch, trust_pickle, input_shape)
         program = Program(gm=capture(m, example), example_inputs=example)
         make_pass("analyze").run(program)
+        tensors = dict(program.gm.named_parameters())
         data = {"groups": [g.to_json() for g in program.groups],
-                "branches": [b.to_json() for b in program.branches], "frozen": program.report["frozen"]}
+                "branches": [{**b.to_json(), "param_elements": sum(tensors[p].numel() for p in b.params if p in tensors)}
+                             for b in program.branches], "frozen": program.report["frozen"]}
         if page is not None:
             page.write_text(render_groups_html(data, model), encoding="utf-8")
     if as_json:
@@ -318,10 +320,10 @@ def inspect_cmd(
     out.print(t)
     if program.branches:
         t = Table(title=f"residual branches of {model} (--prune branch removes them whole)")
-        for col in ("name", "role", "ops", "parameters", "groups", "status"):
-            t.add_column(col)
-        for b in program.branches:
-            t.add_row(b.name, b.role, str(b.ops), str(len(b.params)), ", ".join(b.groups),
+        for col in ("name", "role", "ops", "parameters (elements)", "groups", "status"):
+            t.add_column(col, justify="right" if col.startswith("parameters") else "left")
+        for b, d in zip(program.branches, data["branches"]):
+            t.add_row(b.name, b.role, str(b.ops), f"{d['param_elements']:,}", ", ".join(b.groups),
                       "frozen: " + b.frozen if b.frozen else "removable")
         out.print(t)
     for f in data["frozen"]:
