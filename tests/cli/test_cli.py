@@ -44,6 +44,8 @@ def test_compile_writes_model_onnx_and_report(tmp_path, model_file, capsys):
     assert g["kind"] == "mlp" and g["size"] == 192 and len(g["kept"]) == 96
     assert all({"name", "seconds"} <= set(p) for p in report["passes"])
     assert report["onnx"]["checker"] == "ok" and onnx.exists()
+    assert report["onnx"]["inputs"] == ["images"] and report["onnx"]["outputs"] == ["logits"]
+    assert "images -> logits, dynamic batch" in shown
     with no_warnings():  # torch.export.load warns about an archive not named .pt2
         small = vitcc.load(out)  # a .pt2 program is data: no trust needed
         x = torch.randn(4, 3, 32, 32)

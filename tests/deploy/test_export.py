@@ -181,3 +181,77 @@ def test_a_saved_program_is_named_pt2_and_loads_without_warnings(tmp_path):
     with pytest.raises(AssertionError, match="ending in .pt2"):
         with no_warnings():
             torch.export.load(str(tmp_path / "renamed.pt"))
+
+
+# ---------------------------------------------------------------- ONNX for GPU runtimes
+
+def _graph_ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize("opset", [None, 17])
+def test_onnx_names_dynamic_batch_and_one_layernorm_op(tmp_path, opset):
+    """The compact model as `vitcc compile --onnx` writes it: `images` in, `logits` out, any batch, and each
+    LayerNorm one LayerNormalization op (TensorRT keeps that fused op in fp32), not a ReduceMean chain."""
+    import vitcc
+    model = tiny_vit()
+    compact = vitcc.compile(model, sparsity=0.3, example_inputs=(torch.randn(1, 3, 32, 32),)).module
+    path = tmp_path / "small.onnx"
+    res = export_onnx(compact, (torch.randn(1, 3, 32, 32),), path, opset=opset)
+    assert res["inputs"] == ["images"] and res["outputs"] == ["logits"] and res["dynamic_batch"] is True
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["logits"]
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.HasField("dim_value")
+    assert res["opset"] >= 17 and (opset is None or res["opset"] == opset)
+    ops = _graph_ops(path)
+    norms = sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    assert ops.count("LayerNormalization") == norms == 5 and "ReduceMean" not in ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        x = torch.randn(n, 3, 32, 32)
+        (logits,) = sess.run(["logits"], {"images": x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(logits, compact(x).numpy(), rtol=1e-3, atol=1e-4)
+        assert logits.shape == (n, 10)
+
+
+class TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)
+
+    def forward(self, tokens, scale):
+        features = self.norm(tokens) * scale
+        return {"logits": self.fc(features), "features": features}, features.sum(-1)
+
+
+def test_onnx_names_several_outputs_by_key_or_position(tmp_path):
+    model, path = TwoOutputs().eval(), tmp_path / "two.onnx"
+    inputs = (torch.randn(2, 8), torch.randn(2, 1))
+    res = export_onnx(model, inputs, path)
+    assert res["inputs"] == ["tokens", "scale"] and res["dynamic_batch"] is True
+    assert res["outputs"] == ["output_0_logits", "output_0_features", "output_1"]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = (torch.randn(5, 8), torch.randn(5, 1))
+    got = dict(zip(res["outputs"], sess.run(None, {"tokens": x[0].numpy(), "scale": x[1].numpy()})))
+    with torch.no_grad():
+        want, summed = model(*x)
+    for name, value in (("output_0_logits", want["logits"]), ("output_0_features", want["features"]),
+                        ("output_1", summed)):
+        np.testing.assert_allclose(got[name], value.numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_onnx_names_an_hf_output_class_by_its_fields(tmp_path, compact_deit):
+    path = tmp_path / "deit.onnx"
+    res = export_onnx(compact_deit[1].module, (torch.randn(1, 3, 32, 32),), path)
+    assert res["inputs"] == ["images"] and res["outputs"] == ["logits", "cls_logits", "distillation_logits"]
+    ops = _graph_ops(path)
+    assert ops.count("LayerNormalization") == 5 and "ReduceMean" not in ops
+
+
+def test_opset_without_layernormalization_is_refused(tmp_path):
+    with pytest.raises(VitccError, match="opset 16 has no LayerNormalization.*opset 17 or later"):
+        export_onnx(tiny_vit(), (torch.randn(1, 3, 32, 32),), tmp_path / "m.onnx", opset=16)
+    assert list(tmp_path.iterdir()) == []

@@ -268,7 +268,10 @@ def _summary(rep: dict, model: str) -> None:
         out.print(f"verified: max |compact - masked| = {rep['max_abs_error']:.3g} "
                   f"(relative {rep['max_rel_error']:.3g}, worst {rep.get('verify', {}).get('worst')})")
     if "onnx" in rep:
-        out.print(f"onnx: {rep['onnx']['path']} checked, onnxruntime max error {rep['onnx']['max_abs_error']:.3g}")
+        o = rep["onnx"]
+        batch = "dynamic batch" if o["dynamic_batch"] else "fixed batch"
+        out.print(f"onnx: {o['path']} ({', '.join(o['inputs'])} -> {', '.join(o['outputs'])}, {batch}, opset "
+                  f"{o['opset']}) checked, onnxruntime max error {o['max_abs_error']:.3g}", highlight=False)
     out.print("passes: " + ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in rep["passes"]))
     for line in _accuracy_lines(rep):
         out.print(line, highlight=False)

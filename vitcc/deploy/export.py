@@ -10,10 +10,18 @@ embedded; this caps models at protobuf's 2 GiB). The batch dimension is
 requested as dynamic; if the model pins it (e.g. a hard-coded ``view(2, ...)``)
 the exporter's draft-export fallback silently specialises it, so we read the
 result back from the .onnx inputs and report it as ``dynamic_batch``.
+
+Names and ops are chosen for GPU runtimes (TensorRT, onnxruntime-gpu), which bind
+tensors by name: the image input is ``images``, a classifier's one output
+``logits``, several outputs are named by their keys (an HF output class, a dict)
+or positions (``output_0``, ...). The opset is at least 17, where LayerNorm is one
+LayerNormalization op (the fused kernel TensorRT keeps in fp32) instead of a
+ReduceMean/Sub/Pow/Sqrt/Div chain.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -22,33 +30,66 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path, tree_leaves
 
 from vitcc.errors import VerificationError, VitccError
 from vitcc.metrics import _eval_mode
 
 __all__ = ["export_onnx"]
 
+MIN_OPSET = 17  # the first with LayerNormalization
+
 
 def _tensors(inputs) -> list[torch.Tensor]:
     return [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
 
 
-def _export(module, example_inputs: tuple, path: Path, opset: int | None) -> None:
+def input_names(module: torch.nn.Module, example_inputs: tuple) -> list[str]:
+    """`images` for the one image batch (N, C, H, W) a vision model takes; otherwise forward's parameter names."""
+    tensors = _tensors(example_inputs)
+    if len(tensors) == 1 and tensors[0].dim() == 4:
+        return ["images"]
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) >= len(tensors) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return params[:len(tensors)]
+    return [f"input_{i}" for i in range(len(tensors))]
+
+
+def output_names(outputs) -> list[str]:
+    """A name per output tensor, in the exporter's (pytree's) order: `logits` for a classifier's one output
+    (batch, classes), the keys of a dict or an output class (`logits`, `distillation_logits`), else positions."""
+    leaves = [(path, t) for path, t in tree_flatten_with_path(outputs)[0] if isinstance(t, torch.Tensor)]
+    if len(leaves) == 1 and not any(isinstance(k, (MappingKey, GetAttrKey)) for k in leaves[0][0]):
+        return ["logits" if leaves[0][1].dim() == 2 else "output"]
+    names = []
+    for path, _ in leaves:
+        parts = [str(k.key) if isinstance(k, MappingKey) else k.name if isinstance(k, GetAttrKey)
+                 else str(k.idx) if isinstance(k, SequenceKey) else str(k) for k in path]
+        name = "_".join(parts) or "output"
+        names.append(f"output_{name}" if name[0].isdigit() else name)
+    return names if len(set(names)) == len(names) else [f"output_{i}" for i in range(len(names))]
+
+
+def _export(module, example_inputs: tuple, path: Path, opset: int | None, outputs) -> None:
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() else None
                            for t in example_inputs)
     torch.onnx.export(module, example_inputs, str(path), dynamo=True, external_data=False,
-                      opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False)
+                      opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
+                      input_names=input_names(module, example_inputs), output_names=output_names(outputs))
 
 
-def _read_back(path: Path) -> tuple[int, bool]:
-    """(default-domain opset, whether every non-scalar input has a symbolic dim 0)."""
+def _read_back(path: Path) -> tuple[int, bool, list[str], list[str]]:
+    """(default-domain opset, whether every non-scalar input has a symbolic dim 0, input names, output names)."""
     model = onnx.load(str(path), load_external_data=False)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     dims = [i.type.tensor_type.shape.dim for i in model.graph.input]
     dynamic = all(d[0].dim_param and not d[0].HasField("dim_value") for d in dims if len(d))
-    return int(opset), dynamic
+    return int(opset), dynamic, [i.name for i in model.graph.input], [o.name for o in model.graph.output]
 
 
 def _random_batch(example_inputs: tuple, dynamic: bool) -> tuple:
@@ -97,7 +138,8 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple, path: str | Path
                 opset: int | None = None, rtol: float = 1e-3, atol: float = 1e-4) -> dict:
     """Export ``module`` to ``path`` and verify it with onnx.checker and onnxruntime.
 
-    The module is exported in eval mode (its mode is restored afterwards). The
+    ``opset`` (default: the exporter's) must be at least 17, so that LayerNorm stays one op. The
+    module is exported in eval mode (its mode is restored afterwards). The
     onnxruntime (CPU) output is compared with PyTorch's on ``example_inputs`` and
     on one fresh random batch. Everything is written to a temp file next to
     ``path`` and renamed only after all checks pass, so a failure never leaves a
@@ -107,16 +149,22 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple, path: str | Path
     path = Path(path)
     if not path.parent.is_dir():
         raise VitccError(f"output directory does not exist: {path.parent}")
+    if opset is not None and opset < MIN_OPSET:
+        raise VitccError(f"ONNX opset {opset} has no LayerNormalization (LayerNorm would be split into "
+                         f"ReduceMean ops); use opset {MIN_OPSET} or later")
     example_inputs = tuple(example_inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
+        tmp = Path(tmp_name)
+        os.close(fd)
         with _eval_mode(module):
+            with torch.no_grad():
+                outputs = module(*example_inputs)
             try:
-                _export(module, example_inputs, tmp, opset)
+                _export(module, example_inputs, tmp, opset, outputs)
                 onnx.checker.check_model(str(tmp), full_check=True)
-                opset_used, dynamic = _read_back(tmp)
+                opset_used, dynamic, inputs_named, outputs_named = _read_back(tmp)
                 session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             except Exception as e:
                 raise VitccError(f"ONNX export of {type(module).__name__} failed: {e}") from e
@@ -130,7 +178,8 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple, path: str | Path
         del session
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
-    return {"path": str(path), "opset": opset_used, "max_abs_error": max_err,
-            "checker": "ok", "onnxruntime": "ok", "dynamic_batch": dynamic}
+    return {"path": str(path), "opset": opset_used, "max_abs_error": max_err, "checker": "ok",
+            "onnxruntime": "ok", "dynamic_batch": dynamic, "inputs": inputs_named, "outputs": outputs_named}
