@@ -232,7 +232,7 @@ def test_vitcc_bug_is_exit_1_with_where_to_report_it(tmp_path, model_file, capsy
     args = ["compile", str(model_file), *SHAPE, "--passes", "magnitude,test-crash", "-o", str(tmp_path / "o.pt2")]
     assert run(args) == 1
     err = error_line(capsys)
-    assert err.startswith("vitcc: error: internal error in vitcc (KeyError at tests/cli/test_cli.py:")
+    assert err.startswith("vitcc: error: internal error in vitcc (KeyError at cli/test_cli.py:")
     assert "https://github.com/vitcc/vitcc/issues" in err and "\n" not in err
     assert listing(tmp_path) == ["model.pt"]
     monkeypatch.setenv("VITCC_DEBUG", "1")
