@@ -111,3 +111,37 @@ def test_capture_reads_parameters_not_a_cache_a_forward_filled():
     assert not any("attention_bias_cache" in a for a in attrs)
     assert all(not a.attention_bias_cache for a in m.modules() if hasattr(a, "attention_bias_cache"))
     torch.testing.assert_close(gm(x), m(x))
+
+
+class _FxOf211:
+    """torch.fx as torch's own tracer reads it in a torch without the switch (2.11): traces on, by default."""
+    config = type("config", (), {"do_not_emit_stack_traces": False})
+
+    def __getattr__(self, name):
+        return getattr(torch.fx, name)
+
+
+def test_capture_works_on_a_torch_without_the_stack_trace_switch(monkeypatch):
+    """torch 2.11 has no torch.fx.config.do_not_emit_stack_traces: capture records traces there, and compiles.
+    This torch's tracer reads the switch itself, so the tracer is given its default while the switch goes."""
+    import vitcc
+    from torch.fx.experimental import proxy_tensor
+    monkeypatch.setattr(proxy_tensor, "fx", _FxOf211())
+    monkeypatch.delattr(torch.fx.config, "do_not_emit_stack_traces")
+    m, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    gm = capture(m, (x,))
+    torch.testing.assert_close(gm(x), m(x))
+    r = vitcc.compile(m, "magnitude", sparsity=0.5, example_inputs=(x,))  # verifies
+    assert r.report["max_rel_error"] < 1e-4 and r.report["params_after"] < r.report["params_before"]
+    assert not hasattr(torch.fx.config, "do_not_emit_stack_traces")  # nothing was set that torch lacks
+
+
+def test_options_a_torch_lacks_are_left_to_its_defaults():
+    from vitcc.deploy.export import accepted
+
+    def export_2_5(model, args, f, *, dynamo=False, opset_version=None, verbose=None):  # no external_data
+        return None
+
+    asked = dict(dynamo=True, external_data=False, opset_version=18, verbose=False)
+    assert accepted(export_2_5, asked) == {"dynamo": True, "opset_version": 18, "verbose": False}
+    assert accepted(torch.onnx.export, asked) == asked  # this torch takes all of them

@@ -22,9 +22,10 @@ from vitcc.ir.types import Coupling, Frozen, TType, aten, fixed_type, is_ttype, 
 _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                     operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                     operator.ge, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not}
-_IGNORED = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default,
-            aten._assert_scalar.default, aten.sym_constrain_range_for_size.default, aten.dim.default,
-            torch._check, torch._check_is_size}
+_VERSIONED = ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size")  # not in every torch
+_IGNORED = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.dim.default, torch._check,
+            *(getattr(getattr(aten, op, None), "default", None) for op in _VERSIONED),
+            getattr(torch, "_check_is_size", None)} - {None}
 
 
 class Analyzer:

@@ -25,6 +25,7 @@ import inspect
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -78,9 +79,21 @@ def _export(module, example_inputs: tuple, path: Path, opset: int | None, output
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() else None
                            for t in example_inputs)
-    torch.onnx.export(module, example_inputs, str(path), dynamo=True, external_data=False,
-                      opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
-                      input_names=input_names(module, example_inputs), output_names=output_names(outputs))
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        raise VitccError(f"ONNX export needs torch.onnx.export(dynamo=True), which torch {torch.__version__} "
+                         "lacks; install torch >= 2.5 for --onnx")
+    torch.onnx.export(module, example_inputs, str(path), **accepted(torch.onnx.export, dict(
+        dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
+        input_names=input_names(module, example_inputs), output_names=output_names(outputs))))
+
+
+def accepted(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments `fn` takes: options that torch versions added later (torch.onnx.export's
+    `external_data`, 2.6) are left to their defaults where this torch lacks them."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _read_back(path: Path) -> tuple[int, bool, list[str], list[str]]:

@@ -82,13 +82,18 @@ def _register_output_dataclasses(model: torch.nn.Module, example_inputs: tuple) 
 
 @contextlib.contextmanager
 def _no_stack_traces():
-    """torch.export records a Python stack trace per node (a third of its time on a ViT); no pass reads them."""
-    before = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
+    """torch.export records a Python stack trace per node (a third of its time on a ViT); no pass reads them.
+    The switch is torch.fx.config's, which not every torch has (2.11 lacks it): there traces are recorded."""
+    config = getattr(torch.fx, "config", None)
+    if not hasattr(config, "do_not_emit_stack_traces"):
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
     try:
         yield
     finally:
-        torch.fx.config.do_not_emit_stack_traces = before
+        config.do_not_emit_stack_traces = before
 
 
 def export_program(model: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True):

@@ -100,7 +100,7 @@ class _Archive:
         if key in self.storages:
             return self.storages[key]
         name = f"{self.prefix}data/{key}"
-        nbytes = numel * torch._utils._element_size(stype.dtype)
+        nbytes = numel * stype.dtype.itemsize
         if self.sizes.get(name) != nbytes:
             raise VitccError(f"refusing to load {self.path}: storage {key} declares {nbytes} bytes but its record "
                              f"holds {self.sizes.get(name, 'none')}")

@@ -365,7 +365,7 @@ def _import_output_classes(path: Path) -> None:
                  for k in ("in_spec", "out_spec")]
     except Exception:  # not this layout: torch.export.load reports what is wrong
         return
-    registered = {v.serialized_type_name for v in pytree.SUPPORTED_SERIALIZED_TYPES.values()}
+    registered = {v.serialized_type_name for v in getattr(pytree, "SUPPORTED_SERIALIZED_TYPES", {}).values()}
     for spec in specs:
         for t in _spec_types(json.loads(spec)):
             module = t.rpartition(".")[0]
