@@ -8,10 +8,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+import vitcc
 from conftest import HF_KINDS, hand_vit, randomized, same_params, tiny_hf
 from vitcc.errors import VerificationError, VitccError
 from vitcc.frontend.sources import Source, load_model, parse_spec
-from vitcc.frontend.input_shapes import input_shape_for
+from vitcc.frontend.input_shapes import input_channels, input_shape_for
 
 
 def logits(out):
@@ -442,3 +443,30 @@ def test_input_shape(deit):
         input_shape_for(plain)
     plain.vitcc_input_shape = (1, 4)
     assert input_shape_for(plain) == (1, 4)
+
+
+def test_volo_takes_the_channels_of_its_stem_not_of_its_patch_projection():
+    """VOLO's patch_embed runs three stem convolutions (3 -> 64 channels) before its proj (64 -> 192):
+    the image's channel count is what the first convolution the input reaches reads."""
+    m = timm.create_model("volo_d1_224", pretrained=False).eval()
+    assert m.patch_embed.proj.in_channels == 64 and m.patch_embed.conv[0].in_channels == 3
+    assert input_shape_for(m) == (1, 3, 224, 224)
+    assert input_channels(m, (1, 64, 224, 224)) == 3  # the hook stops the run before the stem computes
+    with pytest.raises(VitccError, match=r"--input-shape 1,64,224,224 does not fit VOLO: it takes images "
+                                         r"\(N, 3, H, W\); pass e.g. --input-shape 1,3,224,224"):
+        input_shape_for(m, "1,64,224,224")
+
+
+def test_a_small_volo_compiles_and_verifies_on_its_images():
+    from timm.models.volo import VOLO
+    torch.manual_seed(0)
+    small = dict(layers=(1, 1), img_size=32, patch_size=8, stem_hidden_dim=16, embed_dims=(32, 64), num_heads=(2, 4),
+                 downsamples=(True, False), outlook_attention=(True, False), num_classes=10, post_layers=("ca",))
+    gray = VOLO(in_chans=1, **small).eval()
+    gray.pretrained_cfg = {"input_size": (3, 32, 32)}  # a cfg left at 3 channels (timm's, for in_chans=1)
+    assert input_shape_for(gray) == (1, 1, 32, 32)
+    m = VOLO(**small).eval()
+    x = torch.randn(input_shape_for(m, "1,3,32,32"))  # refused before: patch_embed.proj takes 16 channels
+    r = vitcc.compile(m, "magnitude", sparsity=0.5, example_inputs=(x,))
+    assert r.report["max_rel_error"] < 1e-4 and r.report["params_after"] < r.report["params_before"] / 2
+    assert {"heads", "head_dim", "mlp", "residual"} <= set(r.report["widths"])

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from vitcc.errors import VitccError
 
-__all__ = ["MAX_INPUT_ELEMENTS", "input_shape_for", "recorded_meta", "stored_input_shape"]
+__all__ = ["MAX_INPUT_ELEMENTS", "input_channels", "input_shape_for", "recorded_meta", "stored_input_shape"]
 
 
 def recorded_meta(model) -> dict:
@@ -46,16 +46,59 @@ def _hf_shape(model) -> tuple[int, ...] | None:
 
 
 def _timm_shape(model) -> tuple[int, ...] | None:
-    """patch_embed.img_size wins over the pretrained cfg: timm keeps the default cfg when created with img_size=."""
+    """patch_embed.img_size wins over the pretrained cfg: timm keeps the default cfg when created with img_size=
+    (or in_chans=: the channel count is that of the convolution the image reaches)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     cfg = cfg or recorded_meta(model).get("pretrained_cfg")
     size = tuple(cfg["input_size"]) if isinstance(cfg, dict) and cfg.get("input_size") else None
     patch_embed = getattr(model, "patch_embed", None)
-    img = _pair(getattr(patch_embed, "img_size", None))
-    if img:
-        chans = getattr(getattr(patch_embed, "proj", None), "in_channels", None) or (size[0] if size else 3)
-        return (1, chans, *img)
+    img = _pair(getattr(patch_embed, "img_size", None)) or (size[1:] if size and len(size) == 3 else None)
+    if img:  # the channels: what reads the image (a cfg keeps 3 when created with in_chans=)
+        guess = size[0] if size else 3
+        return (1, input_channels(model, (1, guess, *img)) or guess, *img)
     return (1, *size) if size else None
+
+
+class _Reached(Exception):
+    """Ends a probe run at the first convolution or linear layer the input reaches."""
+
+
+def input_channels(model: torch.nn.Module, shape: tuple[int, ...]) -> int | None:
+    """The channel count the model reads its input with: the `in_channels` of the first convolution or
+    linear layer that a run on an input of `shape` reaches, where that is a convolution fed the input itself
+    (or a tensor of its shape). A forward pre-hook stops the run there, before that layer computes, so the
+    input's own channel count does not matter. Not `patch_embed.proj`: VOLO's stem convolutions come
+    before it. None where that cannot be told: a linear layer first, an error before any, a captured graph
+    (its modules are inlined; its recorded shape says)."""
+    if isinstance(model, fx.GraphModule) or len(shape) < 3 or math.prod(shape) > MAX_INPUT_ELEMENTS:
+        return None
+    probe = torch.zeros(shape)
+    found: list[int | None] = []
+
+    def reached(module: torch.nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        fed = isinstance(x, torch.Tensor) and (x is probe or tuple(x.shape) == tuple(shape))
+        found.append(module.in_channels if fed and isinstance(getattr(module, "in_channels", None), int) else None)
+        raise _Reached
+
+    layers = [m for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)
+              or isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_pre_hook(reached) for m in layers]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(probe)
+    except _Reached:
+        pass
+    except Exception:  # the model refuses this input before any layer: the run check says why
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return found[0] if found else None
 
 
 def _torchvision_shape(model) -> tuple[int, ...] | None:
@@ -81,14 +124,23 @@ def _checked_shape(model: torch.nn.Module, shape: tuple[int, ...], given) -> tup
     if n > MAX_INPUT_ELEMENTS:
         raise VitccError(f"{what} has {n:,} elements, more than the {MAX_INPUT_ELEMENTS:,} vitcc accepts; "
                          "pass a smaller --input-shape, e.g. 1,3,224,224")
-    pe = getattr(model, "patch_embed", None)
-    proj = getattr(pe, "proj", None)
-    if isinstance(proj, torch.nn.Conv2d) and (len(shape) != 4 or shape[1] != proj.in_channels):
-        img = getattr(pe, "img_size", None)
-        hw = tuple(img) if isinstance(img, (tuple, list)) and len(img) == 2 else (224, 224)
-        raise VitccError(f"{what} does not fit {type(model).__name__}: it takes images (N, {proj.in_channels}, H, "
-                         f"W); pass e.g. --input-shape 1,{proj.in_channels},{hw[0]},{hw[1]}")
+    if len(shape) == 4:
+        chans = input_channels(model, shape)
+    elif hasattr(model, "patch_embed"):  # a timm image model: what an image of its own size reaches
+        chans = input_channels(model, _image_shape(model))
+    else:
+        return shape
+    if chans is not None and (len(shape) != 4 or shape[1] != chans):
+        hw = shape[2:] if len(shape) == 4 else _image_shape(model)[2:]
+        raise VitccError(f"{what} does not fit {type(model).__name__}: it takes images (N, {chans}, H, W); "
+                         f"pass e.g. --input-shape 1,{chans},{hw[0]},{hw[1]}")
     return shape
+
+
+def _image_shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """An image shape the model says it takes (its timm cfg or patch embedding), else 1,3,224,224."""
+    shape = _timm_shape(model)
+    return shape if shape is not None and len(shape) == 4 else (1, 3, 224, 224)
 
 
 def stored_input_shape(model: torch.nn.Module) -> tuple[int, ...]:
