@@ -124,7 +124,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     gone = {g for name in program.keep.removed for g in program.branch(name).groups}  # went with their branch
     program.report.update({
         "pipeline": format_pipeline(pipeline),
-        "budget": {"sparsity": program.options["sparsity"], "target": target, "align": align,
+        "budget": {"sparsity": 0.0 if keep is not None else sparsity, "target": target, "align": align,
                    "prune": prune if prune is None or isinstance(prune, str) else list(prune)},
         "input_shapes": [list(getattr(x, "shape", ())) for x in example_inputs],
         "params_after": count_params(program.gm),

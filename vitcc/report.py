@@ -21,9 +21,14 @@ FORMATS = (".json", ".html", ".png")
 PNG_NEEDS = 'matplotlib, which is not installed; install it with pip install -e ".[report]"'
 # the picture's columns: key, title, colour (Okabe-Ito: distinct for colour-blind readers and in grey print)
 COLUMNS = (("heads", "heads", "#0072B2"), ("qk_dim", "q/k head dim", "#56B4E9"), ("v_dim", "v head dim", "#009E73"),
-           ("mlp", "MLP neurons", "#E69F00"), ("residual", "residual width", "#CC79A7"),
-           ("other", "other channels", "#D55E00"))
+           ("mlp", "MLP neurons", "#E69F00"), ("rank", "rank dims", "#F0E442"),
+           ("residual", "residual width", "#CC79A7"), ("other", "other channels", "#D55E00"))
+# weights zeroed inside unchanged shapes (dimap{granularity=weight}), per module family: the bars count weights
+WEIGHT_COLUMNS = (("QKV", "QKV weights", "#0072B2"), ("PRJ", "PRJ weights", "#56B4E9"), ("MLP", "MLP weights", "#E69F00"))
 KIND_COLOURS = {**{key: colour for key, _, colour in COLUMNS}, "head_dim": "#56B4E9", "branch": "#009E73"}
+# what each kind's channels are, in the summary
+KIND_LABELS = {"residual": "residual width", "heads": "attention heads", "head_dim": "attention head dims",
+               "mlp": "MLP neurons", "rank": "rank dims of low-rank factors", "other": "other channels"}
 TRACK, EDGE, FROZEN, INK = "#e4e4e4", "#8a8a8a", "#6e6e6e", "#222222"
 REQUIRED = ("groups", "blocks", "passes", "params_before", "params_after", "macs_before", "macs_after")
 
@@ -39,6 +44,7 @@ class Bar:
     frozen: list[str] = field(default_factory=list)  # why, for each frozen group in it
     removed: bool = False  # its residual branch was removed (depth pruning): a gap
     before_pruning: bool = False  # inspect: only the size to show
+    weights: bool = False  # it counts weights (`groups` names parameters), not channels
 
     @property
     def text(self) -> str:
@@ -61,7 +67,7 @@ def column_of(group: dict) -> str | None:
     """The picture's column a group's width goes to; None for groups that are no width (a residual branch)."""
     if group["kind"] == "head_dim":
         return "qk_dim" if group["name"].split("#")[0].endswith("qk_dim") else "v_dim"
-    return group["kind"] if group["kind"] in ("heads", "mlp", "residual", "other") else None
+    return group["kind"] if group["kind"] in ("heads", "mlp", "rank", "residual", "other") else None
 
 
 def picture(report: dict) -> tuple[list[Row], list[tuple[str, str, str]]]:
@@ -89,12 +95,71 @@ def picture(report: dict) -> tuple[list[Row], list[tuple[str, str, str]]]:
     for b in report["blocks"]:
         rows[b["name"]].section = stages.pop(b["stage"], None)
     columns = [c for c in COLUMNS if any(c[0] in r.bars for r in rows.values())]
+    weights = _weight_bars(report, rows)
+    if weights:  # the zeros are inside the weights: widths nothing was removed from say nothing
+        columns = [c for c in columns if any(r.bars[c[0]].kept < r.bars[c[0]].size for r in rows.values()
+                                             if c[0] in r.bars)] + weights
     for key, _, _ in columns:
         widest = max(r.bars[key].size for r in rows.values() if key in r.bars)
         for r in rows.values():
             if key in r.bars:
                 r.bars[key].scale = max(widest, 1)
     return list(rows.values()), columns
+
+
+def _weight_bars(report: dict, rows: dict[str, Row]) -> list[tuple[str, str, str]]:
+    """Per block, the nonzero weights of each module family, where weights were zeroed in place (the
+    block of a weight: that of the groups laid on it); the columns that occur."""
+    per_weight = (report.get("weight_sparsity") or {}).get("per_weight") or {}
+    block_of = {m["param"]: g["block"] for g in report["groups"] if g.get("block") is not None
+                for m in g.get("members", [])}
+    for name, w in per_weight.items():
+        block = block_of.get(name)
+        if block not in rows:
+            continue
+        colour = next(c for key, _, c in WEIGHT_COLUMNS if key == w["family"])
+        bar = rows[block].bars.setdefault(w["family"], Bar(colour=colour, weights=True))
+        bar.size += w["size"]
+        bar.kept += w["size"] - w["zeros"]
+        bar.groups.append(name)
+    return [c for c in WEIGHT_COLUMNS if any(c[0] in r.bars for r in rows.values())]
+
+
+def weight_families(report: dict) -> list[tuple[str, int, int]]:
+    """(family, weights, zeroed) per module family, where a pass zeroed weights in place."""
+    totals: dict[str, list[int]] = {}
+    for w in ((report.get("weight_sparsity") or {}).get("per_weight") or {}).values():
+        t = totals.setdefault(w["family"], [0, 0])
+        t[0] += w["size"]
+        t[1] += w["zeros"]
+    return [(key, *totals[key]) for key, _, _ in WEIGHT_COLUMNS if key in totals]
+
+
+def width_rows(report: dict) -> list[tuple[str, int, int]]:
+    """(what, before, after) for the summary, in the terminal and on the page: channels per group kind,
+    residual branches, and where weights were zeroed in place, the nonzero weights per module family and
+    of all parameters (kinds that kept every channel are then left out: the shapes did not change)."""
+    zeroed = weight_families(report)
+    rows = []
+    for kind, w in report.get("widths", {}).items():
+        if zeroed and w["after"] == w["before"]:
+            continue
+        what = "residual branches" if kind == "branch" else f"{KIND_LABELS.get(kind, kind)} ({_groups(w['groups'])})"
+        rows.append((what, w["before"], w["after"]))
+    rows += [(f"{family} weights, nonzero", size, size - zeros) for family, size, zeros in zeroed]
+    if zeroed:
+        zeros = sum(z for _, _, z in zeroed)
+        rows.append(("parameters, nonzero", report["params_before"], report["params_after"] - zeros))
+    return rows
+
+
+def weight_sparsity_line(report: dict) -> str | None:
+    """One sentence on weights zeroed in place, or None where none were."""
+    ws = report.get("weight_sparsity")
+    if not ws:
+        return None
+    return (f"weights zeroed in place (shapes unchanged): {ws['of_family_weights']:.1%} of the QKV, PRJ and MLP "
+            f"weights, {ws['of_all_parameters']:.1%} of all parameters ({ws['zeros']:,} zeros)")
 
 
 def _groups(n: int) -> str:
@@ -181,8 +246,10 @@ def _svg_bar(x: float, bar: Bar) -> str:
     full = max(TRACK_W * bar.size / bar.scale, 2.0)
     kept = 0.0 if bar.removed else TRACK_W * bar.kept / bar.scale
     tip = "; ".join(bar.groups + [f"frozen: {f}" for f in bar.frozen])
-    return (f'<g class="bar" data-size="{bar.size}" data-kept="{0 if bar.removed else bar.kept}" '
-            f'data-removed="{str(bar.removed).lower()}" data-groups="{escape(" ".join(bar.groups))}">'
+    what = "weights" if bar.weights else "groups"  # what the bar counts, and what its names name
+    return (f'<g class="{"weights" if bar.weights else "bar"}" data-size="{bar.size}" '
+            f'data-kept="{0 if bar.removed else bar.kept}" data-removed="{str(bar.removed).lower()}" '
+            f'data-{what}="{escape(" ".join(bar.groups))}">'
             f'<title>{escape(tip)}</title>'
             f'<rect class="orig" x="{x:.1f}" y="2" width="{full:.1f}" height="{BAR_H}" {_swatch(bar)}/>'
             f'<rect class="kept" x="{x:.1f}" y="2" width="{kept:.1f}" height="{BAR_H}" fill="{bar.colour}"/>'
@@ -285,9 +352,7 @@ def _summary(report: dict) -> list[list[Any]]:
         before, after = (run["stats"][n]["wall"] for n in names[:2])
         rows.append([f"latency, {run['runtime']} batch {run['batch']} (vitcc bench, {bench.get('threads', '?')} "
                      f"thread(s), median)", f"{before:.3g} ms", f"{after:.3g} ms", _kept(after, before)])
-    for kind, w in report.get("widths", {}).items():
-        what = "residual branches" if kind == "branch" else f"{kind} channels ({_groups(w['groups'])})"
-        rows.append([what, f"{w['before']:,}", f"{w['after']:,}", _kept(w["after"], w["before"])])
+    rows += [[what, f"{before:,}", f"{after:,}", _kept(after, before)] for what, before, after in width_rows(report)]
     return rows
 
 
@@ -297,7 +362,8 @@ def render_html(report: dict) -> str:
     budget = report.get("budget", {})
     facts = [f"model <code>{escape(str(report['model']))}</code>" if report.get("model") else "",
              "input " + " ".join(f"<code>{'x'.join(map(str, s))}</code>" for s in report.get("input_shapes", [])),
-             ", ".join(f"{k} {escape(str(v))}" for k, v in budget.items() if v is not None)]
+             ", ".join(f"{k} {escape(str(v))}" for k, v in budget.items() if v is not None),
+             escape(weight_sparsity_line(report) or "")]
     out = [f"<h1>vitcc compile report</h1><p class=\"muted\">{' · '.join(f for f in facts if f)}</p>",
            "<h2>Summary</h2>", _table("summary", ["", "before", "after", "kept"], _summary(report), (1, 2, 3))]
     if report.get("onnx"):
@@ -307,7 +373,9 @@ def render_html(report: dict) -> str:
     out += ["<h2>What was pruned, block by block</h2>",
             '<p class="muted">Per block in model order: the grey track is the original width, the coloured part '
             "what was kept, both scaled to the widest block of the column; the numbers are kept/original. "
-            "Head dims are shared by the heads of a block. A removed residual branch is a dashed gap.</p>",
+            "Head dims are shared by the heads of a block. A removed residual branch is a dashed gap."
+            + (" Weight columns count weights: the coloured part is those left nonzero." if weight_families(report)
+               else "") + "</p>",
             f'<div class="figure">{svg_chart(rows, columns)}</div>' if rows else "<p>No blocks found.</p>"]
     loose = [g for g in report["groups"] if g.get("block") is None and g["kind"] != "residual"]
     if loose:
@@ -423,7 +491,8 @@ def write_png(report: dict, path: Path) -> None:
             tick.set_fontweight("bold")
     axes[0].set_ylim(len(lines) - 0.5, -0.5)
     bars = [b for r in rows for b in r.bars.values()]
-    handles = [Patch(facecolor=TRACK, edgecolor=EDGE, linewidth=0.4, label="original (coloured: kept)")]
+    kept = "kept; weights: nonzero" if any(b.weights for b in bars) else "kept"
+    handles = [Patch(facecolor=TRACK, edgecolor=EDGE, linewidth=0.4, label=f"original (coloured: {kept})")]
     handles += [Patch(facecolor=FROZEN, label="frozen (not prunable)")] if any(b.frozen for b in bars) else []
     handles += ([Patch(fill=False, edgecolor=EDGE, linestyle="--", label="removed branch")]
                 if any(b.removed for b in bars) else [])

@@ -62,3 +62,24 @@ def test_unknown_op_freezes_what_it_touches_and_the_rest_still_prunes():
     assert any("cumsum" in f["reason"] for f in r.report["frozen"])
     assert r.module.fc1.weight.shape[0] == 8 and r.module.fc2.weight.shape[0] == 12
     assert r.report["max_abs_error"] < 1e-5
+
+
+class _Factored(nn.Module):
+    """Two MLPs (a nonlinearity between two linears) and a factorised linear (two linears with only an
+    eval-mode dropout between): the width between the last two is a rank, not neurons."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 12)
+        self.down, self.drop, self.up = nn.Linear(12, 4), nn.Dropout(0.1), nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.up(self.drop(self.down(torch.tanh(self.fc2(nn.functional.gelu(self.fc1(x)))))))
+
+
+def test_the_width_between_two_linears_with_nothing_between_is_a_rank():
+    groups = groups_of(_Factored().eval(), torch.randn(1, 8))
+    assert sorted((g.kind, g.size) for g in groups.values()) == [("mlp", 12), ("mlp", 16), ("rank", 4)]
+    rank = next(g for g in groups.values() if g.kind == "rank")
+    assert rank.name == "rank"  # no common module: the kind's own suffix
+    assert {(m.param, m.axis) for m in rank.members} == {("down.weight", 0), ("down.bias", 0), ("up.weight", 1)}

@@ -171,6 +171,74 @@ def test_cli_writes_html_and_png_reports_and_redraws_a_json_one(model_file, tmp_
                                                           "report.html"]
 
 
+def test_weights_zeroed_in_place_are_shown_as_weights_not_as_kept_channels(model_file, tmp_path, capsys):
+    """dimap{granularity=weight} keeps every channel and zeroes 30% of the QKV, PRJ and MLP weights: the
+    terminal, the page and the picture count nonzero weights per family, not 100% kept widths."""
+    pytest.importorskip("matplotlib")
+    rep, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert run(["compile", model_file, "--passes", "dimap{granularity=weight}", "--sparsity", "0.3",
+                "--report", str(rep), *SHAPE]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(rep.read_text())
+    per_weight, ws = report["weight_sparsity"]["per_weight"], report["weight_sparsity"]
+    assert report["budget"]["sparsity"] == 0.3 and sum(w["zeros"] for w in per_weight.values()) == ws["zeros"] > 0
+    families = {}
+    for w in per_weight.values():
+        size, zeros = families.get(w["family"], (0, 0))
+        families[w["family"]] = (size + w["size"], zeros + w["zeros"])
+    assert set(families) == {"QKV", "PRJ", "MLP"} and all(abs(z / n - 0.3) < 0.01 for n, z in families.values())
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 5]
+    for family, (size, zeros) in families.items():
+        assert [f"{family} weights, nonzero", f"{size:,}", f"{size - zeros:,}", f"{1 - zeros / size:.1%}"] in rows
+    assert ["parameters, nonzero", f"{report['params_before']:,}", f"{report['params_after'] - ws['zeros']:,}",
+            f"{(report['params_after'] - ws['zeros']) / report['params_before']:.1%}"] in rows
+    assert not any(r[0].startswith(("MLP neurons", "attention heads", "residual width")) for r in rows)
+    assert "weights zeroed in place" in out
+    text, root = page(report, tmp_path)
+    summary = table(root, "summary")
+    assert [f"QKV weights, nonzero", f"{families['QKV'][0]:,}", f"{families['QKV'][0] - families['QKV'][1]:,}",
+            f"{1 - families['QKV'][1] / families['QKV'][0]:.1%}"] in summary and "sparsity 0.3" in text
+    assert not root.findall(f".//{SVG}g[@class='bar']")  # no width was pruned: no channel bars
+    for block in root.findall(f".//{SVG}g[@class='block']"):
+        bars = block.findall(f"{SVG}g[@class='weights']")
+        assert len(bars) == 3
+        for bar in bars:
+            names = bar.get("data-weights").split()
+            assert names and all(n.startswith(block.get("data-name") + ".") for n in names)
+            assert int(bar.get("data-size")) == sum(per_weight[n]["size"] for n in names)
+            assert int(bar.get("data-kept")) == sum(per_weight[n]["size"] - per_weight[n]["zeros"] for n in names)
+    write(report, png)
+    assert png_size(png)[0] > 1000
+
+
+def test_lowrank_ranks_are_rank_dims_and_the_mlp_keeps_its_width(model_file, tmp_path, capsys):
+    """The width between a factorised projection's down and up is kind rank: the MLP column holds the MLP's
+    192 neurons per block (not MLP plus ranks), and the ranks get a column and a summary row of their own."""
+    rep = tmp_path / "r.json"
+    assert run(["compile", model_file, "--passes", "lowrank", "--sparsity", "0.3", "--report", str(rep), *SHAPE]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(rep.read_text())
+    ranks = [g for g in report["groups"] if g["kind"] == "rank"]
+    assert sorted(g["name"] for g in ranks) == sorted(f"{t}.rank" for t in report["lowrank"]["projections"])
+    assert [g["size"] for g in report["groups"] if g["kind"] == "mlp"] == [192, 192]  # tiny_vit: 4 x 48
+    w = report["widths"]
+    assert w["rank"]["after"] < w["rank"]["before"] and w["mlp"]["before"] == 384
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 5]
+    assert ["rank dims of low-rank factors (4 groups)", f"{w['rank']['before']:,}", f"{w['rank']['after']:,}",
+            f"{w['rank']['after'] / w['rank']['before']:.1%}"] in rows
+    assert ["MLP neurons (2 groups)", "384", f"{w['mlp']['after']:,}", f"{w['mlp']['after'] / 384:.1%}"] in rows
+    _, root = page(report, tmp_path)
+    bars_match_groups(root, report)
+    for block in root.findall(f".//{SVG}g[@class='block']"):
+        kinds = {}
+        for bar in block.findall(f"{SVG}g[@class='bar']"):
+            names = bar.get("data-groups").split()
+            kinds.setdefault(frozenset(g["kind"] for g in report["groups"] if g["name"] in names), []).append(bar)
+        assert int(kinds[frozenset({"mlp"})][0].get("data-size")) == 192
+        assert sum(int(b.get("data-size")) for b in kinds[frozenset({"rank"})]) == \
+            sum(g["size"] for g in ranks if g["block"] == block.get("data-name"))
+
+
 def test_report_adds_the_latency_vitcc_bench_measured(model_file, tmp_path, capsys, one_thread):
     small, rep, bench, html = (tmp_path / n for n in ("small.pt2", "r.json", "bench.json", "r.html"))
     assert run(["compile", model_file, "-o", str(small), "--report", str(rep), *SHAPE]) == 0

@@ -89,7 +89,7 @@ def test_hybrid_with_vtp_gates_on_the_mlp_verifies_and_is_deterministic():
     assert a.report["max_abs_error"] < 1e-4
     assert all(np.array_equal(a.selection[k], b.selection[k]) for k in a.selection)
     src = a.report["score_source"]
-    assert src["blocks.0.mlp.hidden"] == "vtp" and src["blocks.0.attn.qkv.hidden"] == "lowrank:rank"
+    assert src["blocks.0.mlp.hidden"] == "vtp" and src["blocks.0.attn.qkv.rank"] == "lowrank:rank"
     assert 1 - a.report["params_after"] / a.report["params_before"] >= 0.4
 
 

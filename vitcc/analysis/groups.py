@@ -7,7 +7,7 @@ from vitcc.ir.groups import Group, Member
 from vitcc.ir.types import Coupling, is_ttype
 from vitcc.ir.spaces import Space, find, leaves, spaces_of
 
-_SUFFIX = {"residual": "residual", "heads": "heads", "mlp": "hidden", "other": "channels"}
+_SUFFIX = {"residual": "residual", "heads": "heads", "mlp": "hidden", "rank": "rank", "other": "channels"}
 
 
 def build_groups(c: Coupling) -> list[Group]:
@@ -62,6 +62,8 @@ def _kind(r: Space, members: list[Member]) -> str:
         return "head_dim"
     if "normalized" in r.tags:
         return "residual"
+    if "rank" in r.tags:  # the inner width of a factorised linear (lowrank's down -> up): not neurons
+        return "rank"
     axes = {m.axis for m in members if m.param.endswith("weight")}
     return "mlp" if {0, 1} <= axes else "other"
 

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from vitcc.errors import VitccError
 from vitcc.cli.outputs import Outputs, check_folder
-from vitcc.report import accuracy_rows, check_output
+from vitcc.report import accuracy_rows, check_output, weight_sparsity_line, width_rows
 from vitcc.report import write as write_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -112,7 +112,7 @@ def compile_cmd(
                                "(`vitcc passes` lists them with their options)"),
     sparsity: float = typer.Option(0.5, "--sparsity", help="fraction to remove, in [0, 1)"),
     prune: Optional[str] = typer.Option(None, "--prune", help="group kinds to prune (default: residual,heads,"
-                                        "head_dim,mlp, or the kinds the method passes were designed for); "
+                                        "head_dim,mlp,rank, or the kinds the method passes were designed for); "
                                         "branch: remove whole residual branches (attention, MLP: depth pruning)"),
     target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
     align: int = typer.Option(DEFAULT_ALIGN, "--align", help="round kept widths to multiples of N (unaligned widths "
@@ -252,9 +252,8 @@ def _summary(rep: dict, model: str) -> None:
     for key, label in (("params", "parameters"), ("macs", "MACs")):
         b, a = rep[f"{key}_before"], rep[f"{key}_after"]
         t.add_row(label, f"{b:,}", f"{a:,}", f"{a / max(b, 1):.1%}")
-    for kind, w in rep["widths"].items():
-        t.add_row(f"{kind} ({w['groups']} groups)", f"{w['before']:,}", f"{w['after']:,}",
-                  f"{w['after'] / max(w['before'], 1):.1%}")
+    for what, before, after in width_rows(rep):
+        t.add_row(what, f"{before:,}", f"{after:,}", f"{after / max(before, 1):.1%}")
     out.print(t)
     lm = rep.get("latency_model") or {}
     if "table" in lm:
@@ -262,6 +261,8 @@ def _summary(rep: dict, model: str) -> None:
         out.print(f"latency table {lm['table']} ({m['device_name']}, {m['dtype']}, batch {m['batch']}, {m['mode']}): "
                   f"predicted {lm['predicted_ms_before']:.3f} -> {lm['predicted_ms_after']:.3f} ms "
                   f"({lm['predicted_reduction']:.1%} less)", highlight=False)
+    if weight_sparsity_line(rep):
+        out.print(weight_sparsity_line(rep), highlight=False)
     if rep.get("removed_branches"):
         out.print(f"removed branches: {', '.join(rep['removed_branches'])}", highlight=False)
     if "max_abs_error" in rep:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from vitcc.ir.spaces import Space
 
-KINDS = ("residual", "heads", "head_dim", "mlp", "other")  # group kinds, in report order
+KINDS = ("residual", "heads", "head_dim", "mlp", "rank", "other")  # group kinds, in report order
 
 
 @dataclass

@@ -17,7 +17,7 @@ from vitcc.ir.spaces import find
 
 BRANCH = "branch"  # the --prune kind of whole residual branches (vitcc.analysis.branches)
 PRUNE_KINDS = (*KINDS, BRANCH)
-MIN_KEEP = {"residual": 1, "heads": 1, "head_dim": 1, "mlp": 1, "other": 1}
+MIN_KEEP = {"residual": 1, "heads": 1, "head_dim": 1, "mlp": 1, "rank": 1, "other": 1}
 
 __all__ = ["BRANCH", "KINDS", "MIN_KEEP", "PRUNE_KINDS", "KeptByRoot", "Selection", "prune_kinds"]
 

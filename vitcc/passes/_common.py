@@ -263,5 +263,5 @@ def module_families(program: Program) -> dict[str, str]:
 
 
 def is_rank_group(program: Program, g) -> bool:
-    """A group of lowrank's rank dimensions (the inner width of a factorised projection)."""
-    return g.name in (program.options.get("lowrank") or {}).get("rank_groups", ())
+    """A group of rank dimensions (the inner width of a factorised projection, lowrank's): not MLP neurons."""
+    return g.kind == "rank"

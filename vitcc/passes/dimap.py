@@ -25,7 +25,8 @@ What vitcc **reconstructs / adds**:
   kept), shapes unchanged, zeros written into the model (and into the masked reference, so verify
   compares like with like). It takes the whole budget: `sparsity` is the fraction of each family's weights
   removed (`target=params|macs`: the fraction of all parameters, spread evenly over the families), the
-  structured selection keeps every channel, `report["weight_sparsity"]` says what was removed and
+  structured selection keeps every channel, `report["weight_sparsity"]` says what was removed (per family
+  and per weight, which the summary and the report's picture show) and
   `options["weight_masks"]` holds the masks; `vitcc.compile(..., finetune_epochs=N)` re-applies them after
   every optimizer step (`vitcc.training.finetune.keep_zeros`), so fine-tuning keeps the zeros;
 - `scope=module` (default) | `global` (one ranking across all families: the ablation of the paper's
@@ -145,7 +146,9 @@ class Dimap(Pass):
             "per_family": {f: r[0] / max(r[1], 1) for f, r in sorted(by_family.items())},
             "of_family_weights": sum(removed.values()) / max(family_total, 1),
             "of_all_parameters": sum(removed.values()) / max(total, 1),
-            "zeros": sum(removed.values())}
+            "zeros": sum(removed.values()),
+            "per_weight": {n: {"family": f, "zeros": removed.get(n, 0), "size": params[n].numel()}
+                           for n, f in fam.items()}}
         program.options["weight_masks"] = masks
         program.options["sparsity"] = 0.0  # structured selection: keep every channel
         return PassResult(info={"granularity": "weight", "removed": sum(removed.values())})

@@ -22,7 +22,8 @@ What vitcc **reconstructs**:
 - lighter MLP pruning: MLP neurons are scored by magnitude (a fallback score: `lowrank,vtp` takes vtp's
   gates for them, the paper's "MLP dims by vtp or magnitude") and pruned at `mlp_rate` (default 0.5)
   times the fraction removed from the ranks (only when the rank comes from the budget; with a fixed
-  rank the MLP takes whatever the budget still needs). Default kinds: mlp (rank groups are of kind mlp);
+  rank the MLP takes whatever the budget still needs). Default kinds: rank and mlp (the analysis gives the
+  width between `down` and `up` the kind `rank`: nothing nonlinear lies between them);
 - params/macs targets are measured against the model before factorisation (`options["cost_reference"]`);
 - the masked reference (`program.original`) becomes the factorised model, so verify checks the pruning;
   `report["lowrank"]` gives, per projection, the rank bound and the relative error of the factorisation.
@@ -208,7 +209,7 @@ class Lowrank(Pass):
                 if t in done and m.axis == 0:
                     rank_groups[g.name] = t
         program.options["lowrank"] = {"rank_groups": sorted(rank_groups), "projections": done}
-        kinds = default_kinds(program, ("mlp",))
+        kinds = default_kinds(program, ("rank", "mlp"))
         for name, t in rank_groups.items():
             g = program.group(name)
             if fixed:
@@ -217,7 +218,7 @@ class Lowrank(Pass):
         if not fixed:
             rates = program.options.setdefault("group_rate", {})
             for g in program.groups:
-                if g.kind == "mlp" and g.name not in rank_groups:
+                if g.kind == "mlp":
                     rates[g.name] = mlp_rate
         fill_fallback(program, "lowrank")
         program.report["lowrank"] = {

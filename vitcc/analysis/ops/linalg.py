@@ -1,8 +1,9 @@
 """Linear algebra: linear, convolution, matmul and einsum.
 
 A Linear's input's last axis is tied to its weight's columns and its output's last axis is the weight's
-rows. An activation x activation product is attention: its contracted axis is a head dim and its batch
-axes carry heads. MACs are counted at the compact shapes.
+rows; a Linear that reads another's output with nothing between (a factorised matrix, lowrank's `down` and
+`up`) tags the width between them a rank. An activation x activation product is attention: its contracted
+axis is a head dim and its batch axes carry heads. MACs are counted at the compact shapes.
 """
 from __future__ import annotations
 
@@ -29,7 +30,19 @@ def linear(a, node: fx.Node) -> Any:
     a.tie(x[-1], w[1], "linear input")
     if b is not None:
         a.tie(b[0], w[0], "linear bias")
+    if _from_linear(named_arg(node, "input")):
+        tag(w[1], "rank")  # no nonlinearity between two linears: their shared width is the rank of the product
     return tuple(x[:-1]) + (w[0],)
+
+
+_IDENTITIES = {aten.dropout.default, aten.alias.default, aten.clone.default}  # in eval: the value unchanged
+
+
+def _from_linear(x: Any) -> bool:
+    """Is `x` a linear's output, directly or through ops that pass it unchanged?"""
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _IDENTITIES:
+        x = x.args[0]
+    return isinstance(x, fx.Node) and x.op == "call_function" and x.target is aten.linear.default
 
 
 @family.macs(aten.linear)
