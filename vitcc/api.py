@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -123,6 +124,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     blocks, block_of = model_blocks(program.groups)
     gone = {g for name in program.keep.removed for g in program.branch(name).groups}  # went with their branch
     program.report.update({
+        "versions": {"vitcc": _vitcc_version(), "torch": torch.__version__},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipeline": format_pipeline(pipeline),
         "budget": {"sparsity": 0.0 if keep is not None else sparsity, "target": target, "align": align,
                    "prune": prune if prune is None or isinstance(prune, str) else list(prune)},
@@ -214,6 +217,15 @@ def table_with(rules: OpTable | Iterable[Callable] | None) -> OpTable:
             raise VitccError(f"rules: {getattr(fn, '__name__', fn)!r} is not marked with @vitcc.rule(op)")
         table.rule(*targets)(fn)
     return table
+
+
+def _vitcc_version() -> str:
+    """The installed vitcc's version, as `vitcc --version` says it."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("vitcc")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def kept_widths(program: Program) -> dict[str, dict[str, int]]:

@@ -162,6 +162,13 @@ def weight_sparsity_line(report: dict) -> str | None:
             f"weights, {ws['of_all_parameters']:.1%} of all parameters ({ws['zeros']:,} zeros)")
 
 
+def made_by(report: dict) -> str:
+    """Which vitcc and torch compiled it, and when (reports of older vitcc versions say nothing)."""
+    versions = report.get("versions") or {}
+    made = ", ".join(f"{k} {v}" for k, v in versions.items())
+    return f"{made} on {report['date']}" if made and report.get("date") else made
+
+
 def _groups(n: int) -> str:
     return f"{n} group{'s' * (n != 1)}"
 
@@ -363,7 +370,7 @@ def render_html(report: dict) -> str:
     facts = [f"model <code>{escape(str(report['model']))}</code>" if report.get("model") else "",
              "input " + " ".join(f"<code>{'x'.join(map(str, s))}</code>" for s in report.get("input_shapes", [])),
              ", ".join(f"{k} {escape(str(v))}" for k, v in budget.items() if v is not None),
-             escape(weight_sparsity_line(report) or "")]
+             escape(weight_sparsity_line(report) or ""), escape(made_by(report))]
     out = [f"<h1>vitcc compile report</h1><p class=\"muted\">{' · '.join(f for f in facts if f)}</p>",
            "<h2>Summary</h2>", _table("summary", ["", "before", "after", "kept"], _summary(report), (1, 2, 3))]
     if report.get("onnx"):
@@ -400,13 +407,22 @@ def _verification(report: dict) -> str:
     if not v:
         return '<p class="warn">Not verified: compiled with --no-verify.</p>'
     tensors, vacuous = v.get("tensors", []), set(v.get("vacuous", []))
-    worst = {i for i, t in enumerate(tensors) if t["name"] == v.get("worst")}
-    line = (f"<p>compact(x) = masked(x) on all {len(tensors)} compared tensors: max |compact − masked| = "
-            f"{report.get('max_abs_error', 0):.3g} (relative {report.get('max_rel_error', 0):.3g}); worst tensor "
-            f"<code>{escape(str(v.get('worst')))}</code>"
+    worst = {i for i, t in enumerate(tensors) if v.get("worst") is not None and t["name"] == v["worst"]}
+    if v.get("worst") is None:
+        how = "every one of them matched exactly (error 0)"
+    else:
+        how = (f"max |compact − masked| = {report.get('max_abs_error', 0):.3g} (relative "
+               f"{report.get('max_rel_error', 0):.3g}); worst tensor <code>{escape(str(v['worst']))}</code>")
+    line = (f"<p>compact(x) = masked(x) on all {len(tensors)} compared tensors (the output, and inside the model "
+            f"the residual stream and each branch's output, named by block): {how}"
             + (f"; {len(vacuous)} constant or input-independent (compared, but proving little)" if vacuous else "")
             + ".</p>")
-    return line + _table("verify", ["tensor", "max abs error", "max rel error", "scale", ""], [
+    tol = (f" A tensor passes when its max abs error ≤ {v['atol']:g} + {v['rtol']:g} × scale."
+           if "atol" in v and "rtol" in v else "")
+    caption = ('<p class="muted">Worst first. <b>scale</b> is the tensor\'s largest |masked| value at the kept '
+               "positions: what its errors are measured against (max rel error = max abs error / scale), so a "
+               f"tensor of small values is not judged by an absolute error alone.{tol}</p>")
+    return line + caption + _table("verify", ["tensor", "max abs error", "max rel error", "scale", ""], [
         [t["name"], f"{t['max_abs_error']:.3g}", f"{t['max_rel_error']:.3g}", f"{t.get('scale', 0):.3g}",
          "worst" if i in worst else ("vacuous" if t["name"] in vacuous else "")] for i, t in enumerate(tensors)],
         (1, 2, 3), worst)

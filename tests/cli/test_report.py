@@ -239,6 +239,23 @@ def test_lowrank_ranks_are_rank_dims_and_the_mlp_keeps_its_width(model_file, tmp
             sum(g["size"] for g in ranks if g["block"] == block.get("data-name"))
 
 
+def test_report_says_which_vitcc_and_torch_made_it_when_and_what_scale_means(model_file, tmp_path, capsys):
+    from datetime import datetime, timezone
+    from importlib.metadata import version
+    rep, html = tmp_path / "r.json", tmp_path / "r.html"
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    assert run(["compile", model_file, "--sparsity", "0", "--report", str(rep), *SHAPE]) == 0
+    assert "(relative 0, every tensor exact)" in capsys.readouterr().out  # nothing removed: no worst tensor
+    report = json.loads(rep.read_text())
+    assert report["versions"] == {"vitcc": version("vitcc"), "torch": torch.__version__}
+    assert before <= datetime.fromisoformat(report["date"]) <= datetime.now(timezone.utc)
+    assert run(["report", str(rep), "-o", str(html)]) == 0
+    text = html.read_text()
+    assert f"vitcc {version('vitcc')}, torch {torch.__version__} on {report['date']}" in text
+    assert "<b>scale</b> is the tensor's largest |masked| value" in text
+    assert f"≤ {report['verify']['atol']:g} + {report['verify']['rtol']:g} × scale" in text
+
+
 def test_report_adds_the_latency_vitcc_bench_measured(model_file, tmp_path, capsys, one_thread):
     small, rep, bench, html = (tmp_path / n for n in ("small.pt2", "r.json", "bench.json", "r.html"))
     assert run(["compile", model_file, "-o", str(small), "--report", str(rep), *SHAPE]) == 0

@@ -11,7 +11,7 @@ from vitcc.pipeline.pass_base import Pass, PassResult
 from vitcc.reference.verification import compared_nodes, tensor_leaves
 from vitcc.analysis.branches import is_add
 
-from conftest import image, tiny_vit
+from conftest import image, tiny_swin, tiny_vit
 
 
 class Sabotage(Pass):
@@ -80,10 +80,50 @@ def test_tensor_leaves_name_every_path():
 def test_report_lists_every_tensor_and_the_worst():
     r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),))
     v = r.report["verify"]
-    assert all(set(t) == {"name", "max_abs_error", "max_rel_error", "scale"} for t in v["tensors"])
+    assert all(set(t) == {"name", "node", "max_abs_error", "max_rel_error", "scale"} for t in v["tensors"])
     worst = max(v["tensors"], key=lambda t: t["max_rel_error"])
-    assert v["worst"] == worst["name"] and v["vacuous"] == []
+    assert v["worst"] == worst["name"] == v["tensors"][0]["name"] and v["vacuous"] == []
     assert r.report["max_abs_error"] == max(t["max_abs_error"] for t in v["tensors"])
+    rel = [t["max_rel_error"] for t in v["tensors"]]
+    assert rel == sorted(rel, reverse=True)  # worst first
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_tensors_are_named_by_block_and_role(name):
+    """Not graph nodes (add_3, dropout_12): each branch's output, the stream between and after a block's
+    branches, the stream into each block; the node stays beside it."""
+    model, size = (tiny_vit(), 32) if name == "vit" else (tiny_swin(), 56)
+    r = vitcc.compile(model, "magnitude", sparsity=0.5, example_inputs=(torch.randn(1, 3, size, size),))
+    labels = {t["node"]: t["name"] for t in r.report["verify"]["tensors"]}
+    assert len(set(labels.values())) == len(labels)
+    blocks = [b["name"] for b in r.report["blocks"]]
+    for block in blocks:
+        attn, mlp = (next(b for b in r.program.branches if b.name == f"{block}.{role}") for role in ("attn", "mlp"))
+        assert labels[attn.output] == f"{block}.attn output" and labels[mlp.output] == f"{block}.mlp output"
+        assert labels[attn.add] == f"{block} residual after attn" and labels[mlp.add] == f"{block} residual"
+        assert labels[attn.skip] in (f"{block} input", f"{blocks[blocks.index(block) - 1]} residual")
+        assert labels[mlp.skip] in (f"{block} residual after attn", f"{block} residual before mlp")
+    if name == "vit":
+        assert sorted(labels.values()) == sorted(
+            ["stem: cat", "stem: add", "blocks.0 input", "output"]
+            + [f"blocks.{i}{what}" for i in (0, 1) for what in (".attn output", " residual after attn", ".mlp output",
+                                                                " residual")])
+    else:  # the stream into stage 2 is its patch merging's output
+        assert labels[r.program.branches[4].skip] == "layers.1.blocks.0 input"
+        assert not any(n.startswith(("add", "reshape", "alias", "dropout")) for n in labels.values())
+
+
+def test_no_worst_tensor_when_every_error_is_zero(tmp_path, capsys):
+    """Nothing removed: the compact model computes exactly what the original does, and no tensor is worst."""
+    from vitcc.report import write
+    r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.0, example_inputs=(image(),))
+    v = r.report["verify"]
+    assert r.report["max_abs_error"] == 0 and all(t["max_abs_error"] == 0 for t in v["tensors"])
+    assert v["worst"] is None and v["tensors"]
+    write(r.report, tmp_path / "r.html")
+    text = (tmp_path / "r.html").read_text()
+    assert "every one of them matched exactly (error 0)" in text and "worst tensor" not in text
+    assert 'class="worst"' not in text and "<td>worst</td>" not in text
 
 
 def test_compared_nodes_are_the_residual_adds_and_their_inputs():

@@ -266,8 +266,10 @@ def _summary(rep: dict, model: str) -> None:
     if rep.get("removed_branches"):
         out.print(f"removed branches: {', '.join(rep['removed_branches'])}", highlight=False)
     if "max_abs_error" in rep:
-        out.print(f"verified: max |compact - masked| = {rep['max_abs_error']:.3g} "
-                  f"(relative {rep['max_rel_error']:.3g}, worst {rep.get('verify', {}).get('worst')})")
+        worst = (rep.get("verify") or {}).get("worst")
+        out.print(f"verified: max |compact - masked| = {rep['max_abs_error']:.3g} (relative "
+                  f"{rep['max_rel_error']:.3g}" + (f", worst: {worst})" if worst else ", every tensor exact)"),
+                  highlight=False)
     if "onnx" in rep:
         o = rep["onnx"]
         batch = "dynamic batch" if o["dynamic_batch"] else "fixed batch"

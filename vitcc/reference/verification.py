@@ -12,6 +12,10 @@ and robust where a tensor's RMS is tiny next to a few large channels, as residua
 A check whose reference is constant, or identical on two different inputs, proves nothing and is
 reported as `vacuous`; it is still compared (a mismatch is a failure), but only the other checks give
 the comparison its meaning.
+
+The report names each tensor for what it is (`tensor_labels`: `blocks.3.attn output`, `blocks.3 residual`),
+keeps the graph node's name beside it, and lists the worst first; it names a worst tensor only where some
+tensor differs at all.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from vitcc.errors import VerificationError
 from vitcc.ir.program import Program, writes_in_place
 from vitcc.ir.shapes import axis_mask
 from vitcc.analysis.branches import stream_adds
+from vitcc.analysis.groups import model_blocks
 from vitcc.reference.masking import MaskedInterpreter
 from vitcc.metrics import macs_counter
 
@@ -41,7 +46,7 @@ _COMPUTED = ("call_function", "call_method", "call_module")
 @dataclass
 class Check:
     """One compared tensor, accumulated over the verification inputs."""
-    name: str
+    name: str  # the graph node, or the output leaf (`output`, `output['logits']`)
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
     scale: float = 0.0
@@ -54,9 +59,16 @@ class Check:
     def vacuous(self) -> bool:
         return self.constant or self.independent
 
+    label: str = ""  # what it is, for people (`tensor_labels`)
+
     def to_json(self) -> dict:
-        return {"name": self.name, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
-                "scale": self.scale}
+        return {"name": self.label or self.name, "node": self.name, "max_abs_error": self.max_abs_error,
+                "max_rel_error": self.max_rel_error, "scale": self.scale}
+
+    @property
+    def badness(self) -> tuple[bool, float, float]:
+        """What orders the checks worst first: failed, then relative, then absolute error."""
+        return not self.ok, self.max_rel_error, self.max_abs_error
 
 
 def compared_nodes(program: Program) -> list[str]:
@@ -79,6 +91,59 @@ def compared_nodes(program: Program) -> list[str]:
                 chosen[arg.name] = None
         chosen[node.name] = None
     return list(chosen)
+
+
+def tensor_labels(program: Program, names: Sequence[str]) -> dict[str, str]:
+    """What each compared node is, by block and role, from the residual branches and blocks the analysis
+    found (never from node names): `blocks.3.attn output` (a branch's output), `blocks.3 residual` (the
+    stream a block leaves), `blocks.3 residual after attn` (between its branches), `blocks.3 input` (the
+    stream it reads), `blocks.3 residual before mlp` (a branch's skip that is none of these, such as Swin's
+    reshaped stream). Other nodes (the stem's token concatenation, a position-embedding add, a stage's
+    patch merging) are named by where they lie (`stem`, `before BLOCK`, `head`), their module and op."""
+    blocks = [b["name"] for b in model_blocks(program.groups)[0]]
+
+    def block_of(branch: str) -> str | None:
+        inside = [b for b in blocks if b == "" or branch.startswith(b + ".")]
+        return max(inside, key=len) if inside else None
+
+    by_block: dict[str | None, list] = {}
+    for b in program.branches:
+        by_block.setdefault(block_of(b.name), []).append(b)
+    labels: dict[str, str] = {}
+    for block, branches in by_block.items():
+        where = block or "model"
+        for i, b in enumerate(branches):
+            labels.setdefault(b.output, f"{b.name} output")
+            leaf = b.name[len(block) + 1:] if block else b.name
+            labels.setdefault(b.add, f"{where} residual" if i == len(branches) - 1 or block is None
+                              else f"{where} residual after {leaf}")
+    for block, branches in by_block.items():  # skips last: most are the stream an earlier add already named
+        for i, b in enumerate(branches):
+            leaf = b.name[len(block) + 1:] if block else b.name
+            labels.setdefault(b.skip, f"{block} input" if block is not None and i == 0
+                              else f"{block or 'model'} residual before {leaf}")
+    nodes = {n.name: n for n in program.original.graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
+    adds = sorted((order[b.add], block_of(b.name)) for b in program.branches if b.add in order)
+    out: dict[str, str] = {}
+    for name in names:
+        label = labels.get(name)
+        if label is None and name in nodes:
+            label = _placed(nodes[name], order[name], adds)
+        label = label or name
+        out[name] = label if label not in out.values() else f"{label} ({name})"
+    return out
+
+
+def _placed(node: fx.Node, index: int, adds: list[tuple[int, str | None]]) -> str:
+    """A node no branch names: where it lies among the blocks, the module that computed it and its op."""
+    after = next((block for i, block in adds if i > index), None)
+    place = "stem" if adds and index < adds[0][0] else "head" if not adds or after is None else f"before {after}"
+    stack = node.meta.get("nn_module_stack") or {}
+    module = str(list(stack.values())[-1][0]) if stack else ""
+    packet = getattr(node.target, "overloadpacket", node.target)
+    op = getattr(packet, "__name__", str(packet))
+    return f"{place}: {module} {op}" if module else f"{place}: {op}"
 
 
 def tensor_leaves(obj: Any, prefix: str = "output") -> Iterator[tuple[str, torch.Tensor]]:
@@ -151,7 +216,10 @@ def verify(program: Program, keep: dict[int, np.ndarray], *, trials: int = 2, rt
         if i == 1 and not _same_inputs(inputs[0], xs):
             _mark_input_independent(checks, previous, refs)
         previous = refs
-    report = _report(checks)
+    labels = tensor_labels(program, names)  # output leaves keep their paths (`output['logits']`)
+    for name, check in checks.items():
+        check.label = labels.get(name, name)
+    report = {**_report(checks), "rtol": rtol, "atol": atol}
     program.report["verify"] = report
     program.report["max_abs_error"] = max((c.max_abs_error for c in checks.values()), default=0.0)
     program.report["max_rel_error"] = max((c.max_rel_error for c in checks.values()), default=0.0)
@@ -281,10 +349,11 @@ def _mark_input_independent(checks: dict[str, Check], first: dict, second: dict)
 
 
 def _report(checks: dict[str, Check]) -> dict:
-    tensors = [c.to_json() for c in checks.values()]
-    worst = max(checks.values(), key=lambda c: (not c.ok, c.max_rel_error), default=None)
-    return {"tensors": tensors, "worst": worst.name if worst else None,
-            "vacuous": [c.name for c in checks.values() if c.vacuous]}
+    """The tensors worst first (ties in graph order); a worst one only where some tensor differs at all."""
+    ranked = sorted(checks.values(), key=lambda c: c.badness, reverse=True)
+    worst = ranked[0] if ranked and (not ranked[0].ok or ranked[0].max_abs_error > 0) else None
+    return {"tensors": [c.to_json() for c in ranked], "worst": worst.to_json()["name"] if worst else None,
+            "vacuous": [c.to_json()["name"] for c in checks.values() if c.vacuous]}
 
 
 def _raise_on_failure(checks: dict[str, Check], report: dict) -> None:
@@ -293,7 +362,8 @@ def _raise_on_failure(checks: dict[str, Check], report: dict) -> None:
         c = max(failed, key=lambda c: c.max_rel_error)
         what = c.problem or (f"differs from masked by {c.max_abs_error:.3g} (relative {c.max_rel_error:.3g} "
                              f"of scale {c.scale:.3g})")
-        raise VerificationError(f"verification failed: {c.name} {what}; {len(failed)} of {len(checks)} "
+        name = c.name if c.label in ("", c.name) else f"{c.label} (node {c.name})"
+        raise VerificationError(f"verification failed: {name} {what}; {len(failed)} of {len(checks)} "
                                 "tensors off; nothing was written")
     if checks and len(report["vacuous"]) == len(checks):
         raise VerificationError(f"verification is vacuous: all {len(checks)} compared tensors are constant or "
