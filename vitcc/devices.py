@@ -39,6 +39,59 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
     return torch.device("cuda", int(index) if index is not None else torch.cuda.current_device())
 
 
+def _tensor_attributes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """(owner, name, tensor) of every tensor held as a plain attribute (a captured graph's lifted constants),
+    which Module.to does not move."""
+    return [(m, k, v) for m in module.modules() for k, v in vars(m).items()
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter)]
+
+
+def _retarget(module: torch.nn.Module, device: torch.device) -> None:
+    """Every device a captured graph names (`_assert_tensor_metadata(device=...)`, `arange(device=...)`,
+    `_to_copy(device=...)`: torch.export records the device the model was captured on) becomes `device`."""
+    import torch.fx as fx
+    from torch.fx.node import map_aggregate
+
+    swap = lambda a: device if isinstance(a, torch.device) and a != device else a
+    for gm in (m for m in module.modules() if isinstance(m, fx.GraphModule)):
+        changed = False
+        for n in gm.graph.nodes:
+            args, kwargs = map_aggregate(n.args, swap), map_aggregate(n.kwargs, swap)
+            if args != n.args or kwargs != n.kwargs:
+                n.args, n.kwargs, changed = args, kwargs, True
+        if changed:
+            gm.recompile()
+
+
+def to_device(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """`module` moved to `device` in place, and returned: parameters, buffers, tensors held as plain attributes,
+    and (in a captured graph) every device the graph names, so a program captured on one device runs on
+    another (a program runs on one device)."""
+    device = torch.device(device)
+    module.to(device)
+    for owner, name, t in _tensor_attributes(module):
+        if t.device != device:
+            setattr(owner, name, t.to(device))
+    _retarget(module, device)
+    return module
+
+
+def moved_copy(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """A copy of `module` on `device`, its tensors copied straight there (a GPU model's CPU copy costs no
+    GPU memory), the graph's devices retargeted as in `to_device`."""
+    import copy
+    device = torch.device(device)
+    memo: dict[int, torch.Tensor] = {}
+    tensors = [*module.parameters(), *module.buffers(), *(t for _, _, t in _tensor_attributes(module))]
+    for t in tensors:
+        if id(t) not in memo:
+            new = t.detach().to(device, copy=True)
+            memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+    out = copy.deepcopy(module, memo)
+    _retarget(out, device)
+    return out
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's tensors are (its first parameter or buffer; the CPU for a module without any)."""
     for t in module.parameters():
@@ -107,10 +160,27 @@ def out_of_memory_line(exc: BaseException, lower: str) -> str:
     return f"out of memory on {where}{total}; lower {lower}, or run with --device cpu"
 
 
+def out_of_memory(exc: BaseException) -> BaseException | None:
+    """The device's out-of-memory error behind `exc` (itself, or what it was raised from or while handling:
+    a pass failure, a verification that could not run), else None; not behind an error raised `from None`,
+    which already said what happened."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OutOfMemoryError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def memory_hint(lower: str) -> Iterator[None]:
-    """Turn a device's out-of-memory error inside into one VitccError line (exit 2) naming what to lower."""
+    """Turn a device's out-of-memory error inside (however it was wrapped) into one VitccError line (exit 2)
+    naming what to lower."""
     try:
         yield
-    except OutOfMemoryError as e:
-        raise VitccError(out_of_memory_line(e, lower)) from None
+    except Exception as e:
+        oom = out_of_memory(e)
+        if oom is None:
+            raise
+        raise VitccError(out_of_memory_line(oom, lower)) from None
