@@ -18,7 +18,8 @@ that would not fit the time budget is skipped with a note):
              skipped with a note where it does not yet (`latency_rows` is the function to extend).
 
 All timings: vitcc.cli.bench.run_bench (CUDA events on a GPU, perf_counter on the CPU), models interleaved in
-one process, medians; `--dtype bf16` runs under autocast. Models are compiled on `--device`; where that
+one process, medians; `--dtype bf16` casts weights and inputs (as served, and as the latency tables time
+them). Models are compiled on `--device`; where that
 fails, on the CPU and moved (the error is recorded).
 
 Usage:  python benchmarks/gpu.py [--device cuda] [--dtype bf16] [--quick] [--budget 400] [--models deit_s,vit_b,swin_t]
@@ -55,6 +56,8 @@ MODELS = {"deit_s": ("DeiT-S", "deit_small_patch16_224"),
           "vit_b": ("ViT-B", "vit_base_patch16_224"),
           "swin_t": ("Swin-T", "swin_tiny_patch4_window7_224")}
 MODE_LABEL = {"eager": "eager", "cudagraph": "CUDA graph", "compile": "torch.compile"}
+# seconds `vitcc profile -o` is budgeted at per model on a GPU (torch.compile compiles every unit it times)
+PROFILE_COST = {"eager": 60.0, "cudagraph": 60.0, "compile": 300.0}
 
 
 class Budget:
@@ -193,8 +196,8 @@ def speedups_section(args, budget, results: dict) -> dict:
         label, name = MODELS[key]
         entry = out[key] = {"label": label, "variants": {}, "rows": []}
         results["speedups"] = out
-        if not budget.allows(60):
-            entry["skipped"] = "over the time budget"
+        if not budget.allows(args.compile_cost + 20):  # room for its vitcc compiles and eager rows at least
+            entry["skipped"] = f"over the time budget ({budget.left():.0f} s left)"
             continue
         try:
             dense = make(name, args).to(args.dev)
@@ -278,7 +281,7 @@ def graph_ops(args) -> dict:
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
 
-    from vitcc.deploy.runners import make_runner
+    from vitcc.deploy.runners import as_dtype
     from vitcc.deploy.timing import with_batch
 
     dense = make("deit_small_patch16_224", args).to(args.dev)
@@ -293,8 +296,9 @@ def graph_ops(args) -> dict:
             return gm.forward
         torch._dynamo.reset()
         backend = aot_autograd(fw_compiler=fw, decompositions=select_decomp_table())
-        compiled = torch.compile(m, backend=backend, dynamic=False)
-        make_runner(compiled, with_batch(x, args.large), "eager", DTYPES[args.dtype], device=args.dev)()
+        cast, xs = as_dtype(m, with_batch(x, args.large), DTYPES[args.dtype])
+        with torch.inference_mode():
+            torch.compile(cast, backend=backend, dynamic=False)(*xs)
         counts[tag] = dict(seen.most_common())
     _free()
     attention = {t: {k: v for k, v in c.items() if "attention" in k or "softmax" in k} for t, c in counts.items()}
@@ -315,11 +319,12 @@ def latency_available() -> bool:
 
 
 def latency_rows(args, budget, results: dict) -> dict:
-    """`--target latency` at each sparsity with a table per mode, against `--target macs` at the same measured
-    latency. Per model and (mode, batch): `vitcc profile MODEL --device D --dtype T --batch B --mode M -o TABLE`,
-    then `vitcc compile MODEL --target latency --sparsity S --latency-table TABLE -o OUT`, then the measured cut
-    (dense vs compact in that mode) against the goal S, with the MACs and parameters kept beside the
-    `--target macs` compact of the speedups section."""
+    """`--target latency` at each sparsity with a table per mode, through the CLI as a user runs it. Per model and
+    (mode, batch): `vitcc profile MODEL --device D --dtype T --batch B --mode M -o TABLE`, then `vitcc compile
+    MODEL --target latency --sparsity S --latency-table TABLE -o OUT`, then the measured cut (dense vs compact in
+    that mode) against the goal S, with the MACs and parameters kept, and `--target macs` at S timed beside it
+    (eager and CUDA graph rows). Costly (a table per mode): give it a run of its own,
+    `--sections latency --budget 420`."""
     if not latency_available():
         return {"skipped": "vitcc compile has no --latency-table yet (the latency tables of issue 20): "
                            "these rows run once it does"}
@@ -327,17 +332,26 @@ def latency_rows(args, budget, results: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.model_keys:
             label, name = MODELS[key]
+            spec = f"timm:{name}"
+            if args.depth:  # the CLI builds timm: models as they are: hand it the model with fewer blocks
+                spec = str(Path(tmp) / f"{key}.pt")
+                torch.save(make(name, args), spec)
             for mode, batch in modes_for(args):
-                if not budget.allows(args.compile_cost * (1 + len(args.sparsity_list)) + 60):
-                    out["rows"].append({"model": label, "mode": mode, "skipped": "over the time budget"})
+                need = PROFILE_COST[mode] * (0.5 if args.dev.type == "cpu" else 1) + 10 * (1 + len(args.sparsity_list))
+                need += args.compile_cost * (1 + len(args.sparsity_list)) if mode == "compile" else 20
+                if not budget.allows(need):
+                    out["rows"].append({"model": label, "mode": mode, "batch": batch,
+                                        "skipped": f"over the time budget (~{need:.0f} s needed, {budget.left():.0f} s left)"})
                     continue
                 table = Path(tmp) / f"{key}-{mode}-{batch}.json"
-                spec = f"timm:{name}"
+                t0 = time.perf_counter()
                 code = cli_run(["profile", spec, "--device", str(args.dev), "--dtype", args.dtype, "--batch",
-                                str(batch), "--mode", mode, "-o", str(table)])
+                                str(batch), "--mode", mode, "--points", str(args.points), "-o", str(table)])
                 if code != 0:
-                    out["rows"].append({"model": label, "mode": mode, "error": f"vitcc profile exited {code}"})
+                    out["rows"].append({"model": label, "mode": mode, "batch": batch,
+                                        "error": f"vitcc profile exited {code}"})
                     continue
+                profile_s = round(time.perf_counter() - t0, 1)
                 dense = make(name, args).to(args.dev)
                 x = example(dense, args.dev)
                 models = {"dense": dense}
@@ -351,15 +365,23 @@ def latency_rows(args, budget, results: dict) -> dict:
                         continue
                     v = f"lat{int(round(s * 100))}"
                     models[v] = vitcc.load(path, device=args.dev).eval()
-                    infos[s] = {"variant": v}
+                    infos[s] = {"variant": v, "params_kept": count_params(models[v]) / count_params(dense)}
+                    if mode != "compile":  # `--target macs` at the same goal, timed beside it (compile: time)
+                        mv = f"macs{int(round(s * 100))}"
+                        rec: dict = {}
+                        models[mv] = compile_on(dense, x, args.dev, rec, sparsity=s, target="macs", align=args.align)
+                        infos[s]["macs_variant"] = {"variant": mv, "params_kept": rec["params_kept"]}
                 row = _bench_row(models, x, mode, batch, args)
                 for s, info in infos.items():
-                    v = info.get("variant")
-                    if v and "ms" in row:
-                        info.update(goal=s, measured_cut=1 - row["ms"][v] / row["ms"]["dense"],
-                                    macs_kept=row["macs"][v] / row["macs"]["dense"])
-                        info["within_5_points"] = abs(info["measured_cut"] - s) <= 0.05
-                out["rows"].append({"model": label, "mode": mode, "batch": batch, "targets": infos, "timing": row})
+                    for rec in (info, info.get("macs_variant")):
+                        v = (rec or {}).get("variant")
+                        if v and "ms" in row and v in row["ms"]:
+                            rec.update(measured_cut=1 - row["ms"][v] / row["ms"]["dense"],
+                                       macs_kept=row["macs"][v] / row["macs"]["dense"])
+                    if "measured_cut" in info:
+                        info.update(goal=s, within_5_points=abs(info["measured_cut"] - s) <= 0.05)
+                out["rows"].append({"model": label, "mode": mode, "batch": batch, "targets": infos, "timing": row,
+                                    "profile_s": profile_s})
                 models = dense = None
                 _free()
     return out
@@ -389,7 +411,7 @@ def render(data: dict) -> str:
     lines = ["# vitcc on a GPU: dense vs compact (benchmarks/gpu.py)", "",
              f"Command: `{data['command']}`", "",
              f"{data['date']}; {data['machine']}; dtype {a['dtype']}"
-             f"{' under autocast' if a['dtype'] != 'fp32' else ''}; torch.compile mode {a['compile_mode']}; "
+             f"{' (weights and inputs cast)' if a['dtype'] != 'fp32' else ''}; torch.compile mode {a['compile_mode']}; "
              f"large batch {a['large']}; {data['seconds']:.0f} s of a {a['budget']:.0f} s budget"
              + ("; **quick run** (fewer rounds" + (f", {a['depth']} blocks per model" if a["depth"] else "") + ")"
                 if a["quick"] else ""), "",
@@ -492,19 +514,27 @@ def render(data: dict) -> str:
     lat = data["sections"].get("latency") or {"skipped": "not run (--sections)"}
     lines += ["## `--target latency` with a table per mode", ""]
     if "rows" in lat:
-        lines += ["| model | mode | batch | goal | measured cut | within 5 points | MACs kept |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["Measured cut = 1 - compact / dense latency in that mode; `--target macs` at the same fraction "
+                  "timed beside it (not in torch.compile rows).", "",
+                  "| model | mode | batch | goal | measured cut | within 5 points | MACs kept | params kept | "
+                  "`--target macs`: cut, MACs kept, params kept |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in lat["rows"]:
             if "targets" not in r:
-                lines.append(f"| {r['model']} | {MODE_LABEL.get(r['mode'], r['mode'])} | | {r.get('skipped') or r.get('error')} | | | |")
+                lines.append(f"| {r['model']} | {MODE_LABEL.get(r['mode'], r['mode'])} | {r.get('batch', '')} | "
+                             f"{r.get('skipped') or r.get('error')} | | | | | |")
                 continue
             for s, info in r["targets"].items():
                 if "measured_cut" in info:
+                    mv = info.get("macs_variant") or {}
+                    macs = (f"{mv['measured_cut']:.0%}, {mv['macs_kept']:.0%}, {mv['params_kept']:.0%}"
+                            if "measured_cut" in mv else "")
                     lines.append(f"| {r['model']} | {MODE_LABEL[r['mode']]} | {r['batch']} | {float(s):.0%} | "
                                  f"{info['measured_cut']:.0%} | {'yes' if info['within_5_points'] else '**no**'} | "
-                                 f"{info['macs_kept']:.0%} |")
+                                 f"{info['macs_kept']:.0%} | {info['params_kept']:.0%} | {macs} |")
                 else:
                     lines.append(f"| {r['model']} | {MODE_LABEL[r['mode']]} | {r['batch']} | {float(s):.0%} | "
-                                 f"{info.get('error', '')} | | |")
+                                 f"{info.get('error', '')} | | | | |")
         lines.append("")
     else:
         lines += [f"Skipped: {lat.get('skipped') or lat.get('error')}", ""]
@@ -546,6 +576,8 @@ def main(argv=None) -> int:
                     "default: as built, --quick on the CPU: 2")
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 400; --quick "
                     "on the CPU 100): what would not fit is skipped")
+    ap.add_argument("--points", type=int, default=None, help="latency rows: widths timed per kind by vitcc "
+                    "profile -o (default 16; --quick 4)")
     ap.add_argument("--sections", default="device,native,speedups,compile,latency")
     ap.add_argument("--quick", action="store_true", help="DeiT-S only, 50%%, few rounds")
     ap.add_argument("--out", default=str(HERE / "results" / "gpu"), help="writes OUT.md and OUT.json")
@@ -557,6 +589,7 @@ def main(argv=None) -> int:
         args.sparsities = "0.5" if args.sparsities == ap.get_default("sparsities") else args.sparsities
     args.large = args.large or (256 if not args.quick else 4 if cpu else 64)
     args.rounds = args.rounds or (5 if args.quick else 20)
+    args.points = args.points or (4 if args.quick else 16)
     args.depth = args.depth or (2 if args.quick and cpu else None)
     args.compile_cost = args.compile_cost or (12.0 if cpu else 35.0)
     args.budget = args.budget or (100.0 if args.quick and cpu else 400.0)

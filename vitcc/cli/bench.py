@@ -6,7 +6,8 @@ the ideal speed-up (the MAC ratio) and the efficiency = speed-up / ideal. On the
 runtimes are eager PyTorch and onnxruntime at `--threads` intra-op threads, timed with the wall clock (with
 one thread the JSON also has process CPU time, which a busy machine disturbs less); on a GPU
 (`--device cuda`) CUDA events time each call. `--mode` picks how PyTorch runs: eager, one CUDA graph replay
-(cudagraph: a GPU only) or torch.compile; `--dtype bf16|fp16` runs under autocast. Without COMPILED,
+(cudagraph: a GPU only) or torch.compile; `--dtype bf16|fp16` casts weights and inputs (as served, and as
+`vitcc profile -o` times a latency table). Without COMPILED,
 `--sparsity S` compiles MODEL first (`--target`, `--align`, `--passes` as for `vitcc compile`); with neither,
 MODEL alone is timed.
 """
@@ -171,7 +172,7 @@ def print_table(result: dict, title: str) -> None:
         t.add_row(f"{run['runtime']} batch {run['batch']}", *cells, *extra)
     out.print(t)
     eff = "efficiency = speed-up / ideal (MAC ratio); " if len(names) > 1 else ""
-    dtype = "" if result.get("dtype", "fp32") == "fp32" else f", {result['dtype']} autocast"
+    dtype = "" if result.get("dtype", "fp32") == "fp32" else f", in {result['dtype']}"
     if result.get("clock") == "cuda events":
         out.print(f"medians of {result['rounds']} interleaved rounds on {result['device']} "
                   f"({result['machine'].get('gpu', '')}), timed with CUDA events{dtype}; {eff.rstrip('; ')}")
@@ -197,7 +198,7 @@ def bench_cmd(
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     mode: str = typer.Option("eager", "--mode", help="how PyTorch runs: eager, cudagraph (one CUDA graph replay, "
                              "GPU only) or compile (torch.compile), comma-separated for several"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16/fp16 under autocast"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (weights and inputs cast)"),
     compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile's mode with --mode compile: "
                                      "default, max-autotune-no-cudagraphs, max-autotune or reduce-overhead"),
     threads: int = typer.Option(1, "--threads", help="on the CPU: intra-op threads (torch.set_num_threads for "
