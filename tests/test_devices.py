@@ -1,7 +1,6 @@
 """Devices: --device resolution and refusals, exact float32 for verify, running out of device memory, a graph
-moved between devices, and `vitcc bench`'s modes on the CPU. The CUDA tests at the end skip without a GPU."""
-import json
-
+moved between devices, the captured attention. The CUDA test at the end skips without a GPU (bench's modes:
+tests/deploy/test_runners.py)."""
 import pytest
 import torch
 
@@ -217,49 +216,6 @@ def test_capture_keeps_one_device_generic_attention_op_per_block():
     assert result.report["device"] == "cpu"
 
 
-# ------------------------------------------------------------------------------------- bench modes
-
-def test_bench_cudagraph_mode_is_refused_on_the_cpu(model_file, capsys, tmp_path):
-    assert run(["bench", str(model_file), "--mode", "cudagraph", "--json", str(tmp_path / "b.json"), *SHAPE]) == 2
-    assert "--mode cudagraph replays a CUDA graph and needs --device cuda" in one_error_line(capsys)
-    assert not (tmp_path / "b.json").exists()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--mode", "turbo"], "bad --mode 'turbo'"),
-    (["--dtype", "fp8"], "bad --dtype 'fp8'"),
-    (["--dtype", "fp16"], "--dtype fp16 runs on a GPU"),
-    (["--dtype", "bf16", "--runtime", "onnx"], "--runtime onnx runs onnxruntime on the CPU in float32"),
-    (["--mode", "compile", "--compile-mode", "fastest"], "bad --compile-mode 'fastest'"),
-])
-def test_bench_bad_modes_are_one_line(model_file, capsys, args, message):
-    assert run(["bench", str(model_file), *args, *SHAPE]) == 2
-    assert message in one_error_line(capsys)
-
-
-def test_bench_eager_bf16_on_the_cpu(model_file, capsys, tmp_path):
-    out = tmp_path / "b.json"
-    assert run(["bench", str(model_file), "--sparsity", "0.5", "--dtype", "bf16", "--json", str(out), *QUICK,
-                *SHAPE]) == 0
-    data = json.loads(out.read_text())
-    assert data["dtype"] == "bf16" and data["device"] == "cpu" and data["clock"] == "wall"
-    assert [r["runtime"] for r in data["runs"]] == ["eager"]  # onnx runs float32: not a default here
-    assert "in bf16" in capsys.readouterr().out
-
-
-def test_bench_compile_mode_on_the_cpu(tmp_path, capsys):
-    torch.save(tiny_vit(embed_dim=32, depth=1, num_heads=2), tmp_path / "m.pt")
-    out = tmp_path / "b.json"
-    assert run(["bench", str(tmp_path / "m.pt"), "--sparsity", "0.5", "--mode", "eager,compile", "--runtime", "eager",
-                "--json", str(out), "--rounds", "2", "--warmup", "1", "--threads", "1", *SHAPE]) == 0
-    data = json.loads(out.read_text())
-    assert [r["runtime"] for r in data["runs"]] == ["eager", "compile"]
-    for r in data["runs"]:
-        c = r["compare"]["compiled"]
-        assert r["stats"]["compiled"]["wall"] > 0 and c["efficiency"] == pytest.approx(c["speedup"] / c["ideal"])
-    assert "compile batch 1" in capsys.readouterr().out
-
-
 # ------------------------------------------------------------------------------------------ on a GPU
 
 @cuda
@@ -274,19 +230,3 @@ def test_compile_on_cuda_returns_a_verified_compact_model_there(tmp_path):
     assert all(t.device.type == "cpu" for t in back.state_dict().values())
     with torch.no_grad():
         assert torch.allclose(back(image(2)), result.module(image(2).cuda()).cpu(), atol=1e-4, rtol=1e-4)
-
-
-@cuda
-def test_cli_compile_and_bench_on_cuda(tmp_path, model_file, capsys):
-    small = tmp_path / "small.pt2"
-    assert run(["compile", str(model_file), "--device", "cuda", "--sparsity", "0.5", "--align", "8", "-o", str(small),
-                *SHAPE]) == 0
-    out = tmp_path / "b.json"
-    assert run(["bench", str(model_file), str(small), "--device", "cuda", "--mode", "eager,cudagraph",
-                "--dtype", "bf16", "--batch", "1,4", "--json", str(out), "--rounds", "3", "--warmup", "1",
-                *SHAPE]) == 0
-    data = json.loads(out.read_text())
-    assert data["clock"] == "cuda events" and data["device"].startswith("cuda")
-    assert {(r["runtime"], r["batch"]) for r in data["runs"]} == {("eager", 1), ("eager", 4), ("cudagraph", 1),
-                                                                  ("cudagraph", 4)}
-    assert all(r["stats"]["compiled"]["wall"] > 0 for r in data["runs"])
