@@ -102,16 +102,21 @@ def device_of(module: torch.nn.Module) -> torch.device:
 
 
 def _precision_handles() -> list | None:
-    """The fp32_precision settings of torch >= 2.9 (generic, cuBLAS, cuDNN, oneDNN), or None before them."""
+    """The fp32_precision settings of torch >= 2.9 (generic, cuBLAS, cuDNN, oneDNN) this torch has, or None
+    before them."""
     b = torch.backends
-    handles = [b, getattr(b.cuda, "matmul", None), b.cudnn, getattr(b.cudnn, "conv", None),
-               getattr(b.cudnn, "rnn", None), getattr(b, "mkldnn", None), getattr(getattr(b, "mkldnn", None), "matmul", None),
-               getattr(getattr(b, "mkldnn", None), "conv", None), getattr(getattr(b, "mkldnn", None), "rnn", None)]
-    handles = [h for h in handles if h is not None]
-    try:
-        return handles if all(isinstance(h.fp32_precision, str) for h in handles) else None
-    except (AttributeError, RuntimeError):
-        return None
+    mkldnn = getattr(b, "mkldnn", None)
+    candidates = [b, getattr(b.cuda, "matmul", None), b.cudnn, getattr(b.cudnn, "conv", None),
+                  getattr(b.cudnn, "rnn", None), mkldnn, getattr(mkldnn, "matmul", None), getattr(mkldnn, "conv", None),
+                  getattr(mkldnn, "rnn", None)]
+    handles = []
+    for h in candidates:
+        try:
+            if h is not None and isinstance(h.fp32_precision, str):
+                handles.append(h)
+        except (AttributeError, RuntimeError):
+            continue
+    return handles if b in handles and getattr(b.cuda, "matmul", None) in handles else None
 
 
 @contextlib.contextmanager
