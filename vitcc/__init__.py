@@ -1,5 +1,6 @@
 """vitcc: a structured-pruning compiler for vision transformers, with verified equivalence."""
 from vitcc.api import CompileResult, compile, load, rule, save
+from vitcc.devices import to_device
 from vitcc.errors import VerificationError, VitccError
 from vitcc.ir.program import Program
 from vitcc.analysis.ops import OpInfo, OpTable, default_table
@@ -7,5 +8,6 @@ from vitcc.pipeline.manager import Insertion, PassRegistry
 from vitcc.pipeline.pass_base import Option, Pass, PassResult, register_pass
 
 __all__ = ["compile", "load", "save", "rule", "CompileResult", "Program", "Pass", "PassResult", "Insertion", "Option",
-           "PassRegistry", "register_pass", "OpTable", "OpInfo", "default_table", "VitccError", "VerificationError"]
+           "PassRegistry", "register_pass", "OpTable", "OpInfo", "default_table", "VitccError", "VerificationError",
+           "to_device"]
 __version__ = "0.2.0"

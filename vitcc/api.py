@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch.utils.data import DataLoader
 
+from vitcc.devices import device_of, moved_copy, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture, export_program, source_meta
 from vitcc.analysis.groups import model_blocks
@@ -79,11 +80,15 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
+
+    The model may be on any device (one device): the example inputs are put where it is, every pass runs
+    there, and the compact model is returned there (`vitcc.to_device` moves it, graph included).
     """
     if example_inputs is None:
         from vitcc.frontend.input_shapes import input_shape_for
         example_inputs = (torch.randn(input_shape_for(model)),)
-    example_inputs = tuple(example_inputs)
+    device = device_of(model)
+    example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
     if threads is not None and (target != "latency" or isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise VitccError(f"threads={threads!r}: a whole number >= 1, the thread count target='latency' times ops at "
@@ -130,6 +135,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         "budget": {"sparsity": 0.0 if keep is not None else sparsity, "target": target, "align": align,
                    "prune": prune if prune is None or isinstance(prune, str) else list(prune)},
         "input_shapes": [list(getattr(x, "shape", ())) for x in example_inputs],
+        "device": str(device),
         "params_after": count_params(program.gm),
         "macs_after": macs_after if macs_after is not None else count_graph_macs(program.gm, example_inputs),
         "groups": [{**g.to_json(), "block": block_of[g.name],
@@ -289,6 +295,7 @@ def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None 
     The file loads with `torch.export.load(path).module()` or `vitcc.load(path)`: no vitcc code, no unpickling,
     no trust needed. It must be named `.pt2`: torch.export.load warns about an archive named otherwise, and a
     `.pt` would pass for a torch.save'd file (which would carry Python source only --trust-pickle could read).
+    A module on a GPU is written from a CPU copy: the file loads on any machine (`vitcc.to_device` moves it).
     """
     path = Path(path)
     if path.suffix != PROGRAM_SUFFIX:
@@ -299,6 +306,9 @@ def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None 
         if not shape:
             raise VitccError(f"cannot save {path}: pass example_inputs (the model's input shape is unknown)")
         example_inputs = (torch.randn(tuple(shape)),)
+    if device_of(module).type != "cpu":
+        module = moved_copy(module, "cpu")
+    example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     was_training = module.training
     try:
         ep, _ = export_program(module.eval(), tuple(example_inputs))
@@ -313,8 +323,10 @@ def save(module: fx.GraphModule, path: str | Path, example_inputs: tuple | None 
         tmp.unlink(missing_ok=True)
 
 
-def load(path: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
+def load(path: str | Path, *, trust_pickle: bool = False, device: str | torch.device | None = None) -> torch.nn.Module:
     """Load a compiled model (a program archive, whatever its suffix) as a trainable GraphModule; other files
-    go through the safe loader (a pickled GraphModule from an older vitcc needs trust_pickle)."""
+    go through the safe loader (a pickled GraphModule from an older vitcc needs trust_pickle). With `device`,
+    moved there (`to_device`: the devices its graph names too)."""
     from vitcc.frontend.sources import load_model
-    return load_model(str(path), trust_pickle=trust_pickle)
+    module = load_model(str(path), trust_pickle=trust_pickle)
+    return module if device is None else to_device(module, device)

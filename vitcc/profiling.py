@@ -20,6 +20,8 @@ import torch
 import torch.fx as fx
 
 import vitcc
+from vitcc.deploy.runners import DTYPES, MODES, make_runner
+from vitcc.devices import resolve_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
 from vitcc.ir.program import Program
@@ -29,24 +31,6 @@ from vitcc.search.latency_table import (FORMAT, branch_slots, lanes, model_finge
                                         write_table)
 
 __all__ = ["MODES", "DTYPES", "profile_table", "read_table", "write_table", "widths_grid", "resolve_device"]
-
-MODES = ("eager", "cudagraph", "compile")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device this machine has; CUDA without CUDA is a one-line error."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise VitccError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise VitccError(f"device {device!r} asked for, but this machine has no CUDA (torch "
-                         f"{torch.__version__}); profile on the GPU machine, or use --device cpu")
-    if d.type not in ("cpu", "cuda"):
-        raise VitccError(f"device {device!r} is not supported; use cpu or cuda")
-    return d
-
 
 def widths_grid(n: int, kind: str, points: int = 16) -> list[int]:
     """Kept widths a unit is timed at: the dense width down to a quarter, in steps of 16 for widths of 64 and
@@ -112,8 +96,8 @@ class Timer:
         self.device, self.dtype, self.mode, self.samples = device, dtype, mode, samples
 
     def __call__(self, module: torch.nn.Module, inputs: Sequence[Any]) -> float:
-        module = module.to(device=self.device, dtype=self.dtype).eval()
-        args = [_to(x, self.device, self.dtype) for x in inputs]
+        module = module.to(device=self.device).eval()  # cast to dtype in a copy (make_runner): `module` stays fp32
+        args = [_to(x, self.device, torch.float32) for x in inputs]
         with torch.inference_mode():
             run = self._runner(module, args)
             if self.device.type == "cuda":
@@ -122,21 +106,7 @@ class Timer:
             return time_fn(run, samples=self.samples, clock="thread" if cpu_clock_ok() else "wall")
 
     def _runner(self, module, args) -> Callable[[], Any]:
-        if self.mode == "compile":
-            compiled = torch.compile(module)
-            return lambda: compiled(*args)
-        if self.mode == "cudagraph":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    module(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                module(*args)
-            return graph.replay
-        return lambda: module(*args)
+        return make_runner(module, tuple(args), self.mode, self.dtype, device=self.device)  # as `vitcc bench` runs them
 
     def _cuda(self, run: Callable[[], Any]) -> float:
         for _ in range(3):

@@ -14,6 +14,7 @@ import typer
 
 from vitcc.cli import bench, evaluate, passes, profile, report  # noqa: F401  (each declares its command)
 from vitcc.cli.app import app, console
+from vitcc.devices import out_of_memory, out_of_memory_line
 from vitcc.errors import Interrupted, VitccError, internal_error_line
 
 __all__ = ["app", "main", "run"]
@@ -93,6 +94,8 @@ def _run(argv: list[str] | None, usage: tuple, exits: tuple, aborts: tuple) -> i
             _interrupted("SIGINT")
         return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except VitccError as e:
+        if out_of_memory(e) is not None:  # e.g. a failed verification that was a device out of memory
+            return _out_of_memory(e)
         _say(str(e).strip().replace("\n", " "))
         return e.exit_code
     except exits as e:
@@ -112,10 +115,18 @@ def _run(argv: list[str] | None, usage: tuple, exits: tuple, aborts: tuple) -> i
         _say(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
         return 2
     except Exception as e:
+        if out_of_memory(e) is not None:
+            return _out_of_memory(e)
         if os.environ.get("VITCC_DEBUG") == "1":
             traceback.print_exc()
         _say(internal_error_line(e))
         return 1
+
+
+def _out_of_memory(e: BaseException) -> int:
+    """A device out of memory where no command named its own options (they do, with devices.memory_hint)."""
+    _say(out_of_memory_line(out_of_memory(e), "the batch size (--batch, --batch-size or --input-shape)"))
+    return 2
 
 
 def main() -> None:

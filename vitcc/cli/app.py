@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from vitcc.devices import DEVICE_HELP, memory_hint, moved_copy, out_of_memory, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.cli.outputs import Outputs, check_folder
 from vitcc.report import accuracy_rows, check_output, weight_sparsity_line, width_rows
@@ -55,12 +56,16 @@ def _options(version: bool = typer.Option(False, "--version", callback=_version,
     pass
 
 
-def _load(model: str, weights, arch, trust_pickle, input_shape):
-    """The model and one example input, checked to run: a shape the model cannot take is one line, here."""
+def _load(model: str, weights, arch, trust_pickle, input_shape, device: torch.device | None = None):
+    """The model and one example input on `device` (default: the CPU), checked to run: a shape the model cannot
+    take is one line, here."""
     from vitcc.frontend.input_shapes import input_shape_for
     from vitcc.frontend.sources import load_model
     m = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle)
     example = (torch.randn(input_shape_for(m, input_shape)),)
+    if device is not None and device.type != "cpu":
+        to_device(m, device)
+        example = tuple(x.to(device) for x in example)
     _check_runs(m, example, input_shape)
     return m, example
 
@@ -71,6 +76,8 @@ def _check_runs(m: torch.nn.Module, example: tuple, given: Optional[str]) -> Non
         with torch.no_grad():
             m.eval()(*example)
     except Exception as e:
+        if out_of_memory(e):
+            raise
         shape = ",".join(map(str, example[0].shape))
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         try:
@@ -145,9 +152,11 @@ def compile_cmd(
     mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean, e.g. 0.5,0.5,0.5 (default: the model's)"),
     std: Optional[str] = typer.Option(None, "--std", help="normalisation std, e.g. 0.5,0.5,0.5 (default: the model's)"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="write a checkpoint every epoch here"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP + "; the model, inputs and every pass run there"),
 ) -> None:
     """Prune MODEL and write a smaller, verified GraphModule (optionally fine-tuned on --data)."""
     args = SimpleNamespace(**locals())
+    args.device = resolve_device(device)
     check_budget(sparsity, align, target, passes)
     check_threads(threads, target)
     if latency_table is not None and target != "latency":
@@ -171,7 +180,9 @@ def compile_cmd(
                  "onnx": outputs.plan(onnx, "--onnx", (".onnx",)),
                  "report": outputs.plan(report, "--report")}
         check_output(report, "--report")
-        rep = _compile(args, files)
+        with memory_hint("--input-shape's batch (verify runs the model and its masked reference) or "
+                         "--batch-size (with --data)"):
+            rep = _compile(args, files)
         if rep is None:  # not rank 0 under torchrun: rank 0 writes
             outputs.discard()
     if rep is not None:
@@ -186,7 +197,7 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
     from vitcc.deploy.export import export_onnx
     init_distributed()  # under torchrun: one process group for fine-tuning, only rank 0 prints and writes
     torch.manual_seed(a.seed)  # a timm: model's random init is the same on every rank and every run
-    m, example = _load(a.model, a.weights, a.arch, a.trust_pickle, a.input_shape)
+    m, example = _load(a.model, a.weights, a.arch, a.trust_pickle, a.input_shape, a.device)
     loaders = _loaders(m, example, a.data, a.batch_size, a.mean, a.std, a.seed) if a.data is not None else None
     last = "dce" if a.no_verify else "verify"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -206,7 +217,9 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
                              latency_table=a.latency_table)
         if a.onnx is not None and is_main():
             progress.update(task, description="onnx export")
-            result.report["onnx"] = {**export_onnx(result.module, example, files["onnx"]), "path": str(a.onnx)}
+            cpu = result.module if a.device.type == "cpu" else moved_copy(result.module, "cpu")  # onnxruntime checks it on the CPU
+            result.report["onnx"] = {**export_onnx(cpu, tuple(x.cpu() for x in example), files["onnx"]),
+                                     "path": str(a.onnx)}
     if not is_main():
         return None
     rep = result.report

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from vitcc.cli.app import ARCH_HELP, MODEL_HELP, WEIGHTS_HELP, _floats, _load, app
+from vitcc.devices import DEVICE_HELP, memory_hint, resolve_device
 from vitcc.errors import VitccError
 
 
@@ -25,14 +26,21 @@ def evaluate_cmd(
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
     seed: int = typer.Option(0, "--seed", help="seeds a timm: model's random init"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print MODEL's top-1 and top-5 accuracy on the validation split of --data."""
+    dev = resolve_device(device)
+    with memory_hint("--batch-size"):
+        _evaluate(model, data, batch_size, mean, std, weights, arch, input_shape, trust_pickle, seed, as_json, dev)
+
+
+def _evaluate(model, data, batch_size, mean, std, weights, arch, input_shape, trust_pickle, seed, as_json, device):
     from vitcc.training.data import make_loaders, normalization_for
     from vitcc.training.distributed import init_distributed, is_main
     from vitcc.training.finetune import evaluate
     init_distributed()  # under torchrun the validation set is sharded and the counts summed
     torch.manual_seed(seed)
-    m, example = _load(model, weights, arch, trust_pickle, input_shape)
+    m, example = _load(model, weights, arch, trust_pickle, input_shape, device)
     model_mean, model_std = normalization_for(m)
     mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
     _, val = make_loaders(data, tuple(example[0].shape[1:]), batch_size=batch_size,

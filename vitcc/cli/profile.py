@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vitcc.cli.app import ARCH_HELP, DEFAULT_ALIGN, DEFAULT_MODEL, MODEL_HELP, WEIGHTS_HELP, _load, app, check_threads
+from vitcc.devices import resolve_device
 from vitcc.errors import VitccError
 from vitcc.cli.outputs import Outputs
 
@@ -121,6 +122,10 @@ def profile_cmd(
 ) -> None:
     """Measure and cache per-op latencies of MODEL on this machine (used by `compile --target latency`); with
     -o, write a latency table measured on --device that `compile --latency-table` reads anywhere."""
+    dev = resolve_device(device)
+    if output is None and dev.type != "cpu":  # the per-op cache model builds and times its ops on the CPU
+        raise VitccError(f"profile --device {device} measures a latency table: add -o TABLE.json (without -o, the "
+                         "per-op cache is timed on the CPU; use --device cpu)")
     fractions = _grid(grid)
     check_threads(threads)
     if align < 1 or rounds < 1:
@@ -130,7 +135,7 @@ def profile_cmd(
                           trust_pickle)
     with Outputs([model, weights]) as outputs:
         tmp = outputs.plan(json_out, "--json")
-        m, example = _load(model, weights, arch, trust_pickle, input_shape)
+        m, example = _load(model, weights, arch, trust_pickle, input_shape, dev)
         err = Console(stderr=True)
         progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
         res = profile_model(m, example, grid=fractions, align=align, prune=prune, check=check, rounds=rounds,

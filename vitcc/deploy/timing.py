@@ -105,13 +105,18 @@ def time_ratio(fn: Callable[[], Any], ref: Callable[[], Any], *, warmup: int = 2
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 10, warmup: int = 2,
-                on_round: Callable[[int], None] | None = None) -> dict[str, dict[str, list[float]]]:
+                on_round: Callable[[int], None] | None = None,
+                device: torch.device | None = None) -> dict[str, dict[str, list[float]]]:
     """Milliseconds per call of every function, one call of each per round, in a rotating order.
 
     Dense and compact models timed this way share whatever else the machine is doing: compare them
     within one call, never across calls. Returns ``{name: {"wall": [...], "cpu": [...]}}`` (process CPU
-    time, which excludes time the process waited for a core); take medians.
+    time, which excludes time the process waited for a core); take medians. On a CUDA ``device`` the
+    calls are timed with CUDA events on its stream (``{"wall": [...]}``, no CPU time: the host only
+    launches work), from the start of one call's kernels to the end of its last.
     """
+    if device is not None and torch.device(device).type == "cuda":
+        return _interleaved_cuda(fns, rounds, warmup, on_round, torch.device(device))
     names = list(fns)
     out = {n: {"wall": [], "cpu": []} for n in names}
     with torch.inference_mode():
@@ -131,10 +136,37 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 10, warmup: 
     return out
 
 
+def _interleaved_cuda(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int,
+                      on_round: Callable[[int], None] | None, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    names = list(fns)
+    out: dict[str, dict[str, list[float]]] = {n: {"wall": []} for n in names}
+    with torch.cuda.device(device), torch.inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                fns[n]()
+        torch.cuda.synchronize(device)
+        for r in range(rounds):
+            k = r % len(names)
+            events = []
+            for n in names[k:] + names[:k]:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[n]()
+                end.record()
+                events.append((n, start, end))
+            torch.cuda.synchronize(device)  # once per round: the calls run back to back, as they would serve
+            for n, start, end in events:
+                out[n]["wall"].append(start.elapsed_time(end))
+            if on_round is not None:
+                on_round(r)
+    return out
+
+
 # -------------------------------------------------------------------------------------------- cache
 
 def with_batch(example_inputs: tuple, batch: int, seed: int = 0) -> tuple:
-    """The example inputs with batch size ``batch`` (float tensors redrawn, others repeated)."""
+    """The example inputs with batch size ``batch`` (float tensors redrawn on the CPU, the same on every device,
+    and put where the example is; others repeated)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in example_inputs:
@@ -143,9 +175,9 @@ def with_batch(example_inputs: tuple, batch: int, seed: int = 0) -> tuple:
             continue
         shape = (batch, *t.shape[1:])
         if t.is_floating_point():
-            out.append(torch.randn(shape, generator=g, dtype=t.dtype))
+            out.append(torch.randn(shape, generator=g, dtype=t.dtype).to(t.device))
         else:
-            out.append(t[torch.arange(batch) % t.shape[0]])
+            out.append(t[torch.arange(batch, device=t.device) % t.shape[0]])
     return tuple(out)
 
 

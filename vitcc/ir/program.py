@@ -33,7 +33,7 @@ class Program:
     original: fx.GraphModule | None = None  # frozen copy of the traced model: the masked reference runs it
     coupling: Coupling | None = None  # analysis of `original`; of `gm` too while "coupling" is not stale
     groups: list[Group] = field(default_factory=list)
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # group name -> score per index
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # group name -> score per index (CPU)
     keep: Selection = field(default_factory=Selection)  # group name -> kept indices (sorted)
     options: dict[str, Any] = field(default_factory=dict)  # sparsity, prune kinds, target, align, ...
     report: dict[str, Any] = field(default_factory=dict)

@@ -50,7 +50,7 @@ def claim(program: Program, pass_name: str, group_name: str, scores: torch.Tenso
         return False  # rank groups of a low-rank factorisation are scored by singular values only
     if not primary and current is not None and (not live or owner[1]):
         return False  # someone scored it for real: a fallback never overrides that
-    t = scores.detach().float().clone()
+    t = scores.detach().float().cpu().clone()  # scores live on the CPU, where select ranks them
     program.scores[group_name] = t
     claims[group_name] = (pass_name, primary, t)
     fams = program.options.setdefault("families", {})
@@ -125,8 +125,8 @@ def param_masks(program: Program, keep: dict[str, np.ndarray]) -> dict[str, torc
             idx = axis_kept(normalize(ax), roots)
             if len(idx) == w.shape[axis]:
                 continue
-            m = torch.zeros(w.shape[axis], dtype=torch.bool)
-            m[torch.as_tensor(idx, dtype=torch.long)] = True
+            m = torch.zeros(w.shape[axis], dtype=torch.bool, device=w.device)
+            m[torch.as_tensor(idx, dtype=torch.long, device=w.device)] = True
             shape = [1] * w.dim()
             shape[axis] = -1
             m = m.reshape(shape)
@@ -149,7 +149,7 @@ def group_energy(program: Program, group, tensors: dict[str, torch.Tensor]) -> t
         if w is None:
             continue
         idx = index_map_of(program, group, m.param, m.axis)
-        rows = w.detach().double().pow(2).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
+        rows = w.detach().double().pow(2).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1).cpu()
         sel = idx >= 0
         total.index_add_(0, idx[sel], rows[sel])
     return total

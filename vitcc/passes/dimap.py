@@ -123,7 +123,7 @@ class Dimap(Pass):
                 continue
             # exactly n_remove entries, the lowest scores (ties broken by position)
             order = torch.argsort(allscores, stable=True)[:n_remove]
-            flat = torch.ones(len(allscores), dtype=torch.bool)
+            flat = torch.ones(len(allscores), dtype=torch.bool, device=allscores.device)
             flat[order] = False
             offset = 0
             for n in names:

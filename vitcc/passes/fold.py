@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
+from vitcc.devices import exact_float32
 from vitcc.ir.program import Program
 from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 
@@ -30,17 +31,17 @@ class Fold(Pass):
         if not empty:
             return PassResult(modified=False)
         backup = copy.deepcopy(gm)
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32():  # TF32 would round the two runs differently
             ref = gm(*program.example_inputs)
         for i, node in enumerate(empty):
             weight = _attr(gm, node.args[1].target)
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            bias = _attr(gm, b.target) if b is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+            bias = _attr(gm, b.target) if b is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
             _replace_with_constant(gm, node, bias.detach(), f"_vitcc_folded_{i}")
         _fold_constants(gm)
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         gm.recompile()
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32():
             out = gm(*program.example_inputs)
         if not _same(out, ref):
             program.gm = backup  # the constant did not broadcast like the branch did: keep the branch

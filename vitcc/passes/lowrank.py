@@ -73,7 +73,7 @@ def choose_rank(S: torch.Tensor, in_f: int, out_f: int, energy=None, rank_ratio=
         if not 0.0 < e <= 1.0:
             raise VitccError(f"lowrank{{energy={energy}}}: expected a fraction in (0, 1]")
         cum = torch.cumsum(S.double() ** 2, 0) / (S.double() ** 2).sum().clamp_min(1e-300)
-        r = int(torch.searchsorted(cum, torch.tensor(e - 1e-12, dtype=cum.dtype)).item()) + 1
+        r = int(torch.searchsorted(cum, torch.tensor(e - 1e-12, dtype=cum.dtype, device=cum.device)).item()) + 1
     elif rank_ratio is not None:
         q = float(rank_ratio)
         if not 0.0 < q <= 1.0:

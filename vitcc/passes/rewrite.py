@@ -151,7 +151,7 @@ def _slice_parameters(gm: fx.GraphModule, params: dict, keep: dict) -> int:
         for axis, ax in enumerate(t):
             idx = axis_kept(normalize(ax), keep)
             if len(idx) != new.shape[axis]:
-                new = new.index_select(axis, torch.as_tensor(idx, dtype=torch.long))
+                new = new.index_select(axis, torch.as_tensor(idx, dtype=torch.long, device=new.device))
         if new.shape == old.shape:
             continue
         changed += 1  # `new` came out of index_select: a tensor of its own, never a view of `old`

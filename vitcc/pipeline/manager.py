@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from vitcc.analysis.refresh import refresh
@@ -244,6 +245,10 @@ def _finish(program: Program) -> None:
 
 def _check(program: Program) -> None:
     program.gm.graph.lint()
+    for name, t in program.scores.items():
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            raise RuntimeError(f"scores of {name} are on {t.device}: scores stay on the CPU, where select ranks "
+                               "them (move them with .cpu())")
     names = {g.name for g in program.groups}
     unknown = program.keep.removed - {b.name for b in program.branches if b.prunable}
     if unknown:

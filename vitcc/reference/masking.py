@@ -82,14 +82,14 @@ class MaskedInterpreter(fx.Interpreter):
         if masks is None or not isinstance(like, torch.Tensor) or len(masks) != like.dim():
             return None
         dims = tuple(dims if dims is not None else range(like.dim()))
-        key = (name, dims, like.dtype)
+        key = (name, dims, like.dtype, like.device)
         if key not in self._cache:
-            out = torch.ones((), dtype=like.dtype)
+            out = torch.ones((), dtype=like.dtype, device=like.device)
             for d in dims:
                 if masks[d] is not None:
                     shape = [1] * like.dim()
                     shape[d] = -1
-                    out = out * torch.as_tensor(masks[d], dtype=like.dtype).reshape(shape)
+                    out = out * torch.as_tensor(masks[d], dtype=like.dtype, device=like.device).reshape(shape)
             self._cache[key] = out
         return self._cache[key]
 
@@ -99,28 +99,30 @@ class MaskedInterpreter(fx.Interpreter):
         masks = self.masks.get(name)
         if masks is None or not isinstance(like, torch.Tensor) or len(masks) != like.dim():
             return None
-        if name not in self._removed:
+        key = (name, like.device)
+        if key not in self._removed:
             per_axis = []
             for d, m in enumerate(masks):
                 if m is not None:
                     shape = [1] * like.dim()
                     shape[d] = -1
-                    per_axis.append(torch.as_tensor(~m, dtype=torch.bool).reshape(shape))
-            self._removed[name] = per_axis
-        return self._removed[name]
+                    per_axis.append(torch.as_tensor(~m, dtype=torch.bool, device=like.device).reshape(shape))
+            self._removed[key] = per_axis
+        return self._removed[key]
 
-    def kept_last(self, node: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def kept_last(self, node: Any, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor | None:
         """The kept positions of the last axis of `node`'s output (of `shape`) where it lost some, else
-        None: for an op that computes only those (the reference need not compute what it zeroes)."""
+        None: for an op that computes only those (the reference need not compute what it zeroes). On
+        `device`, where the tensors they index are."""
         masks = self.masks.get(node.name) if isinstance(node, fx.Node) else None
         if masks is None or len(masks) != len(shape) or masks[-1] is None:
             return None
         last = masks[-1]
         if len(last) != shape[-1] or last.all():
             return None
-        key = (node.name, "kept last")
+        key = (node.name, "kept last", device)
         if key not in self._cache:
-            self._cache[key] = torch.as_tensor(np.flatnonzero(last), dtype=torch.long)
+            self._cache[key] = torch.as_tensor(np.flatnonzero(last), dtype=torch.long, device=device)
         return self._cache[key]
 
     def zero_where_removed(self, node: Any) -> bool:

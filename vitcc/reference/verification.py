@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from vitcc.frontend.capture import ShapeRecording
 from vitcc.ir.types import is_ttype
+from vitcc.devices import exact_float32
 from vitcc.errors import VerificationError
 from vitcc.ir.program import Program, writes_in_place
 from vitcc.ir.shapes import axis_mask
@@ -187,11 +188,12 @@ class _MaskedRecorder(_Recording, MaskedInterpreter):
 
 def verification_inputs(example_inputs: tuple, trials: int, seed: int) -> list[tuple]:
     """The example input, then fresh random floating inputs of its shapes (at least two in all: the
-    second tells a check that ignores its input)."""
+    second tells a check that ignores its input), drawn on the CPU (the same on every device) and put
+    where the example is."""
     gen = torch.Generator().manual_seed(seed)
     inputs = [tuple(example_inputs)]
     for _ in range(max(trials, 2) - 1):
-        inputs.append(tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        inputs.append(tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
                             if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                             for x in example_inputs))
     return inputs
@@ -199,7 +201,13 @@ def verification_inputs(example_inputs: tuple, trials: int, seed: int) -> list[t
 
 def verify(program: Program, keep: dict[int, np.ndarray], *, trials: int = 2, rtol: float = 1e-4,
            atol: float = 1e-5, seed: int = 0) -> dict:
-    """Compare compact and masked on every chosen tensor and output leaf; the report, or VerificationError."""
+    """Compare compact and masked on every chosen tensor and output leaf; the report, or VerificationError.
+    Both run in full float32 (no TF32 on a GPU: `exact_float32`), on the device the program is on."""
+    with exact_float32():
+        return _verify(program, keep, trials, rtol, atol, seed)
+
+
+def _verify(program: Program, keep: dict[int, np.ndarray], trials: int, rtol: float, atol: float, seed: int) -> dict:
     names = [n for n in compared_nodes(program) if n in _node_names(program.gm)]
     _check_same_ops(program, names)
     reference = _MaskedRecorder(program.original, program.coupling, keep, program.ops, names=names,
@@ -331,7 +339,7 @@ def _gather_kept(want: torch.Tensor, shape: torch.Size, t: Any, keep: dict, alia
         mask = axis_mask(ax, keep, aliases)
         if mask is None or len(mask) != want.shape[d] or int(mask.sum()) != n:
             return None
-        want = want.index_select(d, torch.as_tensor(np.flatnonzero(mask), dtype=torch.long))
+        want = want.index_select(d, torch.as_tensor(np.flatnonzero(mask), dtype=torch.long, device=want.device))
     return want
 
 

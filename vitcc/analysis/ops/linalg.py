@@ -59,8 +59,8 @@ def kept_linear(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2:
         return None
-    rows = interp.kept_last(node, (*x.shape[:-1], w.shape[0]))
-    cols = interp.kept_last(node.args[0], x.shape) if interp.zero_where_removed(node.args[0]) else None
+    rows = interp.kept_last(node, (*x.shape[:-1], w.shape[0]), w.device)
+    cols = interp.kept_last(node.args[0], x.shape, x.device) if interp.zero_where_removed(node.args[0]) else None
     if rows is None and cols is None:
         return None
     # sliced on every run, not kept: kept blocks are a quarter of the weights in fresh memory, whose first-touch

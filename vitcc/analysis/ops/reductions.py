@@ -63,7 +63,7 @@ def masked_reduce(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
         return None
     keep, packet, kept = bool(named_arg(node, "keepdim", False)), node.target.overloadpacket, m.expand(x.shape) != 0
     if packet in (aten.amax, aten.amin):
-        fill = torch.tensor(float("-inf") if packet is aten.amax else float("inf"), dtype=x.dtype)
+        fill = float("-inf") if packet is aten.amax else float("inf")
         return getattr(torch, packet.__name__)(torch.where(kept, x, fill), dims, keepdim=keep)
     count = kept.sum(dims, keepdim=True).to(x.dtype)
     mean = torch.where(kept, x, 0).sum(dims, keepdim=True) / count
