@@ -125,8 +125,8 @@ def param_masks(program: Program, keep: dict[str, np.ndarray]) -> dict[str, torc
             idx = axis_kept(normalize(ax), roots)
             if len(idx) == w.shape[axis]:
                 continue
-            m = torch.zeros(w.shape[axis], dtype=torch.bool)
-            m[torch.as_tensor(idx, dtype=torch.long)] = True
+            m = torch.zeros(w.shape[axis], dtype=torch.bool, device=w.device)
+            m[torch.as_tensor(idx, dtype=torch.long, device=w.device)] = True
             shape = [1] * w.dim()
             shape[axis] = -1
             m = m.reshape(shape)
@@ -149,7 +149,7 @@ def group_energy(program: Program, group, tensors: dict[str, torch.Tensor]) -> t
         if w is None:
             continue
         idx = index_map_of(program, group, m.param, m.axis)
-        rows = w.detach().double().pow(2).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1)
+        rows = w.detach().double().pow(2).movedim(m.axis, 0).reshape(w.shape[m.axis], -1).sum(1).cpu()
         sel = idx >= 0
         total.index_add_(0, idx[sel], rows[sel])
     return total
@@ -214,18 +214,28 @@ SPARSITY_TRAINING_OPTIONS = (
 
 
 def sparsity_train(program: Program, pass_name: str, options: dict, *, epochs: int, extra_loss=None,
-                   on_step=None) -> dict:
-    """Train program.gm in place (vitcc.training.finetune.finetune, no distillation) for a sparsity-training phase."""
+                   on_step=None, label: str | None = None) -> dict:
+    """Train program.gm in place (vitcc.training.finetune.finetune, no distillation) for a sparsity-training
+    phase, on the compile's training device (`training_device`) and precision, printing a line per epoch
+    when the compile shows progress; the graph is back on its own device afterwards."""
+    from vitcc.training.distributed import on_device
     from vitcc.training.finetune import finetune
     loader = train_loader(program, pass_name, "its sparsity-training phase")
     gm = program.gm
-    history = finetune(gm, loader, epochs=int(epochs),
-                       lr=float(options.get("lr", program.options.get("sparsity_lr", program.options.get("lr", 5e-4)))),
-                       extra_loss=extra_loss, on_step=on_step, seed=int(program.options.get("seed", 0)),
-                       weight_decay=float(options.get("weight_decay", 0.05)),
-                       progress=bool(program.options.get("progress", False)))
+    with on_device(gm, training_device(program)):
+        history = finetune(gm, loader, epochs=int(epochs),
+                           lr=float(options.get("lr", program.options.get("sparsity_lr", program.options.get("lr", 5e-4)))),
+                           extra_loss=extra_loss, on_step=on_step, seed=int(program.options.get("seed", 0)),
+                           weight_decay=float(options.get("weight_decay", 0.05)),
+                           progress=program.options.get("progress", False),
+                           precision=program.options.get("precision"), label=label or f"{pass_name} sparsity training")
     gm.eval()
     return history
+
+
+def training_device(program: Program) -> torch.device | None:
+    """Where data-driven passes train and calibrate: `options["device"]` (compile's `device`), else the graph's."""
+    return program.options.get("device")
 
 
 def epochs_of(program: Program, options: dict, default: int = 0) -> int:
