@@ -347,12 +347,11 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
                 if classes is not None and on_host:
                     _label_check(y, classes)  # on the host: no wait for the device
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if classes is None:
+                if classes is None and recipe.mixes:  # mixed targets need the class count before the forward
                     classes = _first_batch(net, x, y)
-                    if recipe.mixes:
-                        from timm.data import Mixup
-                        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix,
-                                      label_smoothing=recipe.smoothing, num_classes=classes)
+                    from timm.data import Mixup
+                    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix,
+                                  label_smoothing=recipe.smoothing, num_classes=classes)
                 hard = y
                 if mixup is not None:
                     if len(x) % 2:  # timm's Mixup pairs images: an odd last batch leaves one out
@@ -364,6 +363,9 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
                     target = y
                 with torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                     logits = _logits(fwd(x))
+                    if classes is None:
+                        _check_labels(logits, y)  # once: later batches are checked on the host
+                        classes = int(logits.shape[1])
                     loss = criterion(logits, target)
                     if teacher is not None:
                         with torch.no_grad():
