@@ -111,8 +111,9 @@ def device_copy(module: nn.Module, device: torch.device | None) -> nn.Module:
 def init_distributed(backend: str | None = None, device: torch.device | None = None) -> bool:
     """Initialise the default process group from the launcher's environment, once. True when one is up.
 
-    The backend: `backend`, else `VITCC_DIST_BACKEND`, else gloo, or for a CUDA `device` NCCL for CUDA tensors
-    and gloo for CPU ones (the loss sums and accuracy counts)."""
+    The backend: `backend`, else `VITCC_DIST_BACKEND`, else gloo, and on a machine with CUDA NCCL for CUDA
+    tensors beside gloo for CPU ones (the loss sums and accuracy counts), whichever device trains later:
+    loaders made first (`make_loaders(distributed=True)`) start the group before training names its device."""
     if not dist.is_available():
         return False
     if dist.is_initialized():
@@ -122,7 +123,7 @@ def init_distributed(backend: str | None = None, device: torch.device | None = N
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
     chosen = backend or os.environ.get("VITCC_DIST_BACKEND") or (
-        "cpu:gloo,cuda:nccl" if device is not None and device.type == "cuda" else "gloo")
+        "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend=chosen)
     return True
 

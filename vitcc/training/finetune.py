@@ -274,6 +274,8 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
     dev = torch.device(device) if device is not None else _device(net)
     prec = resolve_precision(precision, dev)
     init_distributed(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL and DDP use the current device
     torch.manual_seed(int(seed))
     if _device(net) != dev:
         net.to(dev)
