@@ -108,7 +108,12 @@ def _batch_axes(gm: fx.GraphModule, names: Sequence[str], example: torch.Tensor)
             for b in (1, 2):
                 x = example[:1].expand(b, *example.shape[1:]).contiguous()
                 run = _Shapes(gm, set(names))
-                run.run(x)
+                try:
+                    run.run(x)
+                except Exception as e:
+                    raise VitccError(f"--drop-path: the model does not run on a batch of {b} "
+                                     f"({(str(e).splitlines() or [type(e).__name__])[0]}); training needs one that "
+                                     "takes any batch size") from None
                 shapes.append(run.shapes)
     finally:
         gm.train(was)
