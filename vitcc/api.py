@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch.utils.data import DataLoader
 
-from vitcc.devices import device_of, moved_copy, to_device
+from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture, export_program, source_meta
 from vitcc.analysis.groups import model_blocks
@@ -48,9 +48,11 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             distill: bool = True, seed: int = 0, batch_size: int = 64, calibration_size: int = 64,
             sparsity_epochs: int | None = None,
             kd_weight: float = 0.5, temperature: float = 1.0, checkpoint_dir: str | Path | None = None,
-            progress: bool = False, registry: PassRegistry | None = None,
+            progress: Any = False, registry: PassRegistry | None = None,
             rules: OpTable | Iterable[Callable] | None = None, threads: int | None = None,
-            latency_table: str | Path | dict[str, Any] | None = None) -> CompileResult:
+            latency_table: str | Path | dict[str, Any] | None = None,
+            device: str | torch.device | None = None, precision: str | None = None, recipe: Any = None,
+            num_classes: int | None = None) -> CompileResult:
     """Trace, analyze, score, select, rewrite, fold, dce and verify; then optionally fine-tune.
 
     `keep` gives an explicit selection (group name -> kept indices; a residual branch's name -> [] removes
@@ -83,12 +85,23 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 
     The model may be on any device (one device): the example inputs are put where it is, every pass runs
     there, and the compact model is returned there (`vitcc.to_device` moves it, graph included).
+    Training (`vitcc.training`): `device` is where fine-tuning, the sparsity training of gohsp and vtp and the
+    calibration of taylor and gohsp run ('cpu', 'cuda', 'cuda:N'; default: where the model is); the compact
+    module is returned where the model was. `precision` (fp32, bf16, fp16; default bf16 on a GPU that has
+    it, else fp32) is the autocast of training; verification stays in fp32. `recipe` (a
+    `vitcc.training.recipe.Recipe`) adds DeiT's recipe from timm (RandAugment, random erasing, mixup,
+    cutmix, label smoothing, warmup, EMA, drop-path on the compact graph's residual branches).
+    `num_classes` puts a new classifier of that many classes on the compact model before fine-tuning (the
+    distillation teacher, which knows the old classes, is then not used). Without it, data whose class count
+    differs from the model's outputs is an error before any work when fine-tuning is asked, and leaves the
+    accuracy figures out (and the calibration labels unused) otherwise. `progress` (True, or the rich
+    Console to print on) prints a line per epoch of fine-tuning and of sparsity training.
     """
     if example_inputs is None:
         from vitcc.frontend.input_shapes import input_shape_for
         example_inputs = (torch.randn(input_shape_for(model)),)
-    device = device_of(model)
-    example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    model_device = device_of(model)
+    example_inputs = tuple(x.to(model_device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
     if threads is not None and (target != "latency" or isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise VitccError(f"threads={threads!r}: a whole number >= 1, the thread count target='latency' times ops at "
@@ -97,6 +110,11 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                          "thread count the latency model times ops at")
     table_options = _latency_table_options(latency_table, target)
     model = model.eval()
+    from vitcc.training.recipe import Recipe
+    recipe = recipe if recipe is not None else Recipe()
+    train_device = _training_device(device)
+    data, classes_fit = _check_data(model, example_inputs, data, finetune_epochs, num_classes, recipe, seed,
+                                    batch_size, train_device)
     captured = isinstance(model, fx.GraphModule) and "tensor_meta" in _any_meta(model)
     # the reference shares the model's tensors and never writes them (a graph that mutates state gets a copy);
     # the passes work on a copy that shares them too until a pass may write weights (Program.own_tensors)
@@ -109,8 +127,10 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align,
                                **({"threads": threads} if threads is not None else {}), **table_options},
                       ops=table_with(rules))
-    loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill, seed, lr,
-                                              batch_size, calibration_size)
+    program.options.update(progress=progress, **({"device": train_device} if train_device is not None else {}),
+                           **({"precision": precision} if precision is not None else {}))
+    loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill and num_classes is None,
+                                              seed, lr, batch_size, calibration_size, classes_fit)
     if sparsity_epochs is not None:
         if sparsity_epochs < 0:
             raise VitccError(f"sparsity epochs must be >= 0, got {sparsity_epochs}")
@@ -135,7 +155,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
         "budget": {"sparsity": 0.0 if keep is not None else sparsity, "target": target, "align": align,
                    "prune": prune if prune is None or isinstance(prune, str) else list(prune)},
         "input_shapes": [list(getattr(x, "shape", ())) for x in example_inputs],
-        "device": str(device),
+        "device": str(model_device),
         "params_after": count_params(program.gm),
         "macs_after": macs_after if macs_after is not None else count_graph_macs(program.gm, example_inputs),
         "groups": [{**g.to_json(), "block": block_of[g.name],
@@ -149,22 +169,95 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                      for b in program.branches],
     })
     program.gm.meta.pop("tensor_meta", None)
+    from vitcc.training.surgery import record_branches
+    record_branches(program.gm, [b for b in program.branches if b.name not in program.keep.removed])
     if loaders is not None:
-        from vitcc.training.finetune import evaluate, finetune, keep_zeros
-        train_loader, val_loader = loaders
-        program.report["accuracy_before"] = accuracy
+        _train(program, loaders, teacher, accuracy, classes_fit, finetune_epochs, lr, kd_weight, temperature, seed,
+               checkpoint_dir, progress, train_device, precision, recipe, num_classes, batch_size, distill)
+    return CompileResult(program.gm, program.groups, program.keep, program.report, program)
+
+
+def _training_device(device) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    return resolve_device(device)
+
+
+def _check_data(model, example_inputs, data, finetune_epochs: int, num_classes, recipe, seed: int, batch_size: int,
+                device):
+    """The loaders (built from a spec) and whether the data's classes fit the model's outputs (None: unknown),
+    checked before capture: a data set the head cannot learn is one line before any work."""
+    if num_classes is not None and finetune_epochs <= 0:
+        raise VitccError("--num-classes puts a new, untrained classifier on the compact model: it needs "
+                         "fine-tuning (--finetune-epochs N)")
+    if data is None:
+        return None, None
+    from vitcc.training.data import data_classes, make_loaders, normalization_for
+    if isinstance(data, (str, Path)):
+        mean, std = normalization_for(model)
+        data = make_loaders(str(data), tuple(example_inputs[0].shape[1:]), batch_size=batch_size, mean=mean,
+                            std=std, seed=seed, distributed=True, recipe=recipe,
+                            pin_memory=device is not None and device.type == "cuda")
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise VitccError("data must be (train_loader, val_loader) or a data spec such as 'mnist5k'")
+    have = data_classes(data[0])
+    if num_classes is not None and have is not None and have != num_classes:
+        raise VitccError(f"--num-classes {num_classes}, but the data has {have} classes; pass --num-classes {have}")
+    if have is None:
+        return data, None
+    from vitcc.training.surgery import output_classes
+    outputs = output_classes(model, example_inputs[0])
+    if outputs is None or outputs == have:
+        return data, None if outputs is None else True
+    if finetune_epochs > 0 and num_classes is None:
+        raise VitccError(f"the data has {have} classes but the model has {outputs} outputs; pass --num-classes "
+                         f"{have} to fine-tune a new classifier for them (or use a model trained for this data)")
+    return data, False
+
+
+def _train(program: Program, loaders, teacher, accuracy, classes_fit, finetune_epochs: int, lr: float,
+           kd_weight: float, temperature: float, seed: int, checkpoint_dir, progress, device, precision, recipe,
+           num_classes, batch_size: int, distill: bool) -> None:
+    """Accuracy before and after, and fine-tuning (with a new classifier when asked), into the report; the
+    compact module goes back where it was."""
+    from vitcc.training.data import data_classes
+    from vitcc.training.distributed import on_device, world_size
+    from vitcc.training.finetune import evaluate, finetune, keep_zeros
+    train_loader, val_loader = loaders
+    report = program.report
+    if classes_fit is False:
+        report["accuracy_skipped"] = (f"the data has {data_classes(train_loader)} classes and the model other ones: "
+                                      "its accuracy is not measured")
+    else:
+        report["accuracy_before"] = accuracy
+    with on_device(program.gm, device):
         if finetune_epochs > 0:
-            program.report["accuracy_pruned"] = evaluate(program.gm, val_loader)
+            if num_classes is not None:
+                from vitcc.training.surgery import replace_classifier
+                report["num_classes"] = replace_classifier(program.gm, num_classes)
+            elif classes_fit is not False:
+                report["accuracy_pruned"] = evaluate(program.gm, val_loader)
             masks = program.options.get("weight_masks")
             on_step = keep_zeros(masks) if masks else None
+            ema = None
+            if recipe.ema is not None:
+                from timm.utils import ModelEmaV3
+                ema = ModelEmaV3(program.gm, decay=recipe.ema)
             history = finetune(program.gm, train_loader, epochs=finetune_epochs, lr=lr, teacher=teacher,
                                kd_weight=kd_weight, temperature=temperature, seed=seed,
-                               checkpoint_dir=checkpoint_dir, progress=progress, on_step=on_step)
-            from vitcc.training.distributed import world_size
-            program.report["finetune"] = {"epochs": finetune_epochs, "lr": lr, "distill": teacher is not None,
-                                          "seed": seed, "world_size": world_size(), **history}
-        program.report["accuracy_after"] = evaluate(program.gm, val_loader)
-    return CompileResult(program.gm, program.groups, program.keep, program.report, program)
+                               checkpoint_dir=checkpoint_dir, progress=progress, on_step=on_step, recipe=recipe,
+                               device=device, precision=precision, ema=ema)
+            report["finetune"] = {"epochs": finetune_epochs, "lr": lr,
+                                  "batch_size": getattr(train_loader, "batch_size", None) or batch_size,
+                                  "distill": teacher is not None, "kd_weight": kd_weight, "temperature": temperature,
+                                  "seed": seed, "num_classes": num_classes, **recipe.to_json(),
+                                  "world_size": world_size(), **history}
+            if distill and teacher is None and num_classes is not None:
+                report["finetune"]["distill_skipped"] = "the unpruned model's head has the old classes"
+            if ema is not None:
+                report["accuracy_ema"] = evaluate(ema.module, val_loader)
+        if classes_fit is not False or num_classes is not None:
+            report["accuracy_after"] = evaluate(program.gm, val_loader)
 
 
 def _latency_table_options(table, target: str) -> dict[str, Any]:
@@ -179,28 +272,24 @@ def _latency_table_options(table, target: str) -> dict[str, Any]:
 
 
 def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs: int, distill: bool, seed: int,
-                 lr: float, batch_size: int, calibration_size: int):
-    """Loaders and calibration batch into program.options (before any pass), the teacher, accuracy before."""
+                 lr: float, batch_size: int, calibration_size: int, classes_fit: bool | None = None):
+    """Loaders (from `_check_data`) and calibration batch into program.options (before any pass), the teacher,
+    accuracy before. Where the data's classes are not the model's (`classes_fit` False) the passes get no
+    labels and no accuracy is measured."""
     if finetune_epochs < 0:
         raise VitccError(f"finetune epochs must be >= 0, got {finetune_epochs}")
     if data is None:
         if finetune_epochs > 0:
             raise VitccError("fine-tuning needs data: pass --data (e.g. --data mnist5k) or data=(train, val)")
         return None, None, None
-    from vitcc.training.data import calibration_batch, make_loaders, normalization_for
+    from vitcc.training.data import calibration_batch
     from vitcc.training.finetune import evaluate
-    if isinstance(data, (str, Path)):
-        mean, std = normalization_for(model)
-        data = make_loaders(str(data), tuple(program.example_inputs[0].shape[1:]), batch_size=batch_size,
-                            mean=mean, std=std, seed=seed, distributed=True)
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise VitccError("data must be (train_loader, val_loader) or a data spec such as 'mnist5k'")
     train_loader, val_loader = data
     images, labels = calibration_batch(train_loader, calibration_size, with_labels=True)
-    program.options.update(data=(train_loader, val_loader), calibration=images, calibration_labels=labels,
-                           seed=seed, lr=lr)
+    program.options.update(data=(train_loader, val_loader), calibration=images,
+                           calibration_labels=labels if classes_fit is not False else None, seed=seed, lr=lr)
     teacher = copy.deepcopy(program.gm).eval() if distill and finetune_epochs > 0 else None
-    return (train_loader, val_loader), teacher, evaluate(program.gm, val_loader)
+    return (train_loader, val_loader), teacher, evaluate(program.gm, val_loader) if classes_fit is not False else None
 
 
 def rule(*targets: Any) -> Callable:

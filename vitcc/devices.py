@@ -3,6 +3,7 @@ for running out of device memory. A leaf: it imports only torch and vitcc.errors
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from typing import Iterator
 
@@ -10,14 +11,14 @@ import torch
 
 from .errors import VitccError
 
-DEVICE_HELP = "cpu, cuda or cuda:N (default: cpu)"
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cpu; under torchrun: cuda, each process on cuda:LOCAL_RANK)"
 _SPEC = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
     """'cpu', 'cuda' or 'cuda:N' as a torch.device, refused (VitccError, exit 2) where it cannot run: before
     any model is loaded or file written, so a typo or a machine without a GPU costs one line, not a traceback
-    minutes later."""
+    minutes later. Under torchrun 'cuda' is `cuda:LOCAL_RANK`: one GPU per process, as NCCL needs."""
     if isinstance(spec, torch.device):
         spec = str(spec)
     text = (spec or "cpu").strip().lower()
@@ -33,7 +34,14 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
         raise VitccError(f"--device {spec}: this machine has no CUDA device (torch {torch.__version__}, CUDA "
                          f"{torch.version.cuda or 'not built'}); use --device cpu, or run on a machine with a GPU")
     count = torch.cuda.device_count()
-    if index is not None and int(index) >= count:
+    if _launched():
+        if index is not None:
+            raise VitccError(f"--device {spec}: under torchrun every process uses cuda:LOCAL_RANK; pass --device cuda")
+        index = os.environ.get("LOCAL_RANK", "0")
+        if int(index) >= count:
+            raise VitccError(f"torchrun started process {index} on a node with {count} CUDA device(s); start at most "
+                             f"{count} processes per node (--nproc_per_node {count})")
+    elif index is not None and int(index) >= count:
         raise VitccError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
                          "pick one of them")
     return torch.device("cuda", int(index) if index is not None else torch.cuda.current_device())
@@ -189,3 +197,8 @@ def memory_hint(lower: str) -> Iterator[None]:
         if oom is None:
             raise
         raise VitccError(out_of_memory_line(oom, lower)) from None
+
+
+def _launched() -> bool:
+    """Started by torchrun (RANK and WORLD_SIZE set) with more than one process."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -340,7 +340,8 @@ def _kept(after: float, before: float) -> str:
 def accuracy_rows(report: dict) -> list[tuple[str, dict]]:
     """(label, top-1/top-5/n) for the accuracies a compile with --data measured, in the order they were taken."""
     labels = (("accuracy_before", "before pruning"), ("accuracy_pruned", "pruned, before fine-tuning"),
-              ("accuracy_after", "after fine-tuning" if "finetune" in report else "after pruning"))
+              ("accuracy_after", "after fine-tuning" if "finetune" in report else "after pruning"),
+              ("accuracy_ema", "EMA of the weights after fine-tuning"))
     return [(label, report[key]) for key, label in labels if report.get(key)]
 
 

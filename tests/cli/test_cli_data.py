@@ -52,12 +52,53 @@ def test_compile_finetune_then_evaluate(tmp_path, model_file, capsys):
     assert proc.returncode == 0 and proc.stdout.strip() == "(2, 10)", proc.stderr[-2000:]
 
 
-def test_sparsity_epochs_reach_the_passes(tmp_path, model_file):
+def test_sparsity_epochs_reach_the_passes(tmp_path, model_file, capsys):
     rep = tmp_path / "r.json"
     assert run(["compile", str(model_file), "--passes", "vtp", "--sparsity", "0.3", "--data", "digits",
                 "--sparsity-epochs", "2", "--batch-size", "256", "--report", str(rep)]) == 0
     report = json.loads(rep.read_text())
     assert report["vtp"]["epochs"] == 2 and report["max_abs_error"] < 1e-4
+    err = capsys.readouterr().err  # the gate training says how it goes, also when stderr is not a terminal
+    assert err.count("vtp gates epoch") == 2 and "vtp gates epoch 2/2  loss " in err and " img/s " in err
+
+
+@pytest.fixture
+def model5_file(tmp_path):
+    path = tmp_path / "model5.pt"
+    torch.save(tiny_vit(img_size=8, patch_size=4, num_classes=5), path)  # 5 classes: digits has 10
+    return path
+
+
+def test_the_recipe_with_a_new_classifier_is_in_the_report(tmp_path, model5_file, capsys):
+    out, rep, ckpt = tmp_path / "small.pt2", tmp_path / "report.json", tmp_path / "ckpt"
+    args = ["compile", str(model5_file), "--sparsity", "0.5", "--data", "digits", "--finetune-epochs", "2",
+            "--batch-size", "128", "--mean", "0.5", "--std", "0.5", "--num-classes", "10", "--aa", "rand-m9-mstd0.5-inc1",
+            "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1", "--warmup-epochs", "1",
+            "--ema", "0.99", "--drop-path", "0.1", "--precision", "bf16", "--device", "cpu",
+            "--checkpoint-dir", str(ckpt), "-o", str(out), "--report", str(rep)]
+    assert run(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("fine-tune epoch") == 2 and "left " in captured.err
+    assert "EMA of the weights" in captured.out
+    ft = json.loads(rep.read_text())["finetune"]
+    assert {k: ft[k] for k in ("aa", "reprob", "mixup", "cutmix", "smoothing", "warmup_epochs", "ema", "drop_path",
+                               "num_classes", "device", "precision", "world_size", "batch_size", "epochs")} == dict(
+        aa="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1, warmup_epochs=1.0, ema=0.99,
+        drop_path=0.1, num_classes=10, device="cpu", precision="bf16", world_size=1, batch_size=128, epochs=2)
+    assert ft["distill"] is False and len(ft["drop_path_rates"]) == 4 and len(ft["images_per_second"]) == 2
+    assert (ckpt / "epoch002_ema.pt").exists()
+    assert run(["evaluate", str(out), "--data", "digits", "--mean", "0.5", "--std", "0.5", "--device", "cpu",
+                "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)
+    assert acc == json.loads(rep.read_text())["accuracy_after"]  # the new 10-class head was written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_fine_tunes_on_cuda(tmp_path, model_file):
+    rep = tmp_path / "r.json"
+    assert run(["compile", str(model_file), "--passes", "taylor", "--sparsity", "0.5", "--data", "digits",
+                "--finetune-epochs", "1", "--device", "cuda", "--drop-path", "0.1", "--report", str(rep)]) == 0
+    assert json.loads(rep.read_text())["finetune"]["device"].startswith("cuda")
 
 
 def test_no_distill_and_default_normalisation(tmp_path, model_file):
@@ -75,10 +116,22 @@ def test_no_distill_and_default_normalisation(tmp_path, model_file):
     (["compile", "MODEL", "--sparsity-epochs", "-1"], "--sparsity-epochs must be >= 0"),
     (["compile", "MODEL", "--data", "digits", "--mean", "a,b"], "--mean takes comma-separated numbers"),
     (["evaluate", "MODEL", "--data", "nowhere"], "unknown data 'nowhere'"),
+    (["compile", "MODEL", "--device", "tpu"], "unknown --device 'tpu'"),
+    (["compile", "MODEL", "--precision", "fp8"], "unknown --precision 'fp8'"),
+    (["compile", "MODEL", "--mixup", "0.8", "--drop-path", "0.1"], "--mixup, --drop-path apply to fine-tuning"),
+    (["compile", "MODEL", "--num-classes", "10"], "--num-classes applies to fine-tuning"),
+    (["compile", "MODEL", "--finetune-epochs", "1", "--data", "digits", "--drop-path", "1.5"], "--drop-path must be in"),
+    (["compile", "MODEL", "--finetune-epochs", "1", "--data", "digits", "--aa", "autoaugment"], "RandAugment policy"),
+    (["compile", "MODEL5", "--finetune-epochs", "1", "--data", "digits"],
+     "the data has 10 classes but the model has 5 outputs; pass --num-classes 10"),
+    (["evaluate", "MODEL5", "--data", "digits"], "the data has 10 classes but"),
+    *([] if torch.cuda.is_available() else [(["compile", "MODEL", "--device", "cuda"], "no CUDA device"),
+                                            (["evaluate", "MODEL", "--data", "digits", "--device", "cuda:1"],
+                                             "no CUDA device")]),
 ])
-def test_bad_data_usage_is_one_line_exit_2(tmp_path, model_file, capsys, args, message):
+def test_bad_data_usage_is_one_line_exit_2(tmp_path, model_file, model5_file, capsys, args, message):
     out = tmp_path / "o.pt2"
-    args = [str(model_file) if a == "MODEL" else a for a in args]
+    args = [str(model_file) if a == "MODEL" else str(model5_file) if a == "MODEL5" else a for a in args]
     assert run(args + (["-o", str(out)] if args[0] == "compile" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitcc: error:") and message in err and "Traceback" not in err

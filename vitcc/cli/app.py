@@ -152,11 +152,28 @@ def compile_cmd(
     mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean, e.g. 0.5,0.5,0.5 (default: the model's)"),
     std: Optional[str] = typer.Option(None, "--std", help="normalisation std, e.g. 0.5,0.5,0.5 (default: the model's)"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="write a checkpoint every epoch here"),
-    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP + "; the model, inputs and every pass run there"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP + "; the model, inputs, every pass and "
+                               "fine-tuning run there"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 autocast for training "
+                                            "(default: bf16 on a GPU that has it, else fp32); verify stays fp32"),
+    aa: Optional[str] = typer.Option(None, "--aa", help="RandAugment policy for fine-tuning, e.g. rand-m9-mstd0.5-inc1 "
+                                     "(timm's training transform: crop, flip, RandAugment)"),
+    reprob: float = typer.Option(0.0, "--reprob", help="random erasing probability (e.g. 0.25)"),
+    mixup: float = typer.Option(0.0, "--mixup", help="mixup alpha (e.g. 0.8; 0: off)"),
+    cutmix: float = typer.Option(0.0, "--cutmix", help="cutmix alpha (e.g. 1.0; 0: off)"),
+    smoothing: float = typer.Option(0.0, "--smoothing", help="label smoothing (e.g. 0.1)"),
+    warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="linear learning-rate warmup before the cosine"),
+    ema: Optional[float] = typer.Option(None, "--ema", help="keep an EMA of the weights with this decay (e.g. 0.9998); "
+                                        "evaluated, and checkpointed as DIR/epochNNN_ema.pt"),
+    drop_path: float = typer.Option(0.0, "--drop-path", help="stochastic depth on the compact model's residual "
+                                    "branches in training, 0 at the first branch to P at the last (e.g. 0.1)"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="a new classifier with N classes on the "
+                                              "compact model before fine-tuning (data with other classes)"),
+    workers: int = typer.Option(0, "--workers", help="data-loading worker processes"),
 ) -> None:
     """Prune MODEL and write a smaller, verified GraphModule (optionally fine-tuned on --data)."""
     args = SimpleNamespace(**locals())
-    args.device = resolve_device(device)
+    args.device, args.precision, args.recipe = check_training(args)
     check_budget(sparsity, align, target, passes)
     check_threads(threads, target)
     if latency_table is not None and target != "latency":
@@ -195,10 +212,11 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
     from vitcc import api
     from vitcc.training.distributed import init_distributed, is_main
     from vitcc.deploy.export import export_onnx
-    init_distributed()  # under torchrun: one process group for fine-tuning, only rank 0 prints and writes
+    init_distributed(device=a.device)  # under torchrun: one process group for training; rank 0 prints, writes
     torch.manual_seed(a.seed)  # a timm: model's random init is the same on every rank and every run
     m, example = _load(a.model, a.weights, a.arch, a.trust_pickle, a.input_shape, a.device)
-    loaders = _loaders(m, example, a.data, a.batch_size, a.mean, a.std, a.seed) if a.data is not None else None
+    loaders = _loaders(m, example, a.data, a.batch_size, a.mean, a.std, a.seed, a.recipe, a.workers,
+                       a.device) if a.data is not None else None
     last = "dce" if a.no_verify else "verify"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True, disable=not (console.is_terminal and is_main())) as progress:
@@ -212,9 +230,10 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
         result = api.compile(m, a.passes, sparsity=a.sparsity, example_inputs=example, prune=a.prune, target=a.target,
                              align=a.align, verify=not a.no_verify, on_pass=on_pass, data=loaders,
                              finetune_epochs=a.finetune_epochs, lr=a.lr, distill=not a.no_distill, seed=a.seed,
-                             batch_size=a.batch_size, checkpoint_dir=a.checkpoint_dir, progress=True,
+                             batch_size=a.batch_size, checkpoint_dir=a.checkpoint_dir, progress=console,
                              sparsity_epochs=a.sparsity_epochs, threads=a.threads,
-                             latency_table=a.latency_table)
+                             latency_table=a.latency_table, device=a.device, precision=a.precision,
+                             recipe=a.recipe, num_classes=a.num_classes)
         if a.onnx is not None and is_main():
             progress.update(task, description="onnx export")
             cpu = result.module if a.device.type == "cpu" else moved_copy(result.module, "cpu")  # onnxruntime checks it on the CPU
@@ -240,14 +259,36 @@ def _floats(text: Optional[str], name: str):
         raise VitccError(f"{name} takes comma-separated numbers like 0.5,0.5,0.5, got {text!r}") from None
 
 
-def _loaders(m, example, data: str, batch_size: int, mean: Optional[str], std: Optional[str], seed: int):
+def _loaders(m, example, data: str, batch_size: int, mean: Optional[str], std: Optional[str], seed: int,
+             recipe=None, workers: int = 0, device: Optional[torch.device] = None):
     """(train, val) for --data, shaped like the model input, normalised like the model unless --mean/--std."""
     from vitcc.training.data import make_loaders, normalization_for
     model_mean, model_std = normalization_for(m)
     mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
     return make_loaders(data, tuple(example[0].shape[1:]), batch_size=batch_size,
                         mean=model_mean if mean_v is None else mean_v, std=model_std if std_v is None else std_v,
-                        seed=seed, distributed=True)
+                        seed=seed, distributed=True, recipe=recipe, num_workers=workers,
+                        pin_memory=device is not None and device.type == "cuda")
+
+
+def check_training(a: SimpleNamespace):
+    """compile's training options, checked before any work: (device, precision, Recipe)."""
+    from vitcc.training.recipe import Recipe, resolve_precision
+    device = resolve_device(a.device)
+    precision = resolve_precision(a.precision, device) if a.precision is not None else None
+    recipe = Recipe(aa=a.aa, reprob=a.reprob, mixup=a.mixup, cutmix=a.cutmix, smoothing=a.smoothing,
+                    warmup_epochs=a.warmup_epochs, ema=a.ema, drop_path=a.drop_path)
+    asked = [f"--{k.replace('_', '-')}" for k, v in recipe.to_json().items() if v != getattr(Recipe(), k)]
+    if a.num_classes is not None:
+        asked.append("--num-classes")
+    if asked and a.finetune_epochs <= 0:
+        raise VitccError(f"{', '.join(asked)} {'apply' if len(asked) > 1 else 'applies'} to fine-tuning; add "
+                         "--finetune-epochs N (and --data)")
+    if a.num_classes is not None and a.num_classes < 1:
+        raise VitccError(f"--num-classes must be >= 1, got {a.num_classes}")
+    if a.workers < 0:
+        raise VitccError(f"--workers must be >= 0, got {a.workers}")
+    return device, precision, recipe
 
 
 def _accuracy_lines(rep: dict) -> list[str]:
@@ -291,6 +332,8 @@ def _summary(rep: dict, model: str) -> None:
     out.print("passes: " + ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in rep["passes"]))
     for line in _accuracy_lines(rep):
         out.print(line, highlight=False)
+    if rep.get("accuracy_skipped"):
+        out.print(f"accuracy: not measured: {rep['accuracy_skipped']}", highlight=False)
     for f in rep.get("frozen", [])[:10]:
         out.print(f"[yellow]frozen[/yellow] at {f['node']}: {f['reason']}")
 

@@ -35,20 +35,27 @@ def evaluate_cmd(
 
 
 def _evaluate(model, data, batch_size, mean, std, weights, arch, input_shape, trust_pickle, seed, as_json, device):
-    from vitcc.training.data import make_loaders, normalization_for
+    from vitcc.training.data import data_classes, make_loaders, normalization_for
     from vitcc.training.distributed import init_distributed, is_main
     from vitcc.training.finetune import evaluate
-    init_distributed()  # under torchrun the validation set is sharded and the counts summed
+    from vitcc.training.surgery import output_classes
+    dev = device
+    init_distributed(device=dev)  # under torchrun the validation set is sharded and the counts summed
     torch.manual_seed(seed)
     m, example = _load(model, weights, arch, trust_pickle, input_shape, device)
     model_mean, model_std = normalization_for(m)
     mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
     _, val = make_loaders(data, tuple(example[0].shape[1:]), batch_size=batch_size,
                           mean=model_mean if mean_v is None else mean_v, std=model_std if std_v is None else std_v,
-                          distributed=True)
+                          distributed=True, pin_memory=dev.type == "cuda")
     if len(val.dataset) == 0:
         raise VitccError(f"the validation split of {data} is empty")
-    acc = evaluate(m, val)
+    have, outputs = data_classes(val), output_classes(m, example[0])
+    if have is not None and outputs is not None and have != outputs:
+        raise VitccError(f"the data has {have} classes but {model} has {outputs} outputs; evaluate a model trained "
+                         f"for this data (vitcc compile --num-classes {have} --finetune-epochs N puts a new "
+                         "classifier on a compact model)")
+    acc = evaluate(m.to(dev), val)
     if not is_main():
         return
     if as_json:

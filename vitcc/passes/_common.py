@@ -214,18 +214,28 @@ SPARSITY_TRAINING_OPTIONS = (
 
 
 def sparsity_train(program: Program, pass_name: str, options: dict, *, epochs: int, extra_loss=None,
-                   on_step=None) -> dict:
-    """Train program.gm in place (vitcc.training.finetune.finetune, no distillation) for a sparsity-training phase."""
+                   on_step=None, label: str | None = None) -> dict:
+    """Train program.gm in place (vitcc.training.finetune.finetune, no distillation) for a sparsity-training
+    phase, on the compile's training device (`training_device`) and precision, printing a line per epoch
+    when the compile shows progress; the graph is back on its own device afterwards."""
+    from vitcc.training.distributed import on_device
     from vitcc.training.finetune import finetune
     loader = train_loader(program, pass_name, "its sparsity-training phase")
     gm = program.gm
-    history = finetune(gm, loader, epochs=int(epochs),
-                       lr=float(options.get("lr", program.options.get("sparsity_lr", program.options.get("lr", 5e-4)))),
-                       extra_loss=extra_loss, on_step=on_step, seed=int(program.options.get("seed", 0)),
-                       weight_decay=float(options.get("weight_decay", 0.05)),
-                       progress=bool(program.options.get("progress", False)))
+    with on_device(gm, training_device(program)):
+        history = finetune(gm, loader, epochs=int(epochs),
+                           lr=float(options.get("lr", program.options.get("sparsity_lr", program.options.get("lr", 5e-4)))),
+                           extra_loss=extra_loss, on_step=on_step, seed=int(program.options.get("seed", 0)),
+                           weight_decay=float(options.get("weight_decay", 0.05)),
+                           progress=program.options.get("progress", False),
+                           precision=program.options.get("precision"), label=label or f"{pass_name} sparsity training")
     gm.eval()
     return history
+
+
+def training_device(program: Program) -> torch.device | None:
+    """Where data-driven passes train and calibrate: `options["device"]` (compile's `device`), else the graph's."""
+    return program.options.get("device")
 
 
 def epochs_of(program: Program, options: dict, default: int = 0) -> int:

@@ -50,7 +50,8 @@ from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 from vitcc.pipeline.pass_base import Option
 from vitcc.ir.spaces import find, normalize
 
-from vitcc.passes._common import (calibration, claim, default_kinds, epochs_of, fill_fallback, group_energy, param_masks, provisional_keep, rebase, sparsity_train, train_loader)
+from vitcc.passes._common import (calibration, claim, default_kinds, epochs_of, fill_fallback, group_energy, param_masks, provisional_keep, rebase, sparsity_train, train_loader, training_device)
+from vitcc.training.distributed import device_copy, on_device
 from vitcc.passes._common import SPARSITY_TRAINING_OPTIONS
 from vitcc.search.scores import group_norms
 
@@ -104,7 +105,8 @@ def head_graph(program: Program, x: torch.Tensor, edge: str = "cka", chunk: int 
     if not layers:
         return [], []
     names = [name for _, name, _ in layers]
-    gm = program.gm
+    device = training_device(program)
+    gm = device_copy(program.gm, device)  # calibration runs on the training device; the program stays put
     was_training = gm.training
     gm.eval()
     acc = [dict(n=0, s=None, g=None, s2=None) for _ in layers]
@@ -113,7 +115,7 @@ def head_graph(program: Program, x: torch.Tensor, edge: str = "cka", chunk: int 
     try:
         with torch.no_grad():
             for start in range(0, len(x), chunk):
-                xb = x[start:start + chunk]
+                xb = x[start:start + chunk].to(device) if device is not None else x[start:start + chunk]
                 cap = _Capture(gm, names)
                 cap.run(xb)
                 feats = []
@@ -140,6 +142,9 @@ def head_graph(program: Program, x: torch.Tensor, edge: str = "cka", chunk: int 
                     cross[i] = c if cross[i] is None else cross[i] + c
     finally:
         gm.train(was_training)
+    for st in acc:
+        st["s"], st["g"] = st["s"].cpu(), st["g"].cpu()
+    cross = [c.cpu() for c in cross]
     weights = []
     shapes = [(layers[i][0].size, acc[i]["s"].numel() // layers[i][0].size) for i in range(len(layers))]
     centred = []
@@ -265,6 +270,29 @@ class Gohsp(Pass):
         pruned = [g for g in program.groups if g.name in keep and len(keep[g.name]) < g.size]
         if not pruned:
             return {"stage2": "nothing to prune at this budget"}
+        with on_device(program.gm, training_device(program)):  # masks, Z and U live where the weights train
+            state, history, masks, W, names = self._train_stage2(program, epochs, head_groups, keep, pruned, mode, rho)
+        masks = {n: m.cpu() for n, m in masks.items()}
+        pull, every = state["pull"], state["every"]
+        final = {n: p.detach() for n, p in program.gm.named_parameters()}
+        for g in pruned:
+            if g.name in head_groups:
+                continue
+            e = group_energy(program, g, final).sqrt()
+            support = torch.zeros(g.size, dtype=torch.float64)
+            support[torch.as_tensor(state["keep"][g.name], dtype=torch.long)] = 1.0
+            claim(program, "gohsp", g.name, support + e / e.max().clamp_min(1e-30) * 0.5)
+        rebase(program)
+        last = param_masks(program, state["keep"])
+        removed = sum(float((W[n].detach() * ~last.get(n, masks[n])).pow(2).sum()) for n in names)
+        total = sum(float(W[n].detach().pow(2).sum()) for n in names)
+        return {"stage2": mode, "rho": rho if mode == "admm" else None, "pull": pull if mode == "prox" else None,
+                "projections": state["updates"], "every": every,
+                "energy_outside_support": removed / max(total, 1e-30), "loss": history.get("loss")}
+
+    def _train_stage2(self, program: Program, epochs: int, head_groups: set[str], keep: dict, pruned: list,
+                      mode: str, rho: float):
+        """The sparsity training of stage 2 (see `_admm`), with the weights wherever they are now."""
         masks = param_masks(program, keep)
         params = dict(program.gm.named_parameters())
         names = sorted(masks)
@@ -275,7 +303,7 @@ class Gohsp(Pass):
         every = max(1, int(self.options.get("every", max(1, steps // 4))))
         residue = float(self.options.get("residue", 0.01))
         pull = float(self.options.get("pull", 1.0 - residue ** (1.0 / max(1, epochs * steps))))
-        state = {"step": 0, "keep": dict(keep), "masks": masks, "updates": 0}
+        state = {"step": 0, "keep": dict(keep), "masks": masks, "updates": 0, "pull": pull, "every": every}
 
         def project(source: dict[str, torch.Tensor]) -> None:
             new_keep = dict(state["keep"])
@@ -309,19 +337,6 @@ class Gohsp(Pass):
                 U[n] += W[n].detach() - Z[n]
 
         history = sparsity_train(program, "gohsp", self.options, epochs=epochs,
-                                 extra_loss=penalty if mode == "admm" else None, on_step=on_step)
-        final = {n: p.detach() for n, p in program.gm.named_parameters()}
-        for g in pruned:
-            if g.name in head_groups:
-                continue
-            e = group_energy(program, g, final).sqrt()
-            support = torch.zeros(g.size, dtype=torch.float64)
-            support[torch.as_tensor(state["keep"][g.name], dtype=torch.long)] = 1.0
-            claim(program, "gohsp", g.name, support + e / e.max().clamp_min(1e-30) * 0.5)
-        rebase(program)
-        last = param_masks(program, state["keep"])
-        removed = sum(float((W[n].detach() * ~last.get(n, masks[n])).pow(2).sum()) for n in names)
-        total = sum(float(W[n].detach().pow(2).sum()) for n in names)
-        return {"stage2": mode, "rho": rho if mode == "admm" else None, "pull": pull if mode == "prox" else None,
-                "projections": state["updates"], "every": every,
-                "energy_outside_support": removed / max(total, 1e-30), "loss": history.get("loss")}
+                                 extra_loss=penalty if mode == "admm" else None, on_step=on_step,
+                                 label="gohsp stage 2")
+        return state, history, masks, W, names

@@ -26,6 +26,7 @@ from vitcc.ir.program import Program
 from vitcc.pipeline.pass_base import Option, Pass, PassResult, register_pass
 
 from vitcc.search.scores import group_slice_sums
+from vitcc.training.distributed import device_copy
 
 
 def calibration_of(program: Program, method: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,7 +60,8 @@ class Taylor(Pass):
             raise VitccError(f"taylor{{reduce={reduce}}}: expected abs or group")
         elementwise = reduce == "abs"
         bs = max(1, int(self.option("batch")))
-        gm = program.gm
+        device = program.options.get("device")  # the training device (compile's `device`)
+        gm = device_copy(program.gm, device)  # gradients on the device; the program's weights stay where they are
         params = dict(gm.named_parameters())
         flags = {n: p.requires_grad for n, p in params.items()}
         was_training = gm.training
@@ -71,7 +73,7 @@ class Taylor(Pass):
                 p.requires_grad_(True)
                 p.grad = None
             for start in range(0, len(x), bs):
-                xb = x[start:start + bs]
+                xb = x[start:start + bs].to(device) if device is not None else x[start:start + bs]
                 with torch.enable_grad():
                     logits = gm(xb)
                     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
@@ -80,6 +82,7 @@ class Taylor(Pass):
                         if int(yb.max()) >= logits.shape[-1]:
                             raise VitccError(f"taylor: the data has class {int(yb.max())} but the model has only "
                                              f"{logits.shape[-1]} outputs; use taylor{{target=pred}} or matching data")
+                        yb = yb.to(logits.device)
                     else:
                         yb = logits.detach().argmax(-1)
                     loss = F.cross_entropy(logits, yb)
@@ -87,6 +90,7 @@ class Taylor(Pass):
                 wg = {n: (p.detach().double() * g.double()) for (n, p), g in zip(params.items(), grads) if g is not None}
                 if elementwise:
                     wg = {n: t.abs() for n, t in wg.items()}
+                wg = {n: t.cpu() for n, t in wg.items()}  # scores are summed on the CPU
                 cache: dict = {}
 
                 def rows(name, t, axis):

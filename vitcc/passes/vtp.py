@@ -175,7 +175,7 @@ class Vtp(Pass):
 
         def l1(_model):
             return lam * sum((p.abs().sum() for p in params), torch.zeros(()))
-        history = sparsity_train(program, "vtp", self.options, epochs=epochs, extra_loss=l1)
+        history = sparsity_train(program, "vtp", self.options, epochs=epochs, extra_loss=l1, label="vtp gates")
         values = {name: p.detach().abs().clone() for name, p in gates.items()}
         fold_gates(program, placed)
         rebase(program)

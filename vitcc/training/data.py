@@ -12,6 +12,12 @@ Built-in sets are adapted to the model input: grey levels scaled to [0, 1], the 
 model's channel count, bilinearly resized (antialiased) to its height and width, then normalised with
 `mean`/`std` (use `normalization_for(model)` to get the model's own). Everything is deterministic: the
 train order depends only on `seed` (and the epoch, see `vitcc.training.finetune.finetune`).
+
+With a `Recipe` asking for RandAugment (`aa`) or random erasing (`reprob`), training images go through
+timm's training transform (`timm.data.create_transform(is_training=True)`: random resized crop, flip,
+RandAugment, normalisation, random erasing), as DeiT trains; colour jitter is off (RandAugment replaces
+it). Built-in digit sets get it too, from their adapted images, without flips (a mirrored digit is
+another shape) and with crops of at least 35% of the image. Validation images are never augmented.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitcc.errors import VitccError
 
-__all__ = ["make_loaders", "calibration_batch", "normalization_for", "BUILTIN", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["make_loaders", "calibration_batch", "normalization_for", "data_classes", "BUILTIN", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,28 +77,38 @@ class TensorImages(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, input_size: tuple[int, int, int],
                  mean: torch.Tensor, std: torch.Tensor, source_indices: np.ndarray, classes: list[str],
-                 cache_bytes: int = 256 << 20):
+                 cache_bytes: int = 256 << 20, transform=None):
         self.images, self.labels = images, labels.long()
         self.input_size = tuple(int(d) for d in input_size)
         self.mean, self.std = mean, std
         self.source_indices = source_indices
         self.classes = classes
         self.targets = self.labels.tolist()
+        self.transform = transform  # a PIL transform (timm's training transform) on the adapted image
         self._cache = None
         if len(images) * math.prod(self.input_size) * 4 <= cache_bytes:
-            self._cache = self._adapt(images)
+            self._cache = self._resize(images) if transform is not None else self._adapt(images)
 
-    def _adapt(self, x: torch.Tensor) -> torch.Tensor:
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
         c, h, w = self.input_size
         if tuple(x.shape[-2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        x = x.expand(-1, c, -1, -1) if x.shape[1] == 1 else x
-        return ((x - self.mean) / self.std).contiguous()
+        return x.expand(-1, c, -1, -1) if x.shape[1] == 1 else x
+
+    def _adapt(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self._resize(x) - self.mean) / self.std).contiguous()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        if self.transform is not None:
+            from PIL import Image
+            x = self._cache[i] if self._cache is not None else self._resize(self.images[i:i + 1])[0]
+            pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+            image = (Image.fromarray(pixels[0].numpy(), "L") if pixels.shape[0] == 1 else
+                     Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB"))
+            return self.transform(image), int(self.labels[i])
         x = self._cache[i] if self._cache is not None else self._adapt(self.images[i:i + 1])[0]
         return x, int(self.labels[i])
 
@@ -158,12 +175,46 @@ class _Convert:
         return im.convert(self.mode)
 
 
-def _image_folder(root: Path, split: str, input_size: tuple[int, int, int], mean, std, augment: bool):
+def _train_transform(input_size: tuple[int, int, int], mean, std, recipe, builtin: bool):
+    """timm's training transform (DeiT's: crop, flip, RandAugment, random erasing) for a PIL image."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment, posterize
+    c, h, w = input_size
+    tf = create_transform((c, h, w), is_training=True, auto_augment=recipe.aa, re_prob=recipe.reprob,
+                          re_mode="pixel", color_jitter=0.0, interpolation="bicubic",
+                          mean=tuple(mean.flatten().tolist()), std=tuple(std.flatten().tolist()),
+                          **(dict(hflip=0.0, scale=(0.35, 1.0)) if builtin else {}))
+    for t in getattr(tf, "transforms", ()):
+        for op in t.ops if isinstance(t, RandAugment) else ():
+            if op.aug_fn is posterize:
+                op.aug_fn = _posterize  # this transform's own ops only: timm's tables stay as they are
+    return tf
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits kept meaning a black image as older Pillow computed it: timm's
+    PosterizeIncreasing (DeiT's `inc1` policies) asks for 0 bits at the top magnitude, which Pillow 13
+    refuses."""
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _image_folder(root: Path, split: str, input_size: tuple[int, int, int], mean, std, augment: bool, recipe=None):
     from torchvision import datasets, transforms as T
     c, h, w = input_size
     if c not in (1, 3):
         raise VitccError(f"image folders give 1 or 3 channels; the model takes {c}")
     resize = int(math.floor(max(h, w) / 0.875)) if max(h, w) >= 64 else max(h, w)
+    if recipe is not None and recipe.augments and split == "train":
+        tf = T.Compose([_Convert("RGB" if c == 3 else "L"), _train_transform(input_size, mean, std, recipe, False)])
+        try:
+            return datasets.ImageFolder(str(root / split), transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise VitccError(f"cannot read image folder {root / split}: {(str(e).splitlines() or [''])[0]}") from None
     if augment and split == "train":
         geometry = [T.RandomResizedCrop((h, w), scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
     else:
@@ -179,7 +230,7 @@ def _image_folder(root: Path, split: str, input_size: tuple[int, int, int], mean
 def make_loaders(spec: str, input_size: tuple[int, int, int], *, batch_size: int = 64,
                  mean: Sequence[float] | float | None = None, std: Sequence[float] | float | None = None,
                  seed: int = 0, distributed: bool = False, num_workers: int = 0,
-                 augment: bool = False) -> tuple[DataLoader, DataLoader]:
+                 augment: bool = False, recipe=None, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders for `spec` (see the module docstring), images shaped `input_size` = (C, H, W).
 
     `mean`/`std` (one value or one per channel) default to ImageNet's for 3 channels and 0.5 for 1; pass
@@ -187,7 +238,10 @@ def make_loaders(spec: str, input_size: tuple[int, int, int], *, batch_size: int
     loader shuffles with a generator seeded by `seed`. With `distributed=True` and torch.distributed
     initialised (see `vitcc.training.distributed.init_distributed`; it is tried here from torchrun's environment),
     train uses a DistributedSampler and val a sharded sampler without padding (`evaluate` sums over ranks).
-    `augment` (image folders only): random resized crops and flips for training.
+    `augment` (image folders only): random resized crops and flips for training. `recipe` (a
+    `vitcc.training.recipe.Recipe`): with `aa` or `reprob`, timm's training transform (module docstring).
+    `pin_memory` for loaders feeding a GPU; `num_workers` worker processes (their random transforms are
+    seeded from the loader's generator, so `seed` still fixes everything).
     """
     if len(tuple(input_size)) != 3:
         raise VitccError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
@@ -204,7 +258,9 @@ def make_loaders(spec: str, input_size: tuple[int, int, int], *, batch_size: int
     if spec_s in BUILTIN:
         x, y, tr, va = _builtin(spec_s)
         classes = [str(i) for i in range(int(y.max()) + 1)]
-        train_ds = TensorImages(torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), input_size, mean_t, std_t, tr, classes)
+        tf = _train_transform(input_size, mean_t, std_t, recipe, True) if recipe is not None and recipe.augments else None
+        train_ds = TensorImages(torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), input_size, mean_t, std_t, tr, classes,
+                                transform=tf)
         val_ds = TensorImages(torch.from_numpy(x[va]), torch.from_numpy(y[va]), input_size, mean_t, std_t, va, classes)
     elif Path(spec_s).is_dir():
         root = Path(spec_s)
@@ -212,7 +268,7 @@ def make_loaders(spec: str, input_size: tuple[int, int, int], *, batch_size: int
         if missing:
             raise VitccError(f"data folder {root} has no {' or '.join(m + '/' for m in missing)} subfolder; "
                              f"expected {_FORMS}")
-        train_ds = _image_folder(root, "train", input_size, mean_t, std_t, augment)
+        train_ds = _image_folder(root, "train", input_size, mean_t, std_t, augment, recipe)
         val_ds = _image_folder(root, "val", input_size, mean_t, std_t, False)
         if train_ds.classes != val_ds.classes:
             raise VitccError(f"{root}/train and {root}/val have different class folders "
@@ -227,13 +283,24 @@ def make_loaders(spec: str, input_size: tuple[int, int, int], *, batch_size: int
         train_sampler = DistributedSampler(train_ds, num_replicas=world_size(), rank=rank(), shuffle=True,
                                            seed=int(seed))
         train = DataLoader(train_ds, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
-                           generator=gen)
+                           generator=gen, pin_memory=pin_memory)
         val = DataLoader(val_ds, batch_size=batch_size, sampler=ShardSampler(len(val_ds), rank(), world_size()),
-                         num_workers=num_workers)
+                         num_workers=num_workers, pin_memory=pin_memory)
     else:
-        train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
-        val = DataLoader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers,
+                           pin_memory=pin_memory)
+        val = DataLoader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
     return train, val
+
+
+def data_classes(loader: DataLoader) -> int | None:
+    """The number of classes the loader's data set declares (`classes`, as ImageFolder and the built-in sets
+    have; through Subsets), or None when it declares none."""
+    ds = loader.dataset
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    classes = getattr(ds, "classes", None)
+    return len(classes) if classes is not None else None
 
 
 def calibration_batch(loader: DataLoader, n: int, *, with_labels: bool = False):
