@@ -40,12 +40,11 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import vitcc
 from vitcc.metrics import count_params
-from vitcc.training.distributed import resolve_device
+from vitcc.devices import resolve_device
 from vitcc.training.finetune import distillation_loss, finetune
 from vitcc.training.recipe import Recipe, autocast_dtype, resolve_precision
 
