@@ -255,3 +255,106 @@ def test_opset_without_layernormalization_is_refused(tmp_path):
     with pytest.raises(VitccError, match="opset 16 has no LayerNormalization.*opset 17 or later"):
         export_onnx(tiny_vit(), (torch.randn(1, 3, 32, 32),), tmp_path / "m.onnx", opset=16)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- windowed attention (Swin) with a dynamic batch
+
+class BiasedAttention(torch.nn.Module):
+    """The pattern that broke Swin's export: SDPA with a mask made from a parameter (a relative position bias),
+    then `transpose(1, 2).reshape(...)`. On CPU the mask's requires_grad picks SDPA's kernel and so the strides
+    of its output; the exporter decomposed the reshape into a view under one kernel and re-ran it under the
+    other ("Cannot view a tensor ..."), at any batch, static or dynamic."""
+
+    def __init__(self, heads=2, tokens=9, dim=8):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, torch.nn.Linear(heads * dim, 3 * heads * dim), \
+            torch.nn.Linear(heads * dim, 4)
+        self.bias = torch.nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.unsqueeze(0))
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
+
+def run_at(path, model, sizes, shape):
+    """onnxruntime against PyTorch at each batch size in `sizes` (the export was checked at the example's)."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in sizes:
+        x = torch.randn(n, *shape)
+        (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            want = model(x)
+        want = getattr(want, "logits", want)
+        assert got.shape == tuple(want.shape) and got.shape[0] == n
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_attention_with_a_parameter_mask_exports(tmp_path):
+    model, path = BiasedAttention().eval(), tmp_path / "attn.onnx"
+    res = export_onnx(model, (torch.randn(1, 9, 16),), path)
+    assert res["dynamic_batch"] is True and res["inputs"] == ["x"]
+    run_at(path, model, (1, 3), (9, 16))
+    assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
+
+
+def tv_swin():
+    SwinTransformer = pytest.importorskip("torchvision.models.swin_transformer").SwinTransformer
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[7, 7],
+                           num_classes=10).eval()
+
+
+def swin_models():
+    import vitcc
+    from conftest import tiny_hf
+    from conftest import tiny_swin as conftest_swin
+
+    def compact():
+        return vitcc.compile(conftest_swin(), sparsity=0.3, example_inputs=(torch.randn(1, 3, 56, 56),)).module
+    return {"timm": (conftest_swin, 56), "timm-compact": (compact, 56), "hf": (lambda: tiny_hf("swin"), 32),
+            "torchvision": (tv_swin, 56)}
+
+
+@pytest.mark.parametrize("kind", ["timm", "timm-compact", "hf", "torchvision"])
+def test_swin_exports_with_a_dynamic_batch(tmp_path, kind):
+    """Shifted windows, relative position bias, patch merging: traced at a batch of one, exported with a batch
+    axis, right at batches 1 and 3, each LayerNorm one LayerNormalization op."""
+    make, size = swin_models()[kind]
+    model, path = make(), tmp_path / "swin.onnx"
+    res = export_onnx(model, (torch.randn(1, 3, size, size),), path)
+    check_result(res, path)
+    assert res["dynamic_batch"] is True and res["inputs"] == ["images"] and res["outputs"] == ["logits"]
+    ops = _graph_ops(path)  # 11 LayerNorms: 4 blocks of 2, the patch embedding's, the patch merge's, the last
+    assert ops.count("LayerNormalization") == 11 and "Sqrt" not in ops and "Pow" not in ops
+    run_at(path, model, (1, 3), (3, size, size))
+
+
+class PinnedToOne(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.view(1, 4))
+
+
+def test_a_model_pinned_to_batch_one_exports_static(tmp_path):
+    path = tmp_path / "one.onnx"
+    res = export_onnx(PinnedToOne().eval(), (torch.randn(1, 4),), path)
+    check_result(res, path)
+    assert res["dynamic_batch"] is False
+
+
+@pytest.mark.slow
+def test_cli_swin_tiny_224_writes_a_dynamic_batch_onnx(tmp_path, capsys):
+    from vitcc.cli import run
+    out, path = tmp_path / "s.pt2", tmp_path / "s.onnx"
+    assert run(["compile", "timm:swin_tiny_patch4_window7_224", "--sparsity", "0.3", "-o", str(out),
+                "--onnx", str(path)]) == 0
+    assert "images -> logits, dynamic batch" in capsys.readouterr().out
+    import vitcc
+    ops = _graph_ops(path)
+    assert ops.count("LayerNormalization") == 29 and "Pow" not in ops
+    run_at(path, vitcc.load(out), (1, 3), (3, 224, 224))

@@ -17,6 +17,23 @@ tensors by name: the image input is ``images``, a classifier's one output
 or positions (``output_0``, ...). The opset is at least 17, where LayerNorm is one
 LayerNormalization op (the fused kernel TensorRT keeps in fp32) instead of a
 ReduceMean/Sub/Pow/Sqrt/Div chain.
+
+Two things keep windowed models (Swin) exportable with a dynamic batch:
+
+- The parameters are frozen (``requires_grad=False``) while the exporter runs. It traces
+  the model, decomposes the graph and re-runs it (type promotion), and these passes do
+  not agree on which tensors require grad. On CPU, SDPA picks its kernel by whether
+  ``attn_mask`` requires grad (the flash kernel has no mask gradient), and the two
+  kernels return different strides. Swin's mask is its relative position bias, made
+  from a parameter, so ``transpose(1, 2).reshape(...)`` after attention was decomposed
+  into a view under one kernel and could not be a view under the other ("Cannot view a
+  tensor ... (4*s77, 49, ...)"), at any batch. With nothing requiring grad every pass
+  picks the same kernel (the one eager inference picks where the mask needs no
+  gradient), and reshapes stay views (no copies). Grad mode alone is not enough: a view
+  of a parameter requires grad even under ``torch.no_grad()``.
+- A batch of one is exported as a batch of two (when the model runs at two). At batch 1
+  torch specialises checks such as SDPA's "is the mask's batch 1 or the query's?", and
+  the exporter then silently falls back to a static batch.
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,16 +93,52 @@ def output_names(outputs) -> list[str]:
     return names if len(set(names)) == len(names) else [f"output_{i}" for i in range(len(names))]
 
 
+def _batched(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0
+
+
+def _with_batch(inputs: tuple, n: int) -> tuple:
+    """``inputs`` with every batched tensor cycled along dim 0 to ``n`` rows."""
+    return tuple(t[torch.arange(n, device=t.device) % t.shape[0]] if _batched(t) else t for t in inputs)
+
+
+def _trace_inputs(module, example_inputs: tuple) -> tuple:
+    """The inputs to trace with: a batch of one becomes a batch of two, which the exporter can keep dynamic
+    (see the module docstring); unchanged if the model does not run at two (it pins its batch)."""
+    if not any(_batched(t) for t in example_inputs) or any(_batched(t) and t.shape[0] != 1 for t in example_inputs):
+        return example_inputs
+    two = _with_batch(example_inputs, 2)
+    try:
+        with torch.no_grad():
+            module(*two)
+    except Exception:
+        return example_inputs
+    return two
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module):
+    """Temporarily set requires_grad=False on every parameter, restoring each one's flag."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def _export(module, example_inputs: tuple, path: Path, opset: int | None, outputs) -> None:
     batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() else None
-                           for t in example_inputs)
+    dynamic_shapes = tuple({0: batch} if _batched(t) else None for t in example_inputs)
     if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
         raise VitccError(f"ONNX export needs torch.onnx.export(dynamo=True), which torch {torch.__version__} "
                          "lacks; install torch >= 2.5 for --onnx")
-    torch.onnx.export(module, example_inputs, str(path), **accepted(torch.onnx.export, dict(
-        dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
-        input_names=input_names(module, example_inputs), output_names=output_names(outputs))))
+    with _frozen(module):  # one SDPA kernel in every pass of the exporter (see the module docstring)
+        torch.onnx.export(module, _trace_inputs(module, example_inputs), str(path), **accepted(torch.onnx.export, dict(
+            dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
+            input_names=input_names(module, example_inputs), output_names=output_names(outputs))))
 
 
 def accepted(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
