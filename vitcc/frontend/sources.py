@@ -8,7 +8,7 @@ ExportedProgram), `.pt`/`.pth` (a torch.save'd module, unpickled through an allo
 """
 from __future__ import annotations
 
-import difflib, functools, importlib, importlib.util, io, os, sys, zipfile
+import difflib, functools, importlib, importlib.util, io, os, sys, warnings, zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +337,9 @@ def _exported_program(path: Path, trust_pickle: bool) -> fx.GraphModule:
         _refuse_pt2_pickles(path)
     _import_output_classes(path)
     try:
-        ep = torch.export.load(str(path))
+        with warnings.catch_warnings():  # torch 2.11's loader warns about its own read-only byte buffers
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            ep = torch.export.load(str(path))
     except Exception as e:
         raise _cannot_read(path, e, "an ExportedProgram written by torch.export.save") from None
     from vitcc.frontend.capture import unlift
