@@ -391,7 +391,7 @@ def _one_line_error(capsys) -> str:
 def test_hostile_file_is_refused_without_side_effects(name, proto, canary, tmp_path, capsys):
     path = PAYLOADS[name](canary, proto, tmp_path)
     capsys.readouterr()
-    out = tmp_path / "out.pt"
+    out = tmp_path / "out.pt2"
     with canary.watching():
         assert run(["inspect", str(path), *SHAPE]) == 2
         inspect_err = _one_line_error(capsys)
@@ -400,7 +400,7 @@ def test_hostile_file_is_refused_without_side_effects(name, proto, canary, tmp_p
         with pytest.raises(VitccError) as e:
             vitcc.load(path)
     canary.assert_untouched()
-    assert not out.exists() and not out.with_name("out.pt.tmp").exists()
+    assert not out.exists() and not out.with_name("out.pt2.tmp").exists()
     assert inspect_err == compile_err and "\n" not in str(e.value) and str(path) in str(e.value)
 
 
