@@ -308,3 +308,17 @@ def no_warnings():
         for lg in loggers:
             lg.removeHandler(handler)
     assert not records, [f"{r.name}: {r.getMessage()}" for r in records]
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A latency cache of the test's own (`pytestmark = pytest.mark.usefixtures("private_cache")`)."""
+    monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """A tiny ViT saved with torch.save (test files with other needs define their own)."""
+    path = tmp_path / "model.pt"
+    torch.save(tiny_vit(), path)
+    return path

@@ -149,7 +149,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     blocks, block_of = model_blocks(program.groups)
     gone = {g for name in program.keep.removed for g in program.branch(name).groups}  # went with their branch
     program.report.update({
-        "versions": {"vitcc": _vitcc_version(), "torch": torch.__version__},
+        "versions": {"vitcc": installed_version(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipeline": format_pipeline(pipeline),
         "budget": {"sparsity": 0.0 if keep is not None else sparsity, "target": target, "align": align,
@@ -314,8 +314,8 @@ def table_with(rules: OpTable | Iterable[Callable] | None) -> OpTable:
     return table
 
 
-def _vitcc_version() -> str:
-    """The installed vitcc's version, as `vitcc --version` says it."""
+def installed_version() -> str:
+    """The installed vitcc's version: what `vitcc --version` and every report say."""
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version("vitcc")

@@ -6,22 +6,10 @@ import torch
 
 from vitcc.cli import run
 
-from conftest import tiny_vit
 
+pytestmark = pytest.mark.usefixtures("private_cache")
 SHAPE = ["--input-shape", "1,3,32,32"]
 QUICK = ["--rounds", "2", "--warmup", "1", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save(tiny_vit(), path)
-    return path
 
 
 def test_bench_compiles_and_prints_a_table(tmp_path, model_file, capsys):

@@ -9,21 +9,10 @@ from vitcc.cli import run
 
 from conftest import tiny_vit
 
+pytestmark = pytest.mark.usefixtures("private_cache")
 SHAPE = ["--input-shape", "1,3,32,32"]
 QUICK = ["--rounds", "2", "--warmup", "1", "--threads", "1"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save(tiny_vit(), path)
-    return path
 
 
 def one_error_line(capsys) -> str:

@@ -41,12 +41,8 @@ TARGETS = ("channels", "params", "macs", "latency")
 
 def _version(show: bool) -> None:
     if show:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            ours = version("vitcc")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            ours = "(not installed)"
-        print(f"vitcc {ours} (torch {torch.__version__})")
+        from vitcc.api import installed_version
+        print(f"vitcc {installed_version()} (torch {torch.__version__})")
         raise typer.Exit()
 
 
