@@ -322,3 +322,11 @@ def model_file(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(tiny_vit(), path)
     return path
+
+
+@pytest.fixture
+def declared_passes(monkeypatch):
+    """Passes a test declares with @register_pass end with it: it declares them into a copy of the built-ins'."""
+    import vitcc.passes  # noqa: F401  (the built-ins are declared first, whichever test runs first)
+    from vitcc.pipeline import pass_base
+    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))

@@ -10,7 +10,6 @@ from vitcc.cli import run
 from vitcc.devices import exact_float32, moved_copy, out_of_memory, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
-from vitcc.pipeline import pass_base
 from vitcc.pipeline.pass_base import Pass, register_pass
 
 from conftest import image, tiny_vit
@@ -114,9 +113,8 @@ def test_exact_float32_restores_after_an_error():
 # ------------------------------------------------------------------------------------ out of memory
 
 @pytest.fixture
-def oom_pass(monkeypatch):
+def oom_pass(declared_passes):
     """A method pass that runs out of device memory, as a large model or --batch does on a GPU."""
-    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))
 
     @register_pass("test-oom")
     class OutOfMemory(Pass):

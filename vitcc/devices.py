@@ -34,7 +34,7 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
         raise VitccError(f"--device {spec}: this machine has no CUDA device (torch {torch.__version__}, CUDA "
                          f"{torch.version.cuda or 'not built'}); use --device cpu, or run on a machine with a GPU")
     count = torch.cuda.device_count()
-    if _launched():
+    if launched():
         if index is not None:
             raise VitccError(f"--device {spec}: under torchrun every process uses cuda:LOCAL_RANK; pass --device cuda")
         index = os.environ.get("LOCAL_RANK", "0")
@@ -199,6 +199,6 @@ def memory_hint(lower: str) -> Iterator[None]:
         raise VitccError(out_of_memory_line(oom, lower)) from None
 
 
-def _launched() -> bool:
+def launched() -> bool:
     """Started by torchrun (RANK and WORLD_SIZE set) with more than one process."""
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

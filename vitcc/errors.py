@@ -31,6 +31,18 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum  # what a shell shows for a process the signal ended: 130 SIGINT, 143 SIGTERM
 
 
+def interruption_behind(exc: BaseException) -> Interrupted | None:
+    """The Interrupted that an exception stands for, if any. A signal that lands while a C extension initialises
+    (pybind11's modules: onnxruntime, matplotlib) comes back as ImportError("initialization failed") raised from it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Interrupted):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def internal_error_line(exc: BaseException) -> str:
     """One line for an exception that is vitcc's own bug: its type, where it was raised, and where to report it.
 

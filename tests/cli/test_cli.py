@@ -7,7 +7,6 @@ import torch
 
 import vitcc
 from vitcc.cli import run
-from vitcc.pipeline import pass_base
 from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 
 from conftest import no_warnings, tiny_vit
@@ -106,8 +105,7 @@ def test_never_overwrites_the_input(model_file, capsys):
     assert model_file.read_bytes() == before
 
 
-def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, capsys, monkeypatch):
-    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))  # the pass is declared for this test only
+def test_failed_verification_exits_3_and_writes_nothing(tmp_path, model_file, capsys, declared_passes):
 
     @register_pass("test-corrupt")
     class Corrupt(Pass):
@@ -221,8 +219,7 @@ def test_every_command_gives_one_line_for_bad_input(tmp_path, model_file, capsys
     assert listing(tmp_path) == before
 
 
-def test_vitcc_bug_is_exit_1_with_where_to_report_it(tmp_path, model_file, capsys, monkeypatch):
-    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))
+def test_vitcc_bug_is_exit_1_with_where_to_report_it(tmp_path, model_file, capsys, monkeypatch, declared_passes):
 
     @register_pass("test-crash")
     class Crash(Pass):

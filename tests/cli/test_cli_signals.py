@@ -12,7 +12,7 @@ import torch
 
 import vitcc
 from vitcc.cli import run
-from vitcc.pipeline import pass_base
+from vitcc.errors import Interrupted
 from vitcc.pipeline.pass_base import Pass, register_pass
 
 from conftest import tiny_vit
@@ -58,21 +58,37 @@ def test_a_signal_while_compiling_exits_non_zero_and_leaves_nothing(tmp_path, si
     assert sorted(p.name for p in out.iterdir()) == []
 
 
-def test_ctrl_c_inside_a_pass_is_exit_130_and_one_line(tmp_path, capsys, monkeypatch):
-    """A KeyboardInterrupt that no signal handler of vitcc's raised (typer turns it into an exit code)."""
-    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))
+def _compile_with_a_pass_that_raises(tmp_path, make_error) -> int:
 
-    @register_pass("test-ctrl-c")
-    class CtrlC(Pass):
+    @register_pass("test-raises")
+    class Raises(Pass):
         def run(self, program):
-            raise KeyboardInterrupt
+            raise make_error()
 
     model = tmp_path / "model.pt"
     torch.save(tiny_vit(), model)
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    code = run(["compile", str(model), "--input-shape", "1,3,32,32", "--passes", "magnitude,test-ctrl-c",
+    code = run(["compile", str(model), "--input-shape", "1,3,32,32", "--passes", "magnitude,test-raises",
                 "-o", str(tmp_path / "small.pt2"), "--report", str(tmp_path / "r.json")])
-    assert code == 130
-    assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGINT; unfinished outputs were removed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # run() put them back
+    return code
+
+
+def test_ctrl_c_inside_a_pass_is_exit_130_and_one_line(tmp_path, capsys, declared_passes):
+    """A KeyboardInterrupt that no signal handler of vitcc's raised (typer turns it into an exit code)."""
+    assert _compile_with_a_pass_that_raises(tmp_path, KeyboardInterrupt) == 130
+    assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGINT; unfinished outputs were removed"
+
+
+def test_a_signal_wrapped_by_a_library_is_still_an_interruption(tmp_path, capsys, declared_passes):
+    """A signal that lands while pybind11 initialises a module (onnxruntime, matplotlib) surfaces as
+    ImportError("initialization failed") raised from vitcc's Interrupted: not an internal error, exit 143."""
+
+    def wrapped() -> ImportError:
+        error = ImportError("initialization failed")
+        error.__cause__ = Interrupted(signal.SIGTERM)
+        return error
+
+    assert _compile_with_a_pass_that_raises(tmp_path, wrapped) == 143
+    assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGTERM; unfinished outputs were removed"

@@ -196,7 +196,7 @@ def test_weights_zeroed_in_place_are_shown_as_weights_not_as_kept_channels(model
     assert "weights zeroed in place" in out
     text, root = page(report, tmp_path)
     summary = table(root, "summary")
-    assert [f"QKV weights, nonzero", f"{families['QKV'][0]:,}", f"{families['QKV'][0] - families['QKV'][1]:,}",
+    assert ["QKV weights, nonzero", f"{families['QKV'][0]:,}", f"{families['QKV'][0] - families['QKV'][1]:,}",
             f"{1 - families['QKV'][1] / families['QKV'][0]:.1%}"] in summary and "sparsity 0.3" in text
     assert not root.findall(f".//{SVG}g[@class='bar']")  # no width was pruned: no channel bars
     for block in root.findall(f".//{SVG}g[@class='block']"):

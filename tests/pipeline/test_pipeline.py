@@ -165,8 +165,7 @@ def test_a_registry_addition_stays_in_that_registry():
     assert Noop.name == ""  # registering under a name made a subclass; the user's class is untouched
 
 
-def test_register_pass_reaches_every_later_registry(monkeypatch):
-    monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))  # this test's declarations end with it
+def test_register_pass_reaches_every_later_registry(declared_passes):
 
     @register_pass("test-declared")
     class Declared(Pass):

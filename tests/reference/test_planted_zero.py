@@ -10,7 +10,7 @@ def plant(model):
     """Zero head 1 of block 0, v dims 3 and 7 and qk dims 2 and 9 of block 1, and MLP neurons of block 0."""
     D, C = 16, 48
     with torch.no_grad():
-        qkv, proj = model.blocks[0].attn.qkv, model.blocks[0].attn.proj
+        qkv = model.blocks[0].attn.qkv
         for part in range(3):
             rows = slice(part * C + 1 * D, part * C + 2 * D)
             qkv.weight[rows] = 0

@@ -15,7 +15,7 @@ import typer
 from vitcc.cli import bench, evaluate, passes, profile, report  # noqa: F401  (each declares its command)
 from vitcc.cli.app import app, console
 from vitcc.devices import out_of_memory, out_of_memory_line
-from vitcc.errors import Interrupted, VitccError, internal_error_line
+from vitcc.errors import Interrupted, VitccError, internal_error_line, interruption_behind
 
 __all__ = ["app", "main", "run"]
 
@@ -89,7 +89,12 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None, usage: tuple, exits: tuple, aborts: tuple) -> int:
     try:
-        code = app(args=argv, standalone_mode=False)
+        try:
+            code = app(args=argv, standalone_mode=False)
+        except Exception as e:  # whatever it is, a signal behind it makes it an interruption
+            if (signal_behind := interruption_behind(e)) is not None:
+                raise signal_behind from None
+            raise
         if code == 130:  # typer turns a KeyboardInterrupt into Exit(130), and returns an Exit's code
             _interrupted("SIGINT")
         return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -4,36 +4,23 @@ No home-made distribution: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
 `init_distributed()` starts the default process group from them (gloo on CPU; on GPUs NCCL for CUDA
 tensors and gloo for CPU ones; `VITCC_DIST_BACKEND` overrides), training wraps the model in
 DistributedDataParallel and the loaders use distributed samplers. Only rank 0 prints and writes.
-Every rank of a GPU job uses `cuda:LOCAL_RANK` (`resolve_device`), on one node or several.
+Every rank of a GPU job uses `cuda:LOCAL_RANK` (`vitcc.devices.resolve_device`), on one node or several.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import os
-import re
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from vitcc.devices import device_of, launched
 
-__all__ = ["init_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier", "launched",
-           "local_rank", "resolve_device", "DEVICE_HELP", "on_device", "device_copy", "same_device"]
-
-DEVICE_HELP = "cpu, cuda or cuda:N (under torchrun: cuda, each process on cuda:LOCAL_RANK)"
-_SPEC = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
-
-
-def launched() -> bool:
-    """Started by torchrun (or any launcher that sets RANK and WORLD_SIZE) with more than one process."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def local_rank() -> int:
-    """This process's index on its node (torchrun's LOCAL_RANK; 0 when not launched)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+__all__ = ["init_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier", "all_reduce_sum",
+           "on_device", "device_copy", "same_device"]
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -47,19 +34,11 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
-def _home(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def on_device(module: nn.Module, device: torch.device | None) -> Iterator[nn.Module]:
     """`module` moved in place to `device` for the block, and back after it. Its Parameter objects stay the
     same (their data moves), so hooks and closures holding them follow: what sparsity training needs."""
-    home = _home(module)
+    home = device_of(module)
     if device is None or same_device(device, home):
         yield module
         return
@@ -73,7 +52,7 @@ def on_device(module: nn.Module, device: torch.device | None) -> Iterator[nn.Mod
 def device_copy(module: nn.Module, device: torch.device | None) -> nn.Module:
     """`module` itself where it already is on `device` (or no device is asked), else a copy there: for work
     that only reads the weights (calibration), so that the program's own tensors never move."""
-    if device is None or same_device(device, _home(module)):
+    if device is None or same_device(device, device_of(module)):
         return module
     return copy.deepcopy(module).to(device)
 
