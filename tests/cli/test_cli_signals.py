@@ -58,26 +58,43 @@ def test_a_signal_while_compiling_exits_non_zero_and_leaves_nothing(tmp_path, si
     assert sorted(p.name for p in out.iterdir()) == []
 
 
-def _compile_with_a_pass_that_raises(tmp_path, make_error) -> int:
+def _compile_with_a_pass_that(tmp_path, does) -> int:
+    """The exit code of compiling with magnitude and a pass whose run() calls `does()`; nothing may stay behind
+    and the signal handlers are put back."""
 
-    @register_pass("test-raises")
-    class Raises(Pass):
+    @register_pass("test-pass")
+    class Does(Pass):
         def run(self, program):
-            raise make_error()
+            does()
 
     model = tmp_path / "model.pt"
     torch.save(tiny_vit(), model)
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    code = run(["compile", str(model), "--input-shape", "1,3,32,32", "--passes", "magnitude,test-raises",
+    hook = sys.unraisablehook
+    code = run(["compile", str(model), "--input-shape", "1,3,32,32", "--passes", "magnitude,test-pass",
                 "-o", str(tmp_path / "small.pt2"), "--report", str(tmp_path / "r.json")])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".py") == ["model.pt"]
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # run() put them back
+    assert sys.unraisablehook is hook
     return code
+
+
+def _raise(make_error):
+    def does():
+        raise make_error()
+    return does
+
+
+def _wait_for_the_signal() -> None:
+    """Python code the handler can interrupt, for longer than a signal takes to be delivered again."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_ctrl_c_inside_a_pass_is_exit_130_and_one_line(tmp_path, capsys, declared_passes):
     """A KeyboardInterrupt that no signal handler of vitcc's raised (typer turns it into an exit code)."""
-    assert _compile_with_a_pass_that_raises(tmp_path, KeyboardInterrupt) == 130
+    assert _compile_with_a_pass_that(tmp_path, _raise(KeyboardInterrupt)) == 130
     assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGINT; unfinished outputs were removed"
 
 
@@ -90,5 +107,41 @@ def test_a_signal_wrapped_by_a_library_is_still_an_interruption(tmp_path, capsys
         error.__cause__ = Interrupted(signal.SIGTERM)
         return error
 
-    assert _compile_with_a_pass_that_raises(tmp_path, wrapped) == 143
+    assert _compile_with_a_pass_that(tmp_path, _raise(wrapped)) == 143
     assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGTERM; unfinished outputs were removed"
+
+
+class _SignalsInItsFinaliser:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs here, where Python prints an exception and ignores it
+            pass
+
+
+def test_a_signal_in_a_finaliser_still_ends_the_command(tmp_path, capsys, declared_passes):
+    """torch's weakref callbacks and __del__ methods run at any time; a signal landing in one is not lost."""
+
+    def does():
+        _SignalsInItsFinaliser()
+        _wait_for_the_signal()
+
+    assert _compile_with_a_pass_that(tmp_path, does) == 143
+    assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGTERM; unfinished outputs were removed"
+
+
+def test_a_signal_during_an_import_lands_after_it(tmp_path, capsys, declared_passes, monkeypatch):
+    """Raised inside a module's initialisation it would leave the module half-made (a C extension turns it into
+    ImportError, which libraries catch as "not installed", or aborts): it is raised after the import instead."""
+    (tmp_path / "signals_while_imported.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nfor _ in range(100_000):\n    pass\nCOMPLETE = True\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    imported = []
+
+    def does():
+        import signals_while_imported
+        imported.append(signals_while_imported.COMPLETE)
+        _wait_for_the_signal()
+
+    assert _compile_with_a_pass_that(tmp_path, does) == 130
+    assert imported == [True]
+    assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGINT; unfinished outputs were removed"

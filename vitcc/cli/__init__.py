@@ -45,28 +45,61 @@ def _signals_end_cleanly() -> Iterator[None]:
     """While a command runs, the signals that end it raise Interrupted, so that every `with Outputs` and `finally`
     removes its temporaries on the way out (SIGTERM's default ends the process on the spot, leaving them behind).
 
-    Only the first raises: later ones wait for that cleanup. A signal the caller ignores (nohup) stays ignored;
-    Python runs handlers in the main thread only, so elsewhere (run() from a thread) nothing changes."""
+    Only the first raises: later ones wait for that cleanup. A raise that would be lost is made again 50 ms
+    later: one in the import machinery (a C extension's initialisation turns it into an ImportError that a
+    library may swallow, or aborts), or one that Python ignores (in a finaliser or a weakref callback). A signal
+    the caller ignores (nohup) stays ignored; Python runs handlers in the main thread only, so elsewhere (run()
+    from a thread) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     fired: list[int] = []
 
+    def deliver_later(signum: int) -> None:
+        retry = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        retry.daemon = True
+        retry.start()
+
     def handler(signum: int, frame) -> None:
-        if not fired:
-            fired.append(signum)
-            raise Interrupted(signum)
+        if fired:
+            return
+        if _importing(frame):
+            deliver_later(signum)
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, Interrupted) and fired:
+            fired.clear()
+            deliver_later(info.exc_value.signum)
+        else:
+            previous_hook(info)
 
     previous = {}
     for name in STOP_SIGNALS:
         sig = getattr(signal, name, None)
         if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, handler)
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _importing(frame) -> bool:
+    """Whether the main thread is in the import machinery: a module's top level, or a C extension's
+    initialisation calling back into Python."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _interrupted(name: str) -> None:
