@@ -204,6 +204,8 @@ def test_checkpoint_dir_that_is_a_file(tmp_path, model_file, capsys):
     (["bench", "MODEL", *SHAPE, "--json", "DIR"], "is a folder"),
     (["bench", "MODEL", *SHAPE, "--json", "DIR/missing/b.json"], "does not exist"),
     (["profile", "MODEL", *SHAPE, "--json", "DIR"], "is a folder"),
+    (["profile", "MODEL", *SHAPE, "-o", "DIR/table.txt"], "table.txt: unsupported suffix .txt; -o writes .json files"),
+    (["bench", "MODEL", *SHAPE, "--json", "DIR/b.csv"], "unsupported suffix .csv; --json writes .json files"),
     (["profile", "MODEL", "--input-shape", "1,3"], "does not fit"),
     (["profile", "MODEL", *SHAPE, "--align", "abc"], "Invalid value for '--align'"),
     (["evaluate", "MODEL", "--data", "digits", "--input-shape", "1,3"], "does not fit"),

@@ -235,7 +235,7 @@ def bench_cmd(
         raise VitccError("give either COMPILED or --sparsity, not both")
     check_budget(sparsity, align, target, passes if sparsity is not None else None)
     with Outputs([model, compiled, weights]) as outputs:
-        tmp = outputs.plan(json_out, "--json")
+        tmp = outputs.plan(json_out, "--json", (".json",))
         with memory_hint("--batch (e.g. --batch 1,64)"):
             result = _bench(args, batches, runtimes, modes)
         if tmp is not None:

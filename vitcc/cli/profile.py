@@ -134,7 +134,7 @@ def profile_cmd(
         return _table_cmd(model, output, device, dtype, batch, mode, threads, points, weights, arch, input_shape,
                           trust_pickle)
     with Outputs([model, weights]) as outputs:
-        tmp = outputs.plan(json_out, "--json")
+        tmp = outputs.plan(json_out, "--json", (".json",))
         m, example = _load(model, weights, arch, trust_pickle, input_shape, dev)
         err = Console(stderr=True)
         progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
@@ -157,7 +157,7 @@ def _table_cmd(model: str, output: Path, device: str, dtype: str, batch: Optiona
         raise VitccError("--batch must be >= 1 and --points >= 2")
     resolve_device(device)  # no CUDA: one line, before the model is loaded
     with Outputs([model, weights]) as outputs:
-        tmp = outputs.plan(output, "-o")
+        tmp = outputs.plan(output, "-o", (".json",))
         m, example = _load(model, weights, arch, trust_pickle, input_shape)
         err = Console(stderr=True)
         progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
