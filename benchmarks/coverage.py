@@ -533,7 +533,7 @@ def render(data: dict) -> str:
         "## Setup", "",
         "- command: " + "; ".join(f"`{c}`" for c in meta.get("commands", [])),
         f"- date: {meta.get('date', '')}; wall time of the sweep: {meta.get('wall_minutes', '?')} min",
-        "- versions: " + ", ".join(f"{k} {val}" for k, val in ver.items()),
+        "- versions (each tool's, as the last command that ran it had it): " + ", ".join(f"{k} {val}" for k, val in ver.items()),
         f"- machine: {meta.get('machine', '')}, CPU only, fp32, batch 1, input from each model's "
         "`pretrained_cfg['input_size']` (HF: `config.image_size`, torchvision: `image_size`), random weights "
         "(`pretrained=False`, `weights=None`, HF from a config; seed 0)",
@@ -710,9 +710,11 @@ def main() -> None:
     if args.merge and OUT.with_suffix(".json").exists():
         old = json.loads(OUT.with_suffix(".json").read_text())
         rows = {(r["model"], r["tool"]): r for r in old["rows"]}
-        META.update({k: val for k, val in old["meta"].items() if k not in ("commands",)},
+        META.update({k: val for k, val in old["meta"].items() if k not in ("commands", "versions")},
                     commands=old["meta"].get("commands", []) + [cmd.strip()])
         META["date"] += f" (merged {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})"
+        ran = {k: v for k, v in versions().items() if k != "torch-pruning" or "tp" in tools}
+        META["versions"] = {**old["meta"].get("versions", {}), **ran}  # each tool's as the last command that ran it
     start = time.perf_counter()
     META.update(max_rss_gb=args.max_rss_gb, tp_timeout=args.tp_timeout)
     META.update(threads=threads, jobs=args.jobs)
