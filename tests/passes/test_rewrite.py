@@ -6,6 +6,8 @@ import vitcc
 
 from conftest import image, tiny_vit
 
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
 
 def test_parameters_are_sliced_trainable_and_attributes_follow():
     r = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.5, example_inputs=(image(),))
@@ -21,9 +23,27 @@ def test_parameters_are_sliced_trainable_and_attributes_follow():
 
 def test_head_dim_pruning_keeps_the_original_attention_scale():
     r = vitcc.compile(tiny_vit(fused=True), "magnitude", sparsity=0.5, prune="head_dim", example_inputs=(image(),))
-    sdpa = [n for n in r.module.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    sdpa = [n for n in r.module.graph.nodes if n.target is SDPA]
     assert sdpa and all(abs(n.kwargs["scale"] - 16 ** -0.5) < 1e-9 for n in sdpa)
     assert r.report["max_abs_error"] < 1e-5
+
+
+def test_attention_without_heads_leaves_no_attention_kernel_behind():
+    """torch 2.11's CPU SDPA kernel divides by the head count: with every head of block 1 removed, the rewritten
+    graph has no SDPA at zero heads (two matmuls give the empty output its shape), and fold and dce remove the
+    branch, so the compact graph runs one attention."""
+    after_rewrite = []
+
+    class Count(vitcc.Pass):
+        def run(self, program):
+            after_rewrite.append(sum(n.target is SDPA for n in program.gm.graph.nodes))
+            return vitcc.PassResult(modified=False)
+
+    r = vitcc.compile(tiny_vit(fused=True), "magnitude", keep={"blocks.1.attn.heads": []}, example_inputs=(image(),),
+                      insert=[vitcc.Insertion(Count(), after="rewrite")])
+    assert after_rewrite == [1]
+    assert sum(n.target is SDPA for n in r.module.graph.nodes) == 1
+    assert not any(n.target is torch.ops.aten.matmul.default for n in r.module.graph.nodes)
 
 
 def test_result_needs_no_vitcc_code(tmp_path):

@@ -40,11 +40,24 @@ def sdpa(a, node: fx.Node) -> Any:
 
 
 @family.rewrite(SDPA)
-def pin_scale(node: fx.Node, ctx) -> None:
-    q = named_arg(node, "query")
+def compact_sdpa(node: fx.Node, ctx) -> None:
+    q, k, v = (named_arg(node, n) for n in ("query", "key", "value"))
+    if any(ctx.is_channel(ax) and ctx.size(ax) == 0 for ax in ctx.types[node.name][:-2]):
+        _no_heads(node, q, k, v)
+        return
     full = shape_of(q)[-1]
     if named_arg(node, "scale") is None and ctx.size(ctx.types[q.name][-1]) != full:
         node.kwargs = {**node.kwargs, "scale": full ** -0.5}
+
+
+def _no_heads(node: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node) -> None:
+    """Attention with every head removed outputs an empty tensor: two matmuls give it its shape, where torch
+    2.11's CPU SDPA kernel divides by the head count (SIGFPE). fold then replaces the output projection with
+    its bias, and dce removes both."""
+    graph = node.graph
+    with graph.inserting_before(node):
+        scores = graph.call_function(aten.matmul.default, (q, graph.call_function(aten.transpose.int, (k, -2, -1))))
+    node.target, node.args, node.kwargs = aten.matmul.default, (scores, v), {}
 
 
 @family.macs(SDPA)
