@@ -37,7 +37,8 @@ MLPs). `--full-matrix` runs every method everywhere (about twice as long).
 The fine-tuning recipe (issue 21): `magnitude+recipe` is `magnitude` fine-tuned with DeiT's drop-path (0.1, on
 the compact graph's residual branches, 0 at the first to 0.1 at the last) and mixup (alpha 0.8; the teacher
 sees the mixed images), at the same epochs, seeds and budget; the claim row says whether it helps on this
-small data and by how much.
+small data and by how much (`--methods magnitude,magnitude+recipe --no-sweep --out results/accuracy_recipe`
+runs those rows alone: benchmarks/results/accuracy_recipe.md).
 
 Sweeps without fine-tuning (dimap's claims are about one-shot accuracy): structured dimap, dimap with one
 global ranking, LAMP and uniform magnitude at 30/50/70% of the parameters; and the paper as written,
@@ -546,10 +547,11 @@ def render(meta, base, summ, sweeps, claim_rows) -> str:
         if v != "not run":  # the ablations run on the ViT only
             L.append(f"| {who} | {what} | **{v}** | {txt} |")
     L.append("")
-    L.append("Notes: structured dimap's per-layer score is LAMP's formula; with thresholds per kind (heads, head "
-             "dims, MLP neurons) it ranks exactly like `lamp` restricted to those kinds (the sweep shows both). "
-             "The weight sweep's \"uniform magnitude per layer\" is `dimap{granularity=weight,scope=layer}`: inside "
-             "one layer the distortion score orders weights by magnitude, so per-layer DIMAP is per-layer magnitude.")
+    if sweeps:
+        L.append("Notes: structured dimap's per-layer score is LAMP's formula; with thresholds per kind (heads, head "
+                 "dims, MLP neurons) it ranks exactly like `lamp` restricted to those kinds (the sweep shows both). "
+                 "The weight sweep's \"uniform magnitude per layer\" is `dimap{granularity=weight,scope=layer}`: inside "
+                 "one layer the distortion score orders weights by magnitude, so per-layer DIMAP is per-layer magnitude.")
     if meta.get("notes"):
         L.extend(f"- {n}" for n in meta["notes"])
     return "\n".join(L) + "\n"
@@ -630,8 +632,9 @@ def main(argv=None):
     base_acc = {k: v["top1"] for k, v in base.items()}
     claim_rows = claims(summ, sweeps, base_acc, models)
     if not (args.full_matrix or args.quick):
+        ran = {label for label, _, _ in methods}
         notes.append("What ran where (time budget): " + "; ".join(
-            f"{m} at {t}: {', '.join(v)}" for (m, t), v in MATRIX.items()
+            f"{m} at {t}: {', '.join(x for x in v if x in ran)}" for (m, t), v in MATRIX.items()
             if m in matrix_models) + ". `--full-matrix` runs every method everywhere.")
     if args.quick:
         notes.append(f"--quick: {QUICK_PER_CLASS} training images per class, short base training, 1 seed, 40% "
