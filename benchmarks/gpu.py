@@ -14,8 +14,8 @@ that would not fit the time budget is skipped with a note):
 * compile -- torch.compile vs eager of every compact model timed in both (aim: compile never slower), and
              what torch.compile runs: the ops of the graph AOT autograd hands to inductor, dense vs compact;
 * latency -- `--target latency` rows with a latency table per mode (`vitcc profile ... -o TABLE.json`,
-             `vitcc compile --target latency --latency-table TABLE.json`): run where the CLI has those options,
-             skipped with a note where it does not yet (`latency_rows` is the function to extend).
+             `vitcc compile --target latency --latency-table TABLE.json`), the measured cut against the goal,
+             with `--target macs` at the same goal beside it.
 
 All timings: vitcc.cli.bench.run_bench (CUDA events on a GPU, perf_counter on the CPU), models interleaved in
 one process, medians; `--dtype bf16` casts weights and inputs (as served, and as the latency tables time
