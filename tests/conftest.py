@@ -330,3 +330,13 @@ def declared_passes(monkeypatch):
     import vitcc.passes  # noqa: F401  (the built-ins are declared first, whichever test runs first)
     from vitcc.pipeline import pass_base
     monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests skip where there is no CUDA device (CI never has one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

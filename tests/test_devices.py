@@ -16,7 +16,6 @@ from conftest import image, tiny_vit
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 QUICK = ["--rounds", "2", "--warmup", "1", "--threads", "1"]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 
 
@@ -216,7 +215,7 @@ def test_capture_keeps_one_device_generic_attention_op_per_block():
 
 # ------------------------------------------------------------------------------------------ on a GPU
 
-@cuda
+@pytest.mark.cuda
 def test_compile_on_cuda_returns_a_verified_compact_model_there(tmp_path):
     m = tiny_vit().cuda()
     result = vitcc.compile(m, "magnitude", sparsity=0.5, example_inputs=(image(1),), align=8)  # a CPU example

@@ -93,7 +93,7 @@ def test_the_recipe_with_a_new_classifier_is_in_the_report(tmp_path, model5_file
     assert acc == json.loads(rep.read_text())["accuracy_after"]  # the new 10-class head was written
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_compile_fine_tunes_on_cuda(tmp_path, model_file):
     rep = tmp_path / "r.json"
     assert run(["compile", str(model_file), "--passes", "taylor", "--sparsity", "0.5", "--data", "digits",

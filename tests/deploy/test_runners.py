@@ -12,7 +12,6 @@ from conftest import tiny_vit
 pytestmark = pytest.mark.usefixtures("private_cache")
 SHAPE = ["--input-shape", "1,3,32,32"]
 QUICK = ["--rounds", "2", "--warmup", "1", "--threads", "1"]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def one_error_line(capsys) -> str:
@@ -62,7 +61,7 @@ def test_bench_compile_mode_on_the_cpu(tmp_path, capsys):
     assert "compile batch 1" in capsys.readouterr().out
 
 
-@cuda
+@pytest.mark.cuda
 def test_cli_compile_and_bench_on_cuda(tmp_path, model_file, capsys):
     small = tmp_path / "small.pt2"
     assert run(["compile", str(model_file), "--device", "cuda", "--sparsity", "0.5", "--align", "8", "-o", str(small),

@@ -184,7 +184,7 @@ def test_cuda_refused_without_cuda(model_file, tmp_path, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["eager", "cudagraph"])
 def test_cuda_table(mode):
     model, x = tiny_vit(), image(batch=4)

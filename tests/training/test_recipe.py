@@ -24,7 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(3))
 RECIPE = Recipe(aa="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1, warmup_epochs=0.5,
                 ema=0.9, drop_path=0.3)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def small_vit(seed=0, num_classes=10):
@@ -199,7 +198,7 @@ def test_ema_is_evaluated_per_epoch(digits):
     assert len(h["ema_top1"]) == 1 and 0.0 <= h["ema_top1"][0] <= 1.0
 
 
-@cuda
+@pytest.mark.cuda
 def test_finetune_on_cuda_in_bf16_with_the_recipe(digits):
     train, val = digits
     small = compact()
@@ -209,7 +208,7 @@ def test_finetune_on_cuda_in_bf16_with_the_recipe(digits):
     assert next(small.parameters()).is_cuda and evaluate(small, val)["n"] == len(val.dataset)
 
 
-@cuda
+@pytest.mark.cuda
 def test_compile_trains_and_calibrates_on_cuda_and_returns_the_model_on_the_cpu(digits):
     train, val = digits
     res = vitcc.compile(small_vit(), "taylor", sparsity=0.5, example_inputs=(X[:1],), data=(train, val),
