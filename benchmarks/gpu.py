@@ -32,6 +32,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -549,11 +550,12 @@ def render(data: dict) -> str:
 
 def machine(dev: torch.device) -> str:
     gpu = f"{torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda}, " if dev.type == "cuda" else ""
+    commit = os.environ.get("VITCC_COMMIT", "")  # set by device_run.sh's caller: a copied tree has no .git
     try:
-        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+        commit = commit or subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001
-        commit = ""
+        pass
     return (f"{gpu}{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), "
             f"torch {torch.__version__}, timm {timm.__version__}, vitcc {vitcc.__version__}"
             + (f" at {commit}" if commit else ""))
