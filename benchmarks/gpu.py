@@ -409,7 +409,8 @@ def _cell(row: dict | None, name: str) -> str:
 
 def render(data: dict) -> str:
     a = data["args"]
-    lines = ["# vitcc on a GPU: dense vs compact (benchmarks/gpu.py)", "",
+    where = "a GPU" if a["device"].startswith("cuda") else "the CPU (the GPU benchmark's sections, run there)"
+    lines = [f"# vitcc on {where}: dense vs compact (benchmarks/gpu.py)", "",
              f"Command: `{data['command']}`", "",
              f"{data['date']}; {data['machine']}; dtype {a['dtype']}"
              f"{' (weights and inputs cast)' if a['dtype'] != 'fp32' else ''}; torch.compile mode {a['compile_mode']}; "
@@ -419,17 +420,17 @@ def render(data: dict) -> str:
              "Timings: vitcc.cli.bench.run_bench, dense and compact interleaved in one process, medians "
              f"({'CUDA events' if a['device'].startswith('cuda') else 'wall clock'}). Efficiency = speed-up / MAC "
              "ratio (the ideal). Random weights.", ""]
-    dev = data["sections"].get("device") or {"error": "not run (--sections)"}
+    dev = data["sections"].get("device") or {"skipped": "not run (--sections)"}
     lines += ["## The pipeline on the device", ""]
-    if isinstance(dev, dict) and "error" not in dev:
+    if isinstance(dev, dict) and "error" not in dev and "skipped" not in dev:
         lines += [f"`vitcc.compile` with the model on {dev['device']}: verified (max |compact - masked| "
                   f"{dev['max_abs_error']:.2g} in float32, TF32 off), compact model on {', '.join(dev['module_on'])}, "
                   f"{dev['sdpa_ops']} fused attention ops kept; saved and read back on {', '.join(dev['saved_on'])} "
                   f"(max difference {dev['reload_max_abs_error']:.2g}).", ""]
     else:
-        lines += [f"Failed: {dev.get('error') or dev.get('skipped') if isinstance(dev, dict) else dev}", ""]
+        lines += [_not_done(dev), ""]
 
-    nat = data["sections"].get("native") or {"error": "not run (--sections)"}
+    nat = data["sections"].get("native") or {"skipped": "not run (--sections)"}
     lines += ["## The compact program vs a native model of its shape", "",
               "DeiT-S pruned to half its residual width, heads and MLP (head dims kept) has DeiT-Tiny's shape; "
               "timm's DeiT-Tiny beside it. Aim: within 3%.", ""]
@@ -446,7 +447,7 @@ def render(data: dict) -> str:
                 lines.append(f"| {MODE_LABEL[r['mode']]} | {r['batch']} | {r.get('skipped') or r.get('error')} | | | |")
         lines.append("")
     else:
-        lines += [f"Failed: {nat.get('error') or nat.get('skipped') if isinstance(nat, dict) else nat}", ""]
+        lines += [_not_done(nat), ""]
 
     sp = data["sections"].get("speedups") or {}
     lines += ["## Speed-up of the compact model (`--target macs`, `--align 16`)", "",
@@ -546,6 +547,13 @@ def render(data: dict) -> str:
         lines += ["## Errors and skips", ""] + [f"- {k}: {v['error']}" for k, v in errors] + \
                  [f"- {k}: skipped, {why}" for k, why in skipped] + [""]
     return "\n".join(lines)
+
+
+def _not_done(section) -> str:
+    """The line for a section that did not run to the end: why it was skipped, or the error it stopped at."""
+    if isinstance(section, dict) and "error" not in section:
+        return f"Skipped: {section.get('skipped')}"
+    return f"Failed: {section.get('error') if isinstance(section, dict) else section}"
 
 
 def machine(dev: torch.device) -> str:
