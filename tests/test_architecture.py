@@ -11,7 +11,7 @@ ROOT = pathlib.Path(vitcc.__file__).parent
 
 # bottom to top; a module may import from its own floor or below (docs/ARCHITECTURE.md)
 FLOORS = [
-    ["vitcc.errors", "vitcc.metrics", "vitcc.devices", "vitcc.ir"],
+    ["vitcc.errors", "vitcc.metrics", "vitcc.devices", "vitcc.version", "vitcc.ir"],
     ["vitcc.frontend", "vitcc.deploy"],
     ["vitcc.analysis"],
     ["vitcc.reference"],

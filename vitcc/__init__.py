@@ -6,8 +6,8 @@ from vitcc.ir.program import Program
 from vitcc.analysis.ops import OpInfo, OpTable, default_table
 from vitcc.pipeline.manager import Insertion, PassRegistry
 from vitcc.pipeline.pass_base import Option, Pass, PassResult, register_pass
+from vitcc.version import __version__
 
 __all__ = ["compile", "load", "save", "rule", "CompileResult", "Program", "Pass", "PassResult", "Insertion", "Option",
            "PassRegistry", "register_pass", "OpTable", "OpInfo", "default_table", "VitccError", "VerificationError",
            "to_device"]
-__version__ = "0.2.0"

@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.fx as fx
 from torch.utils.data import DataLoader
@@ -20,11 +19,12 @@ from vitcc.analysis.groups import model_blocks
 from vitcc.ir.groups import Group
 from vitcc.ir.program import Program, working_copy, writes_in_place
 from vitcc.ir.selection import Selection
-from vitcc.ir.spaces import find
 from vitcc.metrics import count_graph_macs, count_params
 from vitcc.analysis.ops import OpTable, default_table
 from vitcc.pipeline.manager import Insertion, PassManager, PassRegistry, build_pipeline, format_pipeline
 from vitcc.pipeline.pass_base import Pass
+from vitcc.passes.given_selection import GivenSelection
+from vitcc.version import installed_version
 
 PROGRAM_SUFFIX = ".pt2"  # what `save` writes: torch.export.load warns about an archive named otherwise
 
@@ -78,7 +78,9 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 
     `latency_table` (a path or the dict `vitcc.profiling.profile_table` returns) makes `target="latency"`
     select against that table, measured on its device (`vitcc profile MODEL -o TABLE.json`), instead of
-    timing ops here; it must have been measured on this model (one-line error otherwise).
+    timing ops here; it must have been measured on this model (one-line error otherwise). Without one,
+    `target="latency"` times ops on the CPU (the per-op model) for a model on the CPU, and measures a table on
+    the model's GPU (eager, fp32, the example's batch) for a model on a GPU.
 
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
@@ -122,6 +124,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     macs_before = original.meta.pop("macs", None) if not captured else None  # where capture had to run it
     if writes_in_place(original.graph):
         original = copy.deepcopy(original)
+    if target == "latency" and latency_table is None and keep is None and model_device.type != "cpu":
+        table_options = _table_on_device(original, example_inputs, model_device)
     gm, shared = working_copy(original)
     program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align,
@@ -141,7 +145,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     if not verify:
         pipeline = [p for p in pipeline if p.name != "verify"]
     if keep is not None:
-        pipeline.insert(next(i for i, p in enumerate(pipeline) if p.name == "select"), _GivenSelection(keep))
+        pipeline.insert(next(i for i, p in enumerate(pipeline) if p.name == "select"), GivenSelection(keep))
     PassManager(pipeline, on_pass).run(program)
     program.report.update({"params_before": count_params(original), "macs_before": macs_before
                            if macs_before is not None else count_graph_macs(original, example_inputs)})
@@ -271,6 +275,16 @@ def _latency_table_options(table, target: str) -> dict[str, Any]:
     return {"latency_table": read_table(table), "latency_table_source": where}
 
 
+def _table_on_device(gm: fx.GraphModule, example_inputs: tuple, device: torch.device) -> dict[str, Any]:
+    """`target="latency"` without a table on a GPU: a table measured there now, in eager mode at fp32 and the
+    example's batch (the per-op model times ops on the CPU, which says nothing about a GPU). Another mode, dtype
+    or batch: `vitcc profile ... -o TABLE.json`, then `latency_table=`."""
+    from vitcc.profiling import profile_captured
+    table = profile_captured(gm, example_inputs, device=device, model_spec="the model compiled")
+    where = f"a table profiled on {device} (eager, fp32, batch {table['measured']['batch']})"
+    return {"latency_table": table, "latency_table_source": where}
+
+
 def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs: int, distill: bool, seed: int,
                  lr: float, batch_size: int, calibration_size: int, classes_fit: bool | None = None):
     """Loaders (from `_check_data`) and calibration batch into program.options (before any pass), the teacher,
@@ -314,62 +328,9 @@ def table_with(rules: OpTable | Iterable[Callable] | None) -> OpTable:
     return table
 
 
-def installed_version() -> str:
-    """The installed vitcc's version: what `vitcc --version` and every report say."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("vitcc")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "(not installed)"
-
-
 def kept_widths(program: Program) -> dict[str, dict[str, int]]:
     """Per group kind: channels before and after, summed over groups (and branches, when any were removed)."""
     return program.keep.widths(program.groups, program.branches if program.keep.removed else ())
-
-
-class _GivenSelection(Pass):
-    name = "given-selection"
-
-    def __init__(self, keep: dict[str, Sequence[int]]):
-        super().__init__()
-        self.keep = keep
-
-    def run(self, program: Program):
-        from vitcc.errors import VitccError
-        from vitcc.pipeline.pass_base import PassResult
-        names = {g.name for g in program.groups}
-        branches = {b.name: b for b in program.branches}
-        unknown = set(self.keep) - names - set(branches)
-        if unknown:
-            raise VitccError(f"selection names unknown groups {sorted(unknown)[:5]}; see `vitcc inspect`")
-        for name in set(self.keep) & set(branches):  # a branch is one unit: [] removes it, [0] keeps it
-            idx = set(self.keep[name])
-            if not idx <= {0}:
-                raise VitccError(f"branch {name} is one unit: keep [] removes it, [0] keeps it; got {sorted(idx)[:5]}")
-            if not idx:
-                if branches[name].frozen:
-                    raise VitccError(f"branch {name} cannot be removed: {branches[name].frozen}")
-                program.keep.removed.add(name)
-        for name, idx in ((n, i) for n, i in self.keep.items() if n not in branches):
-            g = program.group(name)
-            idx = np.unique(np.asarray(list(idx), dtype=np.int64))
-            if g.frozen is not None and len(idx) != g.size:
-                raise VitccError(f"group {name} is frozen ({g.frozen}) and cannot be pruned")
-            program.keep[name] = idx
-        by_root = {find(g.space).id: g for g in program.groups}
-        for spaces in program.coupling.equal_counts:
-            tied = [by_root[find(s).id] for s in spaces if find(s).id in by_root]
-            counts = {len(program.keep.get(g.name, range(g.size))) for g in tied}
-            if len(tied) < len(spaces):  # a partner that is no group keeps its full size
-                counts |= {s.size for s in spaces}
-            if len(counts) > 1:
-                raise VitccError("groups " + ", ".join(g.name for g in tied) + " share one fused reshape and "
-                                 "must keep the same number of channels")
-        for name in program.keep.removed:  # the groups of a removed branch go with it
-            for g in program.branch(name).groups:
-                program.keep.pop(g, None)
-        return PassResult()
 
 
 def _any_meta(gm: fx.GraphModule) -> dict:

@@ -1,7 +1,7 @@
 """Measure a latency table (vitcc.search.latency_table) on a device: `vitcc profile MODEL -o TABLE.json`.
 
-Each residual branch is cut out of the compact graph vitcc builds at a grid of widths (vitcc.compile with an
-explicit selection: the same rewrite a real compile does) into its own GraphModule, its inputs recorded from
+Each residual branch is cut out of the compact graph vitcc builds at a grid of widths (an explicit selection,
+given-selection, then the rewrite, fold and dce a real compile runs) into its own GraphModule, its inputs recorded from
 a run of the whole model, and timed on the device in the mode the model will run in (eager, CUDA graph
 replay, torch.compile). One kind is narrowed at a time, in every group of that kind at once, so one compile
 gives every block's unit at that width; branches of the same structure are timed once. The whole model is
@@ -19,18 +19,20 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-import vitcc
 from vitcc.deploy.runners import DTYPES, MODES, make_runner
 from vitcc.devices import resolve_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
-from vitcc.ir.program import Program
+from vitcc.ir.program import Program, working_copy
 from vitcc.ir.selection import MIN_KEEP
-from vitcc.pipeline.manager import make_pass
+from vitcc.passes.given_selection import GivenSelection
+from vitcc.pipeline.manager import PassManager, make_pass
+from vitcc.version import __version__
 from vitcc.search.latency_table import (FORMAT, branch_slots, lanes, model_fingerprint, read_table, unit_signature,
                                         write_table)
 
-__all__ = ["MODES", "DTYPES", "profile_table", "read_table", "write_table", "widths_grid", "resolve_device"]
+__all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "read_table", "write_table", "widths_grid",
+           "resolve_device"]
 
 def widths_grid(n: int, kind: str, points: int = 16) -> list[int]:
     """Kept widths a unit is timed at: the dense width down to a quarter, in steps of 16 for widths of 64 and
@@ -134,7 +136,7 @@ def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: 
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "dtype": dtype, "batch": batch, "mode": mode, "threads": int(threads or torch.get_num_threads()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "vitcc": vitcc.__version__, "model": model_spec, **fp}
+            "vitcc": __version__, "model": model_spec, **fp}
 
 
 def _cpu_name() -> str:
@@ -148,7 +150,31 @@ def profile_table(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
                   on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the latency table of `model` on `device` in `mode` at `dtype` and `batch` (default: the example's
     batch; the example is repeated or cut to it). `points`: the most widths timed per kind."""
-    from vitcc.deploy.timing import intra_op_threads, with_batch
+    settings = dict(device=device, dtype=dtype, batch=batch, mode=mode, threads=threads, model_spec=model_spec,
+                    points=points, samples=samples, on_progress=on_progress)
+    _check(**settings)  # before the capture: a bad option costs nothing
+    example = _at_batch(tuple(example_inputs), batch)
+    return profile_captured(capture(model.eval(), example), example, **settings)
+
+
+def profile_captured(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
+                     device: str | torch.device = "cpu", dtype: str = "fp32", batch: int | None = None,
+                     mode: str = "eager", threads: int | None = None, model_spec: str = "", points: int = 16,
+                     samples: int = 7, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`profile_table` of a graph vitcc captured already (`vitcc.compile` profiles the graph it compiles)."""
+    from vitcc.deploy.timing import intra_op_threads
+    dev = _check(device, dtype, batch, mode)
+    example = _at_batch(tuple(example_inputs), batch)
+    started = time.perf_counter()
+    with intra_op_threads(threads):
+        table = _profile(gm, example, dev, dtype, mode, points, samples, on_progress or (lambda m: None))
+    table["measured"] = _measured(dev, dtype, int(example[0].shape[0]), mode, threads, model_spec,
+                                  model_fingerprint(gm, example))
+    table["seconds"] = round(time.perf_counter() - started, 2)
+    return table
+
+
+def _check(device, dtype: str, batch: int | None, mode: str, **_) -> torch.device:
     if mode not in MODES:
         raise VitccError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     if dtype not in DTYPES:
@@ -158,20 +184,24 @@ def profile_table(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
         raise VitccError("--mode cudagraph needs a CUDA device (--device cuda)")
     if batch is not None and batch < 1:
         raise VitccError(f"batch must be >= 1, got {batch}")
-    example = tuple(example_inputs)
-    if batch is not None and batch != example[0].shape[0]:
-        example = with_batch(example, batch)
-    started = time.perf_counter()
-    with intra_op_threads(threads):
-        table = _profile(model.eval(), example, dev, dtype, mode, points, samples, on_progress or (lambda m: None))
-    fp = model_fingerprint(table.pop("_gm"), example)
-    table["measured"] = _measured(dev, dtype, int(example[0].shape[0]), mode, threads, model_spec, fp)
-    table["seconds"] = round(time.perf_counter() - started, 2)
-    return table
+    return dev
 
 
-def _profile(model, example, dev, dtype, mode, points_per_kind, samples, progress) -> dict[str, Any]:
-    gm = capture(model, example)
+def _at_batch(example: tuple, batch: int | None) -> tuple:
+    from vitcc.deploy.timing import with_batch
+    return example if batch is None or batch == example[0].shape[0] else with_batch(example, batch)
+
+
+def narrowed(gm: fx.GraphModule, example_inputs: tuple, keep: dict[str, Sequence[int]]) -> fx.GraphModule:
+    """The compact graph at an explicit selection, rewritten as a compile rewrites it (verify aside: a grid point
+    is timed, never shipped). `gm` is left as it is."""
+    work, shared = working_copy(gm)
+    program = Program(gm=work, example_inputs=example_inputs, original=gm, shared=shared)
+    passes = [make_pass("analyze"), GivenSelection(keep), make_pass("rewrite"), make_pass("fold"), make_pass("dce")]
+    return PassManager(passes).run(program).gm
+
+
+def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) -> dict[str, Any]:
     program = Program(gm=gm, example_inputs=example, original=gm)
     make_pass("analyze").run(program)
     timer = Timer(dev, DTYPES[dtype], mode, samples)
@@ -219,7 +249,7 @@ def _profile(model, example, dev, dtype, mode, points_per_kind, samples, progres
             keep = {name: range(v[min(j, len(v) - 1)]) for name, v in grids.items()}
             progress(f"{lane} {j}/{n - 1}")
             try:
-                compact = vitcc.compile(gm, None, example_inputs=example, keep=keep, verify=False).module
+                compact = narrowed(gm, example, keep)
             except VitccError:  # a width the graph's constraints refuse: not a point
                 continue
             whole_j, units_j = measure(compact)
@@ -233,4 +263,4 @@ def _profile(model, example, dev, dtype, mode, points_per_kind, samples, progres
             "units": {s: {"role": reps[s].role, "dense_ms": ms, "slots": points[s],
                           "widths": {slot: program.group(g).size for slot, g in slots[s].items()}}
                       for s, ms in unit_ms.items()},
-            "rest": rest, "_gm": gm}
+            "rest": rest}

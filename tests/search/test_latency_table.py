@@ -195,6 +195,38 @@ def test_cuda_table(mode):
     assert r.report["latency_model"]["predicted_reduction"] >= 0.2 - 1e-9
 
 
+def test_table_of_a_captured_graph_serves_the_model_and_leaves_the_graph_as_it_was():
+    """What compile profiles on a GPU: the graph it captured, narrowed at grid widths in working copies."""
+    from vitcc.profiling import profile_captured
+    model, x = tiny_vit(), image(batch=2)
+    gm = capture(model, (x,))
+    shapes = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
+    table = profile_captured(gm, (x,), threads=1, points=2, samples=3)
+    assert {k: tuple(v.shape) for k, v in gm.state_dict().items()} == shapes
+    assert all(len(pts) >= 2 for u in table["units"].values() for pts in u["slots"].values() if pts)
+    r = vitcc.compile(model, "magnitude", example_inputs=(x,), target="latency", sparsity=0.1, latency_table=table,
+                      prune="residual,heads,mlp,branch")
+    assert r.report["max_abs_error"] < 1e-4 and r.report["latency_model"]["predicted_reduction"] >= 0.1 - 1e-9
+
+
+@pytest.mark.cuda
+def test_latency_target_on_a_gpu_without_a_table_measures_one_there(tmp_path):
+    model, x = tiny_vit().cuda(), image(batch=4).cuda()
+    r = vitcc.compile(model, "magnitude", example_inputs=(x,), target="latency", sparsity=0.3)
+    lm = r.report["latency_model"]
+    assert lm["measured"]["device"].startswith("cuda") and lm["measured"]["mode"] == "eager"
+    assert lm["table"].startswith("a table profiled on cuda") and lm["predicted_reduction"] >= 0.3 - 1e-9
+    out = tmp_path / "small.pt2"
+    assert run(["compile", str(_saved(model.cpu(), tmp_path)), *SHAPE, "--device", "cuda", "--target", "latency",
+                "--sparsity", "0.3", "-o", str(out)]) == 0 and out.exists()
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    return path
+
+
 def test_lanes_tie_fused_head_dims():
     p = analyzed(tiny_vit(), image(batch=1))
     lane = lanes(p)

@@ -41,7 +41,7 @@ TARGETS = ("channels", "params", "macs", "latency")
 
 def _version(show: bool) -> None:
     if show:
-        from vitcc.api import installed_version
+        from vitcc.version import installed_version
         print(f"vitcc {installed_version()} (torch {torch.__version__})")
         raise typer.Exit()
 
@@ -125,7 +125,8 @@ def compile_cmd(
                                           "count; default: torch's)"),
     latency_table: Optional[Path] = typer.Option(None, "--latency-table", help="with --target latency: select "
                                                  "against this table (`vitcc profile MODEL -o TABLE.json` on the "
-                                                 "device) instead of timing ops here"),
+                                                 "device) instead of measuring here (without one: ops timed on the CPU, or "
+                                                 "on a GPU --device a table measured there in eager fp32)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact program here: a .pt2 "
                                           "file (torch.export archive; torch.export.load or vitcc.load reads it)"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX (a .onnx file)"),
