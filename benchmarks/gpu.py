@@ -42,6 +42,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 
@@ -359,14 +360,17 @@ def latency_rows(args, budget, results: dict) -> dict:
                 infos = {}
                 for s in args.sparsity_list:
                     path = Path(tmp) / f"{key}-{mode}-{s}.pt2"
+                    report = path.with_suffix(".json")
                     code = cli_run(["compile", spec, "--target", "latency", "--sparsity", str(s), "--latency-table",
-                                    str(table), "--align", str(args.align), "-o", str(path), "--device", str(args.dev)])
+                                    str(table), "--align", str(args.align), "-o", str(path), "--device", str(args.dev),
+                                    "--report", str(report)])
                     if code != 0:
                         infos[s] = {"error": f"vitcc compile exited {code}"}
                         continue
                     v = f"lat{int(round(s * 100))}"
                     models[v] = vitcc.load(path, device=args.dev).eval()
-                    infos[s] = {"variant": v, "params_kept": count_params(models[v]) / count_params(dense)}
+                    infos[s] = {"variant": v, "params_kept": count_params(models[v]) / count_params(dense),
+                                "predicted_cut": json.loads(report.read_text())["latency_model"]["predicted_reduction"]}
                     if mode != "compile":  # `--target macs` at the same goal, timed beside it (compile: time)
                         mv = f"macs{int(round(s * 100))}"
                         rec: dict = {}
@@ -381,11 +385,29 @@ def latency_rows(args, budget, results: dict) -> dict:
                                        macs_kept=row["macs"][v] / row["macs"]["dense"])
                     if "measured_cut" in info:
                         info.update(goal=s, within_5_points=abs(info["measured_cut"] - s) <= 0.05)
+                same_latency(infos)
                 out["rows"].append({"model": label, "mode": mode, "batch": batch, "targets": infos, "timing": row,
                                     "profile_s": profile_s})
                 models = dense = None
                 _free()
     return out
+
+
+def same_latency(infos: dict) -> None:
+    """Each latency row against `--target macs` at the same measured cut: the MACs and parameters the MACs search
+    keeps there, read off the line through its measured points (dense: no cut, everything kept; nothing read
+    beyond the last point), and whether the latency search keeps more of both."""
+    curve = sorted([(0.0, 1.0, 1.0)] + [(mv["measured_cut"], mv["macs_kept"], mv["params_kept"])
+                                        for mv in (i.get("macs_variant") or {} for i in infos.values())
+                                        if "measured_cut" in mv])
+    for info in infos.values():
+        cut = info.get("measured_cut")
+        if cut is None or len(curve) < 2 or not curve[0][0] <= cut <= curve[-1][0]:
+            continue
+        cuts = [c[0] for c in curve]
+        macs, params = (float(np.interp(cut, cuts, [c[k] for c in curve])) for k in (1, 2))
+        info["macs_search_at_same_cut"] = {"macs_kept": macs, "params_kept": params,
+                                           "latency_keeps_more": info["macs_kept"] >= macs and info["params_kept"] >= params}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -516,27 +538,35 @@ def render(data: dict) -> str:
     lat = data["sections"].get("latency") or {"skipped": "not run (--sections)"}
     lines += ["## `--target latency` with a table per mode", ""]
     if "rows" in lat:
-        lines += ["Measured cut = 1 - compact / dense latency in that mode; `--target macs` at the same fraction "
-                  "timed beside it (not in torch.compile rows).", "",
-                  "| model | mode | batch | goal | measured cut | within 5 points | MACs kept | params kept | "
-                  "`--target macs`: cut, MACs kept, params kept |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["Measured cut = 1 - compact / dense latency in that mode; predicted = the table's prediction "
+                  "(the compile report's `latency_model`). `--target macs` at the same goal timed beside it (not in "
+                  "torch.compile rows); **at the same cut**: what the MACs search keeps at the latency row's measured "
+                  "cut, on the line through its measured points (aim: the latency search keeps more MACs and "
+                  "parameters).", "",
+                  "| model | mode | batch | goal | predicted | measured cut | within 5 points | MACs kept | params kept | "
+                  "`--target macs`: cut, MACs kept, params kept | `--target macs` at the same cut: MACs, params | "
+                  "latency keeps more |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in lat["rows"]:
             if "targets" not in r:
                 lines.append(f"| {r['model']} | {MODE_LABEL.get(r['mode'], r['mode'])} | {r.get('batch', '')} | "
-                             f"{r.get('skipped') or r.get('error')} | | | | | |")
+                             f"{r.get('skipped') or r.get('error')} |" + " |" * 8)
                 continue
             for s, info in r["targets"].items():
                 if "measured_cut" in info:
                     mv = info.get("macs_variant") or {}
                     macs = (f"{mv['measured_cut']:.0%}, {mv['macs_kept']:.0%}, {mv['params_kept']:.0%}"
                             if "measured_cut" in mv else "")
+                    same = info.get("macs_search_at_same_cut")
+                    at_cut = f"{same['macs_kept']:.0%}, {same['params_kept']:.0%}" if same else ""
+                    verdict = ("yes" if same["latency_keeps_more"] else "**no**") if same else ""
                     lines.append(f"| {r['model']} | {MODE_LABEL[r['mode']]} | {r['batch']} | {float(s):.0%} | "
-                                 f"{info['measured_cut']:.0%} | {'yes' if info['within_5_points'] else '**no**'} | "
-                                 f"{info['macs_kept']:.0%} | {info['params_kept']:.0%} | {macs} |")
+                                 f"{info['predicted_cut']:.0%} | {info['measured_cut']:.0%} | "
+                                 f"{'yes' if info['within_5_points'] else '**no**'} | "
+                                 f"{info['macs_kept']:.0%} | {info['params_kept']:.0%} | {macs} | {at_cut} | {verdict} |")
                 else:
                     lines.append(f"| {r['model']} | {MODE_LABEL[r['mode']]} | {r['batch']} | {float(s):.0%} | "
-                                 f"{info.get('error', '')} | | | | |")
+                                 f"{info.get('error', '')} |" + " |" * 7)
         lines.append("")
     else:
         lines += [f"Skipped: {lat.get('skipped') or lat.get('error')}", ""]
