@@ -59,7 +59,7 @@ MODELS = {"deit_s": ("DeiT-S", "deit_small_patch16_224"),
           "swin_t": ("Swin-T", "swin_tiny_patch4_window7_224")}
 MODE_LABEL = {"eager": "eager", "cudagraph": "CUDA graph", "compile": "torch.compile"}
 # seconds `vitcc profile -o` is budgeted at per model on a GPU (torch.compile compiles every unit it times)
-PROFILE_COST = {"eager": 60.0, "cudagraph": 60.0, "compile": 300.0}
+PROFILE_COST = {"eager": 90.0, "cudagraph": 90.0, "compile": 300.0}  # (each point timed beside the dense)
 
 
 class Budget:

@@ -5,8 +5,13 @@ given-selection, then the rewrite, fold and dce a real compile runs) into its ow
 a run of the whole model, and timed on the device in the mode the model will run in (eager, CUDA graph
 replay, torch.compile). One kind is narrowed at a time, in every group of that kind at once, so one compile
 gives every block's unit at that width; branches of the same structure are timed once. The whole model is
-timed at every point too, which calibrates what the units do not hold. Graphs are built on the CPU in fp32
-and moved to the device and dtype to be timed.
+timed at every point too, which calibrates what the units do not hold. Then every width is narrowed at once,
+at a few fractions (`JOINT_FRACTIONS`): how a unit's savings combine. Every narrowed unit and model is timed as
+a ratio to its dense self, the two alternating: a machine that slows down for a few seconds (a shared CPU)
+slows both, where separate timings would put that drift into the table (DeiT-S on a shared 2-core CPU, 16
+random selections: median error 1-3 points, worst 6, where timing each alone gave medians of 1.3-6.9 and worsts
+up to 19; benchmarks/results/latency_prediction*.md). Graphs are moved to the device and cast to the dtype to
+be timed.
 """
 from __future__ import annotations
 
@@ -33,6 +38,10 @@ from vitcc.search.latency_table import (FORMAT, branch_slots, lanes, model_finge
 
 __all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "read_table", "write_table", "widths_grid",
            "resolve_device"]
+
+# the fractions every unit is also timed at with all its widths narrowed together
+JOINT_FRACTIONS = (0.75, 0.5, 0.3)
+
 
 def widths_grid(n: int, kind: str, points: int = 16) -> list[int]:
     """Kept widths a unit is timed at: the dense width down to a quarter, in steps of 16 for widths of 64 and
@@ -91,43 +100,62 @@ def _to(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 class Timer:
-    """Median milliseconds of a module on one device, dtype and mode: CUDA events on a GPU, the CPU clock
-    (vitcc.deploy.timing.time_fn) on a CPU."""
+    """Times modules on one device, dtype and mode: CUDA events on a GPU, the CPU clock on a CPU
+    (vitcc.deploy.timing). `ms` is a median time; `ratio` a time relative to a reference timed right beside
+    it, samples alternating (a machine that slows down for a while slows both, so their ratio holds)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, mode: str, samples: int = 7):
         self.device, self.dtype, self.mode, self.samples = device, dtype, mode, samples
 
-    def __call__(self, module: torch.nn.Module, inputs: Sequence[Any]) -> float:
+    def runner(self, module: torch.nn.Module, inputs: Sequence[Any]) -> Callable[[], Any]:
+        """`module` on `inputs` as `vitcc bench` runs it (moved, cast in a copy, compiled or captured here)."""
         module = module.to(device=self.device).eval()  # cast to dtype in a copy (make_runner): `module` stays fp32
-        args = [_to(x, self.device, torch.float32) for x in inputs]
+        args = tuple(_to(x, self.device, torch.float32) for x in inputs)
         with torch.inference_mode():
-            run = self._runner(module, args)
-            if self.device.type == "cuda":
-                return self._cuda(run)
-            from vitcc.deploy.timing import cpu_clock_ok, time_fn
-            return time_fn(run, samples=self.samples, clock="thread" if cpu_clock_ok() else "wall")
+            return make_runner(module, args, self.mode, self.dtype, device=self.device)
 
-    def _runner(self, module, args) -> Callable[[], Any]:
-        return make_runner(module, tuple(args), self.mode, self.dtype, device=self.device)  # as `vitcc bench` runs them
+    def ms(self, run: Callable[[], Any]) -> float:
+        if self.device.type == "cuda":
+            return self._cuda([run])[0]
+        from vitcc.deploy.timing import time_fn
+        return time_fn(run, samples=self.samples, clock=self._clock())
 
-    def _cuda(self, run: Callable[[], Any]) -> float:
-        for _ in range(3):
-            run()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        inner = max(1, min(200, int(1e-3 / max(time.perf_counter() - t0, 1e-6))))  # samples of >= ~1 ms
-        out = []
-        for _ in range(self.samples):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
+    def ratio(self, run: Callable[[], Any], ref: Callable[[], Any]) -> float:
+        if self.device.type == "cuda":
+            return self._cuda([run, ref], ratio=True)[0]
+        from vitcc.deploy.timing import time_ratio
+        return time_ratio(run, ref, samples=self.samples, clock=self._clock())
+
+    def _clock(self) -> str:
+        from vitcc.deploy.timing import cpu_clock_ok
+        return "thread" if cpu_clock_ok() else "wall"
+
+    def _cuda(self, runs: list[Callable[[], Any]], ratio: bool = False) -> list[float]:
+        """Median ms of each run (samples of >= ~1 ms, runs alternating), or the median per-sample ratio of the
+        first to the second."""
+        inner = []
+        for run in runs:
+            for _ in range(3):
                 run()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / inner)
-        return float(statistics.median(out))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            inner.append(max(1, min(200, int(1e-3 / max(time.perf_counter() - t0, 1e-6)))))
+        samples: list[list[float]] = [[] for _ in runs]
+        for i in range(self.samples):
+            order = list(range(len(runs))) if i % 2 == 0 else list(reversed(range(len(runs))))
+            for k in order:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner[k]):
+                    runs[k]()
+                end.record()
+                end.synchronize()
+                samples[k].append(start.elapsed_time(end) / inner[k])
+        if ratio:
+            return [float(statistics.median(a / max(b, 1e-12) for a, b in zip(samples[0], samples[1])))]
+        return [float(statistics.median(v)) for v in samples]
 
 
 def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: int | None, model_spec: str,
@@ -212,27 +240,40 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
         reps.setdefault(sig[b.name], b)
     slots = {s: branch_slots(program, b) for s, b in reps.items()}
 
-    def measure(compact: fx.GraphModule) -> tuple[float, dict[str, float]]:
-        """The whole model and each unit (by signature) as `compact` has them."""
+    def runners(compact: fx.GraphModule) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
+        """The whole model and each unit (by signature) as `compact` has them, ready to time."""
         have = {n.name for n in compact.graph.nodes}
         cut = {}
         for s, b in reps.items():
             if b.output in have:
                 cut[s] = extract(compact, [n for n in b.nodes if n in have], b.output)
         vals = _values(compact, example, {i for _, ins in cut.values() for i in ins})
-        units = {s: timer(sub, [vals[i] for i in ins]) for s, (sub, ins) in cut.items()}
-        return timer(compact, example), units
+        return timer.runner(compact, example), {s: timer.runner(sub, [vals[i] for i in ins])
+                                                 for s, (sub, ins) in cut.items()}
 
+    dense_whole, dense_units = runners(gm)
+
+    def measure(compact: fx.GraphModule | None = None) -> tuple[float, dict[str, float]]:
+        """ms of the whole model and of each unit: the dense model's timed on their own; a compact model's
+        as a ratio to the dense ones timed beside them, times the dense ms (most recent)."""
+        if compact is None:
+            last[:] = [timer.ms(dense_whole), {s: timer.ms(r) for s, r in dense_units.items()}]
+            return last[0], dict(last[1])
+        whole, units = runners(compact)
+        return (timer.ratio(whole, dense_whole) * last[0],
+                {s: timer.ratio(r, dense_units[s]) * last[1][s] for s, r in units.items()})
+
+    last: list = []
     total = lambda units: sum(units.get(sig[b.name], 0.0) for b in branches)
     progress("dense model")
-    measure(gm)  # warm-up: the first runs of a process are slower
+    measure()  # warm-up: the first runs of a process are slower
     lane_of = lanes(program)
     lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
     dense: list[tuple[float, dict[str, float]]] = []
     points: dict[str, dict[str, list]] = {s: {slot: [] for slot in slots[s]} for s in reps}
     rest: dict[str, list] = {}
     for lane in lane_names or [None]:
-        whole, units = measure(gm)  # each lane's own dense point: the machine's drift cancels in its ratios
+        whole, units = measure()  # each lane's own dense point, which its ratios scale
         dense.append((whole, units))
         if lane is None:
             break
@@ -257,10 +298,34 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
                 if first[s] is not None:
                     points[s][first[s]].append([len(keep[slots[s][first[s]]]), ms])
             rest[lane].append([sum(len(keep[g.name]) for g in groups) / size, whole_j - total(units_j)])
+    joint = _joint_points(program, gm, example, slots, measure, points_per_kind, progress) if lane_names else {}
     whole = statistics.median(d[0] for d in dense)
     unit_ms = {s: statistics.median(d[1][s] for d in dense if s in d[1]) for s in reps if s in dense[0][1]}
     return {"format": FORMAT, "dense_ms": whole, "rest_ms": whole - total(unit_ms), "branches": sig,
             "units": {s: {"role": reps[s].role, "dense_ms": ms, "slots": points[s],
-                          "widths": {slot: program.group(g).size for slot, g in slots[s].items()}}
+                          "widths": {slot: program.group(g).size for slot, g in slots[s].items()},
+                          **({"joint": joint[s]} if joint.get(s) else {})}
                       for s, ms in unit_ms.items()},
             "rest": rest}
+
+
+def _joint_points(program, gm, example, slots, measure, points_per_kind, progress) -> dict[str, list]:
+    """Every unit with all its widths narrowed at once, at a few fractions: what one-width-at-a-time sweeps
+    cannot show, how the savings of its widths combine (vitcc.search.latency_table fits a unit's floor on
+    them). Each point: [{slot: width}, ms, the unit's dense ms timed just before]."""
+    groups = [g for g in program.groups if g.prunable]
+    grids = {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
+    _, dense_units = measure()
+    out: dict[str, list] = {s: [] for s in slots}
+    for i, frac in enumerate(JOINT_FRACTIONS):
+        keep = {g.name: range(min(grids[g.name], key=lambda w: abs(w - frac * g.size))) for g in groups}
+        progress(f"all widths {i + 1}/{len(JOINT_FRACTIONS)}")
+        try:
+            compact = narrowed(gm, example, keep)
+        except VitccError:
+            continue
+        _, units = measure(compact)
+        for s, ms in units.items():
+            widths = {slot: len(keep[g]) if g in keep else program.group(g).size for slot, g in slots[s].items()}
+            out[s].append([widths, ms, dense_units[s]])
+    return out

@@ -18,7 +18,7 @@ from vitcc.ir.program import Program
 from vitcc.pipeline.manager import make_pass
 from vitcc.profiling import profile_table, read_table, write_table
 from vitcc.search.latency_table import (FORMAT, TableCost, branch_slots, interp, lanes, model_fingerprint,
-                                        unit_signature)
+                                        unit_floor, unit_signature, unit_time)
 
 from conftest import image, tiny_vit
 
@@ -63,6 +63,9 @@ def test_table_header_and_units(table_file, model_file):
     for u in t["units"].values():
         assert u["dense_ms"] > 0
         assert len(u["slots"]["residual"]) >= 3  # dense and narrowed residual widths
+        # all widths narrowed at once, at a few fractions: [widths per slot, ms, the dense ms beside it]
+        assert len(u["joint"]) >= 2 and all(set(w) == set(u["widths"]) and ms > 0 and ref > 0 for w, ms, ref in u["joint"])
+        assert all(w["residual"] < u["widths"]["residual"] for w, _, _ in u["joint"])
     assert t["dense_ms"] > 0 and set(t["rest"]) >= {"residual/residual", "mlp/0", "heads/0"}
 
 
@@ -125,6 +128,31 @@ def test_removed_branch_loses_its_unit():
     from vitcc.ir.selection import KeptByRoot
     dense = cost(KeptByRoot())
     assert cost(KeptByRoot({}, {p.branches[0].name})) == pytest.approx(dense - 1.0)
+
+
+def test_a_fixed_cost_per_unit_is_fitted_and_not_compounded():
+    """A unit costing F + W * r1 * r2 (a launch F that no width shrinks): the one-width sweeps alone, multiplied,
+    compound F and predict it too fast; the floor fitted to the joint points predicts it exactly."""
+    F, W = 2.0, 8.0
+    grid = [4, 8, 12, 16]
+    unit = {"dense_ms": F + W, "widths": {"a": 16, "b": 16},
+            "slots": {k: [[w, F + W * w / 16] for w in grid] for k in ("a", "b")},
+            "joint": [[{"a": w, "b": w}, F + W * (w / 16) ** 2, F + W] for w in (12, 8, 4)]}
+    truth = F + W * (8 / 16) * (4 / 16)
+    widths, dense = {"a": 8, "b": 4}, {"a": 16, "b": 16}
+    assert unit_time(unit, widths, dense) == pytest.approx((F + W / 2) * (F + W / 4) / (F + W))  # no floor: 3.6
+    floor = unit_floor(unit)
+    assert floor == pytest.approx(F, rel=0.05)
+    assert unit_time(unit, widths, dense, floor) == pytest.approx(truth, rel=0.02)
+
+
+def test_timer_ratio_against_a_reference_timed_beside_it():
+    from vitcc.profiling import Timer
+    timer = Timer(torch.device("cpu"), torch.float32, "eager", samples=5)
+    x = torch.randn(256, 256)
+    once = timer.runner(torch.nn.Linear(256, 256), [x])
+    twice = timer.runner(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)), [x])
+    assert 1.4 < timer.ratio(twice, once) < 2.8 and timer.ms(once) > 0
 
 
 def test_interp_is_piecewise_linear():

@@ -9,8 +9,10 @@ structure share one unit. What is not in a unit (patch embedding, head, the stre
 whole model measured minus the sum of its units, at the dense widths and along every kind's grid.
 
 A selection's latency is predicted without measuring anything:
-- a unit: its dense time times, per width, the measured ratio at that width (piecewise linear between grid
-  points): widths of one GEMM multiply (heads x head dim, residual x MLP width) and so do their ratios;
+- a unit: a floor that no width shrinks, plus the rest of its dense time times, per width, the measured ratio
+  of that rest at that width (piecewise linear between grid points): widths of one GEMM multiply (heads x
+  head dim, residual x MLP width) and so do their ratios. The floor (a launch, waking threads) is fitted to
+  the unit timed with all its widths narrowed at once (`joint`), so the ratios do not compound a fixed cost;
 - a removed branch: its unit is gone;
 - the rest: its dense value plus, per lane (kind and slot, see `lanes`), its change at that lane's kept
   fraction.
@@ -191,6 +193,41 @@ def interp(points: list, x: float) -> float:
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0)) if x1 != x0 else y0
 
 
+def unit_time(unit: Mapping[str, Any], widths: Mapping[str, int], dense_widths: Mapping[str, int],
+              floor: float = 0.0) -> float:
+    """A unit's ms at the given width per slot: what does not shrink (`floor`) plus the rest of its dense time
+    times, per slot, the measured ratio of that rest at the slot's width (the others dense). A floor of 0
+    multiplies the slots' ratios (widths of one GEMM multiply); a fixed cost per call (a launch, waking threads)
+    shrinks with none of them."""
+    dense_ms = float(unit["dense_ms"])
+    variable = max(dense_ms - floor, 1e-12)
+    ms = variable
+    for slot, width in widths.items():
+        pts = unit["slots"].get(slot)
+        if not pts:
+            continue
+        at_dense = interp(pts, dense_widths[slot])
+        if at_dense > 0:
+            ms *= max(0.0, interp(pts, width) * dense_ms / at_dense - floor) / variable
+    return floor + ms
+
+
+def unit_floor(unit: Mapping[str, Any], steps: int = 64) -> float:
+    """The floor that best predicts the unit timed with all its widths narrowed at once (its `joint` points,
+    relative error, least squares), between 0 and the fastest the unit was seen; 0 for a table without them."""
+    joint = unit.get("joint") or []
+    if not joint:
+        return 0.0
+    dense_ms = float(unit["dense_ms"])
+    fastest = min(ms * dense_ms / max(interp(pts, unit["widths"][slot]), 1e-12)
+                  for slot, pts in unit["slots"].items() if pts for _, ms in pts)
+    targets = [(widths, ms * dense_ms / ref) for widths, ms, ref in joint if ref > 0]
+
+    def loss(floor: float) -> float:
+        return sum((unit_time(unit, w, unit["widths"], floor) / t - 1) ** 2 for w, t in targets)
+    return min((fastest * i / steps for i in range(steps)), key=loss)
+
+
 class TableCost(CostModel):
     """Predicted latency from a table (`--latency-table`): nothing is measured, any machine can select for the
     device the table was measured on."""
@@ -206,20 +243,16 @@ class TableCost(CostModel):
         self.lane = lanes(program)
         self.units = [(b.name, self.table["units"][self.table["branches"][b.name]], branch_slots(program, b))
                       for b in program.branches]
+        self.floors = {id(u): unit_floor(u) for u in self.table["units"].values()}
 
     def _kept(self, keep: Mapping[int, Any], group: str) -> int:
         v = keep.get(self.root[group])
         return self.program.group(group).size if v is None else len(v)
 
     def unit_ms(self, unit: Mapping[str, Any], slots: dict[str, str], keep: Mapping[int, Any]) -> float:
-        ms = float(unit["dense_ms"])
-        for slot, group in slots.items():
-            pts = unit["slots"].get(slot)
-            if not pts:
-                continue
-            dense = interp(pts, self.program.group(group).size)
-            ms *= interp(pts, self._kept(keep, group)) / dense if dense > 0 else 1.0
-        return ms
+        widths = {slot: self._kept(keep, group) for slot, group in slots.items()}
+        dense = {slot: self.program.group(group).size for slot, group in slots.items()}
+        return unit_time(unit, widths, dense, self.floors.get(id(unit), 0.0))
 
     def rest_ms(self, keep: Mapping[int, Any], removed: frozenset = frozenset()) -> float:
         gone = {g for b in self.program.branches if b.name in removed for g in b.groups}
