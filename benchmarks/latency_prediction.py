@@ -111,11 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         row["measured"] = 1 / compare[row["selection"]][f"speedup{clock}"]
         row["error_points"] = 100 * (row["predicted"] - row["measured"])
         row["error_points_no_floor"] = 100 * (row["predicted_no_floor"] - row["measured"])
-    summary = {"": summarize([r["error_points"] for r in rows]),
+    summary = {**summarize([r["error_points"] for r in rows]),
                "no_floor": summarize([r["error_points_no_floor"] for r in rows])}
-    summary = {**summary.pop(""), "no_floor": summary["no_floor"]}
-    floors = {u["role"]: round(f / float(u["dense_ms"]), 3) for u in table["units"].values()
-              for f in [cost.floors[id(u)]]}
+    floors = {u["role"]: round(cost.floors[sig] / float(u["dense_ms"]), 3) for sig, u in table["units"].items()}
     data = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"torch": torch.__version__, "timm": timm.__version__, "vitcc": vitcc.__version__,
                          "python": platform.python_version()},

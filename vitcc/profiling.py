@@ -253,27 +253,27 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
 
     dense_whole, dense_units = runners(gm)
 
-    def measure(compact: fx.GraphModule | None = None) -> tuple[float, dict[str, float]]:
-        """ms of the whole model and of each unit: the dense model's timed on their own; a compact model's
-        as a ratio to the dense ones timed beside them, times the dense ms (most recent)."""
-        if compact is None:
-            last[:] = [timer.ms(dense_whole), {s: timer.ms(r) for s, r in dense_units.items()}]
-            return last[0], dict(last[1])
-        whole, units = runners(compact)
-        return (timer.ratio(whole, dense_whole) * last[0],
-                {s: timer.ratio(r, dense_units[s]) * last[1][s] for s, r in units.items()})
+    def dense_ms() -> tuple[float, dict[str, float]]:
+        """ms of the dense whole model and of each dense unit, timed on their own."""
+        return timer.ms(dense_whole), {s: timer.ms(r) for s, r in dense_units.items()}
 
-    last: list = []
+    def measure(compact: fx.GraphModule, dense: tuple[float, dict[str, float]]) -> tuple[float, dict[str, float]]:
+        """ms of `compact`'s whole model and units: each a ratio to its dense self timed beside it, times the
+        dense ms (`dense_ms()`) that the caller's points are scaled by."""
+        whole, units = runners(compact)
+        return (timer.ratio(whole, dense_whole) * dense[0],
+                {s: timer.ratio(r, dense_units[s]) * dense[1][s] for s, r in units.items()})
+
     total = lambda units: sum(units.get(sig[b.name], 0.0) for b in branches)
     progress("dense model")
-    measure()  # warm-up: the first runs of a process are slower
+    dense_ms()  # warm-up: the first runs of a process are slower
     lane_of = lanes(program)
     lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
     dense: list[tuple[float, dict[str, float]]] = []
     points: dict[str, dict[str, list]] = {s: {slot: [] for slot in slots[s]} for s in reps}
     rest: dict[str, list] = {}
     for lane in lane_names or [None]:
-        whole, units = measure()  # each lane's own dense point, which its ratios scale
+        whole, units = dense_ms()  # each lane's own dense point, which its ratios scale
         dense.append((whole, units))
         if lane is None:
             break
@@ -293,12 +293,13 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
                 compact = narrowed(gm, example, keep)
             except VitccError:  # a width the graph's constraints refuse: not a point
                 continue
-            whole_j, units_j = measure(compact)
+            whole_j, units_j = measure(compact, dense[-1])
             for s, ms in units_j.items():
                 if first[s] is not None:
                     points[s][first[s]].append([len(keep[slots[s][first[s]]]), ms])
             rest[lane].append([sum(len(keep[g.name]) for g in groups) / size, whole_j - total(units_j)])
-    joint = _joint_points(program, gm, example, slots, measure, points_per_kind, progress) if lane_names else {}
+    joint = (_joint_points(program, gm, example, slots, dense_ms, measure, points_per_kind, progress)
+             if lane_names else {})
     whole = statistics.median(d[0] for d in dense)
     unit_ms = {s: statistics.median(d[1][s] for d in dense if s in d[1]) for s in reps if s in dense[0][1]}
     return {"format": FORMAT, "dense_ms": whole, "rest_ms": whole - total(unit_ms), "branches": sig,
@@ -309,13 +310,13 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
             "rest": rest}
 
 
-def _joint_points(program, gm, example, slots, measure, points_per_kind, progress) -> dict[str, list]:
+def _joint_points(program, gm, example, slots, dense_ms, measure, points_per_kind, progress) -> dict[str, list]:
     """Every unit with all its widths narrowed at once, at a few fractions: what one-width-at-a-time sweeps
     cannot show, how the savings of its widths combine (vitcc.search.latency_table fits a unit's floor on
     them). Each point: [{slot: width}, ms, the unit's dense ms timed just before]."""
     groups = [g for g in program.groups if g.prunable]
     grids = {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
-    _, dense_units = measure()
+    dense = dense_ms()
     out: dict[str, list] = {s: [] for s in slots}
     for i, frac in enumerate(JOINT_FRACTIONS):
         keep = {g.name: range(min(grids[g.name], key=lambda w: abs(w - frac * g.size))) for g in groups}
@@ -324,8 +325,8 @@ def _joint_points(program, gm, example, slots, measure, points_per_kind, progres
             compact = narrowed(gm, example, keep)
         except VitccError:
             continue
-        _, units = measure(compact)
+        _, units = measure(compact, dense)
         for s, ms in units.items():
             widths = {slot: len(keep[g]) if g in keep else program.group(g).size for slot, g in slots[s].items()}
-            out[s].append([widths, ms, dense_units[s]])
+            out[s].append([widths, ms, dense[1][s]])
     return out

@@ -241,18 +241,17 @@ class TableCost(CostModel):
         check_table(self.table, program, self.where)
         self.root = {g.name: find(g.space).id for g in program.groups}
         self.lane = lanes(program)
-        self.units = [(b.name, self.table["units"][self.table["branches"][b.name]], branch_slots(program, b))
-                      for b in program.branches]
-        self.floors = {id(u): unit_floor(u) for u in self.table["units"].values()}
+        self.units = [(b.name, self.table["branches"][b.name], branch_slots(program, b)) for b in program.branches]
+        self.floors = {sig: unit_floor(u) for sig, u in self.table["units"].items()}
 
     def _kept(self, keep: Mapping[int, Any], group: str) -> int:
         v = keep.get(self.root[group])
         return self.program.group(group).size if v is None else len(v)
 
-    def unit_ms(self, unit: Mapping[str, Any], slots: dict[str, str], keep: Mapping[int, Any]) -> float:
+    def unit_ms(self, signature: str, slots: dict[str, str], keep: Mapping[int, Any]) -> float:
         widths = {slot: self._kept(keep, group) for slot, group in slots.items()}
         dense = {slot: self.program.group(group).size for slot, group in slots.items()}
-        return unit_time(unit, widths, dense, self.floors.get(id(unit), 0.0))
+        return unit_time(self.table["units"][signature], widths, dense, self.floors[signature])
 
     def rest_ms(self, keep: Mapping[int, Any], removed: frozenset = frozenset()) -> float:
         gone = {g for b in self.program.branches if b.name in removed for g in b.groups}
@@ -268,7 +267,7 @@ class TableCost(CostModel):
 
     def __call__(self, keep: KeptByRoot) -> float:
         removed = getattr(keep, "removed", frozenset())
-        units = sum(self.unit_ms(u, slots, keep) for name, u, slots in self.units if name not in removed)
+        units = sum(self.unit_ms(sig, slots, keep) for name, sig, slots in self.units if name not in removed)
         return float(units + self.rest_ms(keep, removed))
 
     def out_of_reach(self, goal: float, most: float, kinds: set[str]) -> str:
