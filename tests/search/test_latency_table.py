@@ -130,6 +130,20 @@ def test_removed_branch_loses_its_unit():
     assert cost(KeptByRoot({}, {p.branches[0].name})) == pytest.approx(dense - 1.0)
 
 
+def test_units_timed_alone_dearer_than_the_whole_predict_the_whole_minus_their_savings():
+    """A CUDA graph at batch 1: each unit timed on its own pays a replay that the whole model pays once, so
+    the units add up to more than the whole and the rest is negative. The prediction still starts from the
+    measured whole and takes off what the units save; clamping the rest at 0 would overstate every model."""
+    model, x = tiny_vit(), image(batch=1)
+    p = analyzed(model, x)
+    table = hand_made(p, 0.1, 0.1)
+    table["dense_ms"], table["rest_ms"] = 0.5 * len(p.branches), -0.5 * len(p.branches)
+    cost = TableCost(p, table)
+    from vitcc.ir.selection import KeptByRoot
+    assert cost.dense() == pytest.approx(table["dense_ms"])
+    assert cost(KeptByRoot({}, {p.branches[0].name})) == pytest.approx(table["dense_ms"] - 1.0)
+
+
 def test_a_fixed_cost_per_unit_is_fitted_and_not_compounded():
     """A unit costing F + W * r1 * r2 (a launch F that no width shrinks): the one-width sweeps alone, multiplied,
     compound F and predict it too fast; the floor fitted to the joint points predicts it exactly."""

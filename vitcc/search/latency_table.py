@@ -263,12 +263,15 @@ class TableCost(CostModel):
                 continue
             frac = sum(self._kept(keep, g.name) for g in groups) / size
             rest += interp(pts, frac) - interp(pts, 1.0)
-        return max(0.0, rest)
+        return rest
 
     def __call__(self, keep: KeptByRoot) -> float:
+        """Units plus rest. The rest may be negative: a unit timed on its own pays a call (a CUDA graph replay,
+        a launch) that it does not pay inside the whole model; its floor holds that cost and the rest takes it
+        back, so the prediction is the measured whole minus what the units save."""
         removed = getattr(keep, "removed", frozenset())
         units = sum(self.unit_ms(sig, slots, keep) for name, sig, slots in self.units if name not in removed)
-        return float(units + self.rest_ms(keep, removed))
+        return max(0.0, float(units + self.rest_ms(keep, removed)))
 
     def out_of_reach(self, goal: float, most: float, kinds: set[str]) -> str:
         return (f"--target latency: removing {goal:.0%} of the latency is out of reach; by {self.where}, pruning "
