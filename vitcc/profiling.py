@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from vitcc.deploy.runners import DTYPES, MODES, make_runner
-from vitcc.devices import resolve_device
+from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
 from vitcc.ir.program import Program, working_copy
@@ -109,7 +109,7 @@ class Timer:
 
     def runner(self, module: torch.nn.Module, inputs: Sequence[Any]) -> Callable[[], Any]:
         """`module` on `inputs` as `vitcc bench` runs it (moved, cast in a copy, compiled or captured here)."""
-        module = module.to(device=self.device).eval()  # cast to dtype in a copy (make_runner): `module` stays fp32
+        module = to_device(module, self.device).eval()  # cast to dtype in a copy (make_runner): `module` stays fp32
         args = tuple(_to(x, self.device, torch.float32) for x in inputs)
         with torch.inference_mode():
             return make_runner(module, args, self.mode, self.dtype, device=self.device)
@@ -189,10 +189,13 @@ def profile_captured(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                      device: str | torch.device = "cpu", dtype: str = "fp32", batch: int | None = None,
                      mode: str = "eager", threads: int | None = None, model_spec: str = "", points: int = 16,
                      samples: int = 7, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """`profile_table` of a graph vitcc captured already (`vitcc.compile` profiles the graph it compiles)."""
+    """`profile_table` of a graph vitcc captured already (`vitcc.compile` profiles the graph it compiles). The
+    graph is narrowed, run and timed on `device`: where it is elsewhere, a copy moves there."""
     from vitcc.deploy.timing import intra_op_threads
     dev = _check(device, dtype, batch, mode)
-    example = _at_batch(tuple(example_inputs), batch)
+    example = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in _at_batch(tuple(example_inputs), batch))
+    if device_of(gm) != dev:
+        gm = moved_copy(gm, dev)
     started = time.perf_counter()
     with intra_op_threads(threads):
         table = _profile(gm, example, dev, dtype, mode, points, samples, on_progress or (lambda m: None))
