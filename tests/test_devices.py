@@ -225,5 +225,15 @@ def test_compile_on_cuda_returns_a_verified_compact_model_there(tmp_path):
     vitcc.save(result.module, tmp_path / "small.pt2")  # written from a CPU copy: loads on any machine
     back = vitcc.load(tmp_path / "small.pt2")
     assert all(t.device.type == "cpu" for t in back.state_dict().values())
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32():
         assert torch.allclose(back(image(2)), result.module(image(2).cuda()).cpu(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_training_copy_on_another_device_runs_there():
+    """Calibration and sparsity training copy the graph to the training device: the devices its nodes name
+    move with it, as with `to_device`."""
+    from vitcc.training.distributed import device_copy
+    x = torch.randn(2, 8)
+    gm = capture(MadeOnItsDevice().eval(), (x,))
+    assert device_copy(gm, torch.device("meta"))(x.to("meta")).device.type == "meta"
+    assert device_copy(gm, torch.device("cpu")) is gm

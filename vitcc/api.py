@@ -182,9 +182,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 
 
 def _training_device(device) -> torch.device | None:
-    if device is None or isinstance(device, torch.device):
-        return device
-    return resolve_device(device)
+    return None if device is None else resolve_device(device)
 
 
 def _check_data(model, example_inputs, data, finetune_epochs: int, num_classes, recipe, seed: int, batch_size: int,

@@ -132,7 +132,11 @@ class Timer:
 
     def _cuda(self, runs: list[Callable[[], Any]], ratio: bool = False) -> list[float]:
         """Median ms of each run (samples of >= ~1 ms, runs alternating), or the median per-sample ratio of the
-        first to the second."""
+        first to the second. Events and synchronisation on `self.device`, whichever GPU is current."""
+        with torch.cuda.device(self.device):
+            return self._cuda_on_device(runs, ratio)
+
+    def _cuda_on_device(self, runs: list[Callable[[], Any]], ratio: bool) -> list[float]:
         inner = []
         for run in runs:
             for _ in range(3):

@@ -113,7 +113,10 @@ def _cuda_graph(model: torch.nn.Module, inputs: tuple, device: torch.device) -> 
         with torch.inference_mode(), torch.cuda.graph(graph):
             out = model(*static)
 
-    def run():  # the graph reads `static` and writes `out`: the closure keeps them alive with it
+    def run():
         graph.replay()
-        return out if static is not None else None
+        return out
+    # the graph reads `static` and the weights of `model` (a cast copy, maybe, that nothing else holds): they
+    # live as long as the runner, or a replay would read memory handed to other tensors
+    run.graph_reads = (model, static)
     return run

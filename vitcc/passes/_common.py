@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from vitcc.devices import device_of
 from vitcc.errors import VitccError
 from vitcc.ir.program import Program
 from vitcc.pipeline.pass_base import Option
@@ -233,9 +234,10 @@ def sparsity_train(program: Program, pass_name: str, options: dict, *, epochs: i
     return history
 
 
-def training_device(program: Program) -> torch.device | None:
-    """Where data-driven passes train and calibrate: `options["device"]` (compile's `device`), else the graph's."""
-    return program.options.get("device")
+def training_device(program: Program) -> torch.device:
+    """Where data-driven passes train and calibrate: `options["device"]` (compile's `device`), else the graph's
+    (calibration images are on the CPU whatever the model's device)."""
+    return program.options.get("device") or device_of(program.gm)
 
 
 def epochs_of(program: Program, options: dict, default: int = 0) -> int:

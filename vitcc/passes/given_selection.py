@@ -38,7 +38,7 @@ class GivenSelection(Pass):
                 program.keep.removed.add(name)
         for name, idx in ((n, i) for n, i in self.keep.items() if n not in branches):
             g = program.group(name)
-            idx = np.unique(np.asarray(list(idx), dtype=np.int64))
+            idx = np.unique(np.asarray([int(i) for i in idx], dtype=np.int64))  # ints, ranges, tensors on any device
             if g.frozen is not None and len(idx) != g.size:
                 raise VitccError(f"group {name} is frozen ({g.frozen}) and cannot be pruned")
             program.keep[name] = idx

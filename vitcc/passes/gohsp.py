@@ -115,7 +115,7 @@ def head_graph(program: Program, x: torch.Tensor, edge: str = "cka", chunk: int 
     try:
         with torch.no_grad():
             for start in range(0, len(x), chunk):
-                xb = x[start:start + chunk].to(device) if device is not None else x[start:start + chunk]
+                xb = x[start:start + chunk].to(device)
                 cap = _Capture(gm, names)
                 cap.run(xb)
                 feats = []

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from vitcc.errors import VitccError
 from vitcc.ir.program import Program
+from vitcc.passes._common import training_device
 from vitcc.pipeline.pass_base import Option, Pass, PassResult, register_pass
 
 from vitcc.search.scores import group_slice_sums
@@ -60,7 +61,7 @@ class Taylor(Pass):
             raise VitccError(f"taylor{{reduce={reduce}}}: expected abs or group")
         elementwise = reduce == "abs"
         bs = max(1, int(self.option("batch")))
-        device = program.options.get("device")  # the training device (compile's `device`)
+        device = training_device(program)
         gm = device_copy(program.gm, device)  # gradients on the device; the program's weights stay where they are
         params = dict(gm.named_parameters())
         flags = {n: p.requires_grad for n, p in params.items()}
@@ -73,7 +74,7 @@ class Taylor(Pass):
                 p.requires_grad_(True)
                 p.grad = None
             for start in range(0, len(x), bs):
-                xb = x[start:start + bs].to(device) if device is not None else x[start:start + bs]
+                xb = x[start:start + bs].to(device)
                 with torch.enable_grad():
                     logits = gm(xb)
                     logits = logits[0] if isinstance(logits, (tuple, list)) else logits

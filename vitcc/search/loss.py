@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from vitcc.analysis.branches import Branch, numel
+from vitcc.devices import device_of
 from vitcc.ir.selection import KeptByRoot
 from vitcc.reference.masking import MaskedInterpreter
 from vitcc.reference.verification import tensor_leaves
@@ -106,7 +107,7 @@ class MeasuredLoss(LossModel):
 
     def __init__(self, program, x: torch.Tensor):
         super().__init__(program)
-        self.x = x
+        self.x = x.to(device_of(program.original))  # calibration images are on the CPU; the model may not be
         with torch.no_grad():
             self.reference = self._outputs(program.original.eval()(self.x))
 

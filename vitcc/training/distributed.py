@@ -9,7 +9,6 @@ Every rank of a GPU job uses `cuda:LOCAL_RANK` (`vitcc.devices.resolve_device`),
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from typing import Iterator
 
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vitcc.devices import device_of, launched
+from vitcc.devices import device_of, launched, moved_copy, to_device
 
 __all__ = ["init_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier", "all_reduce_sum",
            "on_device", "device_copy", "same_device"]
@@ -42,11 +41,11 @@ def on_device(module: nn.Module, device: torch.device | None) -> Iterator[nn.Mod
     if device is None or same_device(device, home):
         yield module
         return
-    module.to(device)
+    to_device(module, device)  # a captured graph names devices too (arange(device=...)): they move with it
     try:
         yield module
     finally:
-        module.to(home)
+        to_device(module, home)
 
 
 def device_copy(module: nn.Module, device: torch.device | None) -> nn.Module:
@@ -54,7 +53,7 @@ def device_copy(module: nn.Module, device: torch.device | None) -> nn.Module:
     that only reads the weights (calibration), so that the program's own tensors never move."""
     if device is None or same_device(device, device_of(module)):
         return module
-    return copy.deepcopy(module).to(device)
+    return moved_copy(module, device)
 
 
 def init_distributed(backend: str | None = None, device: torch.device | None = None) -> bool:

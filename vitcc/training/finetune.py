@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
+from vitcc.devices import device_of, resolve_device, to_device
 from vitcc.frontend import safe_pickle
 from vitcc.training.distributed import all_reduce_sum, barrier, init_distributed, is_distributed, is_main, rank, world_size
 from vitcc.training.recipe import Recipe, autocast_dtype, resolve_precision
@@ -66,11 +67,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _logits(out) -> Tensor:
     """A model may return (logits, aux...) in training mode (e.g. distilled DeiT): use the first."""
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _check_labels(logits: Tensor, y: Tensor) -> None:
@@ -270,18 +266,18 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
     if len(train_loader) == 0 and epochs > 0:
         raise VitccError("the training set is empty")
     net = _unwrap(model)
-    dev = torch.device(device) if device is not None else _device(net)
+    dev = resolve_device(device) if device is not None else device_of(net)  # 'cuda' gets its index: set_device needs one
     prec = resolve_precision(precision, dev)
     init_distributed(device=dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # NCCL and DDP use the current device
     torch.manual_seed(int(seed))
-    if _device(net) != dev:
-        net.to(dev)
+    if device_of(net) != dev:
+        to_device(net, dev)
     if teacher is not None:
         teacher = _unwrap(teacher).eval()
-        if _device(teacher) != dev:
-            teacher.to(dev)
+        if device_of(teacher) != dev:
+            to_device(teacher, dev)
     history: dict = {"loss": [], "acc": [], "images_per_second": [], "seconds": []}
     if val_loader is not None:
         history.update(val_top1=[], val_top5=[])
@@ -460,7 +456,7 @@ def keep_zeros(masks: dict[str, Tensor]) -> Callable[[nn.Module], None]:
         for name, m in masks.items():
             p = params.get(name)
             if p is not None and p.shape == m.shape:
-                p.mul_(m.to(p.dtype))
+                p.mul_(m.to(device=p.device, dtype=p.dtype))
     return hook
 
 
@@ -474,7 +470,7 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict:
     net = _unwrap(model)
     was_training = net.training
     net.eval()
-    device = _device(net)
+    device = device_of(net)
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     checked, classes = False, 0
     try:
