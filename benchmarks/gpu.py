@@ -51,6 +51,7 @@ from vitcc.cli import run as cli_run
 from vitcc.cli.bench import run_bench
 from vitcc.deploy.runners import DTYPES
 from vitcc.devices import exact_float32, resolve_device, to_device
+from vitcc.ir.selection import PRUNE_KINDS
 from vitcc.metrics import count_params
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +61,8 @@ MODELS = {"deit_s": ("DeiT-S", "deit_small_patch16_224"),
 MODE_LABEL = {"eager": "eager", "cudagraph": "CUDA graph", "compile": "torch.compile"}
 # seconds `vitcc profile -o` is budgeted at per model on a GPU (torch.compile compiles every unit it times)
 PROFILE_COST = {"eager": 90.0, "cudagraph": 90.0, "compile": 300.0}  # (each point timed beside the dense)
+# what the latency rows (both searches) may prune: every width kind and whole residual branches
+LATENCY_PRUNE = ",".join(k for k in PRUNE_KINDS if k != "other")
 
 
 class Budget:
@@ -232,6 +235,7 @@ def speedups_section(args, budget, results: dict) -> dict:
                         continue
                     sub = {n: models[n] for n in (["dense"] if "dense" not in names else []) + names}
                     entry["rows"].append(_bench_row(sub, x, mode, batch, args))
+                args.save()
         except Exception as e:  # noqa: BLE001
             entry["error"] = _err(e)
             entry["traceback"] = traceback.format_exc(limit=6)
@@ -312,13 +316,20 @@ def graph_ops(args) -> dict:
 
 
 def latency_available() -> bool:
-    """Whether this vitcc's CLI has the latency tables (`compile --latency-table`, `profile -o`)."""
-    import io
-    from contextlib import redirect_stdout
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        cli_run(["compile", "--help"])
-    return "--latency-table" in buf.getvalue()
+    """Whether this vitcc's CLI has the latency tables (`compile --latency-table`, `profile -o`): read off the
+    command's parameters, not its help text (which a narrow terminal wraps)."""
+    import typer.main
+    from vitcc.cli.app import app
+    command = typer.main.get_command(app).commands["compile"]
+    return any("--latency-table" in p.opts for p in command.params)
+
+
+def latency_order(args) -> list[tuple[str, str, int]]:
+    """(model, mode, batch) in the order the rows run: the first model in every mode (each mode's path is
+    exercised early), then the others mode by mode."""
+    first, others = args.model_keys[0], args.model_keys[1:]
+    modes = modes_for(args)
+    return [(first, m, b) for m, b in modes] + [(k, m, b) for m, b in modes for k in others]
 
 
 def latency_rows(args, budget, results: dict) -> dict:
@@ -326,72 +337,79 @@ def latency_rows(args, budget, results: dict) -> dict:
     (mode, batch): `vitcc profile MODEL --device D --dtype T --batch B --mode M -o TABLE`, then `vitcc compile
     MODEL --target latency --sparsity S --latency-table TABLE -o OUT`, then the measured cut (dense vs compact in
     that mode) against the goal S, with the MACs and parameters kept, and `--target macs` at S timed beside it
-    (eager and CUDA graph rows). Costly (a table per mode): give it a run of its own,
-    `--sections latency --budget 420`."""
+    (eager and CUDA graph rows). Both searches may remove whole branches (`LATENCY_PRUNE`): at batch 1 on a GPU
+    narrowing alone cannot reach most goals. Rows are written as they finish (`args.save`)."""
     if not latency_available():
         return {"skipped": "vitcc compile has no --latency-table yet (the latency tables of issue 20): "
                            "these rows run once it does"}
-    out: dict = {"rows": []}
+    out: dict = {"prune": LATENCY_PRUNE, "rows": []}
+    results["latency"] = out
     with tempfile.TemporaryDirectory() as tmp:
-        for key in args.model_keys:
-            label, name = MODELS[key]
-            spec = f"timm:{name}"
-            if args.depth:  # the CLI builds timm: models as they are: hand it the model with fewer blocks
-                spec = str(Path(tmp) / f"{key}.pt")
-                torch.save(make(name, args), spec)
-            for mode, batch in modes_for(args):
-                need = PROFILE_COST[mode] * (0.5 if args.dev.type == "cpu" else 1) + 10 * (1 + len(args.sparsity_list))
-                need += args.compile_cost * (1 + len(args.sparsity_list)) if mode == "compile" else 20
-                if not budget.allows(need):
-                    out["rows"].append({"model": label, "mode": mode, "batch": batch,
-                                        "skipped": f"over the time budget (~{need:.0f} s needed, {budget.left():.0f} s left)"})
-                    continue
-                table = Path(tmp) / f"{key}-{mode}-{batch}.json"
-                t0 = time.perf_counter()
-                code = cli_run(["profile", spec, "--device", str(args.dev), "--dtype", args.dtype, "--batch",
-                                str(batch), "--mode", mode, "--points", str(args.points), "-o", str(table)])
-                if code != 0:
-                    out["rows"].append({"model": label, "mode": mode, "batch": batch,
-                                        "error": f"vitcc profile exited {code}"})
-                    continue
-                profile_s = round(time.perf_counter() - t0, 1)
-                dense = make(name, args).to(args.dev)
-                x = example(dense, args.dev)
-                models = {"dense": dense}
-                infos = {}
-                for s in args.sparsity_list:
-                    path = Path(tmp) / f"{key}-{mode}-{s}.pt2"
-                    report = path.with_suffix(".json")
-                    code = cli_run(["compile", spec, "--target", "latency", "--sparsity", str(s), "--latency-table",
-                                    str(table), "--align", str(args.align), "-o", str(path), "--device", str(args.dev),
-                                    "--report", str(report)])
-                    if code != 0:
-                        infos[s] = {"error": f"vitcc compile exited {code}"}
-                        continue
-                    v = f"lat{int(round(s * 100))}"
-                    models[v] = vitcc.load(path, device=args.dev).eval()
-                    infos[s] = {"variant": v, "params_kept": count_params(models[v]) / count_params(dense),
-                                "predicted_cut": json.loads(report.read_text())["latency_model"]["predicted_reduction"]}
-                    if mode != "compile":  # `--target macs` at the same goal, timed beside it (compile: time)
-                        mv = f"macs{int(round(s * 100))}"
-                        rec: dict = {}
-                        models[mv] = compile_on(dense, x, args.dev, rec, sparsity=s, target="macs", align=args.align)
-                        infos[s]["macs_variant"] = {"variant": mv, "params_kept": rec["params_kept"]}
-                row = _bench_row(models, x, mode, batch, args)
-                for s, info in infos.items():
-                    for rec in (info, info.get("macs_variant")):
-                        v = (rec or {}).get("variant")
-                        if v and "ms" in row and v in row["ms"]:
-                            rec.update(measured_cut=1 - row["ms"][v] / row["ms"]["dense"],
-                                       macs_kept=row["macs"][v] / row["macs"]["dense"])
-                    if "measured_cut" in info:
-                        info.update(goal=s, within_5_points=abs(info["measured_cut"] - s) <= 0.05)
-                same_latency(infos)
-                out["rows"].append({"model": label, "mode": mode, "batch": batch, "targets": infos, "timing": row,
-                                    "profile_s": profile_s})
-                models = dense = None
+        for key, mode, batch in latency_order(args):
+            label = MODELS[key][0]
+            need = PROFILE_COST[mode] * (0.5 if args.dev.type == "cpu" else 1) + 10 * (1 + len(args.sparsity_list))
+            need += args.compile_cost * (1 + len(args.sparsity_list)) if mode == "compile" else 20
+            if not budget.allows(need):
+                row = {"skipped": f"over the time budget (~{need:.0f} s needed, {budget.left():.0f} s left)"}
+            else:
+                try:
+                    row = latency_row(args, key, mode, batch, Path(tmp))
+                except Exception as e:  # noqa: BLE001 - recorded, the next row runs
+                    row = {"error": _err(e), "traceback": traceback.format_exc(limit=8)}
                 _free()
+            out["rows"].append({"model": label, "mode": mode, "batch": batch, **row})
+            args.save()
     return out
+
+
+def latency_row(args, key: str, mode: str, batch: int, tmp: Path) -> dict:
+    """One model in one mode: its table profiled, then each sparsity compiled against it and timed."""
+    label, name = MODELS[key]
+    spec = f"timm:{name}"
+    if args.depth:  # the CLI builds timm: models as they are: hand it the model with fewer blocks
+        spec = str(tmp / f"{key}.pt")
+        torch.save(make(name, args), spec)
+    table = tmp / f"{key}-{mode}-{batch}.json"
+    t0 = time.perf_counter()
+    code = cli_run(["profile", spec, "--device", str(args.dev), "--dtype", args.dtype, "--batch", str(batch),
+                    "--mode", mode, "--points", str(args.points), "-o", str(table)])
+    if code != 0:
+        return {"error": f"vitcc profile exited {code}"}
+    profile_s = round(time.perf_counter() - t0, 1)
+    dense = make(name, args).to(args.dev)
+    x = example(dense, args.dev)
+    models = {"dense": dense}
+    infos = {}
+    for s in args.sparsity_list:
+        path = tmp / f"{key}-{mode}-{s}.pt2"
+        report = path.with_suffix(".json")
+        code = cli_run(["compile", spec, "--target", "latency", "--sparsity", str(s), "--latency-table", str(table),
+                        "--prune", LATENCY_PRUNE, "--align", str(args.align), "-o", str(path), "--device",
+                        str(args.dev), "--report", str(report)])
+        if code != 0:
+            infos[s] = {"error": f"vitcc compile exited {code}"}
+            continue
+        v = f"lat{int(round(s * 100))}"
+        models[v] = vitcc.load(path, device=args.dev).eval()
+        infos[s] = {"variant": v, "params_kept": count_params(models[v]) / count_params(dense),
+                    "predicted_cut": json.loads(report.read_text())["latency_model"]["predicted_reduction"]}
+        if mode != "compile":  # `--target macs` at the same goal, timed beside it (compile: time)
+            mv = f"macs{int(round(s * 100))}"
+            rec: dict = {}
+            models[mv] = compile_on(dense, x, args.dev, rec, sparsity=s, target="macs", align=args.align,
+                                    prune=LATENCY_PRUNE)
+            infos[s]["macs_variant"] = {"variant": mv, "params_kept": rec["params_kept"]}
+    row = _bench_row(models, x, mode, batch, args)
+    for s, info in infos.items():
+        for rec in (info, info.get("macs_variant")):
+            v = (rec or {}).get("variant")
+            if v and "ms" in row and v in row["ms"]:
+                rec.update(measured_cut=1 - row["ms"][v] / row["ms"]["dense"],
+                           macs_kept=row["macs"][v] / row["macs"]["dense"])
+        if "measured_cut" in info:
+            info.update(goal=s, within_5_points=abs(info["measured_cut"] - s) <= 0.05)
+    same_latency(infos)
+    return {"targets": infos, "timing": row, "profile_s": profile_s}
 
 
 def same_latency(infos: dict) -> None:
@@ -543,7 +561,7 @@ def render(data: dict) -> str:
                   "(the compile report's `latency_model`). `--target macs` at the same goal timed beside it (not in "
                   "torch.compile rows); **at the same cut**: what the MACs search keeps at the latency row's measured "
                   "cut, on the line through its measured points (aim: the latency search keeps more MACs and "
-                  "parameters).", "",
+                  f"parameters). Both searches prune `{lat.get('prune', 'the default kinds')}`.", "",
                   "| model | mode | batch | goal | predicted | measured cut | within 5 points | MACs kept | params kept | "
                   "`--target macs`: cut, MACs kept, params kept | `--target macs` at the same cut: MACs, params | "
                   "latency keeps more |",
@@ -649,6 +667,7 @@ def main(argv=None) -> int:
             "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
             "sections": {}, "seconds": 0.0}
     data["args"]["device"] = str(args.dev)
+    args.save = lambda: _write(out, data)  # sections with rows save as each row lands: a kill loses one row
     order = [s.strip() for s in args.sections.split(",") if s.strip()]
     runners = {"device": lambda: device_section(args, budget), "native": lambda: native_section(args, budget),
                "speedups": lambda: speedups_section(args, budget, data["sections"]),
@@ -666,7 +685,10 @@ def main(argv=None) -> int:
                 data["sections"][name] = runners[name]()
             except Exception as e:  # noqa: BLE001 - recorded, the next section runs
                 data["sections"][name] = {"error": _err(e), "traceback": traceback.format_exc(limit=8)}
-            _free()
+            try:
+                _free()
+            except Exception as e:  # noqa: BLE001 - a broken device: the results so far are still written
+                data["sections"][name]["free_error"] = _err(e)
         if isinstance(data["sections"][name], dict):
             data["sections"][name]["section_seconds"] = round(time.perf_counter() - t0, 1)
         data["seconds"] = budget.used()

@@ -253,14 +253,16 @@ def test_table_of_a_captured_graph_serves_the_model_and_leaves_the_graph_as_it_w
 
 @pytest.mark.cuda
 def test_latency_target_on_a_gpu_without_a_table_measures_one_there(tmp_path):
+    """A tiny model on a GPU is bound by kernel launches: narrowing saves little there, removing branches saves."""
     model, x = tiny_vit().cuda(), image(batch=4).cuda()
-    r = vitcc.compile(model, "magnitude", example_inputs=(x,), target="latency", sparsity=0.3)
+    prune = "residual,heads,mlp,branch"
+    r = vitcc.compile(model, "magnitude", example_inputs=(x,), target="latency", sparsity=0.2, prune=prune)
     lm = r.report["latency_model"]
     assert lm["measured"]["device"].startswith("cuda") and lm["measured"]["mode"] == "eager"
-    assert lm["table"].startswith("a table profiled on cuda") and lm["predicted_reduction"] >= 0.3 - 1e-9
+    assert lm["table"].startswith("a table profiled on cuda") and lm["predicted_reduction"] >= 0.2 - 1e-9
     out = tmp_path / "small.pt2"
     assert run(["compile", str(_saved(model.cpu(), tmp_path)), *SHAPE, "--device", "cuda", "--target", "latency",
-                "--sparsity", "0.3", "-o", str(out)]) == 0 and out.exists()
+                "--sparsity", "0.2", "--prune", prune, "-o", str(out)]) == 0 and out.exists()
 
 
 def _saved(model, tmp_path):
