@@ -182,7 +182,10 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 
 
 def _training_device(device) -> torch.device | None:
-    return None if device is None else resolve_device(device)
+    """A device as given, with its index (a bare 'cuda' resolved: under torchrun to LOCAL_RANK's GPU)."""
+    if device is None or (isinstance(device, torch.device) and (device.type == "cpu" or device.index is not None)):
+        return device
+    return resolve_device(device)
 
 
 def _check_data(model, example_inputs, data, finetune_epochs: int, num_classes, recipe, seed: int, batch_size: int,

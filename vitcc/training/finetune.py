@@ -266,7 +266,9 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
     if len(train_loader) == 0 and epochs > 0:
         raise VitccError("the training set is empty")
     net = _unwrap(model)
-    dev = resolve_device(device) if device is not None else device_of(net)  # 'cuda' gets its index: set_device needs one
+    dev = torch.device(device) if device is not None else device_of(net)
+    if dev.type == "cuda" and dev.index is None:  # set_device needs an index; under torchrun, LOCAL_RANK's
+        dev = resolve_device(dev)
     prec = resolve_precision(precision, dev)
     init_distributed(device=dev)
     if dev.type == "cuda":
