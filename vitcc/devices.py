@@ -100,6 +100,14 @@ def moved_copy(module: torch.nn.Module, device: str | torch.device) -> torch.nn.
     return out
 
 
+def indexed(device: str | torch.device) -> torch.device:
+    """`device` with its index, as `torch.cuda.set_device` needs: a bare 'cuda' resolved (`resolve_device`: the
+    current GPU, under torchrun LOCAL_RANK's), one that names its index kept as given (torchrun's ranks pass
+    cuda:N, which resolving again would refuse)."""
+    dev = torch.device(device)
+    return resolve_device(dev) if dev.type == "cuda" and dev.index is None else dev
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's tensors are (its first parameter or buffer; the CPU for a module without any)."""
     for t in module.parameters():
