@@ -231,7 +231,6 @@ def main(argv=None) -> None:
                  "not the same shape")
     teacher = dense.to(device).eval()
     pool = make_pool(args.pool, args.batch, args.size, pin=gpu)
-    results = [run_row(name, compact, native, teacher, pool, args, device, precision) for name in rows]
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()}, "
@@ -239,12 +238,15 @@ def main(argv=None) -> None:
             "steps": args.steps, "windows": args.windows, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "timm": timm.__version__, "vitcc": vitcc.__version__,
             "params_compact": count_params(compact), "params_native": count_params(native),
-            "compile_seconds": compile_seconds, "wall_seconds": time.perf_counter() - t0,
-            "load": (load0, " ".join(f"{v:.1f}" for v in os.getloadavg()))}
+            "compile_seconds": compile_seconds}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(render(meta, results))
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    results = []
+    for name in rows:  # written after each row: a run stopped by a timeout keeps the rows it finished
+        results.append(run_row(name, compact, native, teacher, pool, args, device, precision))
+        meta.update(wall_seconds=time.perf_counter() - t0, load=(load0, " ".join(f"{v:.1f}" for v in os.getloadavg())))
+        out.with_suffix(".md").write_text(render(meta, results))
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     print(f"wrote {out.with_suffix('.md')} in {meta['wall_seconds']:.0f} s")
 
 

@@ -274,15 +274,27 @@ def randomized(model):
     return model
 
 
-def analyzed(model=None):
-    """A tiny ViT (or `model`) captured and analyzed: (program, model)."""
+def analyzed(model=None, x=None, **options):
+    """`model` (default: a tiny ViT) captured on `x` (default: `image()`) and analyzed: the Program."""
     from vitcc.frontend.capture import capture
     from vitcc.ir.program import Program
     from vitcc.pipeline.manager import make_pass
     model = model or tiny_vit()
-    p = Program(gm=capture(model, (image(),)), example_inputs=(image(),))
+    x = x if x is not None else image()
+    p = Program(gm=capture(model, (x,)), example_inputs=(x,), options=options)
     make_pass("analyze").run(p)
-    return p, model
+    return p
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's digits at 32x32: a fifth of the training split (fast), the full validation split."""
+    from torch.utils.data import DataLoader, Subset
+    from vitcc.training.data import make_loaders
+    train, val = make_loaders("digits", (3, 32, 32), batch_size=64, seed=0)
+    small = DataLoader(Subset(train.dataset, range(0, len(train.dataset), 5)), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    return small, val
 
 
 @contextmanager

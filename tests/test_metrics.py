@@ -1,30 +1,15 @@
 import pytest
-import timm
 import torch
 from torch import nn
 
 from vitcc.frontend.capture import capture
 from vitcc.metrics import count_graph_macs, count_macs, count_params, latency_ms
 
-
-def tiny_vit():
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                             embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
+from conftest import set_fused, tiny_swin, tiny_vit
 
 
-def tiny_swin():
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
-                             embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7,
-                             num_classes=10).eval()
-
-
-def set_fused_attn(model, fused):
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-            n += 1
-    assert n > 0
+def small_swin():
+    return tiny_swin(depths=(1, 1), num_heads=(1, 2))
 
 
 def test_count_params_manual():
@@ -49,9 +34,9 @@ def test_macs_linear():
 
 def test_macs_vit_fused_equals_unfused_attention():
     model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
-    set_fused_attn(model, True)
+    set_fused(model, True)
     fused = count_macs(model, (x,))
-    set_fused_attn(model, False)
+    set_fused(model, False)
     unfused = count_macs(model, (x,))
     # 2 blocks x (QK^T + AV): heads=3, tokens=17, head_dim=16
     attn = 2 * 2 * 3 * 17 * 17 * 16
@@ -59,10 +44,10 @@ def test_macs_vit_fused_equals_unfused_attention():
 
 
 def test_macs_swin_fused_equals_unfused_attention():
-    model, x = tiny_swin(), torch.randn(1, 3, 56, 56)
-    set_fused_attn(model, True)
+    model, x = small_swin(), torch.randn(1, 3, 56, 56)
+    set_fused(model, True)
     fused = count_macs(model, (x,))
-    set_fused_attn(model, False)
+    set_fused(model, False)
     assert fused == count_macs(model, (x,)) > 0
 
 
@@ -87,12 +72,12 @@ def test_latency_ms():
         latency_ms(nn.Identity(), (torch.randn(1),), repeats=0)
 
 
-@pytest.mark.parametrize("make, fused", [(tiny_vit, True), (tiny_vit, False), (tiny_swin, True)])
+@pytest.mark.parametrize("make, fused", [(tiny_vit, True), (tiny_vit, False), (small_swin, True)])
 def test_graph_macs_on_meta_equal_a_real_run(make, fused):
     """count_graph_macs never runs the arithmetic, and counts what a run of the captured graph counts."""
     model = make()
-    set_fused_attn(model, fused)
-    x = torch.randn(2, 3, 56, 56) if make is tiny_swin else torch.randn(2, 3, 32, 32)
+    set_fused(model, fused)
+    x = torch.randn(2, 3, 56, 56) if make is small_swin else torch.randn(2, 3, 32, 32)
     gm = capture(model, (x,))
     assert count_graph_macs(gm, (x,)) == count_macs(gm, (x,)) == count_macs(model, (x,)) > 0
 

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import timm
 import torch
 import torch.fx
 from timm.layers import _fx as timm_fx
@@ -16,16 +15,7 @@ import vitcc.deploy.export as export_mod
 from vitcc.errors import VerificationError, VitccError
 from vitcc.deploy.export import export_onnx
 
-
-def tiny_vit():
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                             embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
-
-
-def tiny_swin():
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
-                             embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=7,
-                             num_classes=10).eval()
+from conftest import hand_vit, no_warnings, tiny_hf, tiny_swin, tiny_vit
 
 
 class TimmTracer(torch.fx.Tracer):
@@ -79,7 +69,7 @@ def test_export_vit_graph_module(tmp_path):
 
 
 def test_export_swin_graph_module_with_opset(tmp_path):
-    gm, path = timm_trace(tiny_swin()), tmp_path / "swin.onnx"
+    gm, path = timm_trace(tiny_swin(depths=(1, 1), num_heads=(1, 2))), tmp_path / "swin.onnx"
     res = export_onnx(gm, (torch.randn(1, 3, 56, 56),), path, opset=18)
     check_result(res, path)
     assert res["opset"] == 18
@@ -146,7 +136,6 @@ print("ok", [tuple(x.shape) for x in data["inputs"]], type(out).__name__)
 
 def test_pt2_round_trip_in_a_fresh_process(tmp_path, compact_deit):
     import vitcc
-    from conftest import hand_vit
     r = vitcc.compile(hand_vit(qkv="mha", cls_token=False, patches="tensor_unfold"), sparsity=0.4,
                       example_inputs=(torch.randn(1, 3, 32, 32),))
     vitcc.save(r.module, tmp_path / "small.pt2")
@@ -166,7 +155,6 @@ def test_a_saved_program_is_named_pt2_and_loads_without_warnings(tmp_path):
     import shutil
 
     import vitcc
-    from conftest import no_warnings
     r = vitcc.compile(tiny_vit(), sparsity=0.3, example_inputs=(torch.randn(1, 3, 32, 32),))
     for name in ("small.pt", "small.txt", "small", "small.PT2"):
         with pytest.raises(VitccError, match=r"named \.pt2 .*; name it small\.pt2"):
@@ -311,12 +299,10 @@ def tv_swin():
 
 def swin_models():
     import vitcc
-    from conftest import tiny_hf
-    from conftest import tiny_swin as conftest_swin
 
     def compact():
-        return vitcc.compile(conftest_swin(), sparsity=0.3, example_inputs=(torch.randn(1, 3, 56, 56),)).module
-    return {"timm": (conftest_swin, 56), "timm-compact": (compact, 56), "hf": (lambda: tiny_hf("swin"), 32),
+        return vitcc.compile(tiny_swin(), sparsity=0.3, example_inputs=(torch.randn(1, 3, 56, 56),)).module
+    return {"timm": (tiny_swin, 56), "timm-compact": (compact, 56), "hf": (lambda: tiny_hf("swin"), 32),
             "torchvision": (tv_swin, 56)}
 
 

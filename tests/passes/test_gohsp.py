@@ -4,33 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
 
 import vitcc
-from conftest import image, tiny_vit
-from vitcc.training.data import make_loaders
-from vitcc.frontend.capture import capture
-from vitcc.ir.program import Program
+from conftest import analyzed, image, tiny_vit
 from vitcc.passes.gohsp import attention_outputs, head_graph, markov_ranking
-from vitcc.pipeline.manager import make_pass
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """scikit-learn's digits at 32x32, a fifth of the training split (fast), the full validation split."""
-    train, val = make_loaders("digits", (3, 32, 32), batch_size=64, seed=0)
-    small = DataLoader(Subset(train.dataset, range(0, len(train.dataset), 5)), batch_size=64, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
-    return small, val
-
-
-def _program(model, x):
-    p = Program(gm=capture(model, (x,)), example_inputs=(x,))
-    make_pass("analyze").run(p)
-    return p
 
 
 def test_needs_calibration_data():
@@ -40,7 +20,7 @@ def test_needs_calibration_data():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_finds_one_attention_output_per_block(fused):
-    p = _program(tiny_vit(depth=3, fused=fused), image())
+    p = analyzed(tiny_vit(depth=3, fused=fused), image())
     found = attention_outputs(p)
     assert [g.name for g, _, _ in found] == [f"blocks.{i}.attn.heads" for i in range(3)]
     nodes = {n.name: n for n in p.gm.graph.nodes}
@@ -75,7 +55,7 @@ def test_a_dead_head_ranks_last_and_is_pruned():
         m.blocks[1].attn.qkv.weight[rows] = 0
         m.blocks[1].attn.qkv.bias[rows] = 0
     x = image(batch=32, seed=5)
-    p = _program(m, x)
+    p = analyzed(m, x)
     layers, weights = head_graph(p, x)
     assert np.allclose(weights[0][:, 1], 0) and np.allclose(weights[1][1, :], 0)
     scores = markov_ranking(layers, weights)

@@ -5,7 +5,7 @@ from conftest import analyzed
 
 
 def test_lamp_scores_are_normalised_within_each_group_and_ask_for_a_global_threshold():
-    p, _ = analyzed()
+    p = analyzed()
     make_pass("lamp").run(p)
     for g in p.groups:
         s = p.scores[g.name]

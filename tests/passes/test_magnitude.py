@@ -2,11 +2,12 @@ import torch
 
 from vitcc.pipeline.manager import make_pass
 
-from conftest import analyzed
+from conftest import analyzed, tiny_vit
 
 
 def test_l1_and_l2_scores_sum_every_member_slice():
-    p, model = analyzed()
+    model = tiny_vit()
+    p = analyzed(model)
     make_pass("magnitude", {"p": 1}).run(p)
     fc1, fc2 = model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2
     want = fc1.weight.abs().sum(1) + fc1.bias.abs() + fc2.weight.abs().sum(0)
@@ -17,7 +18,8 @@ def test_l1_and_l2_scores_sum_every_member_slice():
 
 
 def test_head_scores_cover_q_k_v_and_proj():
-    p, model = analyzed()
+    model = tiny_vit()
+    p = analyzed(model)
     make_pass("magnitude", {"p": 1}).run(p)
     qkv, proj = model.blocks[0].attn.qkv, model.blocks[0].attn.proj
     h, D, C = 1, 16, 48

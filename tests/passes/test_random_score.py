@@ -4,7 +4,7 @@ from conftest import analyzed
 
 
 def test_random_scores_depend_on_the_seed_only():
-    p, _ = analyzed()
+    p = analyzed()
     make_pass("random", {"seed": 3}).run(p)
     a = {k: v.clone() for k, v in p.scores.items()}
     make_pass("random", {"seed": 3}).run(p)

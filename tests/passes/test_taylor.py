@@ -6,11 +6,9 @@ import torch.nn.functional as F
 import vitcc
 from vitcc.training.data import make_loaders
 from vitcc.errors import VitccError
-from vitcc.frontend.capture import capture
-from vitcc.ir.program import Program
 from vitcc.pipeline.manager import make_pass
 
-from conftest import tiny_vit
+from conftest import analyzed, tiny_vit
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,18 +21,11 @@ def small_vit():
     return tiny_vit(img_size=8, patch_size=4)
 
 
-def analyzed(model, calibration, labels=None):
-    p = Program(gm=capture(model, X), example_inputs=X,
-                options={"calibration": calibration, "calibration_labels": labels})
-    make_pass("analyze").run(p)
-    return p
-
-
 @pytest.mark.parametrize("reduce", ["abs", "group"])
 def test_scores_one_per_index_and_match_a_hand_computation(reduce):
     model = small_vit()
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
-    p = analyzed(model, x, y)
+    p = analyzed(model, X[0], calibration=x, calibration_labels=y)
     make_pass("taylor", {"batch": 8, "reduce": reduce}).run(p)
     for g in p.groups:
         s = p.scores[g.name]
@@ -52,7 +43,7 @@ def test_scores_one_per_index_and_match_a_hand_computation(reduce):
 
 
 def test_predictions_as_targets_without_labels():
-    p = analyzed(small_vit(), torch.randn(6, 3, 8, 8))
+    p = analyzed(small_vit(), X[0], calibration=torch.randn(6, 3, 8, 8))
     make_pass("taylor", {"batch": 4}).run(p)
     assert p.scores["blocks.0.attn.heads"].shape == (3,)
 

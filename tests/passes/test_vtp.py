@@ -4,32 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
 
 import vitcc
-from conftest import hand_vit, image, tiny_vit
-from vitcc.training.data import make_loaders
-from vitcc.frontend.capture import capture
-from vitcc.ir.program import Program
+from conftest import analyzed, hand_vit, image, tiny_vit
 from vitcc.passes.vtp import fold_gates, gate_params, insert_gates
-from vitcc.pipeline.manager import make_pass
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    train, val = make_loaders("digits", (3, 32, 32), batch_size=64, seed=0)
-    small = DataLoader(Subset(train.dataset, range(0, len(train.dataset), 5)), batch_size=64, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
-    return small, val
-
-
-def _program(model, x):
-    p = Program(gm=capture(model, (x,)), example_inputs=(x,))
-    make_pass("analyze").run(p)
-    return p
 
 
 MODELS = {"timm_fused": lambda: tiny_vit(fused=True), "timm_unfused": lambda: tiny_vit(fused=False),
@@ -40,7 +21,7 @@ MODELS = {"timm_fused": lambda: tiny_vit(fused=True), "timm_unfused": lambda: ti
 def test_gates_fold_exactly(model):
     x = image(batch=4)
     m = MODELS[model]()
-    p = _program(m, x)
+    p = analyzed(m, x)
     with torch.no_grad():
         want = p.gm(x)
     groups = [g for g in p.groups if g.kind in ("head_dim", "mlp")]

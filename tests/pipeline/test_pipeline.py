@@ -268,7 +268,7 @@ def test_a_pass_after_rewrite_that_declares_nothing_sees_compact_shapes_and_the_
 def test_the_manager_marks_stale_what_a_pass_did_not_preserve(preserved, changed, stale):
     from vitcc.pipeline.manager import _invalidated, graph_signature
     from conftest import analyzed
-    p, _ = analyzed()
+    p = analyzed()
     before = graph_signature(p.gm)
     if changed:
         ScaleByOne().run(p)
@@ -283,7 +283,7 @@ def test_the_manager_marks_stale_what_a_pass_did_not_preserve(preserved, changed
 def test_refresh_recomputes_what_is_stale():
     from vitcc.analysis.refresh import refresh
     from conftest import analyzed
-    p, _ = analyzed()
+    p = analyzed()
     edit = ScaleByOne()
     edit.run(p)
     p.stale |= {"shapes", "coupling"}

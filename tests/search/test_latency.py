@@ -13,26 +13,15 @@ import torch
 import vitcc
 from vitcc import Insertion, Pass, PassResult
 from vitcc.errors import VitccError
-from vitcc.frontend.capture import capture
-from vitcc.ir.program import Program
 from vitcc.search.latency import LatencyModel, LatencyTable, cache_dir, compact_ops, machine_info, machine_key
 from vitcc.deploy.timing import time_fn, time_ratio, with_batch
-from vitcc.pipeline.manager import make_pass
 
-from conftest import image, tiny_vit
+from conftest import analyzed, image, tiny_vit
 
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))
-
-
-def analyzed(model=None, x=None):
-    model = model or tiny_vit()
-    x = x if x is not None else image(batch=1)
-    p = Program(gm=capture(model, (x,)), example_inputs=(x,))
-    make_pass("analyze").run(p)
-    return p
 
 
 def by_root(p, keep):
@@ -141,12 +130,12 @@ def test_table_ignores_other_machines_and_bad_files(tmp_path):
 
 
 def test_model_warm_cache_measures_nothing_and_predicts_the_same(fake_timings):
-    p = analyzed()
+    p = analyzed(x=image(batch=1))
     keep = by_root(p, {"residual": range(24), "blocks.0.mlp.hidden": range(96)})
     first = LatencyModel(p, samples=3)
     a, d = first.predict(keep), first.predict({})
     assert first.table.measured > 0 and first.save() is not None
-    second = LatencyModel(analyzed(), samples=3)
+    second = LatencyModel(analyzed(x=image(batch=1)), samples=3)
     keep2 = by_root(second.program, {"residual": range(24), "blocks.0.mlp.hidden": range(96)})
     assert second.predict(keep2) == pytest.approx(a) and second.predict({}) == pytest.approx(d)
     assert second.table.measured == 0
@@ -155,7 +144,7 @@ def test_model_warm_cache_measures_nothing_and_predicts_the_same(fake_timings):
 
 
 def test_compact_ops_follow_the_selection():
-    p = analyzed()
+    p = analyzed(x=image(batch=1))
     dense = {op.key for op in compact_ops(p, {})}
     assert "linear|1x17|48|144|1" in dense  # qkv of block 0: 16 tokens + cls, 48 -> 3 * 48
     assert "linear|1x17|48|192|1" in dense and "linear|1x17|192|48|1" in dense
@@ -222,7 +211,7 @@ def test_target_latency_does_not_overshoot_on_a_head_step(fake_timings, monkeypa
 
 def test_target_latency_with_branches_counts_what_removed_branches_take_away(fake_timings):
     from vitcc.ir.selection import KeptByRoot
-    p = analyzed()
+    p = analyzed(x=image(batch=1))
     model = LatencyModel(p)
     gone = KeptByRoot({}, {"blocks.1.attn"})
     timed = len(compact_ops(p, {}))

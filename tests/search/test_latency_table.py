@@ -14,13 +14,11 @@ import vitcc
 from vitcc.cli import run
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
-from vitcc.ir.program import Program
-from vitcc.pipeline.manager import make_pass
 from vitcc.profiling import profile_table, read_table, write_table
 from vitcc.search.latency_table import (FORMAT, TableCost, branch_slots, interp, lanes, model_fingerprint,
                                         unit_floor, unit_signature, unit_time)
 
-from conftest import image, tiny_vit
+from conftest import analyzed, image, tiny_vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = ["--input-shape", "1,3,32,32"]
@@ -42,12 +40,6 @@ def table_file(model_file):
                 "--batch", "2", "-o", str(out)])
     assert code == 0
     return out
-
-
-def analyzed(model, x):
-    p = Program(gm=capture(model, (x,)), example_inputs=(x,), original=None)
-    make_pass("analyze").run(p)
-    return p
 
 
 def test_table_header_and_units(table_file, model_file):

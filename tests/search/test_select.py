@@ -7,7 +7,7 @@ from conftest import analyzed
 
 
 def selected(**opts):
-    p, _ = analyzed()
+    p = analyzed()
     make_pass("magnitude").run(p)
     p.options.update(opts)
     make_pass("select").run(p)
