@@ -371,8 +371,9 @@ def latency_row(args, key: str, mode: str, batch: int, tmp: Path) -> dict:
         torch.save(make(name, args), spec)
     table = tmp / f"{key}-{mode}-{batch}.json"
     t0 = time.perf_counter()
+    threads = ["--threads", "1"] if args.dev.type == "cpu" else []  # as `bench` times it on the CPU
     code = cli_run(["profile", spec, "--device", str(args.dev), "--dtype", args.dtype, "--batch", str(batch),
-                    "--mode", mode, "--points", str(args.points), "-o", str(table)])
+                    "--mode", mode, "--points", str(args.points), *threads, "-o", str(table)])
     if code != 0:
         return {"error": f"vitcc profile exited {code}"}
     profile_s = round(time.perf_counter() - t0, 1)

@@ -38,7 +38,7 @@ from vitcc.ir.program import Program
 from vitcc.ir.selection import KeptByRoot
 from vitcc.ir.spaces import find
 from vitcc.pipeline.manager import make_pass
-from vitcc.profiling import profile_table
+from vitcc.profiling import profile_table, write_table
 from vitcc.search.latency_table import TableCost, lanes
 
 HERE = Path(__file__).resolve().parent
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "latency_prediction"))
+    ap.add_argument("--table", default=None, help="also write the measured latency table to this path")
     args = ap.parse_args(argv)
     command = "python benchmarks/latency_prediction.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     dev = resolve_device(args.device)
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         table = profile_table(model, (x,), device=dev, dtype=args.dtype, mode=args.mode, threads=args.threads,
                               points=args.points, model_spec=f"timm:{args.model}")
         profile_s = time.perf_counter() - t0
+        if args.table:
+            write_table(table, args.table)
         program = Program(gm=capture(model, (x,)), example_inputs=(x,), original=None)
         make_pass("analyze").run(program)
         cost = TableCost(program, table)

@@ -264,12 +264,10 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
         """ms of the dense whole model and of each dense unit, timed on their own."""
         return timer.ms(dense_whole), {s: timer.ms(r) for s, r in dense_units.items()}
 
-    def measure(compact: fx.GraphModule, dense: tuple[float, dict[str, float]]) -> tuple[float, dict[str, float]]:
-        """ms of `compact`'s whole model and units: each a ratio to its dense self timed beside it, times the
-        dense ms (`dense_ms()`) that the caller's points are scaled by."""
+    def ratios(compact: fx.GraphModule) -> tuple[float, dict[str, float]]:
+        """`compact`'s whole model and units, each as a ratio to its dense self timed right beside it."""
         whole, units = runners(compact)
-        return (timer.ratio(whole, dense_whole) * dense[0],
-                {s: timer.ratio(r, dense_units[s]) * dense[1][s] for s, r in units.items()})
+        return timer.ratio(whole, dense_whole), {s: timer.ratio(r, dense_units[s]) for s, r in units.items()}
 
     total = lambda units: sum(units.get(sig[b.name], 0.0) for b in branches)
     progress("dense model")
@@ -278,16 +276,16 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
     lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
     dense: list[tuple[float, dict[str, float]]] = []
     points: dict[str, dict[str, list]] = {s: {slot: [] for slot in slots[s]} for s in reps}
-    rest: dict[str, list] = {}
+    lane_ratios: dict[str, list] = {}  # lane -> [kept fraction, whole's ratio, units' ratios] per grid point
     for lane in lane_names or [None]:
-        whole, units = dense_ms()  # each lane's own dense point, which its ratios scale
+        whole, units = dense_ms()  # each lane's own dense point, which its unit points are scaled by
         dense.append((whole, units))
         if lane is None:
             break
         groups = [g for g in program.groups if g.prunable and lane_of[g.name] == lane]
         grids = {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
         size = sum(g.size for g in groups)
-        rest[lane] = [[1.0, whole - total(units)]]
+        lane_ratios[lane] = []
         first = {s: next((k for k, g in slots[s].items() if g in grids), None) for s in reps}
         for s, ms in units.items():  # the unit's first group in this lane holds its points (tied ones: one)
             if first[s] is not None:
@@ -300,15 +298,22 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
                 compact = narrowed(gm, example, keep)
             except VitccError:  # a width the graph's constraints refuse: not a point
                 continue
-            whole_j, units_j = measure(compact, dense[-1])
-            for s, ms in units_j.items():
+            whole_r, units_r = ratios(compact)
+            for s, r in units_r.items():
                 if first[s] is not None:
-                    points[s][first[s]].append([len(keep[slots[s][first[s]]]), ms])
-            rest[lane].append([sum(len(keep[g.name]) for g in groups) / size, whole_j - total(units_j)])
-    joint = (_joint_points(program, gm, example, slots, dense_ms, measure, points_per_kind, progress)
+                    points[s][first[s]].append([len(keep[slots[s][first[s]]]), r * units[s]])
+            lane_ratios[lane].append([sum(len(keep[g.name]) for g in groups) / size, whole_r, units_r])
+    joint = (_joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind, progress)
              if lane_names else {})
     whole = statistics.median(d[0] for d in dense)
     unit_ms = {s: statistics.median(d[1][s] for d in dense if s in d[1]) for s in reps if s in dense[0][1]}
+
+    def rest_at(whole_ratio: float, unit_ratios: dict[str, float]) -> float:
+        """What the units do not hold, from ratios on one dense scale (the medians): a lane's own dense timings
+        are a few % off on a busy machine, and that error would land in the rest as a saving of the lane's kind."""
+        return whole * whole_ratio - total({s: ms * unit_ratios.get(s, 1.0) for s, ms in unit_ms.items()})
+    rest = {lane: [[1.0, rest_at(1.0, {})]] + [[frac, rest_at(r, us)] for frac, r, us in pts]
+            for lane, pts in lane_ratios.items()}
     return {"format": FORMAT, "dense_ms": whole, "rest_ms": whole - total(unit_ms), "branches": sig,
             "units": {s: {"role": reps[s].role, "dense_ms": ms, "slots": points[s],
                           "widths": {slot: program.group(g).size for slot, g in slots[s].items()},
@@ -317,7 +322,7 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
             "rest": rest}
 
 
-def _joint_points(program, gm, example, slots, dense_ms, measure, points_per_kind, progress) -> dict[str, list]:
+def _joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind, progress) -> dict[str, list]:
     """Every unit with all its widths narrowed at once, at a few fractions: what one-width-at-a-time sweeps
     cannot show, how the savings of its widths combine (vitcc.search.latency_table fits a unit's floor on
     them). Each point: [{slot: width}, ms, the unit's dense ms timed just before]."""
@@ -332,8 +337,8 @@ def _joint_points(program, gm, example, slots, dense_ms, measure, points_per_kin
             compact = narrowed(gm, example, keep)
         except VitccError:
             continue
-        _, units = measure(compact, dense)
-        for s, ms in units.items():
+        _, units = ratios(compact)
+        for s, r in units.items():
             widths = {slot: len(keep[g]) if g in keep else program.group(g).size for slot, g in slots[s].items()}
-            out[s].append([widths, ms, dense[1][s]])
+            out[s].append([widths, r * dense[1][s], dense[1][s]])
     return out

@@ -16,7 +16,7 @@ from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
 from vitcc.profiling import profile_table, read_table, write_table
 from vitcc.search.latency_table import (FORMAT, TableCost, branch_slots, interp, lanes, model_fingerprint,
-                                        unit_floor, unit_signature, unit_time)
+                                        rest_slope, unit_floor, unit_signature, unit_time)
 
 from conftest import analyzed, image, tiny_vit
 
@@ -165,6 +165,17 @@ def test_interp_is_piecewise_linear():
     pts = [[16, 1.0], [32, 1.0], [48, 3.0]]
     assert interp(pts, 40) == pytest.approx(2.0) and interp(pts, 24) == pytest.approx(1.0)
     assert interp(pts, 8) == pytest.approx(1.0) and interp(pts, 64) == pytest.approx(5.0)
+
+
+def test_rest_is_a_line_through_the_dense_point_not_the_points_joined():
+    """The rest is a small difference of two large measurements: one noisy point (a dip at half the width) moves
+    the fitted line a little, where joining the points would promise its whole dip to the search."""
+    on_a_line = [[1.0, 10.0], [0.75, 9.0], [0.5, 8.0], [0.25, 7.0]]
+    assert rest_slope(on_a_line) == pytest.approx(4.0)
+    dip = [[1.0, 10.0], [0.75, 9.0], [0.5, 2.0], [0.25, 7.0]]
+    assert rest_slope(dip) * (0.5 - 1.0) == pytest.approx(-6.5 / 0.875 / 2)
+    assert interp(dip, 0.5) - 10.0 == -8.0
+    assert rest_slope([[1.0, 3.0]]) == 0.0
 
 
 def test_prediction_close_to_measurement():
