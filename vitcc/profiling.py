@@ -9,8 +9,8 @@ timed at every point too, which calibrates what the units do not hold. Then ever
 at a few fractions (`JOINT_FRACTIONS`): how a unit's savings combine. Every narrowed unit and model is timed as
 a ratio to its dense self, the two alternating: a machine that slows down for a few seconds (a shared CPU)
 slows both, where separate timings would put that drift into the table (DeiT-S on a shared 2-core CPU, 16
-random selections: median error 1-3 points, worst 6, where timing each alone gave medians of 1.3-6.9 and worsts
-up to 19; benchmarks/results/latency_prediction*.md). Graphs are moved to the device and cast to the dtype to
+random selections: median error 0.8-1.2 points, worst 4.6, where timing each alone gave medians of 1.3-6.9 and
+worsts up to 19; benchmarks/results/latency_prediction*.md). Graphs are moved to the device and cast to the dtype to
 be timed.
 """
 from __future__ import annotations
