@@ -2,13 +2,16 @@
 
 `vitcc.profiling.profile_table` measures the table (what `vitcc profile -o` writes) in one mode, dtype and batch;
 then random selections (one kept fraction in [0.25, 1] per lane, i.e. per kind and slot, widths of 64 or more
-rounded to 16) are compiled with `vitcc.compile(keep=...)` (verified), their latency predicted from the table
-(`TableCost`, as the search predicts it) and measured against the dense model in the same mode, all interleaved
-in one run (vitcc.cli.bench.run_bench: CUDA events on a GPU). Reported per selection and summarised: the
-predicted and measured latency as a fraction of dense, the error in points, its median, worst and mean (bias).
+rounded to 16; with --remove, up to that many residual branches removed) are compiled with
+`vitcc.compile(keep=...)` (verified), and so are the selections `--target latency` finds against the table (the
+search goes where the table says the device is slow, the corners random draws miss); their latency is predicted
+from the table (`TableCost`, as the search predicts it) and measured against the dense model in the same mode, all
+interleaved in one run (vitcc.cli.bench.run_bench: CUDA events on a GPU). Reported per selection and summarised:
+the predicted and measured latency as a fraction of dense, the error in points, its median, worst and mean (bias).
 
 Usage:  python benchmarks/latency_prediction.py [--device cpu] [--threads 1] [--mode eager] [--dtype fp32]
                   [--batch 1] [--model deit_small_patch16_224] [--depth N] [--selections 16] [--points 8]
+                  [--remove 0] [--searched 0.25,0.5,0.75]
         python benchmarks/latency_prediction.py --device cuda --dtype bf16 --mode eager --batch 256
 Writes benchmarks/results/latency_prediction.md and .json (see --out), with the command that made them.
 """
@@ -35,28 +38,35 @@ from vitcc.deploy.timing import intra_op_threads, loadavg
 from vitcc.devices import resolve_device
 from vitcc.frontend.capture import capture
 from vitcc.ir.program import Program
-from vitcc.ir.selection import KeptByRoot
+from vitcc.ir.selection import PRUNE_KINDS, KeptByRoot
 from vitcc.ir.spaces import find
 from vitcc.pipeline.manager import make_pass
 from vitcc.profiling import profile_table, write_table
 from vitcc.search.latency_table import TableCost, lanes
 
 HERE = Path(__file__).resolve().parent
+LATENCY_PRUNE = ",".join(k for k in PRUNE_KINDS if k != "other")  # what the searched rows may prune (as gpu.py)
 
 
-def random_selections(program: Program, n: int, seed: int) -> list[dict[str, int]]:
-    """Kept widths per group: one fraction per lane (groups a fused reshape ties share a lane, so they stay equal)."""
+def random_selections(program: Program, n: int, seed: int, removals: int = 0) -> list[tuple[dict[str, int], list[str]]]:
+    """Kept widths per group: one fraction per lane (groups a fused reshape ties share a lane, so they stay equal);
+    and 0 to `removals` residual branches removed whole (their groups go with them)."""
     rng = random.Random(seed)
     lane_of = lanes(program)
     groups = [g for g in program.groups if g.prunable]
+    removable = [b for b in program.branches if b.prunable]
     out = []
     for _ in range(n):
         frac = {lane: rng.uniform(0.25, 1.0) for lane in sorted(set(lane_of[g.name] for g in groups))}
+        removed = sorted(b.name for b in rng.sample(removable, rng.randint(0, min(removals, len(removable))))) \
+            if removals else []  # (without, the draws are those of the runs before --remove)
+        gone = {g for b in removable if b.name in removed for g in b.groups}
         kept = {}
         for g in groups:
             k = g.size * frac[lane_of[g.name]]
-            kept[g.name] = min(g.size, max(16, round(k / 16) * 16)) if g.size >= 64 else max(1, round(k))
-        out.append(kept)
+            if g.name not in gone:
+                kept[g.name] = min(g.size, max(16, round(k / 16) * 16)) if g.size >= 64 else max(1, round(k))
+        out.append((kept, removed))
     return out
 
 
@@ -73,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--points", type=int, default=8, help="widths timed per kind in the table")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--remove", type=int, default=0, help="remove up to this many residual branches per selection")
+    ap.add_argument("--searched", type=lambda v: [float(f) for f in v.split(",") if f], default=[0.25, 0.5, 0.75],
+                    help="also the selections `--target latency` finds against the table at these sparsities")
+    ap.add_argument("--prune", default=LATENCY_PRUNE, help="the kinds the searched selections may prune")
     ap.add_argument("--out", default=str(HERE / "results" / "latency_prediction"))
     ap.add_argument("--table", default=None, help="also write the measured latency table to this path")
     args = ap.parse_args(argv)
@@ -98,11 +112,23 @@ def main(argv: list[str] | None = None) -> int:
                                                           for s, u in table["units"].items()}})
         roots = {g.name: find(g.space).id for g in program.groups}
         models, rows = {"dense": model.to(dev)}, []
-        for i, kept in enumerate(random_selections(program, args.selections, args.seed)):
-            r = vitcc.compile(model, None, example_inputs=(x.to(dev),), keep={g: range(k) for g, k in kept.items()})
-            by_root = KeptByRoot({roots[g]: range(k) for g, k in kept.items()})
-            models[f"s{i}"] = r.module.eval()
-            rows.append({"selection": f"s{i}", "kept": kept, "predicted": cost(by_root) / cost.dense(),
+        drawn = random_selections(program, args.selections, args.seed, args.remove)
+        compiled = [(f"s{i}", vitcc.compile(model, None, example_inputs=(x.to(dev),),
+                                            keep={**{g: range(k) for g, k in kept.items()}, **{b: [] for b in gone}}))
+                    for i, (kept, gone) in enumerate(drawn)]
+        compiled += [(f"search{round(100 * s)}", vitcc.compile(model, None, example_inputs=(x.to(dev),), sparsity=s,
+                                                                target="latency", latency_table=table, prune=args.prune,
+                                                                align=16))
+                     for s in args.searched]
+        for name, r in compiled:
+            removed = sorted(r.selection.removed)
+            gone = {g for b in program.branches if b.name in removed for g in b.groups}
+            kept = {g.name: len(r.selection.get(g.name, range(g.size))) for g in program.groups
+                    if g.prunable and g.name not in gone}
+            by_root = KeptByRoot({roots[g]: range(k) for g, k in kept.items()}, removed)
+            models[name] = r.module.eval()
+            rows.append({"selection": name, "kept": kept, "removed": removed,
+                         "predicted": cost(by_root) / cost.dense(),
                          "predicted_no_floor": no_floor(by_root) / no_floor.dense(),
                          "max_abs_error": r.report["max_abs_error"]})
         bench = run_bench(models, (x.to(dev),), batches=[args.batch], runtimes=["eager"], modes=[args.mode],
@@ -115,14 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         row["error_points"] = 100 * (row["predicted"] - row["measured"])
         row["error_points_no_floor"] = 100 * (row["predicted_no_floor"] - row["measured"])
     summary = {**summarize([r["error_points"] for r in rows]),
-               "no_floor": summarize([r["error_points_no_floor"] for r in rows])}
+               "no_floor": summarize([r["error_points_no_floor"] for r in rows]),
+               "searched": summarize([r["error_points"] for r in rows if r["selection"].startswith("search")])}
     floors = {u["role"]: round(cost.floors[sig] / float(u["dense_ms"]), 3) for sig, u in table["units"].items()}
     data = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"torch": torch.__version__, "timm": timm.__version__, "vitcc": vitcc.__version__,
                          "python": platform.python_version()},
             "machine": table["measured"]["device_name"], "loadavg": [load_start, loadavg()],
             "settings": {k: getattr(args, k) for k in ("device", "dtype", "mode", "batch", "threads", "model", "depth",
-                                                       "selections", "points", "rounds", "seed")},
+                                                       "selections", "points", "rounds", "seed", "remove", "searched",
+                                                       "prune")},
             "clock": "thread CPU time" if clock else bench["clock"], "profile_s": round(profile_s, 1),
             "seconds": round(time.perf_counter() - started, 1), "table_dense_ms": table["dense_ms"],
             "floors": floors, "summary": summary, "rows": rows}
@@ -135,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarize(errors: list[float]) -> dict:
+    if not errors:
+        return {}
     return {"median_abs_points": statistics.median(abs(e) for e in errors), "worst_abs_points": max(map(abs, errors)),
             "bias_points": statistics.fmean(errors), "within_5_points": sum(abs(e) <= 5 for e in errors)}
 
@@ -142,7 +172,7 @@ def summarize(errors: list[float]) -> dict:
 def render(d: dict, program: Program) -> str:
     s, st = d["summary"], d["settings"]
     lane_of = lanes(program)
-    lane_names = sorted({lane_of[g] for g in d["rows"][0]["kept"]}) if d["rows"] else []
+    lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
     sizes = {g.name: g.size for g in program.groups}
     lines = [f"# How well a latency table predicts ({st['model']}{', ' + str(st['depth']) + ' blocks' if st['depth'] else ''}, "
              f"{st['mode']}, {st['dtype']}, batch {st['batch']}, {d['machine']})", "",
@@ -151,25 +181,31 @@ def render(d: dict, program: Program) -> str:
              f"device {st['device']}" + (f", {st['threads']} thread(s)" if st["threads"] else "") +
              f"; clock: {d['clock']}; load average {d['loadavg'][0]} -> {d['loadavg'][1]}; table measured in "
              f"{d['profile_s']} s ({st['points']} widths per kind), {d['seconds']} s in all.", "",
-             "`vitcc profile` measures the table; each selection (one kept fraction per lane, drawn from [0.25, 1]) is "
+             "`vitcc profile` measures the table; each selection (one kept fraction per lane, drawn from [0.25, 1]"
+             + (f", and 0 to {st['remove']} residual branches removed" if st.get("remove") else "") + ") is "
              "compiled with `vitcc.compile(keep=...)` (verified), predicted from the table as the search predicts it, "
              "and measured against dense, all interleaved in one run "
              f"({st['rounds']} rounds, median of the per-round ratio). Latency as a fraction of dense; error = "
              "predicted - measured, in points.", "",
              f"**Median |error| {s['median_abs_points']:.1f} points, worst {s['worst_abs_points']:.1f}, bias "
              f"{s['bias_points']:+.1f}; {s['within_5_points']} of {len(d['rows'])} within 5 points.**", "",
+             *([f"The selections `--target latency` finds against the table (search25 ...: that sparsity of the "
+                f"predicted latency, `--prune {st['prune']}`, `--align 16`): median |error| "
+                f"{s['searched']['median_abs_points']:.1f}, worst {s['searched']['worst_abs_points']:.1f}, bias "
+                f"{s['searched']['bias_points']:+.1f}.", ""] if s.get("searched") else []),
              f"Without the floors fitted to the joint points (each unit's slot ratios multiplied): median "
              f"{s['no_floor']['median_abs_points']:.1f}, worst {s['no_floor']['worst_abs_points']:.1f}, bias "
              f"{s['no_floor']['bias_points']:+.1f}, {s['no_floor']['within_5_points']} within 5 points. Floors "
              "fitted (fraction of the unit's dense time): " + ", ".join(f"{k} {v:.0%}" for k, v in d["floors"].items())
              + ".", "",
-             "| selection | " + " | ".join(f"{n} kept" for n in lane_names) + " | predicted | measured | error | "
-             "error without floors |",
-             "| --- | " + " | ".join("---:" for _ in lane_names) + " | ---: | ---: | ---: | ---: |"]
+             "| selection | " + " | ".join(f"{n} kept" for n in lane_names) + " | branches removed | predicted | "
+             "measured | error | error without floors |",
+             "| --- | " + " | ".join("---:" for _ in lane_names) + " | ---: | ---: | ---: | ---: | ---: |"]
     for r in d["rows"]:
         kept = {n: sum(k for g, k in r["kept"].items() if lane_of[g] == n) /
-                sum(sizes[g] for g in r["kept"] if lane_of[g] == n) for n in lane_names}
+                max(1, sum(sizes[g] for g in r["kept"] if lane_of[g] == n)) for n in lane_names}
         lines.append(f"| {r['selection']} | " + " | ".join(f"{kept[n]:.0%}" for n in lane_names) +
+                     f" | {len(r.get('removed', []))}" +
                      f" | {r['predicted']:.1%} | {r['measured']:.1%} | {r['error_points']:+.1f} | "
                      f"{r['error_points_no_floor']:+.1f} |")
     return "\n".join(lines) + "\n"

@@ -1,17 +1,18 @@
 """Measure a latency table (vitcc.search.latency_table) on a device: `vitcc profile MODEL -o TABLE.json`.
 
 Each residual branch is cut out of the compact graph vitcc builds at a grid of widths (an explicit selection,
-given-selection, then the rewrite, fold and dce a real compile runs) into its own GraphModule, its inputs recorded from
-a run of the whole model, and timed on the device in the mode the model will run in (eager, CUDA graph
-replay, torch.compile). One kind is narrowed at a time, in every group of that kind at once, so one compile
-gives every block's unit at that width; branches of the same structure are timed once. The whole model is
-timed at every point too, which calibrates what the units do not hold. Then every width is narrowed at once,
-at a few fractions (`JOINT_FRACTIONS`): how a unit's savings combine. Every narrowed unit and model is timed as
-a ratio to its dense self, the two alternating: a machine that slows down for a few seconds (a shared CPU)
-slows both, where separate timings would put that drift into the table (DeiT-S on a shared 2-core CPU, 16
-random selections: median error 0.8-1.2 points, worst 4.6, where timing each alone gave medians of 1.3-6.9 and
-worsts up to 19; benchmarks/results/latency_prediction*.md). Graphs are moved to the device and cast to the dtype to
-be timed.
+given-selection, then the rewrite, fold and dce a real compile runs) into its own GraphModule, its inputs recorded
+from a run of the whole model, and timed on the device in the mode the model will run in (eager, CUDA graph replay,
+torch.compile). One kind is narrowed at a time, in every group of that kind at once, so one compile gives every
+block's unit at that width; branches of the same structure are timed once. The whole model is timed at every point
+too, which calibrates what the units do not hold. Then every width is narrowed at once, at a few fractions
+(`JOINT_FRACTIONS`): how a unit's savings combine; and the whole model without some of the branches of each
+structure (`REMOVED_FRACTIONS`): what removing one saves beyond its unit. Every narrowed unit and model is timed as
+a ratio to its dense self, the two alternating: a machine that slows down for a few seconds (a shared CPU) slows
+both, where separate timings would put that drift into the table (DeiT-S on a shared 2-core CPU, 16 random
+selections: median error 0.8-1.2 points, worst 4.6, where timing each alone gave medians of 1.3-6.9 and worsts up
+to 19; benchmarks/results/latency_prediction*.md). Graphs are moved to the device and cast to the dtype to be
+timed.
 """
 from __future__ import annotations
 
@@ -33,14 +34,16 @@ from vitcc.ir.selection import MIN_KEEP
 from vitcc.passes.given_selection import GivenSelection
 from vitcc.pipeline.manager import PassManager, make_pass
 from vitcc.version import __version__
-from vitcc.search.latency_table import (FORMAT, branch_slots, lanes, model_fingerprint, read_table, unit_signature,
-                                        write_table)
+from vitcc.search.latency_table import (FORMAT, branch_slots, kept_share, lanes, model_fingerprint, read_table,
+                                        removal_lane, unit_signature, write_table)
 
 __all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "read_table", "write_table", "widths_grid",
            "resolve_device"]
 
 # the fractions every unit is also timed at with all its widths narrowed together
 JOINT_FRACTIONS = (0.75, 0.5, 0.3)
+# the fractions of each structure's removable branches the whole model is also timed without
+REMOVED_FRACTIONS = (1 / 3, 2 / 3, 1.0)
 
 
 def widths_grid(n: int, kind: str, points: int = 16) -> list[int]:
@@ -118,13 +121,17 @@ class Timer:
         if self.device.type == "cuda":
             return self._cuda([run])[0]
         from vitcc.deploy.timing import time_fn
-        return time_fn(run, samples=self.samples, clock=self._clock())
+        return time_fn(run, samples=self.samples, clock=self._clock(), budget_ms=None)
 
     def ratio(self, run: Callable[[], Any], ref: Callable[[], Any]) -> float:
+        """Every sample asked for, however long: the time budget of per-op timing would cut a whole model of
+        0.5-1 s (DeiT-S at batch 8 on a CPU) to 3 samples, and the rest is a difference of whole-model times
+        (DeiT-S, batch 8, 3 samples: the search's 50% selection predicted within 0.6 points by one table and
+        6.1 by the next)."""
         if self.device.type == "cuda":
             return self._cuda([run, ref], ratio=True)[0]
         from vitcc.deploy.timing import time_ratio
-        return time_ratio(run, ref, samples=self.samples, clock=self._clock())
+        return time_ratio(run, ref, samples=self.samples, clock=self._clock(), budget_ms=None)
 
     def _clock(self) -> str:
         from vitcc.deploy.timing import cpu_clock_ok
@@ -261,15 +268,19 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
     dense_whole, dense_units = runners(gm)
 
     def dense_ms() -> tuple[float, dict[str, float]]:
-        """ms of the dense whole model and of each dense unit, timed on their own."""
-        return timer.ms(dense_whole), {s: timer.ms(r) for s, r in dense_units.items()}
+        """ms of the dense whole model, and of each dense unit as a ratio to the whole timed beside it: what a
+        unit saves is read against the whole, so their shares must be measured at one speed of the machine
+        (DeiT-S at batch 8 on a shared CPU: one MLP unit timed alone at 22.5 and 26.3 ms a minute apart)."""
+        whole = timer.ms(dense_whole)
+        return whole, {s: whole * timer.ratio(r, dense_whole) for s, r in dense_units.items()}
 
     def ratios(compact: fx.GraphModule) -> tuple[float, dict[str, float]]:
         """`compact`'s whole model and units, each as a ratio to its dense self timed right beside it."""
         whole, units = runners(compact)
         return timer.ratio(whole, dense_whole), {s: timer.ratio(r, dense_units[s]) for s, r in units.items()}
 
-    total = lambda units: sum(units.get(sig[b.name], 0.0) for b in branches)
+    def total(units: dict[str, float], removed: frozenset = frozenset()) -> float:
+        return sum(units.get(sig[b.name], 0.0) for b in branches if b.name not in removed)
     progress("dense model")
     dense_ms()  # warm-up: the first runs of a process are slower
     lane_of = lanes(program)
@@ -305,21 +316,48 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
             lane_ratios[lane].append([sum(len(keep[g.name]) for g in groups) / size, whole_r, units_r])
     joint = (_joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind, progress)
              if lane_names else {})
+    removals = _removal_points(gm, example, branches, lambda c: timer.ratio(timer.runner(c, example), dense_whole),
+                               progress)
     whole = statistics.median(d[0] for d in dense)
     unit_ms = {s: statistics.median(d[1][s] for d in dense if s in d[1]) for s in reps if s in dense[0][1]}
 
-    def rest_at(whole_ratio: float, unit_ratios: dict[str, float]) -> float:
+    def rest_at(whole_ratio: float, unit_ratios: dict[str, float], removed: frozenset = frozenset()) -> float:
         """What the units do not hold, from ratios on one dense scale (the medians): a lane's own dense timings
         are a few % off on a busy machine, and that error would land in the rest as a saving of the lane's kind."""
-        return whole * whole_ratio - total({s: ms * unit_ratios.get(s, 1.0) for s, ms in unit_ms.items()})
+        return whole * whole_ratio - total({s: ms * unit_ratios.get(s, 1.0) for s, ms in unit_ms.items()}, removed)
     rest = {lane: [[1.0, rest_at(1.0, {})]] + [[frac, rest_at(r, us)] for frac, r, us in pts]
             for lane, pts in lane_ratios.items()}
+    for role, pts in removals.items():
+        of_role = {b.name: unit_ms.get(sig[b.name], 0.0) for b in branches if b.role == role}
+        rest[removal_lane(role)] = [[1.0, rest_at(1.0, {})]] + [
+            [kept_share(of_role, gone), rest_at(r, {}, frozenset(gone))] for gone, r in pts]
     return {"format": FORMAT, "dense_ms": whole, "rest_ms": whole - total(unit_ms), "branches": sig,
             "units": {s: {"role": reps[s].role, "dense_ms": ms, "slots": points[s],
                           "widths": {slot: program.group(g).size for slot, g in slots[s].items()},
                           **({"joint": joint[s]} if joint.get(s) else {})}
                       for s, ms in unit_ms.items()},
             "rest": rest}
+
+
+def _removal_points(gm, example, branches, whole_ratio, progress) -> dict[str, list]:
+    """The whole model without a third, two thirds and all of the removable branches of one role (attention, MLP):
+    a branch costs more inside the model than its unit timed alone (its weights and activations leave the caches;
+    DeiT-S at batch 8 on a CPU, the search removed every attention branch: measured 6 points more saving than
+    the units said), and the rest's line in that role's lane (`removal_lane`) holds the difference. Role ->
+    [the branches removed, the whole's ratio to dense] per point."""
+    out: dict[str, list] = {}
+    for role in dict.fromkeys(b.role for b in branches):
+        removable = [b.name for b in branches if b.role == role and b.prunable]
+        n = len(removable)
+        for c in sorted({max(1, round(n * f)) for f in REMOVED_FRACTIONS}) if n else []:
+            gone = [removable[i * n // c] for i in range(c)]  # spread along the model
+            progress(f"{removal_lane(role)} {c}/{n} removed")
+            try:
+                compact = narrowed(gm, example, {name: [] for name in gone})
+            except VitccError:
+                continue
+            out.setdefault(role, []).append([gone, whole_ratio(compact)])
+    return out
 
 
 def _joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind, progress) -> dict[str, list]:

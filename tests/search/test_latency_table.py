@@ -59,6 +59,9 @@ def test_table_header_and_units(table_file, model_file):
         assert len(u["joint"]) >= 2 and all(set(w) == set(u["widths"]) and ms > 0 and ref > 0 for w, ms, ref in u["joint"])
         assert all(w["residual"] < u["widths"]["residual"] for w, _, _ in u["joint"])
     assert t["dense_ms"] > 0 and set(t["rest"]) >= {"residual/residual", "mlp/0", "heads/0"}
+    # the whole model without a third, two thirds and all of each role's branches (two blocks: one, two)
+    assert {"branch/attn", "branch/mlp"} <= set(t["rest"])
+    assert all([f for f, _ in t["rest"][f"branch/{role}"]] == [1.0, 0.5, 0.0] for role in ("attn", "mlp"))
 
 
 def test_table_read_back_in_another_process(table_file, model_file, tmp_path):
@@ -120,6 +123,22 @@ def test_removed_branch_loses_its_unit():
     from vitcc.ir.selection import KeptByRoot
     dense = cost(KeptByRoot())
     assert cost(KeptByRoot({}, {p.branches[0].name})) == pytest.approx(dense - 1.0)
+
+
+def test_a_branch_dearer_inside_the_model_than_alone_saves_what_its_lane_says():
+    """Removed from the whole, the attention branches together saved 1 ms more than their units alone (caches):
+    the rest's line in the attention lane holds it, and removing half of them saves half of it."""
+    model, x = tiny_vit(depth=4), image(batch=1)
+    p = analyzed(model, x)
+    table = hand_made(p, 0.1, 0.1)
+    attn = [b.name for b in p.branches if b.role == "attn"]
+    table["rest"]["branch/attn"] = [[1.0, 0.1], [0.5, 0.1 - 0.5], [0.0, 0.1 - 1.0]]
+    cost = TableCost(p, table)
+    from vitcc.ir.selection import KeptByRoot
+    dense = cost(KeptByRoot())
+    assert cost(KeptByRoot({}, set(attn[:2]))) == pytest.approx(dense - 2 * 1.0 - 0.5)
+    mlp = next(b.name for b in p.branches if b.role == "mlp")
+    assert cost(KeptByRoot({}, {mlp})) == pytest.approx(dense - 1.0)  # no lane measured for it: its unit alone
 
 
 def test_units_timed_alone_dearer_than_the_whole_predict_the_whole_minus_their_savings():

@@ -51,11 +51,12 @@ def cpu_clock_ok(threads: int | None = None) -> bool:
 
 
 def time_fn(fn: Callable[[], Any], *, warmup: int = 2, samples: int = 7, min_sample_ms: float = 2.0,
-            budget_ms: float = 400.0, clock: str = "wall") -> float:
+            budget_ms: float | None = 400.0, clock: str = "wall") -> float:
     """Median milliseconds per call of ``fn``; short ops are looped so one sample lasts ``min_sample_ms``.
 
     ``clock="thread"`` measures the calling thread's CPU time (see :func:`cpu_clock_ok`), ``"wall"``
-    wall-clock time. Fewer samples (at least 3) are taken when ``samples`` would exceed ``budget_ms``.
+    wall-clock time. Fewer samples (at least 3) are taken when ``samples`` would exceed ``budget_ms`` (None:
+    no budget).
     """
     now = time.thread_time if clock == "thread" else time.perf_counter
     with torch.inference_mode():
@@ -64,7 +65,7 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, samples: int = 7, min_sam
             fn()
             once = (time.perf_counter() - t0) * 1e3
         inner = max(1, int(math.ceil(min_sample_ms / max(once, 1e-4))))
-        n = max(3, min(samples, int(budget_ms / max(once * inner, 1e-6))))
+        n = samples if budget_ms is None else max(3, min(samples, int(budget_ms / max(once * inner, 1e-6))))
         out = []
         for _ in range(n):
             t0 = now()
@@ -75,7 +76,7 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, samples: int = 7, min_sam
 
 
 def time_ratio(fn: Callable[[], Any], ref: Callable[[], Any], *, warmup: int = 2, samples: int = 7,
-               min_sample_ms: float = 2.0, budget_ms: float = 600.0, clock: str = "wall") -> float:
+               min_sample_ms: float = 2.0, budget_ms: float | None = 600.0, clock: str = "wall") -> float:
     """Median over paired samples of (time of ``fn``) / (time of ``ref``), the two alternating.
 
     A shared machine speeds up and slows down over seconds (other processes, caches, clocks); timing
@@ -91,7 +92,7 @@ def time_ratio(fn: Callable[[], Any], ref: Callable[[], Any], *, warmup: int = 2
                 once[name] = (time.perf_counter() - t0) * 1e3
         inner = {k: max(1, int(math.ceil(min_sample_ms / max(v, 1e-4)))) for k, v in once.items()}
         per = once["fn"] * inner["fn"] + once["ref"] * inner["ref"]
-        n = max(3, min(samples, int(budget_ms / max(per, 1e-6))))
+        n = samples if budget_ms is None else max(3, min(samples, int(budget_ms / max(per, 1e-6))))
         ratios = []
         for i in range(n):
             pair = {}

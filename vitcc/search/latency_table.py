@@ -15,7 +15,9 @@ A selection's latency is predicted without measuring anything:
   the unit timed with all its widths narrowed at once (`joint`), so the ratios do not compound a fixed cost;
 - a removed branch: its unit is gone;
 - the rest: its dense value plus, per lane (kind and slot, see `lanes`), a straight line in that lane's kept
-  fraction, through the dense value and fitted to the lane's points (`rest_slope`).
+  fraction, through the dense value and fitted to the lane's points (`rest_slope`); and per role of branches
+  (`branch/attn`, `branch/mlp`), a line in the share of their unit time kept: what removing one saves beyond
+  its unit (a branch costs more inside the whole model than alone).
 """
 from __future__ import annotations
 
@@ -23,20 +25,20 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import torch.fx as fx
 
 from vitcc.errors import VitccError
 from vitcc.ir.program import Program
-from vitcc.ir.selection import KeptByRoot
+from vitcc.ir.selection import BRANCH, KeptByRoot
 from vitcc.ir.spaces import find, spaces_of
 from vitcc.ir.types import is_ttype
 from vitcc.search.cost import CostModel
 
 __all__ = ["FORMAT", "model_fingerprint", "branch_slots", "unit_signature", "read_table", "write_table",
-           "check_table", "lanes", "TableCost"]
+           "check_table", "lanes", "removal_lane", "kept_share", "TableCost"]
 
 FORMAT = "vitcc-latency-table/1"
 RESIDUAL = "residual"  # the slot of a unit's residual width; other slots are indices into Branch.groups
@@ -102,6 +104,18 @@ def lanes(program: Program) -> dict[str, str]:
         for g in tied:
             out[g] = lane
     return out
+
+
+def removal_lane(role: str) -> str:
+    """The rest's lane of removing branches of one role (`branch/attn`, `branch/mlp`)."""
+    return f"{BRANCH}/{role}"
+
+
+def kept_share(branch_ms: Mapping[str, float], removed: Collection[str]) -> float:
+    """A removal lane's kept fraction: the share of its branches' unit time (branch name -> its unit's dense ms)
+    that stays, so a large branch (a Swin stage of wide blocks) weighs what it costs."""
+    total = sum(branch_ms.values())
+    return 1.0 - sum(ms for name, ms in branch_ms.items() if name in removed) / total if total > 0 else 1.0
 
 
 def unit_signature(program: Program, branch) -> str:
@@ -256,6 +270,10 @@ class TableCost(CostModel):
         self.units = [(b.name, self.table["branches"][b.name], branch_slots(program, b)) for b in program.branches]
         self.floors = {sig: unit_floor(u) for sig, u in self.table["units"].items()}
         self.rest_slopes = {lane: rest_slope(pts) for lane, pts in self.table["rest"].items() if pts}
+        self.branch_ms: dict[str, dict[str, float]] = {}  # role -> branch -> its unit's dense ms
+        for name, sig, _ in self.units:
+            role = self.table["units"][sig]["role"]
+            self.branch_ms.setdefault(role, {})[name] = float(self.table["units"][sig]["dense_ms"])
 
     def _kept(self, keep: Mapping[int, Any], group: str) -> int:
         v = keep.get(self.root[group])
@@ -269,7 +287,11 @@ class TableCost(CostModel):
     def rest_ms(self, keep: Mapping[int, Any], removed: frozenset = frozenset()) -> float:
         gone = {g for b in self.program.branches if b.name in removed for g in b.groups}
         rest = float(self.table["rest_ms"])
+        removal = {removal_lane(role): ms for role, ms in self.branch_ms.items()}
         for lane, slope in self.rest_slopes.items():
+            if lane in removal:
+                rest += slope * (kept_share(removal[lane], removed) - 1.0)
+                continue
             groups = [g for g in self.program.groups if self.lane[g.name] == lane and g.name not in gone]
             size = sum(g.size for g in groups)
             if size:
