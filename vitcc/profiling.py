@@ -7,7 +7,7 @@ torch.compile). One kind is narrowed at a time, in every group of that kind at o
 block's unit at that width; branches of the same structure are timed once. The whole model is timed at every point
 too, which calibrates what the units do not hold. Then every width is narrowed at once, at a few fractions
 (`JOINT_FRACTIONS`): how a unit's savings combine; and the whole model without some of the branches of each
-structure (`REMOVED_FRACTIONS`): what removing one saves beyond its unit. Every narrowed unit and model is timed as
+role (`REMOVED_FRACTIONS`): what removing one saves beyond its unit. Every narrowed unit and model is timed as
 a ratio to its dense self, the two alternating: a machine that slows down for a few seconds (a shared CPU) slows
 both, where separate timings would put that drift into the table (DeiT-S on a shared 2-core CPU, 16 random
 selections: median error 0.8-1.2 points, worst 4.6, where timing each alone gave medians of 1.3-6.9 and worsts up
@@ -42,7 +42,7 @@ __all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "read_table",
 
 # the fractions every unit is also timed at with all its widths narrowed together
 JOINT_FRACTIONS = (0.75, 0.5, 0.3)
-# the fractions of each structure's removable branches the whole model is also timed without
+# the fractions of each role's removable branches (attention, MLP) the whole model is also timed without
 REMOVED_FRACTIONS = (1 / 3, 2 / 3, 1.0)
 
 
