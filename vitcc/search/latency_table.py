@@ -270,10 +270,10 @@ class TableCost(CostModel):
         self.units = [(b.name, self.table["branches"][b.name], branch_slots(program, b)) for b in program.branches]
         self.floors = {sig: unit_floor(u) for sig, u in self.table["units"].items()}
         self.rest_slopes = {lane: rest_slope(pts) for lane, pts in self.table["rest"].items() if pts}
-        self.branch_ms: dict[str, dict[str, float]] = {}  # role -> branch -> its unit's dense ms
+        self.removal_ms: dict[str, dict[str, float]] = {}  # removal lane -> branch -> its unit's dense ms
         for name, sig, _ in self.units:
-            role = self.table["units"][sig]["role"]
-            self.branch_ms.setdefault(role, {})[name] = float(self.table["units"][sig]["dense_ms"])
+            unit = self.table["units"][sig]
+            self.removal_ms.setdefault(removal_lane(unit["role"]), {})[name] = float(unit["dense_ms"])
 
     def _kept(self, keep: Mapping[int, Any], group: str) -> int:
         v = keep.get(self.root[group])
@@ -287,10 +287,9 @@ class TableCost(CostModel):
     def rest_ms(self, keep: Mapping[int, Any], removed: frozenset = frozenset()) -> float:
         gone = {g for b in self.program.branches if b.name in removed for g in b.groups}
         rest = float(self.table["rest_ms"])
-        removal = {removal_lane(role): ms for role, ms in self.branch_ms.items()}
         for lane, slope in self.rest_slopes.items():
-            if lane in removal:
-                rest += slope * (kept_share(removal[lane], removed) - 1.0)
+            if lane in self.removal_ms:
+                rest += slope * (kept_share(self.removal_ms[lane], removed) - 1.0)
                 continue
             groups = [g for g in self.program.groups if self.lane[g.name] == lane and g.name not in gone]
             size = sum(g.size for g in groups)
