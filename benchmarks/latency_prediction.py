@@ -34,7 +34,7 @@ import torch
 import vitcc
 from vitcc.cli.bench import run_bench
 from vitcc.deploy.runners import DTYPES, MODES
-from vitcc.deploy.timing import intra_op_threads, loadavg
+from vitcc.deploy.timing import loadavg, timing_on
 from vitcc.devices import resolve_device
 from vitcc.frontend.capture import capture
 from vitcc.ir.program import Program
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     model = timm.create_model(args.model, pretrained=False, **({"depth": args.depth} if args.depth else {})).eval()
     x = torch.randn(args.batch, 3, *model.pretrained_cfg["input_size"][1:])
     load_start = loadavg()
-    with intra_op_threads(args.threads):
+    with timing_on(dev, args.threads):  # (CPU: one steady heap for the table and the bench)
         t0 = time.perf_counter()
         table = profile_table(model, (x,), device=dev, dtype=args.dtype, mode=args.mode, threads=args.threads,
                               points=args.points, model_spec=f"timm:{args.model}")

@@ -171,8 +171,10 @@ class Timer:
 
 def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: int | None, model_spec: str,
               fp: dict) -> dict[str, Any]:
+    from vitcc.deploy.timing import heap_policy
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "allocator": heap_policy() if device.type == "cpu" else "PyTorch's CUDA caching allocator",
             "dtype": dtype, "batch": batch, "mode": mode, "threads": int(threads or torch.get_num_threads()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "vitcc": __version__, "model": model_spec, **fp}
@@ -202,13 +204,13 @@ def profile_captured(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                      samples: int = 7, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`profile_table` of a graph vitcc captured already (`vitcc.compile` profiles the graph it compiles). The
     graph is narrowed, run and timed on `device`: where it is elsewhere, a copy moves there."""
-    from vitcc.deploy.timing import intra_op_threads
+    from vitcc.deploy.timing import timing_on
     dev = _check(device, dtype, batch, mode)
     example = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in _at_batch(tuple(example_inputs), batch))
     if device_of(gm) != dev:
         gm = moved_copy(gm, dev)
     started = time.perf_counter()
-    with intra_op_threads(threads):
+    with timing_on(dev, threads):
         table = _profile(gm, example, dev, dtype, mode, points, samples, on_progress or (lambda m: None))
     table["measured"] = _measured(dev, dtype, int(example[0].shape[0]), mode, threads, model_spec,
                                   model_fingerprint(gm, example))

@@ -58,10 +58,11 @@ def run_bench(models: dict[str, torch.nn.Module], example: tuple, *, batches: li
     """Time every model at every (runtime, batch), interleaved, sizes at batch 1; a JSON-able dict. The runtime
     "eager" means PyTorch, run in each of `modes` (rows named eager, cudagraph, compile), on the device the
     models and `example` are on; "onnx" means onnxruntime on the CPU. On the CPU at `threads` intra-op
-    threads (torch's for PyTorch, onnxruntime's intra_op_num_threads; torch's count is restored after)."""
-    from vitcc.deploy.timing import intra_op_threads
+    threads (torch's for PyTorch, onnxruntime's intra_op_num_threads; torch's count is restored after), freed
+    memory kept for the next call (vitcc.deploy.timing.steady_heap)."""
+    from vitcc.deploy.timing import timing_on
     device = torch.device(device) if device is not None else example[0].device
-    with intra_op_threads(threads if device.type == "cpu" else None):
+    with timing_on(device, threads if device.type == "cpu" else None):
         return _run_bench(models, example, batches, runtimes, threads, rounds, warmup, workdir, on_progress,
                           device, dtype, list(modes), compile_mode)
 
@@ -109,6 +110,7 @@ def _device_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
     return {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+            "allocator": "PyTorch's CUDA caching allocator",
             "cudnn": torch.backends.cudnn.version()}
 
 
@@ -177,9 +179,9 @@ def print_table(result: dict, title: str) -> None:
         out.print(f"medians of {result['rounds']} interleaved rounds on {result['device']} "
                   f"({result['machine'].get('gpu', '')}), timed with CUDA events{dtype}; {eff.rstrip('; ')}")
         return
-    out.print(f"medians of {result['rounds']} interleaved rounds, {result['threads']} thread(s){dtype}; {eff}"
-              f"load average {result['loadavg_start']} -> {result['loadavg_end']} on "
-              f"{result['machine']['ncpu']} CPUs")
+    out.print(f"medians of {result['rounds']} interleaved rounds, {result['threads']} thread(s){dtype}, "
+              f"{result['machine']['allocator']}; {eff}load average {result['loadavg_start']} -> "
+              f"{result['loadavg_end']} on {result['machine']['ncpu']} CPUs")
 
 
 @app.command("bench")

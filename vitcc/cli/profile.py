@@ -38,8 +38,8 @@ def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], 
                   threads: int | None = None) -> dict:
     """Fill the latency cache for ``model`` at ``threads`` intra-op threads (default: torch's; each count has its
     own cache) and return predicted (and, with ``check``, measured) latencies."""
-    from vitcc.deploy.timing import intra_op_threads
-    with intra_op_threads(threads):
+    from vitcc.deploy.timing import timing_on
+    with timing_on("cpu", threads):
         return _profile_model(model, example, grid, align, prune, check, rounds, on_progress)
 
 

@@ -5,9 +5,13 @@ latency model (vitcc.search.latency) and benchmarks/ share these.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import os
+import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +21,7 @@ import torch
 from vitcc.errors import VitccError
 
 __all__ = ["time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok", "intra_op_threads",
+           "steady_heap", "heap_policy", "timing_on",
            "with_batch", "onnx_session", "onnx_feed"]
 
 
@@ -42,6 +47,87 @@ def intra_op_threads(threads: int | None):
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+# glibc's mallopt parameters (malloc.h) and the values vitcc times at and leaves behind
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT_BELOW = 1 << 30  # blocks below 1 GiB come from the heap, and freed ones stay there for the next call
+_GLIBC_CEILING = 32 << 20  # where glibc's own moving mmap threshold stops on 64-bit (its trim follows at twice)
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - glibc under another name
+        return None
+
+
+def _users_allocator() -> str | None:
+    """The allocator settings the user chose for this process (a preloaded jemalloc or tcmalloc, glibc's own
+    variables), which vitcc times with as they are."""
+    chosen = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") and k.endswith("_")]
+    chosen += [f"LD_PRELOAD={v}" for k, v in os.environ.items() if k == "LD_PRELOAD" and "malloc" in v]
+    chosen += [f"GLIBC_TUNABLES={v}" for k, v in os.environ.items() if k == "GLIBC_TUNABLES" and "malloc" in v]
+    return ", ".join(chosen) or None
+
+
+def heap_policy() -> str:
+    """How CPU timings treat freed memory (`steady_heap`), for the record of a measurement."""
+    users = _users_allocator()
+    if users is not None:
+        return f"malloc as the process sets it ({users})"
+    return ("glibc malloc, freed memory kept for the next call" if _glibc() is not None
+            else "the platform's malloc, as it is")
+
+
+class _HeapHolders:
+    """How many `steady_heap` blocks are open: malloc's settings belong to the process, so only the last one out
+    restores them (a compile with `--target latency` inside a timed benchmark)."""
+    lock = threading.Lock()
+    count = 0
+
+
+@contextlib.contextmanager
+def steady_heap():
+    """CPU timing as a model is served with a caching allocator (jemalloc, tcmalloc: what PyTorch's CPU tuning
+    guide advises): on glibc, freed blocks stay in the heap for the next call. glibc otherwise maps every block
+    above a threshold afresh and gives it back when freed, and that threshold moves with the sizes the process
+    freed before: each call then pays page faults by the process's history, not by the model (DeiT-S, batch 8,
+    1 thread: 56,000 page faults per forward, 10-13% of its time; a model narrowed to MLP width 1360 ran 8%
+    faster than its units said, because its blocks fell below the threshold that dense had moved). After,
+    malloc stands where its own heuristic ends once a large model has run (blocks below 32 MiB from the heap)
+    and free memory goes back to the system. Not glibc, or an allocator the user chose (`LD_PRELOAD`, glibc's
+    `MALLOC_*_` variables): nothing is changed. Yields whether it applied."""
+    libc = _glibc()
+    if libc is None or _users_allocator() is not None:
+        yield False
+        return
+    with _HeapHolders.lock:
+        if _HeapHolders.count == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_BELOW)
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_BELOW)
+        _HeapHolders.count += 1
+    try:
+        yield True
+    finally:
+        with _HeapHolders.lock:
+            _HeapHolders.count -= 1
+            if _HeapHolders.count == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_CEILING)
+                libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_CEILING)
+                libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def timing_on(device: torch.device | str, threads: int | None):
+    """The process as vitcc times a model on `device`: `threads` intra-op threads (None: torch's; restored after),
+    and on the CPU freed memory kept (`steady_heap`; a GPU has PyTorch's caching allocator). Yields the count."""
+    heap = steady_heap() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+    with intra_op_threads(threads) as n, heap:
+        yield n
 
 
 def cpu_clock_ok(threads: int | None = None) -> bool:

@@ -10,11 +10,12 @@ is not timed op by op (views, reshapes, indexing, Python dispatch) is one consta
 per model as the measured latency of the whole dense model minus the sum of its timed ops.
 
 Timings are cached in ``$VITCC_CACHE/latency/<key>.json`` (default ``~/.cache/vitcc``), one entry per
-op and shapes; the key hashes the CPU model, CPU count, torch version, thread count and dtype, and the
-file repeats them, so a cache never answers for another machine or setting. Ops are timed at the thread
-count the model will run with (``threads=``, ``--threads``): a GEMM split over two threads does not shrink
-with its width as it does on one, so each count has its own cache. ``vitcc profile`` fills it
-ahead of time; ``select`` (``target="latency"``, :class:`LatencyCost`) measures what is missing.
+op and shapes; the key hashes the CPU model, CPU count, torch version, thread count, dtype and how freed
+memory is treated (vitcc.deploy.timing.steady_heap), and the file repeats them, so a cache never answers
+for another machine or setting. Ops are timed at the thread count the model will run with (``threads=``,
+``--threads``): a GEMM split over two threads does not shrink with its width as it does on one, so each
+count has its own cache. ``vitcc profile`` fills it ahead of time; ``select`` (``target="latency"``,
+:class:`LatencyCost`) measures what is missing.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from vitcc.deploy.timing import cpu_clock_ok, intra_op_threads, time_fn, time_ratio
+from vitcc.deploy.timing import cpu_clock_ok, heap_policy, time_fn, time_ratio, timing_on
 from vitcc.ir.shapes import CompactShapes
 from vitcc.ir.program import Program
 from vitcc.analysis.ops._timing import TimedOp
@@ -71,7 +72,7 @@ def machine_info(threads: int | None = None, dtype: torch.dtype = torch.float32)
     """What a latency measurement depends on; its hash names the cache file."""
     return {"cpu": _cpu_model(), "arch": platform.machine(), "ncpu": _ncpu(), "torch": torch.__version__,
             "threads": int(threads or torch.get_num_threads()), "dtype": str(dtype).replace("torch.", ""),
-            "format": FORMAT}
+            "allocator": heap_policy(), "format": FORMAT}
 
 
 def machine_key(info: dict) -> str:
@@ -327,7 +328,7 @@ class LatencyCost(CostModel):
 
     @contextmanager
     def measuring(self) -> Iterator[None]:
-        with intra_op_threads(self.threads):
+        with timing_on("cpu", self.threads):
             self.model = LatencyModel(self.program)
             try:
                 yield

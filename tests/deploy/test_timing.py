@@ -1,0 +1,54 @@
+"""vitcc.deploy.timing: the process as vitcc times a model (the timers themselves: tests/search/test_latency.py)."""
+import resource
+
+import pytest
+import torch
+
+from vitcc.deploy.timing import heap_policy, steady_heap, timing_on
+
+glibc_only = pytest.mark.skipif(not heap_policy().startswith("glibc"), reason="malloc's settings are glibc's")
+
+
+PAGES = (1 << 24) // resource.getpagesize()  # of a 16 MiB block
+
+
+def faults_per_call(calls: int = 4) -> float:
+    """Minor page faults per allocation of a 16 MiB block, written and freed (after a warm-up): glibc
+    maps a block that size afresh on every call, all its pages fault, unless freed memory is kept."""
+    for _ in range(8):  # the first few may land on free chunks whose pages were given back (malloc_trim)
+        torch.empty(1 << 22).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        torch.empty(1 << 22).fill_(1.0)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+@glibc_only
+def test_steady_heap_keeps_freed_blocks_for_the_next_call():
+    with steady_heap() as applied:
+        assert applied
+        assert faults_per_call() < PAGES / 2  # (a sandbox's kernel may still fault some: 0 to 1/4 seen)
+
+
+@glibc_only
+def test_steady_heap_nests_and_only_the_last_out_restores():
+    with steady_heap():
+        with steady_heap():
+            pass
+        assert faults_per_call() < PAGES / 2  # the inner block's exit left the outer one's setting
+
+
+def test_timing_on_sets_threads_on_any_device_and_restores_them():
+    before = torch.get_num_threads()
+    for device in ("cpu", "meta"):
+        with timing_on(device, 1) as n:
+            assert n == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == before
+
+
+def test_an_allocator_the_user_chose_is_left_as_it_is(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    with steady_heap() as applied:
+        assert not applied
+    assert heap_policy() == "malloc as the process sets it (MALLOC_MMAP_THRESHOLD_=65536)"
