@@ -52,3 +52,6 @@ def test_an_allocator_the_user_chose_is_left_as_it_is(monkeypatch):
     with steady_heap() as applied:
         assert not applied
     assert heap_policy() == "malloc as the process sets it (MALLOC_MMAP_THRESHOLD_=65536)"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert heap_policy() == "malloc as the process sets it (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)"

@@ -68,9 +68,9 @@ def _glibc() -> ctypes.CDLL | None:
 def _users_allocator() -> str | None:
     """The allocator settings the user chose for this process (a preloaded jemalloc or tcmalloc, glibc's own
     variables), which vitcc times with as they are."""
-    chosen = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") and k.endswith("_")]
-    chosen += [f"LD_PRELOAD={v}" for k, v in os.environ.items() if k == "LD_PRELOAD" and "malloc" in v]
-    chosen += [f"GLIBC_TUNABLES={v}" for k, v in os.environ.items() if k == "GLIBC_TUNABLES" and "malloc" in v]
+    env = os.environ
+    chosen = [f"{k}={v}" for k, v in env.items() if k.startswith("MALLOC_") and k.endswith("_")]
+    chosen += [f"{k}={env[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if "malloc" in env.get(k, "")]
     return ", ".join(chosen) or None
 
 
