@@ -174,7 +174,7 @@ def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: 
     from vitcc.deploy.timing import heap_policy
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "allocator": heap_policy() if device.type == "cpu" else "PyTorch's CUDA caching allocator",
+            "allocator": heap_policy(device),
             "dtype": dtype, "batch": batch, "mode": mode, "threads": int(threads or torch.get_num_threads()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "vitcc": __version__, "model": model_spec, **fp}

@@ -55,3 +55,7 @@ def test_an_allocator_the_user_chose_is_left_as_it_is(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert heap_policy() == "malloc as the process sets it (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)"
+
+
+def test_a_gpu_timing_records_its_caching_allocator():
+    assert heap_policy("cuda:1") == "PyTorch's CUDA caching allocator"

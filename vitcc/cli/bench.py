@@ -109,8 +109,8 @@ def _run_bench(models, example, batches, runtimes, threads, rounds, warmup, work
 def _device_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
-    return {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
-            "allocator": "PyTorch's CUDA caching allocator",
+    from vitcc.deploy.timing import heap_policy
+    return {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, "allocator": heap_policy(device),
             "cudnn": torch.backends.cudnn.version()}
 
 

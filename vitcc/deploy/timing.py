@@ -74,8 +74,10 @@ def _users_allocator() -> str | None:
     return ", ".join(chosen) or None
 
 
-def heap_policy() -> str:
-    """How CPU timings treat freed memory (`steady_heap`), for the record of a measurement."""
+def heap_policy(device: torch.device | str = "cpu") -> str:
+    """How timings on `device` treat freed memory (`steady_heap` on the CPU), for the record of a measurement."""
+    if torch.device(device).type == "cuda":
+        return "PyTorch's CUDA caching allocator"
     users = _users_allocator()
     if users is not None:
         return f"malloc as the process sets it ({users})"
@@ -106,8 +108,8 @@ def steady_heap():
         yield False
         return
     with _HeapHolders.lock:
-        if _HeapHolders.count == 0:
-            libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_BELOW)
+        if _HeapHolders.count == 0:  # (glibc before 2.26 takes at most 32 MiB)
+            libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_BELOW) or libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_CEILING)
             libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_BELOW)
         _HeapHolders.count += 1
     try:
