@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from vitcc.deploy.runners import DTYPES, MODES, make_runner
+from vitcc.deploy.timing import cpu_clock_ok, heap_policy, time_fn, time_ratio, timing_on, with_batch
 from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
@@ -120,7 +121,6 @@ class Timer:
     def ms(self, run: Callable[[], Any]) -> float:
         if self.device.type == "cuda":
             return self._cuda([run])[0]
-        from vitcc.deploy.timing import time_fn
         return time_fn(run, samples=self.samples, clock=self._clock(), budget_ms=None)
 
     def ratio(self, run: Callable[[], Any], ref: Callable[[], Any]) -> float:
@@ -130,11 +130,9 @@ class Timer:
         6.1 by the next)."""
         if self.device.type == "cuda":
             return self._cuda([run, ref], ratio=True)[0]
-        from vitcc.deploy.timing import time_ratio
         return time_ratio(run, ref, samples=self.samples, clock=self._clock(), budget_ms=None)
 
     def _clock(self) -> str:
-        from vitcc.deploy.timing import cpu_clock_ok
         return "thread" if cpu_clock_ok() else "wall"
 
     def _cuda(self, runs: list[Callable[[], Any]], ratio: bool = False) -> list[float]:
@@ -171,7 +169,6 @@ class Timer:
 
 def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: int | None, model_spec: str,
               fp: dict) -> dict[str, Any]:
-    from vitcc.deploy.timing import heap_policy
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "allocator": heap_policy(device),
@@ -204,7 +201,6 @@ def profile_captured(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                      samples: int = 7, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`profile_table` of a graph vitcc captured already (`vitcc.compile` profiles the graph it compiles). The
     graph is narrowed, run and timed on `device`: where it is elsewhere, a copy moves there."""
-    from vitcc.deploy.timing import timing_on
     dev = _check(device, dtype, batch, mode)
     example = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in _at_batch(tuple(example_inputs), batch))
     if device_of(gm) != dev:
@@ -232,7 +228,6 @@ def _check(device, dtype: str, batch: int | None, mode: str, **_) -> torch.devic
 
 
 def _at_batch(example: tuple, batch: int | None) -> tuple:
-    from vitcc.deploy.timing import with_batch
     return example if batch is None or batch == example[0].shape[0] else with_batch(example, batch)
 
 
