@@ -12,9 +12,9 @@ For DeiT-S, ViT-B and Swin-T (random weights), at 25%, 50% and 75% of MACs remov
 * Torch-Pruning (if installed) prunes the same model at the ratio that gives vitcc's widths (its timm
   ViT setup, benchmarks/compile_time.py::run_tp; on Swin MLP neurons only, the part it can prune there
   without model code), timed beside it;
-* `--target latency` at 25% and 50% (the per-op latency model of vitcc.search.latency, eager, batch 1, filled
-  from the cache under $VITCC_CACHE or measured during the compile): the measured latency reduction
-  against the requested one;
+* `--target latency` at 25% and 50% (against the latency table the compile measures on the CPU when given none,
+  eager, batch 1, or reads from the cache under $VITCC_CACHE; vitcc.profiling.table_for): the measured latency
+  reduction against the requested one;
 * an --align sweep on DeiT-S at 50% of MACs (the evidence for the CLI's --align default), and a
   microbenchmark of SDPA and linear latency against width.
 
@@ -52,9 +52,8 @@ sys.path.insert(0, str(HERE))
 
 import vitcc  # noqa: E402
 from vitcc.deploy.export import export_onnx  # noqa: E402
-from vitcc.deploy.timing import (interleaved, intra_op_threads, loadavg, onnx_feed, onnx_session, steady_heap, summarize,
-                                  time_ratio, with_batch)
-from vitcc.search.latency import machine_info
+from vitcc.deploy.timing import (interleaved, intra_op_threads, loadavg, machine_info, onnx_feed, onnx_session,
+                                  steady_heap, summarize, time_ratio, with_batch)
 from vitcc.metrics import count_macs, count_params  # noqa: E402
 
 try:
@@ -393,7 +392,7 @@ def latency_targets(key: str, args) -> dict:
             continue
         rep = r.report
         print(f"  {k}: predicted reduction {rep['latency_model']['predicted_reduction']:.3f}, MACs kept "
-              f"{rep['macs_after'] / rep['macs_before']:.3f}, {rep['latency_model']['ops_measured']} ops measured, "
+              f"{rep['macs_after'] / rep['macs_before']:.3f}, table {rep['latency_model']['table']}, "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
     out["variants"] = info
     out["runs"] = [time_eager(mods, x, 1, args)]
@@ -674,22 +673,22 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    removed) and is lowest at batch 1 in eager PyTorch, where those ops weigh most, and where the
    per-op Python and dispatch overhead (4.6 ms of DeiT-S's 120 ms, the same number of ops before and
    after pruning) costs another point or two.
-4. **`--target latency`** (the per-op latency model, vitcc.search.latency, eager at the compile's batch) lands
-   within a few points of the requested reduction (its table above). It needs no per-model
-   code: every linear, attention, norm, softmax and elementwise op of the traced graph is timed at
-   its compact shape, relative to the same op at its dense shape timed beside it (thread CPU time;
-   the dense ops relative to a reference GEMM), and what is not timed op by op is one constant
-   calibrated on the dense model. The search is select's budget search (the one `--target params|macs`
-   use) on that prediction: the smallest uniform fraction that reaches the goal, refined where a kind
-   takes a coarse step (a head fewer per block, a head dim at the alignment: Swin's 32 is 32 or 16 at
-   align 16): those kinds keep the widths of the largest fraction that falls short and the other kinds
-   are searched again ("selection"). The same refinement keeps `--target macs` on target: before it,
-   Swin-T asked for 50% of MACs lost 56% at align 16 (every head dim halved). The latency search also tries
+4. **`--target latency`** (eager at the compile's batch) selects against a latency table measured on this CPU
+   (vitcc.profiling: every residual branch timed at a grid of its widths as a ratio to its dense self, the
+   whole model along every kind's grid to calibrate the rest; kept in the cache, so one measurement serves
+   every later compile of the model there). It needs no per-model code. The search is select's budget search
+   (the one `--target params|macs` use) on that prediction: the smallest uniform fraction that reaches the
+   goal, refined where a kind takes a coarse step (a head fewer per block, a head dim at the alignment: Swin's
+   32 is 32 or 16 at align 16): those kinds keep the widths of the largest fraction that falls short and the
+   other kinds are searched again ("selection"). The same refinement keeps `--target macs` on target: before
+   it, Swin-T asked for 50% of MACs lost 56% at align 16 (every head dim halved). The latency search also tries
    each kind up to 2 steps past those widths, the others searched again, and keeps the candidate within 2
-   points of the goal that loses least (branches.BranchLoss): softmax and transposes follow the heads and
-   head dims, not the MACs, so on DeiT-S at 50% it keeps more MACs for the same latency (47.4%, was
-   46.1%). Measured against requested: -2.1 to +4.5 points (Swin-T at 50% removes 54.5%, keeping 84 of
-   138 heads).
+   points of the goal that loses least (branches.BranchLoss): softmax and transposes follow the heads and head
+   dims, not the MACs. Until 2026-12-06 a per-op model (each op timed alone at its compact shape, the rest one
+   constant) did this job on the CPU; in one run against the same measured selections
+   (`benchmarks/latency_prediction.py --per-op`, at commit ab60aa6) it predicted DeiT-S within a median 2.2
+   points (worst 4.5) where the table did 1.5 (3.9), and Swin-T within 3.0 (worst 8.1, and +5.5/+5.9 on the
+   selections that remove branches) where the table did 0.8 (3.7), so the table replaced it.
 5. **Noise.** The machine is shared (see the load averages); wall-clock medians of interleaved runs
    still move by a few points between runs when the load is high, the CPU-time figures much less.
 6. **Why Swin-T at 50% of MACs stays near 88-92% of the ideal while DeiT-S and ViT-B reach 94-104%**
@@ -709,8 +708,7 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    64 windows (about 4% of dense time) does not shrink at all; the width-scaling ops shrink with the residual
    width and MLP (0.67-0.79). Together: 10.1 ms of 76 ms in ops. So the shortfall on Swin-T is inherent
    to pruning by MACs, not added by the compiler. Where latency rather than MACs is the goal,
-   `--target latency` selects with these costs measured per op (Swin-T: it prunes heads much harder,
-   70 of 138 kept at 50%, and lands within 1.2 points of the requested reduction, table above).
+   `--target latency` selects with these costs measured (its table above).
 7. **Threads** (the threads table; DeiT-S at 50% of MACs). Removing whole branches runs at 102-120% of the
    ideal at 1 and 2 threads, eager and onnxruntime, batch 1 and 8 (AMD EPYC; 104-116% on a 2-core Intel Xeon
    the day before): a removed branch takes its LayerNorm, GELU, softmax and add with it, which the MAC ratio
@@ -757,10 +755,8 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    sessions timed in turns spun their idle worker threads on the cores the next session ran on (a dense DeiT-S
    at 2 threads, batch 1, ran no faster than at 1), so `vitcc.deploy.timing.onnx_session` lets idle workers sleep
    (`vitcc bench` times its sessions the same way; with spinning on and a 50 ms pause between calls instead,
-   the compact model's efficiency is the same). `--target latency --threads N` times the ops at N threads from
-   that count's cache: measured 47.7% at 1 thread and 45.8% at 2 for 50% requested (predicted 50.2% at
-   both; Intel): the per-op model times each op alone, and the whole model scales a little worse than its
-   ops do.
+   the compact model's efficiency is the same). `--target latency --threads N` measures its table at N threads
+   (each count its own table in the cache).
 """
 
 def _pct(v, nd=0):
@@ -860,8 +856,8 @@ def render(data: dict) -> str:
         aligns = sorted({v.get("align") for m in lt.values() for k, v in m.get("variants", {}).items()
                          if isinstance(v, dict) and v.get("align")} or {data["meta"]["align"]})
         L.append(f"`vitcc.compile(model, 'magnitude', sparsity=s, target='latency', align={'/'.join(map(str, aligns))})` "
-                 "(vitcc.search.latency's per-op "
-                 "model, cache under $VITCC_CACHE or ~/.cache/vitcc), then dense and compact timed together as "
+                 "(against the latency table the compile measures on this CPU, eager at batch 1, or reads from "
+                 "the cache under $VITCC_CACHE or ~/.cache/vitcc), then dense and compact timed together as "
                  "above. Aim: measured within 5 points of requested.\n")
         L.append("| model | requested | predicted | measured (wall) | measured (cpu) | MACs removed | selection | "
                  "widths kept | run |")
@@ -985,10 +981,10 @@ def render_threads(th: dict | None) -> list:
     for n, v in info.items():
         lm = v.get("latency_model")
         if lm:
-            t = lm.get("threads")
+            t = lm["measured"]["threads"]
             run = next((r for r in runs if r["threads"] == t and r["runtime"] == "eager" and r["batch"] == 1), None)
             c = (run or {}).get("compare", {}).get(n, {})
-            L.append(f"- {n}: `target='latency', threads={t}` (ops timed at {t} thread(s), eager, batch 1): "
+            L.append(f"- {n}: `target='latency', threads={t}` (its table measured at {t} thread(s), eager, batch 1): "
                      f"requested 50%, predicted {_pct(lm['predicted_reduction'], 1)}, measured at {t} thread(s) "
                      f"**{_pct(c.get('reduction'), 1)}** (eager b1); widths "
                      + ", ".join(f"{k} {x['after']}/{x['before']}" for k, x in v["widths"].items()))

@@ -42,7 +42,6 @@ from vitcc.ir.selection import PRUNE_KINDS, KeptByRoot
 from vitcc.ir.spaces import find
 from vitcc.pipeline.manager import make_pass
 from vitcc.profiling import profile_table, write_table
-from vitcc.search.latency import LatencyModel, LatencyTable, machine_info, machine_key
 from vitcc.search.latency_table import TableCost, lanes
 
 HERE = Path(__file__).resolve().parent
@@ -90,10 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune", default=LATENCY_PRUNE, help="the kinds the searched selections may prune")
     ap.add_argument("--out", default=str(HERE / "results" / "latency_prediction"))
     ap.add_argument("--table", default=None, help="also write the measured latency table to this path")
-    ap.add_argument("--per-op", default=None, metavar="CACHE_DIR",
-                    help="CPU: also predict every selection with the per-op model (vitcc.search.latency, what "
-                         "`--target latency` uses on a CPU without a table), its cache in CACHE_DIR (a new folder "
-                         "times it cold)")
     args = ap.parse_args(argv)
     command = "python benchmarks/latency_prediction.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     dev = resolve_device(args.device)
@@ -106,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         table = profile_table(model, (x,), device=dev, dtype=args.dtype, mode=args.mode, threads=args.threads,
                               points=args.points, model_spec=f"timm:{args.model}")
-        profile_s, per_op_s = time.perf_counter() - t0, 0.0
+        profile_s = time.perf_counter() - t0
         if args.table:
             write_table(table, args.table)
         program = Program(gm=capture(model, (x,)), example_inputs=(x,), original=None)
@@ -116,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         no_floor = TableCost(program, {**table, "units": {s: {k: v for k, v in u.items() if k != "joint"}
                                                           for s, u in table["units"].items()}})
         roots = {g.name: find(g.space).id for g in program.groups}
-        per_op = per_op_model(program, dev, args.threads, args.per_op) if args.per_op else None
         models, rows = {"dense": model.to(dev)}, []
         drawn = random_selections(program, args.selections, args.seed, args.remove)
         compiled = [(f"s{i}", vitcc.compile(model, None, example_inputs=(x.to(dev),),
@@ -137,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
                          "predicted": cost(by_root) / cost.dense(),
                          "predicted_no_floor": no_floor(by_root) / no_floor.dense(),
                          "max_abs_error": r.report["max_abs_error"]})
-            if per_op is not None:
-                t0 = time.perf_counter()
-                rows[-1]["predicted_per_op"] = per_op.predict(by_root) / per_op.predict(KeptByRoot())
-                per_op_s += time.perf_counter() - t0
-        if per_op is not None:
-            per_op.save()
         bench = run_bench(models, (x.to(dev),), batches=[args.batch], runtimes=["eager"], modes=[args.mode],
                           threads=args.threads or torch.get_num_threads(), rounds=args.rounds, device=dev,
                           dtype=DTYPES[args.dtype])
@@ -152,14 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         row["measured"] = 1 / compare[row["selection"]][f"speedup{clock}"]
         row["error_points"] = 100 * (row["predicted"] - row["measured"])
         row["error_points_no_floor"] = 100 * (row["predicted_no_floor"] - row["measured"])
-        if "predicted_per_op" in row:
-            row["error_points_per_op"] = 100 * (row["predicted_per_op"] - row["measured"])
     summary = {**summarize([r["error_points"] for r in rows]),
                "no_floor": summarize([r["error_points_no_floor"] for r in rows]),
-               "searched": summarize([r["error_points"] for r in rows if r["selection"].startswith("search")]),
-               **({"per_op": summarize([r["error_points_per_op"] for r in rows]),
-                   "per_op_searched": summarize([r["error_points_per_op"] for r in rows
-                                                 if r["selection"].startswith("search")])} if per_op else {})}
+               "searched": summarize([r["error_points"] for r in rows if r["selection"].startswith("search")])}
     floors = {u["role"]: round(cost.floors[sig] / float(u["dense_ms"]), 3) for sig, u in table["units"].items()}
     data = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"torch": torch.__version__, "timm": timm.__version__, "vitcc": vitcc.__version__,
@@ -167,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": table["measured"]["device_name"], "loadavg": [load_start, loadavg()],
             "settings": {k: getattr(args, k) for k in ("device", "dtype", "mode", "batch", "threads", "model", "depth",
                                                        "selections", "points", "rounds", "seed", "remove", "searched",
-                                                       "prune", "per_op")},
+                                                       "prune")},
             "clock": "thread CPU time" if clock else bench["clock"], "profile_s": round(profile_s, 1),
-            **({"per_op_s": round(per_op_s, 1), "per_op_measured": per_op.table.measured} if per_op else {}),
             "seconds": round(time.perf_counter() - started, 1), "table_dense_ms": table["dense_ms"],
             "floors": floors, "summary": summary, "rows": rows}
     out = Path(args.out)
@@ -178,14 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(render(data, program))
     print(render(data, program))
     return 0
-
-
-def per_op_model(program: Program, dev: torch.device, threads: int | None, cache: str) -> LatencyModel:
-    """The per-op model at the benchmark's threads, its cache in `cache` (timed under the caller's timing_on)."""
-    if dev.type != "cpu":
-        raise SystemExit("--per-op: the per-op model times ops on the CPU; use it with --device cpu")
-    info = machine_info(threads)
-    return LatencyModel(program, LatencyTable.load(info, Path(cache) / f"{machine_key(info)}.json"))
 
 
 def summarize(errors: list[float]) -> dict:
@@ -224,31 +198,17 @@ def render(d: dict, program: Program) -> str:
              f"{s['no_floor']['bias_points']:+.1f}, {s['no_floor']['within_5_points']} within 5 points. Floors "
              "fitted (fraction of the unit's dense time): " + ", ".join(f"{k} {v:.0%}" for k, v in d["floors"].items())
              + ".", "",
-             *(per_op_summary(d) if "per_op" in s else []),
              "| selection | " + " | ".join(f"{n} kept" for n in lane_names) + " | branches removed | predicted | "
-             "measured | error | error without floors |" + (" per-op predicted | per-op error |" if "per_op" in s else ""),
-             "| --- | " + " | ".join("---:" for _ in lane_names) + " | ---: | ---: | ---: | ---: | ---: |"
-             + (" ---: | ---: |" if "per_op" in s else "")]
+             "measured | error | error without floors |",
+             "| --- | " + " | ".join("---:" for _ in lane_names) + " | ---: | ---: | ---: | ---: | ---: |"]
     for r in d["rows"]:
         kept = {n: sum(k for g, k in r["kept"].items() if lane_of[g] == n) /
                 max(1, sum(sizes[g] for g in r["kept"] if lane_of[g] == n)) for n in lane_names}
         lines.append(f"| {r['selection']} | " + " | ".join(f"{kept[n]:.0%}" for n in lane_names) +
                      f" | {len(r.get('removed', []))}" +
                      f" | {r['predicted']:.1%} | {r['measured']:.1%} | {r['error_points']:+.1f} | "
-                     f"{r['error_points_no_floor']:+.1f} |" +
-                     (f" {r['predicted_per_op']:.1%} | {r['error_points_per_op']:+.1f} |" if "per_op" in s else ""))
+                     f"{r['error_points_no_floor']:+.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def per_op_summary(d: dict) -> list[str]:
-    s = d["summary"]
-    return [f"The per-op model (vitcc.search.latency: each op timed alone at its shape, the rest one constant; what "
-            f"`--target latency` uses on a CPU without a table) on the same selections: median |error| "
-            f"{s['per_op']['median_abs_points']:.1f}, worst {s['per_op']['worst_abs_points']:.1f}, bias "
-            f"{s['per_op']['bias_points']:+.1f}, {s['per_op']['within_5_points']} within 5 points"
-            + (f"; on the searched ones: median {s['per_op_searched']['median_abs_points']:.1f}, worst "
-               f"{s['per_op_searched']['worst_abs_points']:.1f}" if s.get("per_op_searched") else "")
-            + f". Its predictions took {d['per_op_s']} s ({d['per_op_measured']} ops timed now).", ""]
 
 
 if __name__ == "__main__":

@@ -352,3 +352,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def hand_made(program, heads_ms: float, other_ms: float) -> dict:
+    """A table in which every unit costs `other_ms` per width slot at dense and heads cost `heads_ms` each."""
+    from vitcc.search.latency_table import FORMAT, branch_slots, model_fingerprint, unit_signature
+    units, branches = {}, {}
+    for b in program.branches:
+        s = unit_signature(program, b)
+        branches[b.name] = s
+        slots = {}
+        for slot, g in branch_slots(program, b).items():
+            grp = program.group(g)
+            per = heads_ms if grp.kind == "heads" else other_ms
+            slots[slot] = [[w, 1.0 + per * w / grp.size * 10] for w in range(1, grp.size + 1)]
+        units[s] = {"role": b.role, "dense_ms": 1.0, "slots": slots}
+    fp = model_fingerprint(program.gm, program.example_inputs)
+    return {"format": FORMAT, "measured": {"model": "hand-made", **fp}, "units": units, "branches": branches,
+            "dense_ms": len(program.branches) + 0.1, "rest_ms": 0.1, "rest": {}}

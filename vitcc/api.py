@@ -73,14 +73,14 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     `rules` is the op table this compile uses (`vitcc.default_table()` plus your `table.rule(...)` additions),
     or functions marked with `@vitcc.rule(...)`, added to a fresh copy of the built-in table.
 
-    `threads` is the intra-op thread count the compact model will run with: `target="latency"` times ops at it
-    (each count has its own cache; default: torch's current count).
+    `threads` is the intra-op thread count the compact model will run with: `target="latency"` on the CPU
+    measures its table at it (each count has its own; default: torch's current count).
 
     `latency_table` (a path or the dict `vitcc.profiling.profile_table` returns) makes `target="latency"`
-    select against that table, measured on its device (`vitcc profile MODEL -o TABLE.json`), instead of
-    timing ops here; it must have been measured on this model (one-line error otherwise). Without one,
-    `target="latency"` times ops on the CPU (the per-op model) for a model on the CPU, and measures a table on
-    the model's GPU (eager, fp32, the example's batch) for a model on a GPU.
+    select against that table, measured on its device (`vitcc profile MODEL -o TABLE.json`); it must have been
+    measured on this model (one-line error otherwise). Without one, `target="latency"` measures a table where
+    the model is (eager, fp32, the example's batch; vitcc.profiling.table_for), once: it is kept under
+    `$VITCC_CACHE/tables` (default `~/.cache/vitcc`) for the next compile of the same graph there.
 
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
@@ -124,8 +124,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     macs_before = original.meta.pop("macs", None) if not captured else None  # where capture had to run it
     if writes_in_place(original.graph):
         original = copy.deepcopy(original)
-    if target == "latency" and latency_table is None and keep is None and model_device.type != "cpu":
-        table_options = _table_on_device(original, example_inputs, model_device)
+    if target == "latency" and latency_table is None and keep is None:
+        table_options = _table_on_device(original, example_inputs, model_device, threads, progress)
     gm, shared = working_copy(original)
     program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align,
@@ -276,13 +276,17 @@ def _latency_table_options(table, target: str) -> dict[str, Any]:
     return {"latency_table": read_table(table), "latency_table_source": where}
 
 
-def _table_on_device(gm: fx.GraphModule, example_inputs: tuple, device: torch.device) -> dict[str, Any]:
-    """`target="latency"` without a table on a GPU: a table measured there now, in eager mode at fp32 and the
-    example's batch (the per-op model times ops on the CPU, which says nothing about a GPU). Another mode, dtype
-    or batch: `vitcc profile ... -o TABLE.json`, then `latency_table=`."""
-    from vitcc.profiling import profile_captured
-    table = profile_captured(gm, example_inputs, device=device, model_spec="the model compiled")
-    where = f"a table profiled on {device} (eager, fp32, batch {table['measured']['batch']})"
+def _table_on_device(gm: fx.GraphModule, example_inputs: tuple, device: torch.device, threads: int | None,
+                     progress: Any) -> dict[str, Any]:
+    """`target="latency"` without a table: one measured where the model is, in eager mode at fp32 and the
+    example's batch, or the one the last compile of this graph there left in the cache. Another mode, dtype or
+    batch: `vitcc profile ... -o TABLE.json`, then `latency_table=`."""
+    from rich.console import Console
+    from vitcc.profiling import table_for
+    console = progress if isinstance(progress, Console) else Console(stderr=True) if progress else None
+    table, where = table_for(gm, example_inputs, device=device, threads=threads,
+                             announce=(lambda line: console.print(line, style="dim", highlight=False)) if console
+                             else None)
     return {"latency_table": table, "latency_table_source": where}
 
 

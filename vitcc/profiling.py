@@ -17,16 +17,20 @@ timed.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import math
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from vitcc.deploy.runners import DTYPES, MODES, make_runner
-from vitcc.deploy.timing import cpu_clock_ok, heap_policy, time_fn, time_ratio, timing_on, with_batch
+from vitcc.deploy.timing import cpu_clock_ok, cpu_model, heap_policy, time_fn, time_ratio, timing_on, with_batch
 from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
@@ -38,8 +42,13 @@ from vitcc.version import __version__
 from vitcc.search.latency_table import (FORMAT, branch_slots, kept_share, lanes, model_fingerprint, read_table,
                                         removal_lane, unit_signature, write_table)
 
-__all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "read_table", "write_table", "widths_grid",
-           "resolve_device"]
+__all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "table_for", "cache_dir", "read_table",
+           "write_table", "widths_grid", "resolve_device"]
+
+CACHE_ENV = "VITCC_CACHE"
+# widths per kind in the table `--target latency` profiles when given none (a compile waits for it; at 8, DeiT-S
+# and Swin-T tables predict within a median 0.8-1.5 points on a CPU: benchmarks/results/latency_prediction*.md)
+ON_DEMAND_POINTS = 8
 
 # the fractions every unit is also timed at with all its widths narrowed together
 JOINT_FRACTIONS = (0.75, 0.5, 0.3)
@@ -169,17 +178,12 @@ class Timer:
 
 def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: int | None, model_spec: str,
               fp: dict) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "allocator": heap_policy(device),
             "dtype": dtype, "batch": batch, "mode": mode, "threads": int(threads or torch.get_num_threads()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "vitcc": __version__, "model": model_spec, **fp}
-
-
-def _cpu_name() -> str:
-    from vitcc.search.latency import _cpu_model
-    return _cpu_model()
 
 
 def profile_table(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, device: str | torch.device = "cpu",
@@ -212,6 +216,49 @@ def profile_captured(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                                   model_fingerprint(gm, example))
     table["seconds"] = round(time.perf_counter() - started, 2)
     return table
+
+
+def cache_dir() -> Path:
+    """Where tables profiled on demand are kept: ``$VITCC_CACHE/tables`` (default ``~/.cache/vitcc``)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vitcc")
+    return Path(root) / "tables"
+
+
+def table_for(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, device: str | torch.device = "cpu",
+              threads: int | None = None, announce: Callable[[str], None] | None = None) -> tuple[dict, str]:
+    """The table `--target latency` selects against when given none: measured on `device` now (eager, fp32, the
+    example's batch, `threads` intra-op threads), or read from the cache, where the same graph and input shape
+    measured on the same device, torch, thread count and allocator left it. The cache only saves time: a table
+    that is missing, foreign or unreadable is measured again. `announce` hears one line before a measurement.
+    Returns (table, where it came from)."""
+    dev = resolve_device(device)
+    example = tuple(example_inputs)
+    fp = model_fingerprint(gm, example)
+    n = int(threads or torch.get_num_threads())
+    identity = {**fp, "batch": int(example[0].shape[0]), "device": str(dev), "points": ON_DEMAND_POINTS,
+                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
+                "torch": torch.__version__, "cuda": torch.version.cuda, "threads": n,
+                "allocator": heap_policy(dev), "vitcc": __version__, "format": FORMAT}
+    path = cache_dir() / f"{hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    how = f"eager, fp32, batch {identity['batch']}" + (f", {n} thread(s)" if dev.type == "cpu" else "")
+    try:
+        table = read_table(path)
+        if table.get("cache_identity") == identity:
+            return table, f"profiled on {dev} ({how}), from the cache {path}"
+    except VitccError:
+        pass
+    if announce is not None:
+        announce(f"profiling a latency table on {dev} ({how}, {ON_DEMAND_POINTS} widths per kind), once: it is "
+                 f"kept in {path}")
+    table = profile_captured(gm, example, device=dev, threads=threads, points=ON_DEMAND_POINTS,
+                             model_spec="the model compiled")
+    table["cache_identity"] = identity
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_table(table, path)
+    except OSError:  # a read-only home: the table serves this compile, the next one measures again
+        return table, f"profiled on {dev} now ({how}), not cached: {path.parent} is not writable"
+    return table, f"profiled on {dev} now ({how}), cached in {path}"
 
 
 def _check(device, dtype: str, batch: int | None, mode: str, **_) -> torch.device:

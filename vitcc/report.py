@@ -350,8 +350,10 @@ def _summary(report: dict) -> list[list[Any]]:
              _kept(report[k + "_after"], report[k + "_before"])] for k, label in (("params", "parameters"),
                                                                                    ("macs", "MACs"))]
     lat = report.get("latency_model")
-    if lat:  # --target latency: per-op timings measured on the compiling machine
-        rows.append([f"latency, predicted from per-op timings ({lat.get('threads', '?')} thread(s))",
+    if lat:  # --target latency: predicted from the latency table
+        m = lat.get("measured", {})
+        rows.append([f"latency, predicted by the table ({m.get('device_name', '?')}, {m.get('mode', '?')}, batch "
+                     f"{m.get('batch', '?')})",
                      f"{lat['predicted_ms_before']:.3g} ms", f"{lat['predicted_ms_after']:.3g} ms",
                      _kept(lat["predicted_ms_after"], lat["predicted_ms_before"])])
     bench = report.get("bench") or {}

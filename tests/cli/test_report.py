@@ -126,7 +126,7 @@ def test_accuracy_before_pruned_and_after_fine_tuning(tmp_path, one_thread):
 
 
 def test_latency_is_shown_where_it_was_measured(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))  # --target latency times ops here, not in ~
+    monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))  # --target latency caches its table here, not in ~
     report = compiled(tiny_vit(), 32, sparsity=0.02, target="latency")
     _, root = page(report, tmp_path)
     lat = report["latency_model"]

@@ -86,24 +86,6 @@ def test_bench_compiled_and_sparsity_is_a_usage_error(model_file, capsys):
     assert "not both" in capsys.readouterr().err
 
 
-def test_profile_fills_the_cache_and_prints_predictions(tmp_path, model_file, capsys):
-    out = tmp_path / "profile.json"
-    code = run(["profile", str(model_file), "--grid", "0.25,0.5", "--threads", "1", "--check", "--rounds", "2",
-                "--json", str(out), *SHAPE])
-    assert code == 0
-    shown = capsys.readouterr().out
-    assert "predicted" in shown and "meas. kept" in shown and "cache:" in shown
-    data = json.loads(out.read_text())
-    assert [r["fraction"] for r in data["rows"]] == [0.25, 0.5]
-    assert all(0 < r["predicted_kept"] <= 1.0 + 1e-9 for r in data["rows"])
-    assert all(r["measured_ms"] > 0 for r in data["rows"])
-    assert data["entries"] > 0 and (tmp_path / "cache" / "latency").is_dir()
-    assert data["cache"].startswith(str(tmp_path / "cache"))
-    # a second profile of the same model is served from the cache
-    assert run(["profile", str(model_file), "--grid", "0.25,0.5", "--threads", "1", "--json", str(out), *SHAPE]) == 0
-    assert json.loads(out.read_text())["measured_now"] == 0
-
-
 def test_profile_bad_grid_exit_2(model_file, capsys):
     assert run(["profile", str(model_file), "--grid", "1.5", *SHAPE]) == 2
     assert "--grid" in capsys.readouterr().err

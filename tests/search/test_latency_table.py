@@ -15,10 +15,9 @@ from vitcc.cli import run
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
 from vitcc.profiling import profile_table, read_table, write_table
-from vitcc.search.latency_table import (FORMAT, TableCost, branch_slots, interp, lanes, model_fingerprint,
-                                        rest_slope, unit_floor, unit_signature, unit_time)
+from vitcc.search.latency_table import FORMAT, TableCost, interp, lanes, rest_slope, unit_floor, unit_time
 
-from conftest import analyzed, image, tiny_vit
+from conftest import analyzed, hand_made, image, tiny_vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = ["--input-shape", "1,3,32,32"]
@@ -73,30 +72,13 @@ def test_table_read_back_in_another_process(table_file, model_file, tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "VITCC_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
-    assert "verified" in proc.stdout and f"latency table {table_file}" in proc.stdout.replace("\n", " ")
+    assert "verified" in proc.stdout and f"latency table: {table_file}" in proc.stdout.replace("\n", " ")
     lm = json.loads(rep.read_text())["latency_model"]
     assert lm["table"] == str(table_file) and lm["measured"] == read_table(table_file)["measured"]
     # a tiny model on a shared CPU is dispatch-bound: its table says little can go, so the goal is modest
     assert lm["predicted_reduction"] >= 0.05 - 1e-9 and lm["predicted_ms_after"] < lm["predicted_ms_before"]
     assert not (tmp_path / "cache").exists()  # nothing was timed: the table answered
     assert out.exists()
-
-
-def hand_made(program, heads_ms: float, other_ms: float) -> dict:
-    """A table in which every unit costs `other_ms` per width slot at dense and heads cost `heads_ms` each."""
-    units, branches = {}, {}
-    for b in program.branches:
-        s = unit_signature(program, b)
-        branches[b.name] = s
-        slots = {}
-        for slot, g in branch_slots(program, b).items():
-            grp = program.group(g)
-            per = heads_ms if grp.kind == "heads" else other_ms
-            slots[slot] = [[w, 1.0 + per * w / grp.size * 10] for w in range(1, grp.size + 1)]
-        units[s] = {"role": b.role, "dense_ms": 1.0, "slots": slots}
-    fp = model_fingerprint(program.gm, program.example_inputs)
-    return {"format": FORMAT, "measured": {"model": "hand-made", **fp}, "units": units, "branches": branches,
-            "dense_ms": len(program.branches) + 0.1, "rest_ms": 0.1, "rest": {}}
 
 
 def test_selection_follows_the_table():
@@ -281,7 +263,7 @@ def test_latency_target_on_a_gpu_without_a_table_measures_one_there(tmp_path):
     r = vitcc.compile(model, "magnitude", example_inputs=(x,), target="latency", sparsity=0.2, prune=prune)
     lm = r.report["latency_model"]
     assert lm["measured"]["device"].startswith("cuda") and lm["measured"]["mode"] == "eager"
-    assert lm["table"].startswith("a table profiled on cuda") and lm["predicted_reduction"] >= 0.2 - 1e-9
+    assert lm["table"].startswith("profiled on cuda") and lm["predicted_reduction"] >= 0.2 - 1e-9
     out = tmp_path / "small.pt2"
     assert run(["compile", str(_saved(model.cpu(), tmp_path)), *SHAPE, "--device", "cuda", "--target", "latency",
                 "--sparsity", "0.2", "--prune", prune, "-o", str(out)]) == 0 and out.exists()

@@ -117,16 +117,18 @@ def compile_cmd(
     prune: Optional[str] = typer.Option(None, "--prune", help="group kinds to prune (default: residual,heads,"
                                         "head_dim,mlp,rank, or the kinds the method passes were designed for); "
                                         "branch: remove whole residual branches (attention, MLP: depth pruning)"),
-    target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency (global; latency: per-op timings measured on this machine, see `vitcc profile`)"),
+    target: str = typer.Option("channels", "--target", help="channels (per group), params, macs or latency "
+                                 "(global; latency: a latency table measured on --device, or --latency-table; see "
+                                 "`vitcc profile`)"),
     align: int = typer.Option(DEFAULT_ALIGN, "--align", help="round kept widths to multiples of N (unaligned widths "
                               "run up to 1.5x slower per FLOP on CPU; benchmarks/results/latency.md)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="with --target latency: the intra-op thread "
-                                          "count the model will run with, which ops are timed at (cached per "
-                                          "count; default: torch's)"),
+                                          "count the model will run with, which its table is measured at (one "
+                                          "table per count; default: torch's)"),
     latency_table: Optional[Path] = typer.Option(None, "--latency-table", help="with --target latency: select "
                                                  "against this table (`vitcc profile MODEL -o TABLE.json` on the "
-                                                 "device) instead of measuring here (without one: ops timed on the CPU, or "
-                                                 "on a GPU --device a table measured there in eager fp32)"),
+                                                 "device) instead of measuring here (without one: a table measured on --device "
+                                                 "in eager fp32, once, then read from the cache)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the compact program here: a .pt2 "
                                           "file (torch.export archive; torch.export.load or vitcc.load reads it)"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="also export, check and run it as ONNX (a .onnx file)"),
@@ -309,7 +311,7 @@ def _summary(rep: dict, model: str) -> None:
     lm = rep.get("latency_model") or {}
     if "table" in lm:
         m = lm["measured"]
-        out.print(f"latency table {lm['table']} ({m['device_name']}, {m['dtype']}, batch {m['batch']}, {m['mode']}): "
+        out.print(f"latency table: {lm['table']} ({m['device_name']}, {m['dtype']}, batch {m['batch']}, {m['mode']}): "
                   f"predicted {lm['predicted_ms_before']:.3f} -> {lm['predicted_ms_after']:.3f} ms "
                   f"({lm['predicted_reduction']:.1%} less)", highlight=False)
     if weight_sparsity_line(rep):

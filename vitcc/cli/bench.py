@@ -70,8 +70,7 @@ def run_bench(models: dict[str, torch.nn.Module], example: tuple, *, batches: li
 def _run_bench(models, example, batches, runtimes, threads, rounds, warmup, workdir, on_progress, device, dtype,
                modes, compile_mode) -> dict:
     from vitcc.deploy.runners import DTYPES, check_mode, compile_settings, make_runner
-    from vitcc.deploy.timing import interleaved, loadavg, with_batch
-    from vitcc.search.latency import machine_info
+    from vitcc.deploy.timing import interleaved, loadavg, machine_info, with_batch
     from vitcc.metrics import count_macs, count_params
 
     rows = (modes if "eager" in runtimes else []) + (["onnx"] if "onnx" in runtimes else [])

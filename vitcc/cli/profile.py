@@ -1,10 +1,10 @@
-"""`vitcc profile MODEL`: measure the per-op latency model for MODEL on this machine and cache it.
+"""`vitcc profile MODEL`: measure the latency table that `vitcc compile --target latency` selects against.
 
-Times every compute op of MODEL at the widths a uniform pruning fraction gives, for a grid of fractions,
-and the whole dense model (which calibrates what is not timed op by op). The timings land in the cache
-that `vitcc compile --target latency` reads (`$VITCC_CACHE/latency/`, default `~/.cache/vitcc`), keyed by
-this machine, torch version, thread count and the op shapes. `--check` also builds the compact model at
-each fraction and measures it, to show how far the prediction is from the real thing.
+Without -o: the table a compile would measure when given none (eager, fp32, the input's batch, on --device at
+--threads), kept in the cache that compile reads (`$VITCC_CACHE/tables/`, default `~/.cache/vitcc`), so that the
+next compile of this model there measures nothing; it prints what the table predicts at uniform pruning fractions
+(`--grid`), and with `--check` builds the compact model at each and measures it. With -o: a table in any mode,
+dtype and batch, written to a file that `compile --latency-table` reads on any machine (vitcc.profiling).
 """
 from __future__ import annotations
 
@@ -34,62 +34,53 @@ def _grid(text: str) -> list[float]:
 
 
 def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], align: int = 1,
-                  prune=None, check: bool = False, rounds: int = 7, on_progress=None,
-                  threads: int | None = None) -> dict:
-    """Fill the latency cache for ``model`` at ``threads`` intra-op threads (default: torch's; each count has its
-    own cache) and return predicted (and, with ``check``, measured) latencies."""
-    from vitcc.deploy.timing import timing_on
-    with timing_on("cpu", threads):
-        return _profile_model(model, example, grid, align, prune, check, rounds, on_progress)
-
-
-def _profile_model(model, example, grid, align, prune, check, rounds, on_progress) -> dict:
+                  prune=None, check: bool = False, rounds: int = 7, threads: int | None = None,
+                  announce=None) -> dict:
+    """The cached table of ``model`` on the example's device at ``threads`` intra-op threads (measured now if the
+    cache has none), and what it predicts at each uniform fraction of ``grid`` (with ``check``, measured too)."""
     import statistics
 
     from vitcc import api
-    from vitcc.search.cost import estimate
+    from vitcc.deploy.timing import cpu_clock_ok, interleaved, loadavg, timing_on
+    from vitcc.devices import device_of
     from vitcc.frontend.capture import capture
     from vitcc.ir.program import Program
-    from vitcc.search.latency import LatencyModel
-    from vitcc.deploy.timing import interleaved, loadavg
-    from vitcc.pipeline.manager import make_pass
     from vitcc.ir.selection import prune_kinds
+    from vitcc.pipeline.manager import make_pass
+    from vitcc.profiling import table_for
     from vitcc.search.budget import select_uniform
+    from vitcc.search.cost import estimate
+    from vitcc.search.latency_table import TableCost
 
-    model = model.eval()
-    program = Program(gm=capture(model, example), example_inputs=example)
+    model, dev = model.eval(), device_of(model)
+    gm = capture(model, example)
+    table, where = table_for(gm, example, device=dev, threads=threads, announce=announce)
+    program = Program(gm=gm, example_inputs=example, original=gm)
     make_pass("analyze").run(program)
     for g in program.groups:
         program.scores[g.name] = torch.arange(g.size, 0, -1, dtype=torch.float32)
-    kinds = prune_kinds(prune)
-    lm = LatencyModel(program)
-    if on_progress:
-        on_progress("dense model")
-    dense_pred = lm.predict({})
-    macs0 = estimate(program, {})[1]
+    cost, kinds = TableCost(program, table, where), prune_kinds(prune)
+    dense_pred, macs0 = cost.dense(), estimate(program, {})[1]
+    clock = "cpu" if dev.type == "cpu" and cpu_clock_ok(threads) else "wall"
     rows = []
     for frac in grid:
-        if on_progress:
-            on_progress(f"fraction {frac:g}")
         keep = select_uniform(program, frac, kinds, align, "uniform")
         by_root = keep.by_root(program.groups)
-        pred = lm.predict(by_root)
-        row = {"fraction": frac, "macs_kept": estimate(program, by_root)[1] / max(macs0, 1),
-               "predicted_ms": pred, "predicted_kept": pred / dense_pred,
-               "breakdown": lm.breakdown(by_root),
-               "widths": keep.widths(program.groups)}
+        pred = cost(by_root)
+        row = {"fraction": frac, "macs_kept": estimate(program, by_root)[1] / max(macs0, 1), "predicted_ms": pred,
+               "predicted_kept": pred / dense_pred, "widths": keep.widths(program.groups)}
         if check:
             compact = api.compile(model, "magnitude", example_inputs=example, keep=keep, verify=False).module.eval()
-            clock = "cpu" if lm.clock == "thread" else "wall"
-            s = interleaved({"dense": lambda: model(*example), "compact": lambda: compact(*example)}, rounds=rounds)
+            with timing_on(dev, threads):
+                s = interleaved({"dense": lambda: model(*example), "compact": lambda: compact(*example)},
+                                rounds=rounds, device=dev)
             d, c = statistics.median(s["dense"][clock]), statistics.median(s["compact"][clock])
             row.update(measured_dense_ms=d, measured_ms=c, measured_kept=c / d, clock=clock)
         rows.append(row)
-    path = lm.save() or lm.table.path
-    return {"cache": str(path), "machine": lm.table.info, "entries": len(lm.table), "measured_now": lm.table.measured,
-            "dense_predicted_ms": dense_pred, "dense_measured_ms": lm.dense_measured_ms(),
-            "overhead_ms": lm.overhead_ms, "dense_breakdown": lm.breakdown({}), "align": align,
-            "clock": lm.clock, "rows": rows, "loadavg": loadavg()}
+    m = table["measured"]
+    return {"table": where, "measured": m, "profile_s": table.get("seconds"), "units": len(table["units"]),
+            "branches": len(table["branches"]), "dense_ms": table["dense_ms"], "rest_ms": table["rest_ms"],
+            "dense_predicted_ms": dense_pred, "align": align, "clock": clock, "rows": rows, "loadavg": loadavg()}
 
 
 @app.command("profile")
@@ -108,38 +99,41 @@ def profile_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write a latency table (JSON) that "
                                           "`compile --target latency --latency-table` reads on any machine: each "
                                           "residual branch timed at a grid of its widths on --device in --mode"),
-    device: str = typer.Option("cpu", "--device", help="with -o: where to measure (cpu, cuda, cuda:N)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="with -o: fp32, bf16 or fp16"),
+    device: str = typer.Option("cpu", "--device", help="where to measure (cpu, cuda, cuda:N)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="with -o: fp32 (default), bf16 or fp16"),
     batch: Optional[int] = typer.Option(None, "--batch", help="with -o: the batch the model will run at "
                                         "(default: the input shape's)"),
-    mode: str = typer.Option("eager", "--mode", help="with -o: eager, cudagraph (CUDA graph replay) or compile "
-                             "(torch.compile)"),
-    points: int = typer.Option(16, "--points", help="with -o: the most widths timed per kind"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="with -o: eager (default), cudagraph (CUDA graph "
+                                       "replay) or compile (torch.compile)"),
+    points: Optional[int] = typer.Option(None, "--points", help="with -o: the most widths timed per kind "
+                                         "(default 16)"),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
 ) -> None:
-    """Measure and cache per-op latencies of MODEL on this machine (used by `compile --target latency`); with
-    -o, write a latency table measured on --device that `compile --latency-table` reads anywhere."""
+    """Measure the latency table of MODEL on --device into the cache `compile --target latency` reads, and show
+    what it predicts; with -o, write a table in any mode, dtype and batch that `compile --latency-table` reads
+    anywhere."""
     dev = resolve_device(device)
-    if output is None and dev.type != "cpu":  # the per-op cache model builds and times its ops on the CPU
-        raise VitccError(f"profile --device {device} measures a latency table: add -o TABLE.json (without -o, the "
-                         "per-op cache is timed on the CPU; use --device cpu)")
+    only_with_o = [flag for flag, v in (("--dtype", dtype), ("--batch", batch), ("--mode", mode),
+                                        ("--points", points)) if v is not None]
+    if output is None and only_with_o:
+        raise VitccError(f"{only_with_o[0]} applies to a table written with -o TABLE.json; without -o, profile "
+                         "measures what `compile --target latency` would (eager, fp32, the input's batch)")
     fractions = _grid(grid)
     check_threads(threads)
     if align < 1 or rounds < 1:
         raise VitccError("--align and --rounds must be >= 1")
     if output is not None:
-        return _table_cmd(model, output, device, dtype, batch, mode, threads, points, weights, arch, input_shape,
-                          trust_pickle)
+        return _table_cmd(model, output, device, dtype or "fp32", batch, mode or "eager", threads,
+                          16 if points is None else points, weights, arch, input_shape, trust_pickle)
     with Outputs([model, weights]) as outputs:
         tmp = outputs.plan(json_out, "--json", (".json",))
         m, example = _load(model, weights, arch, trust_pickle, input_shape, dev)
         err = Console(stderr=True)
-        progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
         res = profile_model(m, example, grid=fractions, align=align, prune=prune, check=check, rounds=rounds,
-                            on_progress=progress, threads=threads)
+                            threads=threads, announce=lambda line: err.print(line, style="dim", highlight=False))
         if tmp is not None:
             tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
         _print_profile(model, example, res, align, check)
@@ -173,29 +167,27 @@ def _table_cmd(model: str, output: Path, device: str, dtype: str, batch: Optiona
 
 def _print_profile(model: str, example: tuple, res: dict, align: int, check: bool) -> None:
     out = Console(width=None if Console().is_terminal else 120)
-    t = Table(title=f"vitcc profile {model} (input {tuple(example[0].shape)}, {res['machine']['threads']} "
-                    f"thread(s), align {align})")
+    m = res["measured"]
+    where = f"{m['device']}" + (f", {m['threads']} thread(s)" if m["device"] == "cpu" else "")
+    t = Table(title=f"vitcc profile {model} (input {tuple(example[0].shape)}, {where}, align {align})")
     cols = ["removed", "residual", "heads", "MACs kept", "predicted", "pred. kept"]
     cols += ["meas. kept", "error"] if check else []
     for col in cols:
         t.add_column(col, justify="right", no_wrap=True, min_width=len(col))
-    t.add_row("0", "", "", "100.0%", f"{res['dense_predicted_ms']:.2f} ms", "100.0%",
+    t.add_row("0", "", "", "100.0%", f"{res['dense_predicted_ms']:.3g} ms", "100.0%",
               *(["", ""] if check else []))
     for r in res["rows"]:
         w = r["widths"]
         cells = [f"{r['fraction']:g}", f"{w.get('residual', {}).get('after', '-')}",
-                 f"{w.get('heads', {}).get('after', '-')}", f"{r['macs_kept']:.1%}", f"{r['predicted_ms']:.2f} ms",
+                 f"{w.get('heads', {}).get('after', '-')}", f"{r['macs_kept']:.1%}", f"{r['predicted_ms']:.3g} ms",
                  f"{r['predicted_kept']:.1%}"]
         if check:
             cells += [f"{r['measured_kept']:.1%}", f"{(r['predicted_kept'] - r['measured_kept']) * 100:+.1f} pt"]
         t.add_row(*cells)
     out.print(t)
-    bd = ", ".join(f"{k} {v:.2f}" for k, v in sorted(res["dense_breakdown"].items(), key=lambda kv: -kv[1]))
-    out.print(f"dense: measured {res['dense_measured_ms']:.2f} ms = timed ops ({bd} ms) + untimed "
-              f"{res['overhead_ms']:.2f} ms; clock: {res['clock']}")
-    out.print(f"cache: {res['cache']} ({res['entries']} entries, {res['measured_now']} measured now); "
-              f"load average {res['loadavg']}")
-    if res["clock"] == "wall":
-        out.print(f"note: with {res['machine']['threads']} threads ops are timed in wall-clock time, which other "
-                  "processes on this machine disturb; `--threads 1` (and `torch.set_num_threads(1)` or "
-                  "OMP_NUM_THREADS=1 for compile) times them in CPU time")
+    out.print(f"table: {res['table']}; dense {res['dense_ms']:.3g} ms = {res['units']} unit(s) for "
+              f"{res['branches']} branches + {res['rest_ms']:.3g} ms rest (on {m['device_name']}, {m['allocator']}); "
+              f"load average {res['loadavg']}", highlight=False)
+    if check and res["clock"] == "wall" and m["device"] == "cpu":
+        out.print(f"note: with {m['threads']} threads the check is timed in wall-clock time, which other processes "
+                  "on this machine disturb; `--threads 1` times it in CPU time", highlight=False)

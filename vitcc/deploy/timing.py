@@ -1,6 +1,6 @@
 """Timing a model the way a deployment runs it: interleaved runs of dense and compact, per-thread CPU time
 where it is trustworthy, the example inputs at another batch, onnxruntime sessions. `vitcc bench`, the
-latency model (vitcc.search.latency) and benchmarks/ share these.
+latency tables (vitcc.profiling) and benchmarks/ share these.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from vitcc.errors import VitccError
 
 __all__ = ["time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok", "intra_op_threads",
-           "steady_heap", "heap_policy", "timing_on",
+           "steady_heap", "heap_policy", "timing_on", "cpu_model", "machine_info",
            "with_batch", "onnx_session", "onnx_feed"]
 
 
@@ -130,6 +130,30 @@ def timing_on(device: torch.device | str, threads: int | None):
     heap = steady_heap() if torch.device(device).type == "cpu" else contextlib.nullcontext()
     with intra_op_threads(threads) as n, heap:
         yield n
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """The CPU side of what a timing depends on (`vitcc bench` records it; a GPU adds its own)."""
+    return {"cpu": cpu_model(), "arch": platform.machine(), "ncpu": _cpu_count(), "torch": torch.__version__,
+            "threads": int(threads or torch.get_num_threads()), "allocator": heap_policy()}
 
 
 def cpu_clock_ok(threads: int | None = None) -> bool:

@@ -2,8 +2,8 @@
 
 `sparsity` removes that fraction of every prunable group of the `prune` kinds (uniform), or with
 `target=params|macs|latency` the uniform fraction is searched so that the compact model loses that fraction of
-parameters, MACs or predicted eager latency (vitcc.search.latency: per-op latencies measured on this machine and
-cached). `scope=global` (set by lamp) ranks channels of one kind across groups instead.
+parameters, MACs or predicted latency (a latency table, vitcc.search.latency_table: measured on the device,
+given or profiled by vitcc.compile). `scope=global` (set by lamp) ranks channels of one kind across groups instead.
 Counts tied by a fused reshape (q, k and v head dims of one qkv) stay equal; `align` rounds kept widths.
 The pass only reads its options: vitcc.search.choose wires the target's cost model, the loss model and the
 budget search (vitcc.search.budget) together, for this pass and for methods that need a provisional selection.

@@ -17,7 +17,6 @@ from vitcc.ir.program import Program
 from vitcc.ir.selection import BRANCH, Selection, prune_kinds
 from vitcc.search.budget import search_budget, select_uniform
 from vitcc.search.cost import AnalyticCost, CostModel
-from vitcc.search.latency import LatencyCost
 from vitcc.search.latency_table import TableCost
 from vitcc.search.loss import score_branches
 from vitcc.search.scores import group_norms
@@ -32,9 +31,11 @@ def cost_model(program: Program, target: str) -> CostModel:
         return AnalyticCost(program, target, None if ref is None else ref[0 if target == "params" else 1])
     if target == "latency":
         table = program.options.get("latency_table")
-        if table is not None:  # measured elsewhere (vitcc.search.latency_table): nothing is timed here
-            return TableCost(program, table, program.options.get("latency_table_source"))
-        return LatencyCost(program)
+        if table is None:  # vitcc.compile profiles one (vitcc.profiling.table_for); a bare pipeline is given one
+            raise VitccError("target='latency' needs a latency table in the select options (latency_table=): "
+                             "`vitcc.compile(..., target='latency')` measures one, or pass one from `vitcc profile "
+                             "MODEL -o TABLE.json`")
+        return TableCost(program, table, program.options.get("latency_table_source"))
     raise VitccError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
 
 

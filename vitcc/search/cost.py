@@ -2,8 +2,8 @@
 
 The budget search (vitcc.search.budget) asks a cost model for the cost of candidate selections (by
 group-root id, a `KeptByRoot`) and for the dense cost, and removes the goal fraction of it. Parameters
-and MACs are analytic (the op table's `macs` entries at the compact shapes); the latency model
-(vitcc.search.latency) is another cost model. Reports use the measured counts of vitcc.metrics instead.
+and MACs are analytic (the op table's `macs` entries at the compact shapes); a latency table
+(vitcc.search.latency_table) is another cost model. Reports use the measured counts of vitcc.metrics instead.
 """
 from __future__ import annotations
 

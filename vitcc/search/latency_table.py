@@ -42,7 +42,7 @@ __all__ = ["FORMAT", "model_fingerprint", "branch_slots", "unit_signature", "rea
 
 FORMAT = "vitcc-latency-table/1"
 RESIDUAL = "residual"  # the slot of a unit's residual width; other slots are indices into Branch.groups
-# how many steps past the uniform fraction the search tries each kind (as vitcc.search.latency)
+# how many steps past the uniform fraction the search tries each kind (latency does not follow MACs)
 FURTHER_STEPS = 2
 
 

@@ -7,8 +7,7 @@ An entry (:class:`OpInfo`) holds, for one aten overload:
 - ``rewrite(node, ctx)``: how rewrite updates the op's size arguments;
 - ``masked(interpreter, node, args, kwargs) -> Tensor | None``: masked semantics that differ from running the
   op on zeroed inputs (norm statistics over kept channels), or the same values for less work (a linear's
-  kept block);
-- ``latency(node, shapes) -> TimedOp | None``: what the latency model times.
+  kept block).
 
 Entries are grouped by family in this package (linalg, elementwise, norms, layout, attention, reductions,
 indexing). The built-in table is assembled once and never mutated: a compile works on its own copy, to which

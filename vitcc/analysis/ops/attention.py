@@ -16,7 +16,6 @@ from vitcc.ir.types import is_ttype, shape_of
 from vitcc.analysis.rulekit import named_arg, tag
 
 from vitcc.analysis.ops.table import Family
-from vitcc.analysis.ops._timing import TimedOp, bind, rand, shape_key
 
 aten = torch.ops.aten
 family = Family("attention")
@@ -65,16 +64,3 @@ def sdpa_macs(node: fx.Node, shapes) -> int:
     q, k, v = (shapes.node(named_arg(node, n)) for n in ("query", "key", "value"))
     batch = math.prod(shapes.node(node)[:-2])
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
-
-
-@family.latency(SDPA)
-def timed_sdpa(node: fx.Node, shapes) -> TimedOp | None:
-    q, k, v = (shapes.node(named_arg(node, n)) for n in ("query", "key", "value"))
-    if q is None or k is None or v is None:
-        return None
-    mask = named_arg(node, "attn_mask")
-    m = shapes.node(mask) if isinstance(mask, fx.Node) else None
-    causal = bool(named_arg(node, "is_causal", False))
-    key = f"sdpa|{shape_key(q)}|{shape_key(k)}|{shape_key(v)}|{shape_key(m) if m else '-'}|{int(causal)}"
-    return TimedOp(key, lambda: bind(torch.nn.functional.scaled_dot_product_attention, rand(q), rand(k), rand(v),
-                                     attn_mask=rand(m) if m else None, is_causal=causal, scale=0.125))

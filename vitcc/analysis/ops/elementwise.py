@@ -7,7 +7,6 @@ import torch
 import torch.fx as fx
 
 from vitcc.analysis.ops.table import Family
-from vitcc.analysis.ops._timing import TimedOp, bind, rand, shape_key
 
 aten = torch.ops.aten
 family = Family("elementwise")
@@ -41,30 +40,3 @@ def like_first(a, node: fx.Node) -> Any:
     if node.target.overloadpacket is aten.type_as:
         return x
     return a.out_type()
-
-
-@family.latency(*PACKETS)
-def timed(node: fx.Node, shapes) -> TimedOp | None:
-    args, parts = [], []
-    for x in node.args:
-        if isinstance(x, fx.Node):
-            s = shapes.node(x)
-            if s is None:
-                return None  # a symbolic size or a tuple: nothing to time
-            args.append(("t", s, getattr(x.meta.get("tensor_meta"), "dtype", torch.float32)))
-            parts.append(shape_key(s) or "scalar")
-        elif isinstance(x, (int, float, bool)) or x is None:
-            args.append(("c", x, None))
-            parts.append(repr(x))
-        else:
-            return None
-    if not any(kind == "t" for kind, _, _ in args) or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
-        return None
-    kwargs = dict(node.kwargs)
-    fn = node.target
-    key = f"ew|{fn}|{'|'.join(parts)}|{sorted(kwargs.items())!r}"
-
-    def make():
-        vals = [rand(s, dt) if kind == "t" else s for kind, s, dt in args]
-        return bind(fn, *vals, **kwargs)
-    return TimedOp(key, make)

@@ -18,7 +18,6 @@ from vitcc.ir.types import is_ttype, shape_of
 from vitcc.ir.spaces import axis_size, freeze, normalize
 
 from vitcc.analysis.ops.table import Family
-from vitcc.analysis.ops._timing import TimedOp, bind, rand, shape_key
 
 aten = torch.ops.aten
 family = Family("linalg")
@@ -70,18 +69,6 @@ def kept_linear(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
     kept_bias = bias if bias is None or rows is None else bias.index_select(0, rows)
     y = torch.nn.functional.linear(x if cols is None else x.index_select(-1, cols), block, kept_bias)
     return y if rows is None else y.new_zeros((*y.shape[:-1], w.shape[0])).index_copy_(-1, rows, y)
-
-
-@family.latency(aten.linear)
-def timed_linear(node: fx.Node, shapes) -> TimedOp | None:
-    x, w = shapes.node(node.args[0]), shapes.node(node.args[1])
-    bias = named_arg(node, "bias") is not None
-    if x is None or w is None or 0 in w:
-        return None
-    lead = tuple(x[:-1])
-    key = f"linear|{shape_key(lead)}|{w[1]}|{w[0]}|{int(bias)}"
-    return TimedOp(key, lambda: bind(torch.nn.functional.linear, rand((*lead, w[1])), rand(w),
-                                     rand((w[0],)) if bias else None))
 
 
 CONVS = [aten.conv1d, aten.conv2d, aten.conv3d]
@@ -163,22 +150,6 @@ def conv_macs(node: fx.Node, shapes) -> int:
     return math.prod(shapes.node(node)) * math.prod(shapes.node(node.args[1])[1:])
 
 
-@family.latency(aten.conv2d)
-def timed_conv2d(node: fx.Node, shapes) -> TimedOp | None:
-    x, w = shapes.node(node.args[0]), shapes.node(node.args[1])
-    if x is None or w is None or len(x) != 4:
-        return None
-    bias = named_arg(node, "bias") is not None
-    stride, padding, dilation = (named_arg(node, n, d) for n, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
-    groups = named_arg(node, "groups", 1)
-    if groups > 1 and groups == shape_of(node.args[0])[1]:
-        groups = w[0]
-    key = f"conv2d|{shape_key(x)}|{shape_key(w)}|{int(bias)}|{stride}|{padding}|{dilation}|{groups}"
-    xs = (x[0], w[1] * groups, *x[2:])
-    return TimedOp(key, lambda: bind(torch.nn.functional.conv2d, rand(xs), rand(w), rand((w[0],)) if bias else None,
-                                     stride, padding, dilation, groups))
-
-
 MATMULS = [aten.matmul, aten.bmm, aten.mm]
 
 
@@ -202,14 +173,6 @@ def matmul(a, node: fx.Node) -> Any:
 @family.macs(*MATMULS)
 def matmul_macs(node: fx.Node, shapes) -> int:
     return math.prod(shapes.node(node)) * shapes.node(node.args[0])[-1]
-
-
-@family.latency(*MATMULS)
-def timed_matmul(node: fx.Node, shapes) -> TimedOp | None:
-    x, y = shapes.node(node.args[0]), shapes.node(node.args[1])
-    if x is None or y is None:
-        return None
-    return TimedOp(f"matmul|{shape_key(x)}|{shape_key(y)}", lambda: bind(torch.matmul, rand(x), rand(y)))
 
 
 def _einsum_parts(node: fx.Node):

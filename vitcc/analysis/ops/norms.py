@@ -16,7 +16,6 @@ from vitcc.analysis.rulekit import named_arg, regroup, tag
 from vitcc.ir.spaces import freeze, normalize
 
 from vitcc.analysis.ops.table import Family
-from vitcc.analysis.ops._timing import TimedOp, bind, rand, shape_key
 
 aten = torch.ops.aten
 family = Family("norms")
@@ -68,20 +67,6 @@ def masked_norm(interp, node: fx.Node, args, kwargs) -> torch.Tensor | None:
     if b is not None:
         y = y.add_(b) if torch.result_type(y, b) == y.dtype else y + b
     return y
-
-
-@family.latency(aten.layer_norm)
-def timed_layer_norm(node: fx.Node, shapes) -> TimedOp | None:
-    x = shapes.node(node.args[0])
-    if x is None:
-        return None
-    k = len(node.args[1])
-    ns = tuple(x[-k:])
-    affine = named_arg(node, "weight") is not None
-    eps = float(named_arg(node, "eps", 1e-5))
-    key = f"layer_norm|{shape_key(x)}|{k}|{int(affine)}"
-    return TimedOp(key, lambda: bind(torch.nn.functional.layer_norm, rand(x), ns, rand(ns) if affine else None,
-                                     rand(ns) if affine else None, eps))
 
 
 @family.coupling(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten.instance_norm)

@@ -18,7 +18,6 @@ from vitcc.ir.types import fixed_type, is_ttype, multi_output, shape_of
 from vitcc.ir.spaces import spaces_of
 
 from vitcc.analysis.ops.table import Family
-from vitcc.analysis.ops._timing import TimedOp, bind, rand, shape_key
 
 aten = torch.ops.aten
 family = Family("reductions")
@@ -85,14 +84,6 @@ def softmax(a, node: fx.Node) -> Any:
         a.freeze_types([(x[d],)], "softmax over a channel axis: removed channels would still take probability "
                                   "mass, so masking is not removal")
     return x
-
-
-@family.latency(aten.softmax, aten._softmax)
-def timed_softmax(node: fx.Node, shapes) -> TimedOp | None:
-    x, d = shapes.node(node.args[0]), node.args[1]
-    if x is None or not isinstance(d, int):
-        return None
-    return TimedOp(f"softmax|{shape_key(x)}|{d}", lambda: bind(torch.softmax, rand(x), d))
 
 
 POOLS = [aten.avg_pool1d, aten.avg_pool2d, aten.max_pool1d, aten.max_pool2d, aten.adaptive_avg_pool1d,

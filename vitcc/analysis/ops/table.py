@@ -14,7 +14,6 @@ class OpInfo:
     macs: Callable | None = None
     rewrite: Callable | None = None
     masked: Callable | None = None
-    latency: Callable | None = None
 
 
 class Family:
@@ -43,9 +42,6 @@ class Family:
 
     def masked(self, *targets: Any) -> Callable:
         return self._set("masked", targets)
-
-    def latency(self, *targets: Any) -> Callable:
-        return self._set("latency", targets)
 
 
 class OpTable:
