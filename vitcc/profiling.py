@@ -1,4 +1,5 @@
-"""Measure a latency table (vitcc.search.latency_table) on a device: `vitcc profile MODEL -o TABLE.json`.
+"""Measure a latency table (vitcc.search.latency_table) on a device: `vitcc profile MODEL -o TABLE.json`, and
+`table_for`, the table `--target latency` measures where the model is when given none, kept in a cache.
 
 Each residual branch is cut out of the compact graph vitcc builds at a grid of widths (an explicit selection,
 given-selection, then the rewrite, fold and dce a real compile runs) into its own GraphModule, its inputs recorded

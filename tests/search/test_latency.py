@@ -159,7 +159,8 @@ def test_profile_fills_the_cache_that_compile_reads(tmp_path, model_file, capsys
     assert "predicted" in shown and "meas. kept" in shown and "cached in" in shown
     data = json.loads(out.read_text())
     assert [r["fraction"] for r in data["rows"]] == [0.25, 0.5]
-    assert all(0 < r["predicted_kept"] <= 1.0 + 1e-9 and r["measured_ms"] > 0 for r in data["rows"])
+    # a table of a 1 ms model is mostly timer noise, so only the shape of the rows is asserted here
+    assert all(r["macs_kept"] < 1 and r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in data["rows"])
     assert data["measured"]["threads"] == 1 and str(cache_dir()) in data["table"]
     monkeypatch.setattr(profiling, "profile_captured", lambda *a, **k: pytest.fail("measured again"))
     assert run(["profile", str(model_file), "--grid", "0.5", "--threads", "1", "--json", str(out), *SHAPE]) == 0

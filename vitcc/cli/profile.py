@@ -70,7 +70,7 @@ def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], 
         row = {"fraction": frac, "macs_kept": estimate(program, by_root)[1] / max(macs0, 1), "predicted_ms": pred,
                "predicted_kept": pred / dense_pred, "widths": keep.widths(program.groups)}
         if check:
-            compact = api.compile(model, "magnitude", example_inputs=example, keep=keep, verify=False).module.eval()
+            compact = api.compile(model, "magnitude", example_inputs=example, keep=keep).module.eval()
             with timing_on(dev, threads):
                 s = interleaved({"dense": lambda: model(*example), "compact": lambda: compact(*example)},
                                 rounds=rounds, device=dev)
