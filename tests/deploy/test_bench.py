@@ -8,7 +8,6 @@ from vitcc.cli import run
 from vitcc.deploy.timing import heap_policy
 
 
-pytestmark = pytest.mark.usefixtures("private_cache")
 SHAPE = ["--input-shape", "1,3,32,32"]
 QUICK = ["--rounds", "2", "--warmup", "1", "--threads", "1"]
 

@@ -9,7 +9,6 @@ from vitcc.cli import run
 
 from conftest import tiny_vit
 
-pytestmark = pytest.mark.usefixtures("private_cache")
 SHAPE = ["--input-shape", "1,3,32,32"]
 QUICK = ["--rounds", "2", "--warmup", "1", "--threads", "1"]
 

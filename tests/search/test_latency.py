@@ -22,7 +22,6 @@ from vitcc.profiling import cache_dir, profile_captured, table_for
 
 from conftest import analyzed, hand_made, image, tiny_vit
 
-pytestmark = pytest.mark.usefixtures("private_cache")
 PRUNE = "residual,heads,mlp,branch"
 
 
