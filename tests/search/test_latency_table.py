@@ -4,6 +4,7 @@ and the one-line errors. Tiny models on the CPU; the CUDA test skips without CUD
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -202,9 +203,20 @@ def test_mismatched_table_is_one_line_and_writes_nothing(table_file, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("vitcc: error:") and "\n" not in err
     assert "was measured on" in err and "not on this model" in err and not out.exists()
-    with pytest.raises(VitccError, match="not on this model"):
+    with pytest.raises(VitccError, match="not on this model") as refused:
         vitcc.compile(tiny_vit(embed_dim=96), "magnitude", example_inputs=(image(batch=1),), target="latency",
                       sparsity=0.2, latency_table=read_table(table_file))
+    assert "torch" not in str(refused.value)  # the same release: nothing to say about it
+
+
+def test_a_table_from_another_torch_release_that_traced_other_ops_says_so(table_file):
+    table = read_table(table_file)
+    table["measured"].update(torch="2.11.0", fingerprint="0" * 16)  # as if 2.11 had captured other ops
+    with pytest.raises(VitccError, match=rf"torch 2\.11\.0\), not on this model .*torch {re.escape(torch.__version__)}\)"
+                       r".*under the torch that compiles it") as refused:
+        vitcc.compile(tiny_vit(), "magnitude", example_inputs=(image(batch=1),), target="latency", sparsity=0.2,
+                      latency_table=table)
+    assert "\n" not in str(refused.value)
 
 
 def test_bad_table_files(tmp_path, model_file, capsys):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from vitcc.errors import VitccError
@@ -184,9 +185,13 @@ def check_table(table: Mapping[str, Any], program: Program, where: str = "the la
     have = model_fingerprint(_dense_gm(program), program.example_inputs)
     m = table["measured"]
     if m.get("fingerprint") != have["fingerprint"] or m.get("input_shape") != have["input_shape"]:
+        # another torch release may capture the same model as other ops: where the releases differ, say so
+        there, here = m.get("torch", torch.__version__), torch.__version__
+        release = (lambda v: f", torch {v}") if there != here else (lambda v: "")
         raise VitccError(f"latency table {where} was measured on {m.get('model', '?')} (fingerprint "
-                         f"{m.get('fingerprint')}, input {m.get('input_shape')}), not on this model (fingerprint "
-                         f"{have['fingerprint']}, input {have['input_shape']}); profile this model with "
+                         f"{m.get('fingerprint')}, input {m.get('input_shape')}{release(there)}), not on this model "
+                         f"(fingerprint {have['fingerprint']}, input {have['input_shape']}{release(here)}); profile "
+                         f"this model{' under the torch that compiles it' if there != here else ''}: "
                          "`vitcc profile MODEL -o TABLE.json`")
     missing = [b.name for b in program.branches if b.name not in table["branches"]]
     if missing:
