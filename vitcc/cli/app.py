@@ -219,7 +219,8 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
     last = "dce" if a.no_verify else "verify"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True, disable=not (console.is_terminal and is_main())) as progress:
-        task = progress.add_task("tracing", total=None)
+        measures_table = a.target == "latency" and a.latency_table is None  # unless the cache holds it
+        task = progress.add_task("tracing, then the latency table" if measures_table else "tracing", total=None)
 
         def on_pass(p, phase):
             if phase == "start":
