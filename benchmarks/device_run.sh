@@ -25,7 +25,9 @@ mkdir -p "$OUT" "$RUN"
 exec > >(tee "$OUT/run.log") 2>&1
 export PYTHONUNBUFFERED=1
 END=${END:-585}  # seconds: the call's limit is 600
-DEVICE=${DEVICE:-cuda}  # a dry run without a GPU: DEVICE=cpu GPU_ARGS='--quick --dtype fp32' (bf16 on a CPU without native bf16 runs ~10x slower than fp32, past the steps' limits)
+# a dry run without a GPU: DEVICE=cpu GPU_ARGS='--quick --dtype fp32' (bf16 on a CPU without native bf16 runs
+# ~10x slower than fp32, past the steps' limits)
+DEVICE=${DEVICE:-cuda}
 GPU_ARGS=${GPU_ARGS:-}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1

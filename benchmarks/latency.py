@@ -750,7 +750,8 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
    b8), against `vitcc-50`'s 90/91/96/93% and 85/83/91/93% in the same run; in speed they are ahead
    (2.04-2.19x against 1.81-1.94x at 1 thread). So batch 8 comes to 94-98% at 2 threads, and batch 1
    stays at 85-86%: at 50 ms a call, the ops that follow the widths rather than the MACs (GELU, LayerNorm,
-   adds, the patch embedding) split worse over two threads at the smaller size, and a selection cannot move that work into the GEMMs.
+   adds, the patch embedding) split worse over two threads at the smaller size, and a selection cannot move
+   that work into the GEMMs.
    Per aten op the compact graph makes the dense graph's calls, and the
    optimized onnxruntime graphs have the same op histogram. Two exporter changes were tried and left out:
    opset 23, where SDPA exports as ONNX `Attention` (which onnxruntime 1.32 runs), and onnxruntime's offline

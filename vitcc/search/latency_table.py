@@ -187,11 +187,12 @@ def check_table(table: Mapping[str, Any], program: Program, where: str = "the la
     if m.get("fingerprint") != have["fingerprint"] or m.get("input_shape") != have["input_shape"]:
         # another torch release may capture the same model as other ops: where the releases differ, say so
         there, here = m.get("torch", torch.__version__), torch.__version__
-        release = (lambda v: f", torch {v}") if there != here else (lambda v: "")
+        same = there == here
+        torch_there, torch_here = ("", "") if same else (f", torch {there}", f", torch {here}")
         raise VitccError(f"latency table {where} was measured on {m.get('model', '?')} (fingerprint "
-                         f"{m.get('fingerprint')}, input {m.get('input_shape')}{release(there)}), not on this model "
-                         f"(fingerprint {have['fingerprint']}, input {have['input_shape']}{release(here)}); profile "
-                         f"this model{' under the torch that compiles it' if there != here else ''}: "
+                         f"{m.get('fingerprint')}, input {m.get('input_shape')}{torch_there}), not on this model "
+                         f"(fingerprint {have['fingerprint']}, input {have['input_shape']}{torch_here}); profile "
+                         f"this model{'' if same else ' under the torch that compiles it'}: "
                          "`vitcc profile MODEL -o TABLE.json`")
     missing = [b.name for b in program.branches if b.name not in table["branches"]]
     if missing:
