@@ -65,6 +65,19 @@ def test_cuda_index_checked_against_the_devices_there_are(monkeypatch):
         resolve_device("cuda:2")
 
 
+
+def test_under_torchrun_cuda_is_the_local_rank_and_naming_it_is_accepted(monkeypatch):
+    """A process's own device comes back as cuda:LOCAL_RANK and is resolved again on its way (the compile's
+    model device, the latency table's): that must pass; another rank's device is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert resolve_device("cuda") == resolve_device("cuda:1") == resolve_device(torch.device("cuda", 1)) \
+        == torch.device("cuda", 1)
+    with pytest.raises(VitccError, match="every process uses cuda:LOCAL_RANK; pass --device cuda"):
+        resolve_device("cuda:0")
+
 @no_cuda
 @pytest.mark.parametrize("command, extra, outputs", [
     ("compile", [], ["-o", "small.pt2", "--report", "r.json"]),
@@ -83,23 +96,66 @@ def test_every_command_refuses_cuda_without_one_in_one_line(tmp_path, model_file
 
 # ------------------------------------------------------------------------------------------ precision
 
-def test_exact_float32_turns_off_reduced_precision_and_restores_it():
-    legacy = not hasattr(torch.backends.cuda.matmul, "fp32_precision")
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # what users set for TF32 matmuls
-    try:
-        with exact_float32():
-            if legacy:
-                assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-                assert torch.get_float32_matmul_precision() == "highest"
-            else:
-                assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-                assert torch.backends.cudnn.conv.fp32_precision == "ieee"
-                assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
-        assert torch.get_float32_matmul_precision() == "high"  # readable through the old API again
-        assert torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.set_float32_matmul_precision(before)
+NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9
+
+
+def precision_settings():
+    """Every float32 precision setting, each as torch lets it be read (legacy flags it refuses: 'refused')."""
+    b = torch.backends
+    readers = {"matmul_precision": torch.get_float32_matmul_precision,
+               "matmul_allow_tf32": lambda: b.cuda.matmul.allow_tf32,
+               "cudnn_allow_tf32": lambda: b.cudnn.allow_tf32}
+    if NEW_API:
+        for name, h in {"generic": b, "cuda_matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn_conv": b.cudnn.conv,
+                        "mkldnn_matmul": b.mkldnn.matmul}.items():
+            readers[name] = lambda h=h: h.fp32_precision
+    out = {}
+    for name, read in readers.items():
+        try:
+            out[name] = read()
+        except RuntimeError:
+            out[name] = "refused"
+    return out
+
+
+@pytest.fixture
+def restore_precision():
+    """The process's precision settings as they were before the test, whatever it set."""
+    b = torch.backends
+    handles = [b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn, b.mkldnn, b.mkldnn.matmul] if NEW_API else []
+    saved = [h.fp32_precision for h in handles]
+    legacy = torch.get_float32_matmul_precision(), b.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(legacy[0])
+    b.cudnn.allow_tf32 = legacy[1]
+    for h, v in zip(handles, saved):
+        h.fp32_precision = v
+
+
+def set_high():  # what users write for TF32 matmuls
+    torch.set_float32_matmul_precision("high")
+
+
+def set_new_api_tf32():  # torch >= 2.9's way; the legacy flags then refuse to be read
+    torch.backends.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+@pytest.mark.parametrize("user_setting", [set_high, set_new_api_tf32], ids=["legacy-high", "new-api-tf32"])
+def test_exact_float32_turns_off_reduced_precision_in_both_apis_and_restores_it(user_setting, restore_precision):
+    """Inside, torch's legacy flags agree with the new ones (torch refuses to read legacy flags that disagree,
+    and torch.compile and cuBLAS read them); after, every setting is what the user left."""
+    if user_setting is set_new_api_tf32 and not NEW_API:
+        pytest.skip("torch < 2.9 has only the legacy flags")
+    user_setting()
+    before = precision_settings()
+    with exact_float32():
+        inside = precision_settings()
+    assert inside["matmul_precision"] == "highest"
+    assert inside["matmul_allow_tf32"] is False and inside["cudnn_allow_tf32"] is False
+    if NEW_API:
+        assert inside["cuda_matmul"] == inside["cudnn_conv"] == inside["mkldnn_matmul"] == "ieee"
+    assert precision_settings() == before
 
 
 def test_exact_float32_restores_after_an_error():
@@ -216,7 +272,8 @@ def test_capture_keeps_one_device_generic_attention_op_per_block():
 # ------------------------------------------------------------------------------------------ on a GPU
 
 @pytest.mark.cuda
-def test_compile_on_cuda_returns_a_verified_compact_model_there(tmp_path):
+def test_compile_on_cuda_returns_a_verified_compact_model_there(tmp_path, restore_precision):
+    set_high()  # as GPU scripts do: verify's exact float32 must not leave cuBLAS with two TF32 settings that disagree
     m = tiny_vit().cuda()
     result = vitcc.compile(m, "magnitude", sparsity=0.5, example_inputs=(image(1),), align=8)  # a CPU example
     assert result.report["device"].startswith("cuda") and result.report["max_abs_error"] < 1e-3

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch.utils.data import DataLoader
 
-from vitcc.devices import device_of, indexed, moved_copy, resolve_device, to_device
+from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture, export_program, source_meta
 from vitcc.analysis.groups import model_blocks
@@ -182,10 +182,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
 
 
 def _training_device(device) -> torch.device | None:
-    """A name checked (`resolve_device`), a torch.device given its index (`indexed`)."""
-    if device is None:
-        return None
-    return resolve_device(device) if isinstance(device, str) else indexed(device)
+    """The device checked and given its index (`resolve_device`), as `torch.cuda.set_device` needs."""
+    return resolve_device(device) if device is not None else None
 
 
 def _check_data(model, example_inputs, data, finetune_epochs: int, num_classes, recipe, seed: int, batch_size: int,

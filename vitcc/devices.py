@@ -35,9 +35,10 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
                          f"{torch.version.cuda or 'not built'}); use --device cpu, or run on a machine with a GPU")
     count = torch.cuda.device_count()
     if launched():
-        if index is not None:
+        local = os.environ.get("LOCAL_RANK", "0")
+        if index is not None and int(index) != int(local):  # its own device, named, is what 'cuda' resolves to
             raise VitccError(f"--device {spec}: under torchrun every process uses cuda:LOCAL_RANK; pass --device cuda")
-        index = os.environ.get("LOCAL_RANK", "0")
+        index = local
         if int(index) >= count:
             raise VitccError(f"torchrun started process {index} on a node with {count} CUDA device(s); start at most "
                              f"{count} processes per node (--nproc_per_node {count})")
@@ -100,14 +101,6 @@ def moved_copy(module: torch.nn.Module, device: str | torch.device) -> torch.nn.
     return out
 
 
-def indexed(device: str | torch.device) -> torch.device:
-    """`device` with its index, as `torch.cuda.set_device` needs: a bare 'cuda' resolved (`resolve_device`: the
-    current GPU, under torchrun LOCAL_RANK's), one that names its index kept as given (torchrun's ranks pass
-    cuda:N, which resolving again would refuse)."""
-    dev = torch.device(device)
-    return resolve_device(dev) if dev.type == "cuda" and dev.index is None else dev
-
-
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's tensors are (its first parameter or buffer; the CPU for a module without any)."""
     for t in module.parameters():
@@ -135,20 +128,50 @@ def _precision_handles() -> list | None:
     return handles if b in handles and getattr(b.cuda, "matmul", None) in handles else None
 
 
+_EXACT_LEGACY = {"matmul_precision": "highest", "cudnn_allow_tf32": False}
+
+
+def _legacy_flags() -> dict[str, object]:
+    """torch's legacy reduced-precision flags that it lets us read (name -> value): it refuses where the
+    caller's new settings disagree with one; that one is left alone (the new settings, made exact, agree with
+    it again)."""
+    readers = {"matmul_precision": torch.get_float32_matmul_precision,
+               "cudnn_allow_tf32": lambda: torch.backends.cudnn.allow_tf32}
+    out = {}
+    for name, read in readers.items():
+        try:
+            out[name] = read()
+        except RuntimeError:
+            pass
+    return out
+
+
+def _set_legacy_flags(flags: dict[str, object]) -> None:
+    if "matmul_precision" in flags:
+        torch.set_float32_matmul_precision(flags["matmul_precision"])
+    if "cudnn_allow_tf32" in flags:
+        torch.backends.cudnn.allow_tf32 = flags["cudnn_allow_tf32"]
+
+
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """float32 matmuls and convolutions in full float32 (no TF32 on a GPU, no bf16 passes in oneDNN), the
     settings restored after: verify's bound (1e-4 relative) holds on a GPU only without TF32, which cuDNN
-    uses for convolutions by default. torch >= 2.9 refuses to read its legacy flags (allow_tf32,
-    float32_matmul_precision) once the new ones were set, so each torch is driven through its own API."""
+    uses for convolutions by default. torch >= 2.9 keeps its legacy flags (allow_tf32,
+    float32_matmul_precision) beside the new ones and refuses to read them once the two disagree (what reads
+    them then fails: torch.compile, a user's `torch.set_float32_matmul_precision("high")` followed by a cuBLAS
+    matmul): so both are set, the legacy ones where torch lets them be read."""
     handles = _precision_handles()
     if handles is not None:
         saved = [h.fp32_precision for h in handles]
-        try:
+        legacy = _legacy_flags()
+        try:  # the legacy flags first: their setters write some of the new settings too
+            _set_legacy_flags({k: v for k, v in _EXACT_LEGACY.items() if k in legacy})
             for h in handles:
                 h.fp32_precision = "ieee"
             yield
         finally:
+            _set_legacy_flags(legacy)
             for h, v in reversed(list(zip(handles, saved))):
                 h.fp32_precision = v
         return

@@ -18,6 +18,7 @@ timed.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import json
 import math
@@ -279,9 +280,20 @@ def _at_batch(example: tuple, batch: int | None) -> tuple:
     return example if batch is None or batch == example[0].shape[0] else with_batch(example, batch)
 
 
+def _collect_dead_graphs(device: torch.device) -> None:
+    """Frees the grid points timed before, where they hold half the GPU: a graph module and its graph refer to
+    each other, so only the cycle collector frees one, with its weights (ViT-B's grid holds ~10 GB until it
+    runs). Not at every point: a collection takes ~0.2 s."""
+    if device.type == "cuda" and 2 * torch.cuda.memory_allocated(device) > torch.cuda.get_device_properties(
+            device).total_memory:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def narrowed(gm: fx.GraphModule, example_inputs: tuple, keep: dict[str, Sequence[int]]) -> fx.GraphModule:
     """The compact graph at an explicit selection, rewritten as a compile rewrites it (verify aside: a grid point
     is timed, never shipped). `gm` is left as it is."""
+    _collect_dead_graphs(device_of(gm))
     work, shared = working_copy(gm)
     program = Program(gm=work, example_inputs=example_inputs, original=gm, shared=shared)
     passes = [make_pass("analyze"), GivenSelection(keep), make_pass("rewrite"), make_pass("fold"), make_pass("dce")]

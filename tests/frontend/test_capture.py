@@ -145,3 +145,22 @@ def test_options_a_torch_lacks_are_left_to_its_defaults():
     asked = dict(dynamo=True, external_data=False, opset_version=18, verbose=False)
     assert accepted(export_2_5, asked) == {"dynamo": True, "opset_version": 18, "verbose": False}
     assert accepted(torch.onnx.export, asked) == asked  # this torch takes all of them
+
+
+def _allocate_too_much(x):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                 "of 79.19 GiB of which 1.20 GiB is free.")
+
+
+def test_running_out_of_memory_while_recording_shapes_stays_out_of_memory():
+    """Not 'cannot run the model' (which the pass manager drops for a graph that verify will report): the CLI's
+    memory hint must see it, to say what to lower."""
+    from vitcc.devices import memory_hint
+    from vitcc.frontend.capture import propagate_shapes
+    graph = fx.Graph()
+    graph.output(graph.call_function(_allocate_too_much, (graph.placeholder("x"),)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    with pytest.raises(torch.OutOfMemoryError):
+        propagate_shapes(gm, (torch.randn(2, 3),))
+    with pytest.raises(VitccError, match=r"out of memory on cuda:0.*; lower --batch"), memory_hint("--batch"):
+        propagate_shapes(gm, (torch.randn(2, 3),))

@@ -251,6 +251,10 @@ def test_cuda_table(mode):
     r = vitcc.compile(model, "magnitude", example_inputs=(x.cpu(),), target="latency", sparsity=0.2,
                       prune="residual,heads,mlp,branch", latency_table=t)
     assert r.report["latency_model"]["predicted_reduction"] >= 0.2 - 1e-9
+    # the model captured on the GPU, as `compile --device cuda` captures it, is the model the table was made of
+    r = vitcc.compile(model.cuda(), "magnitude", example_inputs=(x.cuda(),), target="latency", sparsity=0.2,
+                      prune="residual,heads,mlp,branch", latency_table=t)
+    assert r.report["latency_model"]["predicted_reduction"] >= 0.2 - 1e-9 and r.report["device"].startswith("cuda")
 
 
 def test_table_of_a_captured_graph_serves_the_model_and_leaves_the_graph_as_it_was():

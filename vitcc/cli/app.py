@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vitcc.devices import DEVICE_HELP, memory_hint, moved_copy, out_of_memory, resolve_device, to_device
+from vitcc.devices import DEVICE_HELP, memory_hint, out_of_memory, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.cli.outputs import Outputs, check_folder
 from vitcc.report import accuracy_rows, check_output, weight_sparsity_line, width_rows
@@ -236,8 +236,7 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
                              recipe=a.recipe, num_classes=a.num_classes)
         if a.onnx is not None and is_main():
             progress.update(task, description="onnx export")
-            cpu = result.module if a.device.type == "cpu" else moved_copy(result.module, "cpu")  # onnxruntime checks it on the CPU
-            result.report["onnx"] = {**export_onnx(cpu, tuple(x.cpu() for x in example), files["onnx"]),
+            result.report["onnx"] = {**export_onnx(result.module, example, files["onnx"]),
                                      "path": str(a.onnx)}
     if not is_main():
         return None

@@ -115,17 +115,15 @@ def _device_info(device: torch.device) -> dict:
 
 def _onnx_sessions(models, example, threads, workdir, on_progress) -> dict:
     """An onnxruntime CPU session per model, exported from a CPU copy (onnxruntime runs on the CPU here)."""
-    from vitcc.devices import device_of, moved_copy
     from vitcc.deploy.export import export_onnx
     from vitcc.deploy.timing import onnx_session
     tmp = Path(tempfile.mkdtemp(prefix="vitcc-bench-", dir=workdir))
-    cpu_example = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example)
     sessions = {}
     for name, m in models.items():
         if on_progress:
             on_progress(f"onnx export {name}")
         path = tmp / f"{len(sessions)}.onnx"
-        export_onnx((m if device_of(m).type == "cpu" else moved_copy(m, "cpu")).eval(), cpu_example, path)
+        export_onnx(m, example, path)
         sessions[name] = onnx_session(path, threads)
     return sessions
 

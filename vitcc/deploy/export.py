@@ -51,6 +51,7 @@ import onnxruntime as ort
 import torch
 from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path, tree_leaves
 
+from vitcc.devices import device_of, moved_copy
 from vitcc.errors import VerificationError, VitccError
 from vitcc.metrics import _eval_mode
 
@@ -205,13 +206,13 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple, path: str | Path
                 opset: int | None = None, rtol: float = 1e-3, atol: float = 1e-4) -> dict:
     """Export ``module`` to ``path`` and verify it with onnx.checker and onnxruntime.
 
-    ``opset`` (default: the exporter's) must be at least 17, so that LayerNorm stays one op. The
-    module is exported in eval mode (its mode is restored afterwards). The
-    onnxruntime (CPU) output is compared with PyTorch's on ``example_inputs`` and
-    on one fresh random batch. Everything is written to a temp file next to
-    ``path`` and renamed only after all checks pass, so a failure never leaves a
-    partial or unverified file behind. Export/checker/runtime failures raise
-    VitccError; an output mismatch raises its subclass VerificationError.
+    ``opset`` (default: the exporter's) must be at least 17, so that LayerNorm stays one op. A module on a
+    GPU is exported from a CPU copy: onnxruntime checks it on the CPU, against the CPU's float32 rather than
+    a GPU's TF32 convolutions, and the file does not depend on where it was made. The module is exported in
+    eval mode (its mode is restored afterwards). The onnxruntime (CPU) output is compared with PyTorch's on
+    ``example_inputs`` and on one fresh random batch. Everything is written to a temp file next to ``path``
+    and renamed only after all checks pass, so a failure never leaves a partial or unverified file behind.
+    Export/checker/runtime failures raise VitccError; an output mismatch raises its subclass VerificationError.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -219,7 +220,9 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple, path: str | Path
     if opset is not None and opset < MIN_OPSET:
         raise VitccError(f"ONNX opset {opset} has no LayerNormalization (LayerNorm would be split into "
                          f"ReduceMean ops); use opset {MIN_OPSET} or later")
-    example_inputs = tuple(example_inputs)
+    if device_of(module).type != "cpu":
+        module = moved_copy(module, "cpu")
+    example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     tmp = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)

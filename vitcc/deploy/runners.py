@@ -110,7 +110,9 @@ def _cuda_graph(model: torch.nn.Module, inputs: tuple, device: torch.device) -> 
                 model(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
+        # captured on `side`, a stream of this device (torch.cuda.graph's own stream is made once per process,
+        # on whichever GPU was current then)
+        with torch.inference_mode(), torch.cuda.graph(graph, stream=side):
             out = model(*static)
 
     def run():

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.fx as fx
 
+from vitcc.devices import device_of
 from vitcc.errors import VitccError
 
 __all__ = ["MAX_INPUT_ELEMENTS", "input_channels", "input_shape_for", "recorded_meta", "stored_input_shape"]
@@ -72,7 +73,7 @@ def input_channels(model: torch.nn.Module, shape: tuple[int, ...]) -> int | None
     (its modules are inlined; its recorded shape says)."""
     if isinstance(model, fx.GraphModule) or len(shape) < 3 or math.prod(shape) > MAX_INPUT_ELEMENTS:
         return None
-    probe = torch.zeros(shape)
+    probe = torch.zeros(shape, device=device_of(model))  # on a GPU model's device: ops before its first layer run
     found: list[int | None] = []
 
     def reached(module: torch.nn.Module, args: tuple) -> None:

@@ -284,7 +284,7 @@ class Gohsp(Pass):
             claim(program, "gohsp", g.name, support + e / e.max().clamp_min(1e-30) * 0.5)
         rebase(program)
         last = param_masks(program, state["keep"])
-        removed = sum(float((W[n].detach() * ~last.get(n, masks[n])).pow(2).sum()) for n in names)
+        removed = sum(float((W[n].detach() * ~last.get(n, masks[n]).to(W[n].device)).pow(2).sum()) for n in names)
         total = sum(float(W[n].detach().pow(2).sum()) for n in names)
         return {"stage2": mode, "rho": rho if mode == "admm" else None, "pull": pull if mode == "prox" else None,
                 "projections": state["updates"], "every": every,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
-from vitcc.devices import device_of, indexed, to_device
+from vitcc.devices import device_of, resolve_device, to_device
 from vitcc.frontend import safe_pickle
 from vitcc.training.distributed import all_reduce_sum, barrier, init_distributed, is_distributed, is_main, rank, world_size
 from vitcc.training.recipe import Recipe, autocast_dtype, resolve_precision
@@ -266,7 +266,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
     if len(train_loader) == 0 and epochs > 0:
         raise VitccError("the training set is empty")
     net = _unwrap(model)
-    dev = indexed(device) if device is not None else device_of(net)
+    dev = resolve_device(device) if device is not None else device_of(net)
     prec = resolve_precision(precision, dev)
     init_distributed(device=dev)
     if dev.type == "cuda":

@@ -27,6 +27,7 @@ import torch.fx as fx
 from timm.layers import DropPath
 from torch import nn
 
+from vitcc.devices import out_of_memory
 from vitcc.errors import VitccError
 
 __all__ = ["drop_path_copy", "residual_branches", "record_branches", "replace_classifier", "output_classes",
@@ -77,6 +78,8 @@ def residual_branches(gm: fx.GraphModule, example: torch.Tensor) -> list[dict]:
         try:
             refresh(program, "shapes", "coupling")
         except Exception as e:
+            if out_of_memory(e) is not None:
+                raise
             raise VitccError(f"--drop-path needs the residual branches of the model, and its graph could not be "
                              f"analysed: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
         recorded = [{"name": b.name, "add": b.add, "output": b.output} for b in program.branches]
@@ -111,6 +114,8 @@ def _batch_axes(gm: fx.GraphModule, names: Sequence[str], example: torch.Tensor)
                 try:
                     run.run(x)
                 except Exception as e:
+                    if out_of_memory(e) is not None:
+                        raise
                     raise VitccError(f"--drop-path: the model does not run on a batch of {b} "
                                      f"({(str(e).splitlines() or [type(e).__name__])[0]}); training needs one that "
                                      "takes any batch size") from None
