@@ -65,7 +65,6 @@ def test_cuda_index_checked_against_the_devices_there_are(monkeypatch):
         resolve_device("cuda:2")
 
 
-
 def test_under_torchrun_cuda_is_the_local_rank_and_naming_it_is_accepted(monkeypatch):
     """A process's own device comes back as cuda:LOCAL_RANK and is resolved again on its way (the compile's
     model device, the latency table's): that must pass; another rank's device is refused."""
@@ -77,6 +76,7 @@ def test_under_torchrun_cuda_is_the_local_rank_and_naming_it_is_accepted(monkeyp
         == torch.device("cuda", 1)
     with pytest.raises(VitccError, match="every process uses cuda:LOCAL_RANK; pass --device cuda"):
         resolve_device("cuda:0")
+
 
 @no_cuda
 @pytest.mark.parametrize("command, extra, outputs", [

@@ -161,30 +161,18 @@ def exact_float32() -> Iterator[None]:
     float32_matmul_precision) beside the new ones and refuses to read them once the two disagree (what reads
     them then fails: torch.compile, a user's `torch.set_float32_matmul_precision("high")` followed by a cuBLAS
     matmul): so both are set, the legacy ones where torch lets them be read."""
-    handles = _precision_handles()
-    if handles is not None:
-        saved = [h.fp32_precision for h in handles]
-        legacy = _legacy_flags()
-        try:  # the legacy flags first: their setters write some of the new settings too
-            _set_legacy_flags({k: v for k, v in _EXACT_LEGACY.items() if k in legacy})
-            for h in handles:
-                h.fp32_precision = "ieee"
-            yield
-        finally:
-            _set_legacy_flags(legacy)
-            for h, v in reversed(list(zip(handles, saved))):
-                h.fp32_precision = v
-        return
-    saved_legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                    torch.get_float32_matmul_precision())
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+    handles = _precision_handles() or []  # (none before torch 2.9: the legacy flags are all there is)
+    saved = [h.fp32_precision for h in handles]
+    legacy = _legacy_flags()
+    try:  # the legacy flags first: their setters write some of the new settings too
+        _set_legacy_flags({k: v for k, v in _EXACT_LEGACY.items() if k in legacy})
+        for h in handles:
+            h.fp32_precision = "ieee"
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy[:2]
-        torch.set_float32_matmul_precision(saved_legacy[2])
+        _set_legacy_flags(legacy)
+        for h, v in reversed(list(zip(handles, saved))):
+            h.fp32_precision = v
 
 
 OutOfMemoryError: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
