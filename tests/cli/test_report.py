@@ -126,7 +126,9 @@ def test_accuracy_before_pruned_and_after_fine_tuning(tmp_path, one_thread):
 
 
 def test_latency_is_shown_where_it_was_measured(tmp_path, one_thread):
-    report = compiled(tiny_vit(), 32, sparsity=0.02, target="latency")
+    """With branches prunable: narrowing alone can save nothing measurable on a 0.9 ms model (a busy CI machine
+    once measured every group at its minimum 2% slower than dense), removing a branch always does."""
+    report = compiled(tiny_vit(), 32, sparsity=0.02, target="latency", prune="residual,heads,mlp,branch")
     _, root = page(report, tmp_path)
     lat = report["latency_model"]
     row = next(r for r in table(root, "summary") if r[0].startswith("latency, predicted"))
