@@ -3,7 +3,7 @@ family (fused/separate q/k/v or MHA; SDPA, softmax or einsum; class token or mea
 F.unfold, Tensor.unfold or reshape) with random explicit selections, and a compact model fine-tunes."""
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import vitcc
@@ -68,6 +68,7 @@ def random_selection(gm, x, rng) -> dict:
 @given(qkv=st.sampled_from(QKV_FORMS), attention=st.sampled_from(ATTENTIONS), cls_token=st.booleans(),
        patches=st.sampled_from(PATCHES), heads=st.integers(1, 3), head_dim=st.sampled_from([4, 8]),
        depth=st.integers(1, 2), seed=st.integers(0, 999))
+@example(qkv="mha", attention="sdpa", cls_token=False, patches="conv", heads=1, head_dim=4, depth=1, seed=120)
 def test_hand_vit_family_with_random_selections_verifies(qkv, attention, cls_token, patches, heads, head_dim,
                                                          depth, seed):
     model = hand_vit(seed=seed, dim=heads * head_dim, heads=heads, depth=depth, hidden=2 * heads * head_dim,
