@@ -49,14 +49,17 @@ class Check:
     """One compared tensor, accumulated over the verification inputs."""
     name: str  # the graph node, or the output leaf (`output`, `output['logits']`)
     max_abs_error: float = 0.0
-    # max_abs_error / scale, not the largest per-input ratio: a tensor near zero on one input (one kept v dim of
-    # random weights, 2e-5 there) turned a rounding error of 6e-9 into a "relative error" of 2e-4
-    max_rel_error: float = 0.0
     scale: float = 0.0  # the largest |reference| over the inputs
     constant: bool = True  # the reference was constant on every input so far
     independent: bool = False  # the reference was identical on two different inputs
     ok: bool = True
     problem: str = ""  # why it could not be compared value by value (shape, structure, a crash)
+
+    @property
+    def max_rel_error(self) -> float:
+        """Against the largest |reference|, not the largest per-input ratio: a tensor near zero on one input (one
+        kept v dim of random weights, 2e-5 there) turned a rounding error of 6e-9 into a "relative error" of 2e-4."""
+        return self.max_abs_error / max(self.scale, 1e-12)
 
     @property
     def vacuous(self) -> bool:
@@ -299,17 +302,16 @@ def _compare(check: Check, want: torch.Tensor | None, got: Any, t: Any, keep: di
     """Update one check with one input; returns the reference at the kept positions (None: not comparable)."""
     if want is None or not isinstance(got, torch.Tensor):
         check.ok, check.problem = False, "missing on one side (output structures differ)"
-        check.max_abs_error = check.max_rel_error = math.inf
+        check.max_abs_error = math.inf
         return None
     ref = _gather_kept(want, got.shape, t, keep, aliases)
     if ref is None:
         check.ok, check.problem = False, f"shape {tuple(got.shape)} where {tuple(want.shape)} was masked"
-        check.max_abs_error = check.max_rel_error = math.inf
+        check.max_abs_error = math.inf
         return None
     err, scale, constant = _difference(ref, got)
     check.max_abs_error = max(check.max_abs_error, err)
     check.scale = max(check.scale, scale)
-    check.max_rel_error = check.max_abs_error / max(check.scale, 1e-12)
     check.constant &= constant
     check.ok &= err <= atol + rtol * scale
     return ref
