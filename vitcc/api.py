@@ -133,8 +133,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
                       ops=table_with(rules))
     program.options.update(progress=progress, **({"device": train_device} if train_device is not None else {}),
                            **({"precision": precision} if precision is not None else {}))
-    loaders, teacher, accuracy = _attach_data(program, model, data, finetune_epochs, distill and num_classes is None,
-                                              seed, lr, batch_size, calibration_size, classes_fit)
+    loaders, teacher, accuracy = _attach_data(program, data, finetune_epochs, distill and num_classes is None,
+                                              seed, lr, batch_size, calibration_size, classes_fit, train_device)
     if sparsity_epochs is not None:
         if sparsity_epochs < 0:
             raise VitccError(f"sparsity epochs must be >= 0, got {sparsity_epochs}")
@@ -288,11 +288,11 @@ def _table_on_device(gm: fx.GraphModule, example_inputs: tuple, device: torch.de
     return {"latency_table": table, "latency_table_source": where}
 
 
-def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs: int, distill: bool, seed: int,
-                 lr: float, batch_size: int, calibration_size: int, classes_fit: bool | None = None):
+def _attach_data(program: Program, data, finetune_epochs: int, distill: bool, seed: int, lr: float,
+                 batch_size: int, calibration_size: int, classes_fit: bool | None, device: torch.device | None):
     """Loaders (from `_check_data`) and calibration batch into program.options (before any pass), the teacher,
-    accuracy before. Where the data's classes are not the model's (`classes_fit` False) the passes get no
-    labels and no accuracy is measured."""
+    accuracy before (measured on the training `device`, as the accuracy after is). Where the data's classes
+    are not the model's (`classes_fit` False) the passes get no labels and no accuracy is measured."""
     if finetune_epochs < 0:
         raise VitccError(f"finetune epochs must be >= 0, got {finetune_epochs}")
     if data is None:
@@ -300,13 +300,15 @@ def _attach_data(program: Program, model: torch.nn.Module, data, finetune_epochs
             raise VitccError("fine-tuning needs data: pass --data (e.g. --data mnist5k) or data=(train, val)")
         return None, None, None
     from vitcc.training.data import calibration_batch
+    from vitcc.training.distributed import device_copy
     from vitcc.training.finetune import evaluate
     train_loader, val_loader = data
     images, labels = calibration_batch(train_loader, calibration_size, with_labels=True)
     program.options.update(data=(train_loader, val_loader), calibration=images,
                            calibration_labels=labels if classes_fit is not False else None, seed=seed, lr=lr)
     teacher = copy.deepcopy(program.gm).eval() if distill and finetune_epochs > 0 else None
-    return (train_loader, val_loader), teacher, evaluate(program.gm, val_loader) if classes_fit is not False else None
+    accuracy = evaluate(device_copy(program.gm, device), val_loader) if classes_fit is not False else None
+    return (train_loader, val_loader), teacher, accuracy
 
 
 def rule(*targets: Any) -> Callable:

@@ -217,3 +217,16 @@ def test_compile_trains_and_calibrates_on_cuda_and_returns_the_model_on_the_cpu(
     res = vitcc.compile(small_vit(), "vtp", sparsity=0.3, example_inputs=(X[:1],), data=(train, val),
                         sparsity_epochs=1, device="cuda")
     assert res.report["max_abs_error"] < 1e-4
+
+
+@pytest.mark.cuda
+def test_compile_measures_accuracy_on_the_training_device(digits, monkeypatch):
+    """Before pruning as after fine-tuning: a CPU model compiled with device="cuda" is evaluated on the GPU."""
+    import vitcc.training.finetune as training
+    evaluated_on = []
+    monkeypatch.setattr(training, "evaluate", lambda model, loader: evaluated_on.append(
+        next(model.parameters()).device.type) or evaluate(model, loader))
+    res = vitcc.compile(small_vit(), "magnitude", sparsity=0.5, example_inputs=(X[:1],), data=digits,
+                        finetune_epochs=1, device="cuda")
+    assert evaluated_on == ["cuda", "cuda", "cuda"] and not next(res.module.parameters()).is_cuda
+    assert {"accuracy_before", "accuracy_pruned", "accuracy_after"} <= res.report.keys()

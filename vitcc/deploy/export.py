@@ -41,6 +41,7 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -136,7 +137,10 @@ def _export(module, example_inputs: tuple, path: Path, opset: int | None, output
     if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
         raise VitccError(f"ONNX export needs torch.onnx.export(dynamo=True), which torch {torch.__version__} "
                          "lacks; install torch >= 2.5 for --onnx")
-    with _frozen(module):  # one SDPA kernel in every pass of the exporter (see the module docstring)
+    # frozen: one SDPA kernel in every pass of the exporter (see the module docstring). Several inputs share
+    # the one batch Dim on purpose; the exporter warns that the name clashes with itself
+    with _frozen(module), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used.*another axis: batch\.")
         torch.onnx.export(module, _trace_inputs(module, example_inputs), str(path), **accepted(torch.onnx.export, dict(
             dynamo=True, external_data=False, opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False,
             input_names=input_names(module, example_inputs), output_names=output_names(outputs))))
