@@ -43,6 +43,11 @@ def interruption_behind(exc: BaseException) -> Interrupted | None:
     return None
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name where it has none): what fits a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def internal_error_line(exc: BaseException) -> str:
     """One line for an exception that is vitcc's own bug: its type, where it was raised, and where to report it.
 

@@ -20,7 +20,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vitcc.devices import DEVICE_HELP, memory_hint, out_of_memory, resolve_device, to_device
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, first_line
 from vitcc.cli.outputs import Outputs, check_folder
 from vitcc.report import accuracy_rows, check_output, weight_sparsity_line, width_rows
 from vitcc.report import write as write_report
@@ -72,10 +72,10 @@ def _check_runs(m: torch.nn.Module, example: tuple, given: Optional[str]) -> Non
         with torch.no_grad():
             m.eval()(*example)
     except Exception as e:
-        if out_of_memory(e):
+        if out_of_memory(e) is not None:
             raise
         shape = ",".join(map(str, example[0].shape))
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        first = first_line(e).rstrip(".")
         try:
             hint = f"; it takes e.g. --input-shape {','.join(map(str, input_shape_for(m)))}"
         except VitccError:

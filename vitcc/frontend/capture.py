@@ -21,7 +21,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from vitcc.devices import out_of_memory
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, first_line
 from vitcc.metrics import macs_counter
 from vitcc.frontend.input_shapes import recorded_meta as source_meta
 
@@ -265,7 +265,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, src: str = "the 
         if out_of_memory(e) is not None:
             raise  # memory_hint's to say what to lower; wrapped here, it would read as a model that does not run
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
-        raise VitccError(f"cannot run {src} on inputs of shape {shapes}: {(str(e).splitlines() or [''])[0]}") from None
+        raise VitccError(f"cannot run {src} on inputs of shape {shapes}: {first_line(e)}") from None
     gm.meta["macs"] = macs = counter.get_total_flops() // 2
     return macs
 

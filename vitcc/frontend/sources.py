@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.fx as fx
 
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, first_line
 from vitcc.frontend.input_shapes import recorded_meta
 
 __all__ = ["Source", "parse_spec", "build", "load_model"]
@@ -116,7 +116,7 @@ def _hf_config(folder: Path):
     try:
         return tf.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:
-        raise VitccError(f"cannot read {folder / 'config.json'}: {_first_line(e)}") from None
+        raise VitccError(f"cannot read {folder / 'config.json'}: {first_line(e)}") from None
 
 
 def _hf_class(config, folder: Path) -> type:
@@ -153,7 +153,7 @@ def _hf_model(target: str, with_weights: bool = True) -> torch.nn.Module:
                                           attn_implementation=impl, output_loading_info=True,
                                           ignore_mismatched_sizes=True)  # reported below, in one line
     except Exception as e:
-        raise VitccError(f"cannot load {folder}: {_first_line(e)}") from None
+        raise VitccError(f"cannot load {folder}: {first_line(e)}") from None
     _refuse_misfit(folder, cls.__name__, wrong=[f"{k} is {tuple(a)} in the file, {tuple(b)} in the model"
                                                 for k, a, b in sorted(info.get("mismatched_keys", []))],
                    unexpected=sorted(info.get("unexpected_keys", [])), missing=sorted(info.get("missing_keys", [])))
@@ -187,7 +187,7 @@ def _call_factory(obj, label: str) -> torch.nn.Module:
     try:
         model = obj()
     except Exception as e:
-        raise VitccError(f"{label}() raised {type(e).__name__}: {_first_line(e)} (it is called with no arguments: "
+        raise VitccError(f"{label}() raised {type(e).__name__}: {first_line(e)} (it is called with no arguments: "
                          "give them defaults, or name a factory)") from None
     if not isinstance(model, torch.nn.Module):
         raise VitccError(f"{label}() returned a {type(model).__name__}, not a torch.nn.Module")
@@ -213,9 +213,9 @@ def _import_module(name: str):
         if e.name and (name == e.name or name.startswith(e.name + ".")):
             raise VitccError(f"no module named {e.name!r}: install it, run vitcc from the folder that holds it, "
                              "or name the file: py:path/to/file.py:CALLABLE") from None
-        raise VitccError(f"importing {name} failed: {_first_line(e)}") from None
+        raise VitccError(f"importing {name} failed: {first_line(e)}") from None
     except Exception as e:
-        raise VitccError(f"importing {name} failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise VitccError(f"importing {name} failed: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _import_file(path: Path):
@@ -230,18 +230,14 @@ def _import_file(path: Path):
             spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
-        raise VitccError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise VitccError(f"importing {path} failed: {type(e).__name__}: {first_line(e)}") from None
     return module
 
 
 # ---------------------------------------------------------------- weights
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _cannot_read(path, e: Exception, expected: str = "a torch.save'd module, a state dict (.pt) or a .safetensors "
                                                       "file") -> VitccError:
-    return VitccError(f"cannot read {path}: {_first_line(e)}; expected {expected}")
+    return VitccError(f"cannot read {path}: {first_line(e)}; expected {expected}")
 
 
 def _existing(path) -> Path:
@@ -325,7 +321,7 @@ def _refuse_pt2_pickles(path: Path) -> None:
                     try:
                         torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
                     except Exception as e:
-                        raise VitccError(f"refusing {path}: {name} is not plain tensor data ({_first_line(e)}); "
+                        raise VitccError(f"refusing {path}: {name} is not plain tensor data ({first_line(e)}); "
                                          "rerun with --trust-pickle if you trust this file") from None
     except zipfile.BadZipFile as e:
         raise _cannot_read(path, e, "an ExportedProgram written by torch.export.save") from None

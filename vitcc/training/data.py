@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, first_line
 
 __all__ = ["make_loaders", "calibration_batch", "normalization_for", "data_classes", "BUILTIN", "IMAGENET_MEAN",
            "IMAGENET_STD"]
@@ -214,7 +214,7 @@ def _image_folder(root: Path, split: str, input_size: tuple[int, int, int], mean
         try:
             return datasets.ImageFolder(str(root / split), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
-            raise VitccError(f"cannot read image folder {root / split}: {(str(e).splitlines() or [''])[0]}") from None
+            raise VitccError(f"cannot read image folder {root / split}: {first_line(e)}") from None
     if augment and split == "train":
         geometry = [T.RandomResizedCrop((h, w), scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
     else:
@@ -224,7 +224,7 @@ def _image_folder(root: Path, split: str, input_size: tuple[int, int, int], mean
     try:
         return datasets.ImageFolder(str(root / split), transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
-        raise VitccError(f"cannot read image folder {root / split}: {(str(e).splitlines() or [''])[0]}") from None
+        raise VitccError(f"cannot read image folder {root / split}: {first_line(e)}") from None
 
 
 def make_loaders(spec: str, input_size: tuple[int, int, int], *, batch_size: int = 64,

@@ -28,7 +28,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from vitcc.devices import out_of_memory
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, first_line
 
 __all__ = ["drop_path_copy", "residual_branches", "record_branches", "replace_classifier", "output_classes",
            "BRANCH_META"]
@@ -81,7 +81,7 @@ def residual_branches(gm: fx.GraphModule, example: torch.Tensor) -> list[dict]:
             if out_of_memory(e) is not None:
                 raise
             raise VitccError(f"--drop-path needs the residual branches of the model, and its graph could not be "
-                             f"analysed: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+                             f"analysed: {first_line(e)}") from None
         recorded = [{"name": b.name, "add": b.add, "output": b.output} for b in program.branches]
     nodes = {n.name: n for n in gm.graph.nodes}
     return [b for b in recorded if b["add"] in nodes and b["output"] in nodes
@@ -117,7 +117,7 @@ def _batch_axes(gm: fx.GraphModule, names: Sequence[str], example: torch.Tensor)
                     if out_of_memory(e) is not None:
                         raise
                     raise VitccError(f"--drop-path: the model does not run on a batch of {b} "
-                                     f"({(str(e).splitlines() or [type(e).__name__])[0]}); training needs one that "
+                                     f"({first_line(e)}); training needs one that "
                                      "takes any batch size") from None
                 shapes.append(run.shapes)
     finally:
