@@ -17,6 +17,7 @@ class GivenSelection(Pass):
     """Not registered: `--passes` cannot name it; compile(keep=) and the latency tables' grid points put it
     before select, which then keeps what it set."""
     name = "given-selection"
+    writes_weights = False  # writes the selection only (Pass.writes_weights)
 
     def __init__(self, keep: dict[str, Sequence[int]]):
         super().__init__()
