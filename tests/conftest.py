@@ -344,6 +344,30 @@ def declared_passes(monkeypatch):
     monkeypatch.setattr(pass_base, "_DECLARED", dict(pass_base._DECLARED))
 
 
+@pytest.fixture
+def cuda_events_on_the_host_clock(monkeypatch):
+    """torch.cuda's timing events, synchronize and device context, on the host's clock: the arithmetic of the
+    CUDA timing paths, which no CI machine runs, checked on work of known length (sleeps) before a GPU is lent."""
+    import time
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            self.at = None
+
+        def record(self, stream=None):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end: "Event") -> float:
+            return (end.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextmanager(lambda: (yield))())
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.cuda` tests skip where there is no CUDA device (CI never has one)."""
     if torch.cuda.is_available():

@@ -163,6 +163,16 @@ def test_timer_ratio_against_a_reference_timed_beside_it():
     assert 1.4 < timer.ratio(twice, once) < 2.8 and timer.ms(once) > 0
 
 
+def test_timer_on_a_gpu_reads_events_around_the_runs_alternating(cuda_events_on_the_host_clock):
+    import time
+    from vitcc.profiling import Timer
+    timer = Timer(torch.device("cuda"), torch.float32, "eager", samples=5)
+    assert 2.0 < timer.ratio(lambda: time.sleep(0.006), lambda: time.sleep(0.002)) < 4.0
+    assert 1.9 < timer.ms(lambda: time.sleep(0.002)) < 4.0
+    # runs under a millisecond are looped so that a sample lasts about one
+    runs = []
+    assert timer.ms(lambda: runs.append(1)) < 0.1 and len(runs) > 5 * 50
+
 def test_interp_is_piecewise_linear():
     pts = [[16, 1.0], [32, 1.0], [48, 3.0]]
     assert interp(pts, 40) == pytest.approx(2.0) and interp(pts, 24) == pytest.approx(1.0)
