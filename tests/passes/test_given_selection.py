@@ -18,8 +18,8 @@ def test_kept_indices_may_be_a_range_a_list_or_a_tensor():
 
 def test_a_given_selection_leaves_the_weights_shared_until_a_pass_writes_them():
     """It writes the selection only (`writes_weights = False`): before it, the manager need not copy every weight
-    of the model, which a latency table's ~40 grid points would each pay for (ViT-B on a CPU: half of a point's
-    narrowing)."""
+    of the model, which a latency table's ~40 grid points would each pay for (ViT-B on a CPU: two thirds of a
+    point's narrowing)."""
     from vitcc.pipeline.pass_base import Pass, PassResult
 
     class SharedAfterSelect(Pass):
