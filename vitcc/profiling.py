@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from vitcc.deploy.runners import DTYPES, MODES, make_runner
-from vitcc.deploy.timing import cpu_clock_ok, cpu_model, heap_policy, time_fn, time_ratio, timing_on, with_batch
+from vitcc.deploy.timing import (cpu_clock_ok, cpu_model, heap_policy, ratios_to_reference, time_fn, time_ratios,
+                                 timing_on, with_batch)
 from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
@@ -135,28 +136,33 @@ class Timer:
 
     def ms(self, run: Callable[[], Any]) -> float:
         if self.device.type == "cuda":
-            return self._cuda([run])[0]
+            return float(statistics.median(self._cuda([run])[0]))
         return time_fn(run, samples=self.samples, clock=self._clock(), budget_ms=None)
 
     def ratio(self, run: Callable[[], Any], ref: Callable[[], Any]) -> float:
-        """Every sample asked for, however long: the time budget of per-op timing would cut a whole model of
+        return self.against([run], ref)[0][0]
+
+    def against(self, runs: Sequence[Callable[[], Any]], ref: Callable[[], Any]) -> tuple[list[float], float]:
+        """Each of `runs` as a ratio to `ref`, all timed in every round, and `ref`'s own median ms.
+
+        Every sample asked for, however long: the time budget of per-op timing would cut a whole model of
         0.5-1 s (DeiT-S at batch 8 on a CPU) to 3 samples, and the rest is a difference of whole-model times
         (DeiT-S, batch 8, 3 samples: the search's 50% selection predicted within 0.6 points by one table and
         6.1 by the next)."""
         if self.device.type == "cuda":
-            return self._cuda([run, ref], ratio=True)[0]
-        return time_ratio(run, ref, samples=self.samples, clock=self._clock(), budget_ms=None)
+            return ratios_to_reference(self._cuda([*runs, ref]))
+        return time_ratios(runs, ref, samples=self.samples, clock=self._clock(), budget_ms=None)
 
     def _clock(self) -> str:
         return "thread" if cpu_clock_ok() else "wall"
 
-    def _cuda(self, runs: list[Callable[[], Any]], ratio: bool = False) -> list[float]:
-        """Median ms of each run (samples of >= ~1 ms, runs alternating), or the median per-sample ratio of the
-        first to the second. Events and synchronisation on `self.device`, whichever GPU is current."""
+    def _cuda(self, runs: list[Callable[[], Any]]) -> list[list[float]]:
+        """ms per call of each run, a sample each round (of >= ~1 ms: short runs looped), the runs in reverse
+        order every other round. Events and synchronisation on `self.device`, whichever GPU is current."""
         with torch.cuda.device(self.device):
-            return self._cuda_on_device(runs, ratio)
+            return self._cuda_on_device(runs)
 
-    def _cuda_on_device(self, runs: list[Callable[[], Any]], ratio: bool) -> list[float]:
+    def _cuda_on_device(self, runs: list[Callable[[], Any]]) -> list[list[float]]:
         inner = []
         for run in runs:
             for _ in range(3):
@@ -177,9 +183,7 @@ class Timer:
                 end.record()
                 end.synchronize()
                 samples[k].append(start.elapsed_time(end) / inner[k])
-        if ratio:
-            return [float(statistics.median(a / max(b, 1e-12) for a, b in zip(samples[0], samples[1])))]
-        return [float(statistics.median(v)) for v in samples]
+        return samples
 
 
 def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: int | None, model_spec: str,
@@ -333,8 +337,8 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
         """ms of the dense whole model, and of each dense unit as a ratio to the whole timed beside it: what a
         unit saves is read against the whole, so their shares must be measured at one speed of the machine
         (DeiT-S at batch 8 on a shared CPU: one MLP unit timed alone at 22.5 and 26.3 ms a minute apart)."""
-        whole = timer.ms(dense_whole)
-        return whole, {s: whole * timer.ratio(r, dense_whole) for s, r in dense_units.items()}
+        shares, whole = timer.against(list(dense_units.values()), dense_whole)  # one whole serves every unit
+        return whole, {s: whole * r for s, r in zip(dense_units, shares)}
 
     def ratios(compact: fx.GraphModule) -> tuple[float, dict[str, float]]:
         """`compact`'s whole model and units, each as a ratio to its dense self timed right beside it."""

@@ -74,3 +74,14 @@ def test_cuda_events_time_every_call_in_a_rotating_order(cuda_events_on_the_host
     assert 2.0 < statistics.median(out["long"]["wall"]) / statistics.median(out["short"]["wall"]) < 5.0  # 4 as slept
     # each round: one untimed call of the one before the first, then both, the first rotating
     assert calls[2:8] == ["long", "short", "long", "short", "long", "short"]
+
+
+def test_one_reference_timed_beside_many():
+    import time
+    from vitcc.deploy.timing import time_ratios
+    order = []
+    fns = [lambda: (order.append("a"), time.sleep(0.012)), lambda: (order.append("b"), time.sleep(0.003))]
+    (double, half), ref_ms = time_ratios(fns, lambda: (order.append("ref"), time.sleep(0.006)), warmup=1,
+                                         samples=4, budget_ms=None)
+    assert 1.4 < double < 2.5 and 0.4 < half < 0.8 and 5.9 < ref_ms < 12.0  # 2, 0.5 and 6 as slept
+    assert order[3:9] == ["a", "b", "ref", "ref", "b", "a"]  # after the warm-up, every round, reversed every other

@@ -169,6 +169,9 @@ def test_timer_on_a_gpu_reads_events_around_the_runs_alternating(cuda_events_on_
     timer = Timer(torch.device("cuda"), torch.float32, "eager", samples=5)
     assert 2.0 < timer.ratio(lambda: time.sleep(0.012), lambda: time.sleep(0.003)) < 5.0  # 4 as slept
     assert 2.9 < timer.ms(lambda: time.sleep(0.003)) < 8.0
+    (double, half), ref_ms = timer.against([lambda: time.sleep(0.012), lambda: time.sleep(0.003)],
+                                           lambda: time.sleep(0.006))
+    assert 1.4 < double < 2.5 and 0.4 < half < 0.8 and 5.9 < ref_ms < 12.0
     # runs under a millisecond are looped so that a sample lasts about one
     runs = []
     assert timer.ms(lambda: runs.append(1)) < 0.1 and len(runs) > 5 * 50

@@ -14,14 +14,14 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from vitcc.errors import VitccError
 
-__all__ = ["time_fn", "time_ratio", "interleaved", "summarize", "loadavg", "cpu_clock_ok", "intra_op_threads",
-           "steady_heap", "heap_policy", "timing_on", "cpu_model", "machine_info",
+__all__ = ["time_fn", "time_ratio", "time_ratios", "ratios_to_reference", "interleaved", "summarize", "loadavg",
+           "cpu_clock_ok", "intra_op_threads", "steady_heap", "heap_policy", "timing_on", "cpu_model", "machine_info",
            "with_batch", "onnx_session", "onnx_feed"]
 
 
@@ -187,34 +187,51 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, samples: int = 7, min_sam
     return float(statistics.median(out))
 
 
-def time_ratio(fn: Callable[[], Any], ref: Callable[[], Any], *, warmup: int = 2, samples: int = 7,
-               min_sample_ms: float = 2.0, budget_ms: float | None = 600.0, clock: str = "wall") -> float:
-    """Median over paired samples of (time of ``fn``) / (time of ``ref``), the two alternating.
+def time_ratio(fn: Callable[[], Any], ref: Callable[[], Any], **options: Any) -> float:
+    """Median over paired samples of (time of ``fn``) / (time of ``ref``), the two alternating (`time_ratios`)."""
+    return time_ratios([fn], ref, **options)[0][0]
+
+
+def time_ratios(fns: Sequence[Callable[[], Any]], ref: Callable[[], Any], *, warmup: int = 2, samples: int = 7,
+                min_sample_ms: float = 2.0, budget_ms: float | None = 600.0,
+                clock: str = "wall") -> tuple[list[float], float]:
+    """Each of ``fns`` as the median over rounds of (its time) / (time of ``ref`` in that round), and ``ref``'s
+    median milliseconds per call. Every round times all of them, in reverse order every other round.
 
     A shared machine speeds up and slows down over seconds (other processes, caches, clocks); timing
-    every op against a reference measured right beside it cancels most of that drift.
+    every op against a reference measured right beside it cancels most of that drift. One reference serves
+    many: timing each against its own would run the reference once per function (a Swin-T latency table
+    times 11 units against the whole model).
     """
     now = time.thread_time if clock == "thread" else time.perf_counter
+    runs = [*fns, ref]
     with torch.inference_mode():
-        once = {}
-        for name, f in (("fn", fn), ("ref", ref)):
+        once = []
+        for f in runs:
             for _ in range(max(1, warmup)):
                 t0 = time.perf_counter()
                 f()
-                once[name] = (time.perf_counter() - t0) * 1e3
-        inner = {k: max(1, int(math.ceil(min_sample_ms / max(v, 1e-4)))) for k, v in once.items()}
-        per = once["fn"] * inner["fn"] + once["ref"] * inner["ref"]
+                last = (time.perf_counter() - t0) * 1e3
+            once.append(last)
+        inner = [max(1, int(math.ceil(min_sample_ms / max(v, 1e-4)))) for v in once]
+        per = sum(o * k for o, k in zip(once, inner))
         n = samples if budget_ms is None else max(3, min(samples, int(budget_ms / max(per, 1e-6))))
-        ratios = []
+        took: list[list[float]] = [[] for _ in runs]
         for i in range(n):
-            pair = {}
-            for name, f in ((("fn", fn), ("ref", ref)) if i % 2 == 0 else (("ref", ref), ("fn", fn))):
+            for k in (range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))):
                 t0 = now()
-                for _ in range(inner[name]):
-                    f()
-                pair[name] = (now() - t0) / inner[name]
-            ratios.append(pair["fn"] / max(pair["ref"], 1e-12))
-    return float(statistics.median(ratios))
+                for _ in range(inner[k]):
+                    runs[k]()
+                took[k].append((now() - t0) * 1e3 / inner[k])
+    return ratios_to_reference(took)
+
+
+def ratios_to_reference(samples: Sequence[Sequence[float]]) -> tuple[list[float], float]:
+    """Per-round times of several runs, the reference's last: each run's median ratio to the reference in the
+    same round, and the reference's median time."""
+    ref = samples[-1]
+    return ([float(statistics.median(a / max(b, 1e-12) for a, b in zip(t, ref))) for t in samples[:-1]],
+            float(statistics.median(ref)))
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 10, warmup: int = 2,
