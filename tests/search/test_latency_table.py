@@ -176,6 +176,7 @@ def test_timer_on_a_gpu_reads_events_around_the_runs_alternating(cuda_events_on_
     runs = []
     assert timer.ms(lambda: runs.append(1)) < 0.1 and len(runs) > 5 * 50
 
+
 def test_interp_is_piecewise_linear():
     pts = [[16, 1.0], [32, 1.0], [48, 3.0]]
     assert interp(pts, 40) == pytest.approx(2.0) and interp(pts, 24) == pytest.approx(1.0)
