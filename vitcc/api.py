@@ -43,7 +43,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
             prune: Sequence[str] | str | None = None, target: str = "channels", align: int = 1,
             keep: dict[str, Sequence[int]] | None = None, insert: list[Insertion] | None = None,
             verify: bool = True, structural_options: dict[str, dict] | None = None,
-            on_pass: Callable[[Pass, str], None] | None = None,
+            on_pass: Callable[[Pass, str], None] | None = None, on_progress: Callable[[str], None] | None = None,
             data: tuple[DataLoader, DataLoader] | str | None = None, finetune_epochs: int = 0, lr: float = 5e-4,
             distill: bool = True, seed: int = 0, batch_size: int = 64, calibration_size: int = 64,
             sparsity_epochs: int | None = None,
@@ -80,7 +80,8 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     select against that table, measured on its device (`vitcc profile MODEL -o TABLE.json`); it must have been
     measured on this model (one-line error otherwise). Without one, `target="latency"` measures a table where
     the model is (eager, fp32, the example's batch; vitcc.profiling.table_for), once: it is kept under
-    `$VITCC_CACHE/tables` (default `~/.cache/vitcc`) for the next compile of the same graph there.
+    `$VITCC_CACHE/tables` (default `~/.cache/vitcc`) for the next compile of the same graph there. `on_progress`
+    hears each step of that measurement (a line such as 'mlp/0 3/5'): it takes minutes on a CPU.
 
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.
@@ -125,7 +126,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     if writes_in_place(original.graph):
         original = copy.deepcopy(original)
     if target == "latency" and latency_table is None and keep is None:
-        table_options = _table_on_device(original, example_inputs, model_device, threads, progress)
+        table_options = _table_on_device(original, example_inputs, model_device, threads, progress, on_progress)
     gm, shared = working_copy(original)
     program = Program(gm=gm, example_inputs=example_inputs, original=original, shared=shared,
                       options={"sparsity": sparsity, "prune": prune, "target": target, "align": align,
@@ -275,7 +276,7 @@ def _latency_table_options(table, target: str) -> dict[str, Any]:
 
 
 def _table_on_device(gm: fx.GraphModule, example_inputs: tuple, device: torch.device, threads: int | None,
-                     progress: Any) -> dict[str, Any]:
+                     progress: Any, on_progress: Callable[[str], None] | None) -> dict[str, Any]:
     """`target="latency"` without a table: one measured where the model is, in eager mode at fp32 and the
     example's batch, or the one the last compile of this graph there left in the cache. Another mode, dtype or
     batch: `vitcc profile ... -o TABLE.json`, then `latency_table=`."""
@@ -284,7 +285,7 @@ def _table_on_device(gm: fx.GraphModule, example_inputs: tuple, device: torch.de
     console = progress if isinstance(progress, Console) else Console(stderr=True) if progress else None
     table, where = table_for(gm, example_inputs, device=device, threads=threads,
                              announce=(lambda line: console.print(line, style="dim", highlight=False)) if console
-                             else None)
+                             else None, on_progress=on_progress)
     return {"latency_table": table, "latency_table_source": where}
 
 

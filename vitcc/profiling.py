@@ -235,12 +235,13 @@ def cache_dir() -> Path:
 
 
 def table_for(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, device: str | torch.device = "cpu",
-              threads: int | None = None, announce: Callable[[str], None] | None = None) -> tuple[dict, str]:
+              threads: int | None = None, announce: Callable[[str], None] | None = None,
+              on_progress: Callable[[str], None] | None = None) -> tuple[dict, str]:
     """The table `--target latency` selects against when given none: measured on `device` now (eager, fp32, the
     example's batch, `threads` intra-op threads), or read from the cache, where the same graph and input shape
     measured on the same device, torch, thread count and allocator left it. The cache only saves time: a table
-    that is missing, foreign or unreadable is measured again. `announce` hears one line before a measurement.
-    Returns (table, where it came from)."""
+    that is missing, foreign or unreadable is measured again. `announce` hears one line before a measurement,
+    `on_progress` each of its steps (as `profile_table`'s does). Returns (table, where it came from)."""
     dev = resolve_device(device)
     example = tuple(example_inputs)
     fp = model_fingerprint(gm, example)
@@ -261,7 +262,7 @@ def table_for(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, dev
         announce(f"profiling a latency table on {dev} ({how}, {ON_DEMAND_POINTS} widths per kind), once: it is "
                  f"kept in {path}")
     table = profile_captured(gm, example, device=dev, threads=threads, points=ON_DEMAND_POINTS,
-                             model_spec="the model compiled")
+                             model_spec="the model compiled", on_progress=on_progress)
     table["cache_identity"] = identity
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

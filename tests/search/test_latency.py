@@ -66,9 +66,10 @@ def test_fold_after_an_aligned_selection_stays_verified():
 # -- --target latency without a table: measured once where the model is, then read from the cache -----------
 
 def test_target_latency_without_a_table_profiles_one_and_the_next_compile_reads_it(one_thread, monkeypatch):
-    model, x = tiny_vit(), image(batch=1)
+    model, x, steps = tiny_vit(), image(batch=1), []
     r = vitcc.compile(model, "magnitude", sparsity=0.2, target="latency", threads=1, prune=PRUNE,
-                      example_inputs=(x,))
+                      example_inputs=(x,), on_progress=steps.append)
+    assert steps[0] == "dense model" and "all widths 1/3" in steps and steps[-1].endswith("removed")
     lm = r.report["latency_model"]
     (cached,) = cache_dir().glob("*.json")
     assert lm["table"] == f"profiled on cpu now (eager, fp32, batch 1, 1 thread(s)), cached in {cached}"
@@ -76,7 +77,7 @@ def test_target_latency_without_a_table_profiles_one_and_the_next_compile_reads_
     assert lm["predicted_reduction"] >= 0.2 - 1e-9 and r.report["max_abs_error"] < 1e-4
     monkeypatch.setattr(profiling, "profile_captured", lambda *a, **k: pytest.fail("measured again"))
     again = vitcc.compile(tiny_vit(), "magnitude", sparsity=0.2, target="latency", threads=1, prune=PRUNE,
-                          example_inputs=(x,))
+                          example_inputs=(x,), on_progress=pytest.fail)
     assert again.report["latency_model"]["table"] == (f"profiled on cpu (eager, fp32, batch 1, 1 thread(s)), from "
                                                       f"the cache {cached}")
     assert again.report["widths"] == r.report["widths"] and again.report["max_abs_error"] < 1e-4

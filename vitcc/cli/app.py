@@ -229,6 +229,7 @@ def _compile(a: SimpleNamespace, files: dict[str, Optional[Path]]) -> Optional[d
                 progress.stop()  # fine-tuning shows its own progress bar
         result = api.compile(m, a.passes, sparsity=a.sparsity, example_inputs=example, prune=a.prune, target=a.target,
                              align=a.align, verify=not a.no_verify, on_pass=on_pass, data=loaders,
+                             on_progress=lambda step: progress.update(task, description=f"latency table: {step}"),
                              finetune_epochs=a.finetune_epochs, lr=a.lr, distill=not a.no_distill, seed=a.seed,
                              batch_size=a.batch_size, checkpoint_dir=a.checkpoint_dir, progress=console,
                              sparsity_epochs=a.sparsity_epochs, threads=a.threads,

@@ -35,7 +35,7 @@ def _grid(text: str) -> list[float]:
 
 def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], align: int = 1,
                   prune=None, check: bool = False, rounds: int = 7, threads: int | None = None,
-                  announce=None) -> dict:
+                  announce=None, on_progress=None) -> dict:
     """The cached table of ``model`` on the example's device at ``threads`` intra-op threads (measured now if the
     cache has none), and what it predicts at each uniform fraction of ``grid`` (with ``check``, measured too)."""
     import statistics
@@ -54,7 +54,7 @@ def profile_model(model: torch.nn.Module, example: tuple, *, grid: list[float], 
 
     model, dev = model.eval(), device_of(model)
     gm = capture(model, example)
-    table, where = table_for(gm, example, device=dev, threads=threads, announce=announce)
+    table, where = table_for(gm, example, device=dev, threads=threads, announce=announce, on_progress=on_progress)
     program = Program(gm=gm, example_inputs=example, original=gm)
     make_pass("analyze").run(program)
     for g in program.groups:
@@ -133,7 +133,8 @@ def profile_cmd(
         m, example = _load(model, weights, arch, trust_pickle, input_shape, dev)
         err = Console(stderr=True)
         res = profile_model(m, example, grid=fractions, align=align, prune=prune, check=check, rounds=rounds,
-                            threads=threads, announce=lambda line: err.print(line, style="dim", highlight=False))
+                            threads=threads, announce=lambda line: err.print(line, style="dim", highlight=False),
+                            on_progress=_steps(err))
         if tmp is not None:
             tmp.write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
         _print_profile(model, example, res, align, check)
@@ -153,16 +154,19 @@ def _table_cmd(model: str, output: Path, device: str, dtype: str, batch: Optiona
     with Outputs([model, weights]) as outputs:
         tmp = outputs.plan(output, "-o", (".json",))
         m, example = _load(model, weights, arch, trust_pickle, input_shape)
-        err = Console(stderr=True)
-        progress = (lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None
         table = profile_table(m, example, device=device, dtype=dtype, batch=batch, mode=mode, threads=threads,
-                              model_spec=model, points=points, on_progress=progress)
+                              model_spec=model, points=points, on_progress=_steps(Console(stderr=True)))
         write_table(table, tmp)
     meas = table["measured"]
     Console().print(f"latency table {output}: {meas['model']} on {meas['device_name']} ({meas['device']}, "
                     f"{meas['dtype']}, batch {meas['batch']}, {meas['mode']}, {meas['threads']} thread(s)): dense "
                     f"{table['dense_ms']:.3f} ms = {len(table['units'])} unit(s) for {len(table['branches'])} "
                     f"branches + {table['rest_ms']:.3f} ms rest; {table['seconds']:.1f} s", highlight=False)
+
+
+def _steps(err: Console):
+    """Each step of a table's measurement as a dim line on a terminal (minutes of work); nothing in a log."""
+    return (lambda step: err.print(step, style="dim", highlight=False)) if err.is_terminal else None
 
 
 def _print_profile(model: str, example: tuple, res: dict, align: int, check: bool) -> None:
