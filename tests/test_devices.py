@@ -7,8 +7,8 @@ import torch
 import vitcc
 import vitcc.passes  # noqa: F401  (declares the built-in passes before a test patches the declarations)
 from vitcc.cli import run
-from vitcc.devices import exact_float32, moved_copy, out_of_memory, resolve_device, to_device
-from vitcc.errors import VitccError
+from vitcc.devices import exact_float32, failure_as_line, moved_copy, out_of_memory, resolve_device, to_device
+from vitcc.errors import VitccError, first_line
 from vitcc.frontend.capture import capture
 from vitcc.pipeline.pass_base import Pass, register_pass
 
@@ -219,6 +219,16 @@ def test_out_of_memory_is_found_behind_wrapping_errors():
     except RuntimeError as wrapped:
         assert out_of_memory(wrapped) is oom
     assert out_of_memory(RuntimeError("no")) is None
+
+
+def test_a_failure_becomes_one_line_but_out_of_memory_goes_on_to_say_what_to_lower():
+    with pytest.raises(VitccError, match="^cannot run: shape mismatch$") as info:
+        with failure_as_line(lambda e: f"cannot run: {first_line(e)}"):
+            raise RuntimeError("shape mismatch\n  traceback lines")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(torch.OutOfMemoryError):
+        with failure_as_line(lambda e: pytest.fail("an out of memory error read as the model's failure")):
+            raise torch.OutOfMemoryError("CUDA out of memory")
 
 
 # ------------------------------------------------------------------------------- moving a graph

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -203,6 +203,18 @@ def out_of_memory(exc: BaseException) -> BaseException | None:
         seen.add(id(exc))
         exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
     return None
+
+
+@contextlib.contextmanager
+def failure_as_line(say: Callable[[BaseException], str]) -> Iterator[None]:
+    """Turn a failure inside into one VitccError line, `say(error)`; except a device out of memory, which goes
+    on to `memory_hint` to say what to lower (wrapped here, it would read as a model that does not run)."""
+    try:
+        yield
+    except Exception as e:
+        if out_of_memory(e) is not None:
+            raise
+        raise VitccError(say(e)) from None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vitcc.devices import DEVICE_HELP, memory_hint, out_of_memory, resolve_device, to_device
+from vitcc.devices import DEVICE_HELP, failure_as_line, memory_hint, resolve_device, to_device
 from vitcc.errors import VitccError, first_line
 from vitcc.cli.outputs import Outputs, check_folder
 from vitcc.report import accuracy_rows, check_output, weight_sparsity_line, width_rows
@@ -68,20 +68,17 @@ def _load(model: str, weights, arch, trust_pickle, input_shape, device: torch.de
 
 def _check_runs(m: torch.nn.Module, example: tuple, given: Optional[str]) -> None:
     from vitcc.frontend.input_shapes import input_shape_for
-    try:
-        with torch.no_grad():
-            m.eval()(*example)
-    except Exception as e:
-        if out_of_memory(e) is not None:
-            raise
-        shape = ",".join(map(str, example[0].shape))
-        first = first_line(e).rstrip(".")
+
+    def why(e: BaseException) -> str:
         try:
             hint = f"; it takes e.g. --input-shape {','.join(map(str, input_shape_for(m)))}"
         except VitccError:
             hint = "; pass --input-shape with the shape it takes"
         origin = "--input-shape" if given is not None else "the input shape it declares,"
-        raise VitccError(f"{type(m).__name__} cannot run on {origin} {shape}: {first}{hint}") from None
+        shape = ",".join(map(str, example[0].shape))
+        return f"{type(m).__name__} cannot run on {origin} {shape}: {first_line(e).rstrip('.')}{hint}"
+    with failure_as_line(why), torch.no_grad():
+        m.eval()(*example)
 
 
 def check_budget(sparsity: Optional[float], align: int, target: str, passes: Optional[str]) -> None:

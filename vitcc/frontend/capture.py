@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from vitcc.devices import out_of_memory
+from vitcc.devices import failure_as_line
 from vitcc.errors import VitccError, first_line
 from vitcc.metrics import macs_counter
 from vitcc.frontend.input_shapes import recorded_meta as source_meta
@@ -257,15 +257,11 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, src: str = "the 
     MACs with torch.utils.flop_counter (`vitcc.metrics`) on the way: `gm.meta["macs"]`, also returned.
     Shapes and MACs are one analysis of the graph, valid or stale together, and cost one forward."""
     counter = macs_counter()
-    try:
+    shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
+    gm.meta.pop("macs", None)  # stale until the run below succeeds
+    with failure_as_line(lambda e: f"cannot run {src} on inputs of shape {shapes}: {first_line(e)}"):
         with torch.no_grad(), counter:
             _ShapeProp(gm).run(*example_inputs)
-    except Exception as e:
-        gm.meta.pop("macs", None)
-        if out_of_memory(e) is not None:
-            raise  # memory_hint's to say what to lower; wrapped here, it would read as a model that does not run
-        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
-        raise VitccError(f"cannot run {src} on inputs of shape {shapes}: {first_line(e)}") from None
     gm.meta["macs"] = macs = counter.get_total_flops() // 2
     return macs
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 from timm.layers import DropPath
 from torch import nn
 
-from vitcc.devices import out_of_memory
+from vitcc.devices import failure_as_line
 from vitcc.errors import VitccError, first_line
 
 __all__ = ["drop_path_copy", "residual_branches", "record_branches", "replace_classifier", "output_classes",
@@ -75,13 +75,9 @@ def residual_branches(gm: fx.GraphModule, example: torch.Tensor) -> list[dict]:
         from vitcc.ir.program import Program, working_copy
         work, _ = working_copy(gm)
         program = Program(gm=work, example_inputs=(example[:1],), original=work)
-        try:
+        with failure_as_line(lambda e: "--drop-path needs the residual branches of the model, and its graph "
+                                       f"could not be analysed: {first_line(e)}"):
             refresh(program, "shapes", "coupling")
-        except Exception as e:
-            if out_of_memory(e) is not None:
-                raise
-            raise VitccError(f"--drop-path needs the residual branches of the model, and its graph could not be "
-                             f"analysed: {first_line(e)}") from None
         recorded = [{"name": b.name, "add": b.add, "output": b.output} for b in program.branches]
     nodes = {n.name: n for n in gm.graph.nodes}
     return [b for b in recorded if b["add"] in nodes and b["output"] in nodes
@@ -111,14 +107,9 @@ def _batch_axes(gm: fx.GraphModule, names: Sequence[str], example: torch.Tensor)
             for b in (1, 2):
                 x = example[:1].expand(b, *example.shape[1:]).contiguous()
                 run = _Shapes(gm, set(names))
-                try:
+                with failure_as_line(lambda e: f"--drop-path: the model does not run on a batch of {b} "
+                                               f"({first_line(e)}); training needs one that takes any batch size"):
                     run.run(x)
-                except Exception as e:
-                    if out_of_memory(e) is not None:
-                        raise
-                    raise VitccError(f"--drop-path: the model does not run on a batch of {b} "
-                                     f"({first_line(e)}); training needs one that "
-                                     "takes any batch size") from None
                 shapes.append(run.shapes)
     finally:
         gm.train(was)
