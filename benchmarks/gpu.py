@@ -36,6 +36,7 @@ import os
 import platform
 import shlex
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -59,8 +60,11 @@ MODELS = {"deit_s": ("DeiT-S", "deit_small_patch16_224"),
           "vit_b": ("ViT-B", "vit_base_patch16_224"),
           "swin_t": ("Swin-T", "swin_tiny_patch4_window7_224")}
 MODE_LABEL = {"eager": "eager", "cudagraph": "CUDA graph", "compile": "torch.compile"}
-# seconds `vitcc profile -o` is budgeted at per model on a GPU (torch.compile compiles every unit it times)
-PROFILE_COST = {"eager": 110.0, "cudagraph": 110.0, "compile": 360.0}  # (each point timed beside the dense)
+# seconds `vitcc profile -o` is budgeted at for DeiT-S on a GPU before any row has run (torch.compile compiles
+# every unit it times), and each model's table against DeiT-S's: its distinct units and its run time (on the 2-core
+# CPU at batch 1, Swin-T's 11 units took 2.7x DeiT-S's 2; ViT-B runs ~4x DeiT-S's MACs through the same 2)
+PROFILE_COST = {"eager": 110.0, "cudagraph": 110.0, "compile": 360.0}
+MODEL_TABLE_COST = {"deit_s": 1.0, "vit_b": 2.0, "swin_t": 2.5}
 # seconds a latency row is budgeted at per `vitcc compile` of it (DeiT-S: 13-17 s on the 2-core CPU, both searches)
 ROW_COMPILE_COST = 20.0
 # what the latency rows (both searches) may prune: every width kind and whole residual branches
@@ -81,6 +85,29 @@ class Budget:
 
     def allows(self, estimate: float) -> bool:
         return self.left() > estimate
+
+
+class RowCost:
+    """Seconds a latency row is budgeted at: a prior per model and mode, scaled by what the rows already run on this
+    device took against theirs (the median ratio; of the same mode's rows where there are some), so the first rows'
+    measurements budget the rest: a row that would not fit is not started, and one that fits is not skipped."""
+
+    def __init__(self, args, seen: list[dict] = ()):
+        self.args = args
+        self.ratios = [(r["mode"], r["seconds"] / r["prior_s"]) for r in seen if r.get("prior_s") and "seconds" in r]
+
+    def prior(self, key: str, mode: str) -> float:
+        a, n = self.args, 1 + len(self.args.sparsity_list)  # the table's, and each compile (and one spare)
+        table = PROFILE_COST[mode] * MODEL_TABLE_COST[key] * (0.5 if a.dev.type == "cpu" else 1)
+        return table + ROW_COMPILE_COST * n + (a.compile_cost * n if mode == "compile" else 20)
+
+    def __call__(self, key: str, mode: str) -> float:
+        same = [r for m, r in self.ratios if m == mode] or [r for _, r in self.ratios]
+        return self.prior(key, mode) * (statistics.median(same) if same else 1.0)
+
+    def record(self, row: dict, key: str, mode: str, seconds: float) -> None:
+        row.update(seconds=round(seconds, 1), prior_s=round(self.prior(key, mode), 1))
+        self.ratios.append((mode, seconds / row["prior_s"]))
 
 
 def _err(e: BaseException) -> str:
@@ -349,20 +376,21 @@ def latency_rows(args, budget, results: dict) -> dict:
                            "these rows run once it does"}
     out: dict = {"prune": LATENCY_PRUNE, "rows": []}
     results["latency"] = out
+    cost = RowCost(args, args.seen_rows)
     with tempfile.TemporaryDirectory() as tmp:
         for key, mode, batch in latency_order(args):
             label = MODELS[key][0]
-            need = (PROFILE_COST[mode] * (0.5 if args.dev.type == "cpu" else 1)
-                    + ROW_COMPILE_COST * (1 + len(args.sparsity_list)))
-            need += args.compile_cost * (1 + len(args.sparsity_list)) if mode == "compile" else 20
+            need = cost(key, mode)
             if not budget.allows(need):
                 row = {"skipped": f"over the time budget (~{need:.0f} s needed, {budget.left():.0f} s left)"}
             else:
+                t0 = time.perf_counter()
                 try:
                     row = latency_row(args, key, mode, batch, Path(tmp))
                 except Exception as e:  # noqa: BLE001 - recorded, the next row runs
                     row = {"error": _err(e), "traceback": traceback.format_exc(limit=8)}
                 _free()
+                cost.record(row, key, mode, time.perf_counter() - t0)
             out["rows"].append({"model": label, "mode": mode, "batch": batch, **row})
             args.save()
     return out
@@ -646,6 +674,8 @@ def main(argv=None) -> int:
                     "profile -o (default 16; --quick 4)")
     ap.add_argument("--sections", default="device,native,speedups,compile,latency")
     ap.add_argument("--quick", action="store_true", help="DeiT-S only, 50%%, few rounds")
+    ap.add_argument("--costs-from", default=None, help="a JSON this script wrote on this device: its latency rows' "
+                    "times budget this run's rows (a second call on a warm machine)")
     ap.add_argument("--out", default=str(HERE / "results" / "gpu"), help="writes OUT.md and OUT.json")
     args = ap.parse_args(argv)
     args.dev = resolve_device(args.device)
@@ -675,6 +705,8 @@ def main(argv=None) -> int:
             "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
             "sections": {}, "seconds": 0.0}
     data["args"]["device"] = str(args.dev)
+    args.seen_rows = (json.loads(Path(args.costs_from).read_text()).get("sections", {}).get("latency", {}).get("rows", [])
+                      if args.costs_from and Path(args.costs_from).exists() else [])
     args.save = lambda: _write(out, data)  # sections with rows save as each row lands: a kill loses that row
     order = [s.strip() for s in args.sections.split(",") if s.strip()]
     runners = {"device": lambda: device_section(args, budget),
