@@ -88,9 +88,11 @@ class Budget:
 
 
 class RowCost:
-    """Seconds a latency row is budgeted at: a prior per model and mode, scaled by what the rows already run on this
-    device took against theirs (the median ratio; of the same mode's rows where there are some), so the first rows'
-    measurements budget the rest: a row that would not fit is not started, and one that fits is not skipped."""
+    """Seconds a latency row is budgeted at: a prior per model and mode, scaled by what this device's rows in that
+    mode took against theirs (the median ratio), so the first model's row budgets the others: a row that would not
+    fit is not started, and one that fits is not skipped. Only within a mode: what a table costs in one mode says
+    little of another (on the 2-core CPU at batch 8, DeiT-S's eager table took 8x its prior, its torch.compile
+    table 2.7x, compilations dominating)."""
 
     def __init__(self, args, seen: list[dict] = ()):
         self.args = args
@@ -102,7 +104,7 @@ class RowCost:
         return table + ROW_COMPILE_COST * n + (a.compile_cost * n if mode == "compile" else 20)
 
     def __call__(self, key: str, mode: str) -> float:
-        same = [r for m, r in self.ratios if m == mode] or [r for _, r in self.ratios]
+        same = [r for m, r in self.ratios if m == mode]
         return self.prior(key, mode) * (statistics.median(same) if same else 1.0)
 
     def record(self, row: dict, key: str, mode: str, seconds: float) -> None:
