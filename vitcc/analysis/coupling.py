@@ -16,7 +16,7 @@ import torch.fx as fx
 from vitcc.analysis.ops import OpTable, default_table
 from vitcc.analysis.rulekit import flatten_types, out_fixed, prod
 from vitcc.ir.spaces import Axis, Space, axis_size, decompose, find, freeze, fsize, normalize, spaces_of, union
-from vitcc.ir.types import Coupling, Frozen, TType, aten, fixed_type, is_ttype, shape_of, target_name
+from vitcc.ir.types import Coupling, Frozen, TType, aten, attr_at, fixed_type, is_ttype, shape_of, target_name
 
 # Python-level nodes torch.export leaves in the graph: tuple access and arithmetic on symbolic sizes.
 _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
@@ -50,7 +50,7 @@ class Analyzer:
 
     def param(self, qualname: str) -> TType:
         if qualname not in self.params:
-            t = _resolve_attr(self.gm, qualname)
+            t = attr_at(self.gm, qualname)
             # buffers too (a constant k bias carries channels); index buffers become fixed where they index
             self.params[qualname] = tuple((self.space(n),) if n != 1 else () for n in t.shape)
         return self.params[qualname]
@@ -143,7 +143,7 @@ class Analyzer:
             shape = shape_of(node)
             return fixed_type(shape) if shape is not None else None
         if node.op == "get_attr":
-            obj = _resolve_attr(self.gm, node.target)
+            obj = attr_at(self.gm, node.target)
             return self.param(node.target) if isinstance(obj, torch.Tensor) else None
         if node.op == "output":
             for t in flatten_types(self.type_of(node.args[0])):
@@ -316,13 +316,6 @@ def _search_parent(f, target: Space):
         if hit is not None:
             return hit
     return None
-
-
-def _resolve_attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def analyze(gm: fx.GraphModule, table: OpTable | None = None) -> Coupling:

@@ -4,6 +4,7 @@ shape and arguments live here too, so the op table, the analysis and the referen
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,6 +38,11 @@ class Coupling:
 def is_ttype(t: Any) -> bool:
     return isinstance(t, tuple) and all(isinstance(a, tuple) for a in t) and not any(
         isinstance(a, tuple) and a and isinstance(a[0], tuple) for a in t)
+
+
+def attr_at(root: torch.nn.Module, target: str) -> Any:
+    """The tensor or module a get_attr target (a dotted state-dict name) names in `root`."""
+    return operator.attrgetter(target)(root)
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:

@@ -158,12 +158,6 @@ def group_energy(program: Program, group, tensors: dict[str, torch.Tensor]) -> t
 
 # -- graph surgery on aten.linear ------------------------------------------------------------------------
 
-def attr_of(gm: fx.GraphModule, target: str):
-    """The tensor or module a get_attr target names (a dotted state-dict name)."""
-    owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
-
-
 def linear_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """Weight name -> its aten.linear node, for linears that alone read their weight and bias parameters.
 

@@ -17,6 +17,7 @@ from vitcc.ir.program import Program
 from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 
 from vitcc.ir.program import is_impure
+from vitcc.ir.types import attr_at
 
 aten = torch.ops.aten
 
@@ -27,16 +28,16 @@ class Fold(Pass):
     def run(self, program: Program) -> PassResult:
         gm = program.gm
         empty = [n for n in gm.graph.nodes if n.target is aten.linear.default
-                 and n.args[1].op == "get_attr" and _attr(gm, n.args[1].target).shape[1] == 0]
+                 and n.args[1].op == "get_attr" and attr_at(gm, n.args[1].target).shape[1] == 0]
         if not empty:
             return PassResult(modified=False)
         backup = copy.deepcopy(gm)
         with torch.no_grad(), exact_float32():  # TF32 would round the two runs differently
             ref = gm(*program.example_inputs)
         for i, node in enumerate(empty):
-            weight = _attr(gm, node.args[1].target)
+            weight = attr_at(gm, node.args[1].target)
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            bias = _attr(gm, b.target) if b is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            bias = attr_at(gm, b.target) if b is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
             _replace_with_constant(gm, node, bias.detach(), f"_vitcc_folded_{i}")
         _fold_constants(gm)
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
@@ -47,13 +48,6 @@ class Fold(Pass):
             program.gm = backup  # the constant did not broadcast like the branch did: keep the branch
             return PassResult(modified=False, info={"reverted": True})
         return PassResult(info={"folded": len(empty)})
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _same(a, b) -> bool:

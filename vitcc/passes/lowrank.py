@@ -45,7 +45,8 @@ from vitcc.ir.program import ANALYSES, Program
 from vitcc.pipeline.pass_base import Option, Pass, PassResult, register_pass
 from vitcc.analysis.refresh import refresh
 
-from vitcc.passes._common import attr_of, claim, default_kinds, fill_fallback, linear_nodes, module_families, rebase
+from vitcc.ir.types import attr_at
+from vitcc.passes._common import claim, default_kinds, fill_fallback, linear_nodes, module_families, rebase
 
 
 aten = torch.ops.aten
@@ -124,7 +125,7 @@ def replace_linear(gm: fx.GraphModule, target: str, node: fx.Node, down: torch.T
     (the old bias). The new parameters live in child modules of the old weight's owner."""
     owner = _holder(gm, target)
     x, w_node, b_node = (named_arg(node, n) for n in ("input", "weight", "bias"))
-    bias = attr_of(gm, b_node.target) if b_node is not None else None
+    bias = attr_at(gm, b_node.target) if b_node is not None else None
     owner.add_module("down", _factor_module(down, None))
     owner.add_module("up", _factor_module(up, bias))
     g = gm.graph
@@ -180,7 +181,7 @@ class Lowrank(Pass):
             before = gm(*program.example_inputs)
         done, singular = {}, {}
         for target, node in attention_projections(program):
-            weight = attr_of(gm, named_arg(node, "weight").target)
+            weight = attr_at(gm, named_arg(node, "weight").target)
             out_f, in_f = weight.shape
             if break_even(in_f, out_f) < 1:
                 continue

@@ -45,7 +45,8 @@ from vitcc.ir.program import Program
 from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 from vitcc.pipeline.pass_base import Option
 
-from vitcc.passes._common import (attr_of, claim, default_kinds, epochs_of, fill_fallback, index_map_of, linear_nodes, rebase, sparsity_train, train_loader)
+from vitcc.ir.types import attr_at
+from vitcc.passes._common import (claim, default_kinds, epochs_of, fill_fallback, index_map_of, linear_nodes, rebase, sparsity_train, train_loader)
 from vitcc.passes._common import SPARSITY_TRAINING_OPTIONS
 from vitcc.search.scores import group_norms
 
@@ -100,7 +101,7 @@ def insert_gates(program: Program, groups) -> dict[str, list[PlacedGate]]:
             continue
         k = len(placed)
         gate = f"vtp_gate_{k}"
-        like = attr_of(gm, prods[0][0])
+        like = attr_at(gm, prods[0][0])
         gm.register_parameter(gate, nn.Parameter(torch.ones(g.size, dtype=like.dtype, device=like.device)))
         for j, (weight, node) in enumerate(prods):
             index = index_map_of(program, g, weight, 0)
@@ -124,10 +125,10 @@ def fold_gates(program: Program, placed: dict[str, list[PlacedGate]]) -> None:
         for entries in placed.values():
             for p in entries:
                 s = _scale(gm, p)
-                w = attr_of(gm, p.weight)
+                w = attr_at(gm, p.weight)
                 w.mul_(s[:, None].to(w.dtype))
                 if p.bias is not None:
-                    b = attr_of(gm, p.bias)
+                    b = attr_at(gm, p.bias)
                     b.mul_(s.to(b.dtype))
                 p.nodes[-1].replace_all_uses_with(p.nodes[-1].args[0])  # the linear, or another gate on it
                 for n in reversed(p.nodes):
@@ -141,12 +142,12 @@ def fold_gates(program: Program, placed: dict[str, list[PlacedGate]]) -> None:
 
 def _scale(gm: fx.GraphModule, p: PlacedGate) -> torch.Tensor:
     """The factor the gate nodes multiply by, as the graph computes it."""
-    padded = aten.constant_pad_nd.default(attr_of(gm, p.gate).detach(), [0, 1], 1.0)
-    return aten.index_select.default(padded, 0, attr_of(gm, p.index))
+    padded = aten.constant_pad_nd.default(attr_at(gm, p.gate).detach(), [0, 1], 1.0)
+    return aten.index_select.default(padded, 0, attr_at(gm, p.index))
 
 
 def gate_params(program: Program, placed: dict[str, list[PlacedGate]]) -> dict[str, nn.Parameter]:
-    return {gname: attr_of(program.gm, entries[0].gate) for gname, entries in placed.items()}
+    return {gname: attr_at(program.gm, entries[0].gate) for gname, entries in placed.items()}
 
 
 @register_pass("vtp")

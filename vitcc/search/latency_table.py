@@ -35,7 +35,7 @@ from vitcc.errors import VitccError
 from vitcc.ir.program import Program
 from vitcc.ir.selection import BRANCH, KeptByRoot
 from vitcc.ir.spaces import find, spaces_of
-from vitcc.ir.types import is_ttype
+from vitcc.ir.types import attr_at, is_ttype
 from vitcc.search.cost import CostModel
 
 __all__ = ["FORMAT", "model_fingerprint", "branch_slots", "unit_signature", "read_table", "write_table",
@@ -128,19 +128,22 @@ def unit_signature(program: Program, branch) -> str:
         n = nodes.get(name)
         if n is not None and n.op == "call_function":
             h.update(f"{n.target};".encode())
-    for p in branch.params:
-        t = _attr(gm, p)
-        h.update(f"{tuple(getattr(t, 'shape', ()))};".encode())
+    for shape in param_shapes(gm, branch):
+        h.update(f"{shape};".encode())
     for slot, g in branch_slots(program, branch).items():
         h.update(f"{slot}:{program.group(g).kind}:{program.group(g).size};".encode())
     return h.hexdigest()[:12]
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
+def param_shapes(gm: fx.GraphModule, branch) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a residual branch's parameters in `gm` (() for one it no longer has: folded away)."""
+    out = []
+    for p in branch.params:
+        try:
+            out.append(tuple(attr_at(gm, p).shape))
+        except AttributeError:
+            out.append(())
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -29,6 +29,7 @@ from torch import nn
 
 from vitcc.devices import failure_as_line
 from vitcc.errors import VitccError, first_line
+from vitcc.ir.types import attr_at
 
 __all__ = ["drop_path_copy", "residual_branches", "record_branches", "replace_classifier", "output_classes",
            "BRANCH_META"]
@@ -172,12 +173,6 @@ def _output_node(gm: fx.GraphModule) -> fx.Node:
     return value
 
 
-def _attr(gm: nn.Module, target: str):
-    for part in target.split("."):
-        gm = getattr(gm, part)
-    return gm
-
-
 def _set_param(gm: nn.Module, target: str, value: nn.Parameter) -> None:
     owner, _, leaf = target.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
@@ -204,7 +199,7 @@ def replace_classifier(gm: fx.GraphModule, num_classes: int) -> dict:
         if not (isinstance(t, fx.Node) and t.op == "get_attr") or set(t.users) != {node}:
             raise VitccError("--num-classes: the classifier's weights are also read elsewhere in the model "
                              "(tied weights), so it cannot be replaced alone")
-    old = _attr(gm, w.target)
+    old = attr_at(gm, w.target)
     before, features = old.shape
     head = nn.Linear(features, int(num_classes), device=old.device, dtype=old.dtype)
     with torch.no_grad():
