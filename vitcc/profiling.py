@@ -39,6 +39,7 @@ from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
 from vitcc.ir.program import Program, working_copy
 from vitcc.ir.selection import MIN_KEEP
+from vitcc.ir.types import shape_of
 from vitcc.passes.analyze import Analyze
 from vitcc.passes.dce import DeadCodeElimination
 from vitcc.passes.fold import Fold
@@ -46,8 +47,8 @@ from vitcc.passes.given_selection import GivenSelection
 from vitcc.passes.rewrite import Rewrite
 from vitcc.pipeline.manager import PassManager
 from vitcc.version import __version__
-from vitcc.search.latency_table import (FORMAT, branch_slots, kept_share, lanes, model_fingerprint, read_table,
-                                        removal_lane, unit_signature, write_table)
+from vitcc.search.latency_table import (FORMAT, branch_slots, kept_share, lanes, model_fingerprint, param_shapes,
+                                        read_table, removal_lane, unit_signature, write_table)
 
 __all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "table_for", "cache_dir", "read_table",
            "write_table", "widths_grid", "resolve_device"]
@@ -111,6 +112,12 @@ def _values(gm: fx.GraphModule, example: tuple, want: set[str]) -> dict[str, Any
     with torch.no_grad():
         Recorder(gm).run(*example)
     return got
+
+
+def _unit_shapes(gm: fx.GraphModule, branch) -> tuple:
+    """The shapes a residual branch has in `gm`: of its values (as recorded) and its parameters."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return tuple(shape_of(nodes[name]) for name in branch.nodes if name in nodes), param_shapes(gm, branch)
 
 
 def _to(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -320,19 +327,24 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
     for b in branches:
         reps.setdefault(sig[b.name], b)
     slots = {s: branch_slots(program, b) for s, b in reps.items()}
+    dense_shapes = {s: _unit_shapes(gm, b) for s, b in reps.items()}
 
-    def runners(compact: fx.GraphModule) -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
-        """The whole model and each unit (by signature) as `compact` has them, ready to time."""
+    def runners(compact: fx.GraphModule, whole: bool = True, changed_only: bool = True
+                ) -> tuple[Callable[[], Any] | None, dict[str, Callable[[], Any]]]:
+        """The whole model (with `whole`) and each unit (by signature) as `compact` has them, ready to time. With
+        `changed_only`, a unit that keeps every dense shape is left out: it is the dense unit (ratio 1), and
+        compiling and timing it again would cost a torch.compile and add only noise (a lane narrows one kind:
+        Swin-T's head lanes leave its 5 MLP units as they are)."""
         have = {n.name for n in compact.graph.nodes}
         cut = {}
         for s, b in reps.items():
-            if b.output in have:
+            if b.output in have and not (changed_only and _unit_shapes(compact, b) == dense_shapes[s]):
                 cut[s] = extract(compact, [n for n in b.nodes if n in have], b.output)
-        vals = _values(compact, example, {i for _, ins in cut.values() for i in ins})
-        return timer.runner(compact, example), {s: timer.runner(sub, [vals[i] for i in ins])
-                                                 for s, (sub, ins) in cut.items()}
+        vals = _values(compact, example, {i for _, ins in cut.values() for i in ins}) if cut else {}
+        return (timer.runner(compact, example) if whole else None), {
+            s: timer.runner(sub, [vals[i] for i in ins]) for s, (sub, ins) in cut.items()}
 
-    dense_whole, dense_units = runners(gm)
+    dense_whole, dense_units = runners(gm, changed_only=False)
 
     def dense_ms() -> tuple[float, dict[str, float]]:
         """ms of the dense whole model, and of each dense unit as a ratio to the whole timed beside it: what a
@@ -341,10 +353,12 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
         shares, whole = timer.against(list(dense_units.values()), dense_whole)  # one whole serves every unit
         return whole, {s: whole * r for s, r in zip(dense_units, shares)}
 
-    def ratios(compact: fx.GraphModule) -> tuple[float, dict[str, float]]:
-        """`compact`'s whole model and units, each as a ratio to its dense self timed right beside it."""
-        whole, units = runners(compact)
-        return timer.ratio(whole, dense_whole), {s: timer.ratio(r, dense_units[s]) for s, r in units.items()}
+    def ratios(compact: fx.GraphModule, whole: bool = True) -> tuple[float | None, dict[str, float]]:
+        """`compact`'s whole model (with `whole`) and the units it changed, each as a ratio to its dense self timed
+        right beside it."""
+        run, units = runners(compact, whole)
+        return (timer.ratio(run, dense_whole) if run is not None else None,
+                {s: timer.ratio(r, dense_units[s]) for s, r in units.items()})
 
     def total(units: dict[str, float], removed: frozenset = frozenset()) -> float:
         return sum(units.get(sig[b.name], 0.0) for b in branches if b.name not in removed)
@@ -442,7 +456,7 @@ def _joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind
             compact = narrowed(gm, example, keep)
         except VitccError:
             continue
-        _, units = ratios(compact)
+        _, units = ratios(compact, whole=False)  # the whole's joint ratio is not used
         for s, r in units.items():
             widths = {slot: len(keep[g]) if g in keep else program.group(g).size for slot, g in slots[s].items()}
             out[s].append([widths, r * dense[1][s], dense[1][s]])

@@ -64,6 +64,26 @@ def test_table_header_and_units(table_file, model_file):
     assert all([f for f, _ in t["rest"][f"branch/{role}"]] == [1.0, 0.5, 0.0] for role in ("attn", "mlp"))
 
 
+def test_a_grid_point_times_only_the_units_its_widths_changed(monkeypatch):
+    """A lane narrows one kind: the units it leaves as they are would cost a torch.compile each and measure a ratio
+    of 1 plus noise. And a joint point's whole model is not used: it is neither built nor timed."""
+    from vitcc import profiling
+    built: dict[str, list[str]] = {}
+    step = ["dense model"]
+    runner = profiling.Timer.runner
+    monkeypatch.setattr(profiling.Timer, "runner", lambda self, m, inputs: built.setdefault(step[0], []).append(
+        "whole" if len(inputs) == 1 and inputs[0].dim() == 4 else "unit") or runner(self, m, inputs))
+    x = image(batch=1)
+    profiling.profile_captured(capture(tiny_vit(), (x,)), (x,), threads=1, points=3, samples=3,
+                               on_progress=lambda s: step.__setitem__(0, s))
+    assert built["dense model"] == ["whole", "unit", "unit"]
+    by_lane = lambda lane: [b for s, b in built.items() if s.startswith(lane + " ")]
+    assert by_lane("mlp/0") and all(b == ["whole", "unit"] for b in by_lane("mlp/0"))  # not the attention unit
+    assert by_lane("heads/0") and all(b == ["whole", "unit"] for b in by_lane("heads/0"))  # not the MLP unit
+    assert all(b == ["whole", "unit", "unit"] for b in by_lane("residual/residual"))  # every unit reads it
+    assert by_lane("all widths") and all(b == ["unit", "unit"] for b in by_lane("all widths"))
+
+
 def test_table_read_back_in_another_process(table_file, model_file, tmp_path):
     rep, out = tmp_path / "r.json", tmp_path / "c.pt2"
     code = ("import sys; from vitcc.cli import run; sys.exit(run(sys.argv[1:]))")
