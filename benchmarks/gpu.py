@@ -35,8 +35,8 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,8 +108,10 @@ class RowCost:
         return self.prior(key, mode) * (statistics.median(same) if same else 1.0)
 
     def record(self, row: dict, key: str, mode: str, seconds: float) -> None:
-        row.update(seconds=round(seconds, 1), prior_s=round(self.prior(key, mode), 1))
-        self.ratios.append((mode, seconds / row["prior_s"]))
+        """A row that ran to its end (one that failed early says nothing of what a row costs)."""
+        if "error" not in row:
+            row.update(seconds=round(seconds, 1), prior_s=round(self.prior(key, mode), 1))
+            self.ratios.append((mode, seconds / row["prior_s"]))
 
 
 def _err(e: BaseException) -> str:
