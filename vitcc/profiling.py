@@ -55,7 +55,7 @@ __all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "table_for", 
 
 CACHE_ENV = "VITCC_CACHE"
 # widths per kind in the table `--target latency` profiles when given none (a compile waits for it; at 8, DeiT-S
-# and Swin-T tables predict within a median 0.9-1.6 points on a CPU: benchmarks/results/latency_prediction*.md)
+# and Swin-T tables predict within a median 0.9-2.3 points on a CPU: benchmarks/results/latency_prediction*.md)
 ON_DEMAND_POINTS = 8
 
 # the fractions every unit is also timed at with all its widths narrowed together
