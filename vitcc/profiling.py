@@ -32,8 +32,8 @@ import torch
 import torch.fx as fx
 
 from vitcc.deploy.runners import DTYPES, MODES, make_runner
-from vitcc.deploy.timing import (cpu_clock_ok, cpu_model, heap_policy, ratios_to_reference, time_fn, time_ratios,
-                                 timing_on, with_batch)
+from vitcc.deploy.timing import (cpu_clock_ok, cpu_model, heap_policy, ratios_to_reference, time_ratios, timing_on,
+                                 with_batch)
 from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
@@ -114,9 +114,9 @@ def _values(gm: fx.GraphModule, example: tuple, want: set[str]) -> dict[str, Any
     return got
 
 
-def _unit_shapes(gm: fx.GraphModule, branch) -> tuple:
-    """The shapes a residual branch has in `gm`: of its values (as recorded) and its parameters."""
-    nodes = {n.name: n for n in gm.graph.nodes}
+def _unit_shapes(gm: fx.GraphModule, nodes: dict[str, fx.Node], branch) -> tuple:
+    """The shapes a residual branch has in `gm` (`nodes`: its nodes by name): of its values (as recorded) and its
+    parameters."""
     return tuple(shape_of(nodes[name]) for name in branch.nodes if name in nodes), param_shapes(gm, branch)
 
 
@@ -128,8 +128,8 @@ def _to(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 class Timer:
     """Times modules on one device, dtype and mode: CUDA events on a GPU, the CPU clock on a CPU
-    (vitcc.deploy.timing). `ms` is a median time; `ratio` a time relative to a reference timed right beside
-    it, samples alternating (a machine that slows down for a while slows both, so their ratio holds)."""
+    (vitcc.deploy.timing). `against` gives times relative to a reference timed right beside them in every round
+    (a machine that slows down for a while slows all, so their ratios hold), and the reference's median ms."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, mode: str, samples: int = 7):
         self.device, self.dtype, self.mode, self.samples = device, dtype, mode, samples
@@ -140,11 +140,6 @@ class Timer:
         args = tuple(_to(x, self.device, torch.float32) for x in inputs)
         with torch.inference_mode():
             return make_runner(module, args, self.mode, self.dtype, device=self.device)
-
-    def ms(self, run: Callable[[], Any]) -> float:
-        if self.device.type == "cuda":
-            return float(statistics.median(self._cuda([run])[0]))
-        return time_fn(run, samples=self.samples, clock=self._clock(), budget_ms=None)
 
     def ratio(self, run: Callable[[], Any], ref: Callable[[], Any]) -> float:
         return self.against([run], ref)[0][0]
@@ -327,7 +322,8 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
     for b in branches:
         reps.setdefault(sig[b.name], b)
     slots = {s: branch_slots(program, b) for s, b in reps.items()}
-    dense_shapes = {s: _unit_shapes(gm, b) for s, b in reps.items()}
+    dense_nodes = {n.name: n for n in gm.graph.nodes}
+    dense_shapes = {s: _unit_shapes(gm, dense_nodes, b) for s, b in reps.items()}
 
     def runners(compact: fx.GraphModule, whole: bool = True, changed_only: bool = True
                 ) -> tuple[Callable[[], Any] | None, dict[str, Callable[[], Any]]]:
@@ -335,10 +331,10 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
         `changed_only`, a unit that keeps every dense shape is left out: it is the dense unit (ratio 1), and
         compiling and timing it again would cost a torch.compile and add only noise (a lane narrows one kind:
         Swin-T's head lanes leave its 5 MLP units as they are)."""
-        have = {n.name for n in compact.graph.nodes}
+        have = {n.name: n for n in compact.graph.nodes}
         cut = {}
         for s, b in reps.items():
-            if b.output in have and not (changed_only and _unit_shapes(compact, b) == dense_shapes[s]):
+            if b.output in have and not (changed_only and _unit_shapes(compact, have, b) == dense_shapes[s]):
                 cut[s] = extract(compact, [n for n in b.nodes if n in have], b.output)
         vals = _values(compact, example, {i for _, ins in cut.values() for i in ins}) if cut else {}
         return (timer.runner(compact, example) if whole else None), {
