@@ -4,7 +4,10 @@ from __future__ import annotations
 import signal
 import sysconfig
 import traceback
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterator
 
 ISSUES_URL = "https://github.com/vitcc/vitcc/issues"
 
@@ -29,6 +32,28 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.exit_code = 128 + signum  # what a shell shows for a process the signal ended: 130 SIGINT, 143 SIGTERM
+
+
+_SIGNALS_RECEIVED: ContextVar[list[int] | None] = ContextVar("vitcc_signals_received", default=None)
+
+
+@contextmanager
+def signals_received_in(received: list[int]) -> Iterator[None]:
+    """While a command runs, `received` holds the stop signals its handler has seen (the CLI's; none elsewhere)."""
+    token = _SIGNALS_RECEIVED.set(received)
+    try:
+        yield
+    finally:
+        _SIGNALS_RECEIVED.reset(token)
+
+
+def raise_if_signalled() -> None:
+    """Raise Interrupted for a stop signal already received. The handler raised it once, but code that catches
+    every exception (a library's bare `except`, a C extension clearing errors) can swallow it: points of no
+    return (between passes, before outputs are renamed into place) ask again, so the command still ends."""
+    received = _SIGNALS_RECEIVED.get()
+    if received:
+        raise Interrupted(received[0])
 
 
 def interruption_behind(exc: BaseException) -> Interrupted | None:

@@ -59,8 +59,8 @@ def test_a_signal_while_compiling_exits_non_zero_and_leaves_nothing(tmp_path, si
 
 
 def _compile_with_a_pass_that(tmp_path, does) -> int:
-    """The exit code of compiling with magnitude and a pass whose run() calls `does()`; nothing may stay behind
-    and the signal handlers are put back."""
+    """The exit code of compiling with magnitude and a pass whose run() calls `does()`; a failed compile leaves
+    nothing behind, and the signal handlers are put back."""
 
     @register_pass("test-pass")
     class Does(Pass):
@@ -75,7 +75,8 @@ def _compile_with_a_pass_that(tmp_path, does) -> int:
     hook = sys.unraisablehook
     code = run(["compile", str(model), "--input-shape", "1,3,32,32", "--passes", "magnitude,test-pass",
                 "-o", str(work / "small.pt2"), "--report", str(work / "r.json")])
-    assert sorted(p.name for p in work.iterdir()) == ["model.pt"]
+    written = sorted(p.name for p in work.iterdir())
+    assert written == (["model.pt", "r.json", "small.pt2"] if code == 0 else ["model.pt"])
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # run() put them back
     assert sys.unraisablehook is hook
     return code
@@ -147,3 +148,29 @@ def test_a_signal_during_an_import_lands_after_it(tmp_path, capsys, declared_pas
     assert _compile_with_a_pass_that(tmp_path, does) == 130
     assert imported == [True]
     assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGINT; unfinished outputs were removed"
+
+
+def _swallows(sig: signal.Signals):
+    """A pass body that receives `sig` and eats the Interrupted its handler raised, as a bare `except` would."""
+    def does():
+        try:
+            os.kill(os.getpid(), sig)
+            _wait_for_the_signal()
+        except BaseException:
+            pass
+    return does
+
+
+def test_a_signal_that_a_library_swallowed_still_ends_the_command(tmp_path, capsys, declared_passes):
+    """Code that catches everything (a bare `except`, a C extension clearing errors) can eat the Interrupted the
+    handler raised; the signal stays received, and the command ends before it publishes anything."""
+    assert _compile_with_a_pass_that(tmp_path, _swallows(signal.SIGTERM)) == 143
+    assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGTERM; unfinished outputs were removed"
+
+
+def test_a_swallowed_signal_ends_with_its_command(tmp_path, declared_passes):
+    """The next command in the same process (a notebook, a test) runs to its end."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    assert _compile_with_a_pass_that(first, _swallows(signal.SIGINT)) == 130
+    assert _compile_with_a_pass_that(second, lambda: None) == 0

@@ -15,7 +15,8 @@ import typer
 from vitcc.cli import bench, evaluate, passes, profile, report  # noqa: F401  (each declares its command)
 from vitcc.cli.app import app, console
 from vitcc.devices import out_of_memory, out_of_memory_line
-from vitcc.errors import Interrupted, VitccError, internal_error_line, interruption_behind
+from vitcc.errors import (Interrupted, VitccError, internal_error_line, interruption_behind, raise_if_signalled,
+                          signals_received_in)
 
 __all__ = ["app", "main", "run"]
 
@@ -45,7 +46,9 @@ def _signals_end_cleanly() -> Iterator[None]:
     """While a command runs, the signals that end it raise Interrupted, so that every `with Outputs` and `finally`
     removes its temporaries on the way out (SIGTERM's default ends the process on the spot, leaving them behind).
 
-    Only the first raises: later ones wait for that cleanup. A raise that would be lost is made again 50 ms
+    Only the first raises: later ones wait for that cleanup. Should code that catches everything swallow that
+    raise, the signal stays received (errors.raise_if_signalled asks between passes, before outputs are committed
+    and when the command returns). A raise that would be lost is made again 50 ms
     later: one in the import machinery (a C extension's initialisation turns it into an ImportError that a
     library may swallow, or aborts), or one that Python ignores (in a finaliser or a weakref callback). A signal
     the caller ignores (nohup) stays ignored; Python runs handlers in the main thread only, so elsewhere (run()
@@ -85,7 +88,8 @@ def _signals_end_cleanly() -> Iterator[None]:
             previous[sig] = signal.signal(sig, handler)
     sys.unraisablehook = unraisable
     try:
-        yield
+        with signals_received_in(fired):
+            yield
     finally:
         sys.unraisablehook = previous_hook
         for sig, old in previous.items():
@@ -111,7 +115,9 @@ def run(argv: list[str] | None = None) -> int:
     usage, exits, aborts = _click_exceptions()
     try:
         with _signals_end_cleanly():
-            return _run(argv, usage, exits, aborts)
+            code = _run(argv, usage, exits, aborts)
+            raise_if_signalled()  # received, but swallowed before it could end the command
+            return code
     except Interrupted as e:
         _interrupted(str(e))
         return e.exit_code

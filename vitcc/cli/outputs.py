@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Iterable
 
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, raise_if_signalled
 
 
 def _create(tmp: Path) -> None:
@@ -61,6 +61,7 @@ class Outputs:
     def commit(self) -> None:
         """Rename every temporary to its final path. A signal in the middle does not stop it half-way: the
         renames are finished first (the work is done), so the outputs are all there or none."""
+        raise_if_signalled()  # the work was asked to stop: a swallowed signal must not publish its outputs
         planned = list(self._planned)
         try:
             for _, path, tmp in planned:

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from vitcc.analysis.refresh import refresh
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, raise_if_signalled
 from vitcc.ir.program import ANALYSES, Program
 from vitcc.pipeline import pass_base
 from vitcc.pipeline.pass_base import STRUCTURAL, Pass, PassResult, options_of
@@ -163,6 +163,7 @@ class PassManager:
         done: list[str] = []
         changed_by: dict[str, str] = {}  # stale analysis -> the pass that changed the graph
         for p in self.passes:
+            raise_if_signalled()
             if self.on_pass:
                 self.on_pass(p, "start")
             start = time.perf_counter()
