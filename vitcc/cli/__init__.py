@@ -46,17 +46,18 @@ def _signals_end_cleanly() -> Iterator[None]:
     """While a command runs, the signals that end it raise Interrupted, so that every `with Outputs` and `finally`
     removes its temporaries on the way out (SIGTERM's default ends the process on the spot, leaving them behind).
 
-    Only the first raises: later ones wait for that cleanup. Should code that catches everything swallow that
-    raise, the signal stays received (errors.raise_if_signalled asks between passes, before outputs are committed
-    and when the command returns). A raise that would be lost is made again 50 ms
+    Only the first raises: later ones wait for that cleanup. A raise that would be lost is made again 50 ms
     later: one in the import machinery (a C extension's initialisation turns it into an ImportError that a
-    library may swallow, or aborts), or one that Python ignores (in a finaliser or a weakref callback). A signal
-    the caller ignores (nohup) stays ignored; Python runs handlers in the main thread only, so elsewhere (run()
-    from a thread) nothing changes."""
+    library may swallow, or aborts), or one that Python ignores (in a finaliser or a weakref callback). Should
+    code that catches everything swallow it, the signal stays received: errors.raise_if_signalled asks between
+    passes, before outputs are committed and when the command returns. A signal the caller ignores (nohup)
+    stays ignored; Python runs handlers in the main thread only, so elsewhere (run() from a thread) nothing
+    changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired: list[int] = []
+    received: list[int] = []  # every stop signal, for raise_if_signalled: kept while a lost raise is made again
+    fired: list[int] = []  # the signal whose Interrupted is on its way
 
     def deliver_later(signum: int) -> None:
         retry = threading.Timer(0.05, os.kill, (os.getpid(), signum))
@@ -64,6 +65,8 @@ def _signals_end_cleanly() -> Iterator[None]:
         retry.start()
 
     def handler(signum: int, frame) -> None:
+        if signum not in received:
+            received.append(signum)
         if fired:
             return
         if _importing(frame):
@@ -88,7 +91,7 @@ def _signals_end_cleanly() -> Iterator[None]:
             previous[sig] = signal.signal(sig, handler)
     sys.unraisablehook = unraisable
     try:
-        with signals_received_in(fired):
+        with signals_received_in(received):
             yield
     finally:
         sys.unraisablehook = previous_hook
