@@ -711,7 +711,7 @@ def main(argv=None) -> int:
     data["args"]["device"] = str(args.dev)
     args.seen_rows = (json.loads(Path(args.costs_from).read_text()).get("sections", {}).get("latency", {}).get("rows", [])
                       if args.costs_from and Path(args.costs_from).exists() else [])
-    args.save = lambda: _write(out, data)  # sections with rows save as each row lands: a kill loses that row
+    args.save = lambda: _write(out, data, budget)  # sections with rows save as each row lands: a kill loses that row
     order = [s.strip() for s in args.sections.split(",") if s.strip()]
     runners = {"device": lambda: device_section(args, budget),
                "native": lambda: native_section(args, budget, data["sections"]),
@@ -736,13 +736,13 @@ def main(argv=None) -> int:
                 data["sections"][name]["free_error"] = _err(e)
         if isinstance(data["sections"][name], dict):
             data["sections"][name]["section_seconds"] = round(time.perf_counter() - t0, 1)
-        data["seconds"] = budget.used()
-        _write(out, data)
+        _write(out, data, budget)
     print(f"[{budget.used():6.1f} s] wrote {out}.md and {out}.json", flush=True)
     return 0
 
 
-def _write(out: Path, data: dict) -> None:
+def _write(out: Path, data: dict, budget: Budget) -> None:
+    data["seconds"] = budget.used()  # so far: a run killed mid-section still says how long it ran
     Path(f"{out}.json").write_text(json.dumps(data, indent=2, default=str))
     try:
         Path(f"{out}.md").write_text(render(data))

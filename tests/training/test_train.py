@@ -1,5 +1,6 @@
 """Fine-tuning and evaluation on tiny models and a small slice of the digits set."""
 import copy
+import signal
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import vitcc
 from vitcc.frontend import safe_pickle
 from vitcc.frontend.sources import load_model
 from vitcc.training.data import make_loaders
-from vitcc.errors import VitccError
+from vitcc.errors import Interrupted, VitccError, signals_received_in
 from vitcc.training.finetune import distillation_loss, evaluate, finetune
 
 from conftest import tiny_vit
@@ -94,6 +95,16 @@ def test_evaluate_top1_top5():
     y = torch.tensor([0, 0, 3, 4, 7, 9, 1, 5])
     loader = DataLoader(list(zip(torch.zeros(8, 1), y)), batch_size=3)
     assert evaluate(Fixed(), loader) == {"top1": 2 / 8, "top5": 5 / 8, "n": 8}
+
+
+def test_a_stop_signal_that_was_swallowed_ends_training_at_the_next_step(digits):
+    """The CLI's handler raised it, but code that catches everything ate it: the run stops at the next step
+    instead of training for hours."""
+    train, _ = digits
+    steps = []
+    with signals_received_in([signal.SIGTERM]), pytest.raises(Interrupted, match="SIGTERM"):
+        finetune(small_vit(), train, epochs=2, on_step=lambda *a: steps.append(a), progress=False)
+    assert steps == []
 
 
 def test_labels_outside_the_model_are_an_error(digits):

@@ -55,7 +55,7 @@ from vitcc.devices import device_of, resolve_device, to_device
 from vitcc.frontend import safe_pickle
 from vitcc.training.distributed import all_reduce_sum, barrier, init_distributed, is_distributed, is_main, rank, world_size
 from vitcc.training.recipe import Recipe, autocast_dtype, resolve_precision
-from vitcc.errors import VitccError
+from vitcc.errors import VitccError, raise_if_signalled
 
 __all__ = ["finetune", "evaluate", "distillation_loss", "keep_zeros", "Recipe"]
 
@@ -340,6 +340,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, epochs: int, lr: flo
             fwd.train()
             sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss * n, correct, n, extra * n
             for x, y in train_loader:
+                raise_if_signalled()  # a stop swallowed mid-step ends the run at the next one, not hours later
                 on_host = y.device.type == "cpu"
                 if classes is not None and on_host:
                     _label_check(y, classes)  # on the host: no wait for the device
