@@ -50,9 +50,9 @@ def _signals_end_cleanly() -> Iterator[None]:
     later: one in the import machinery (a C extension's initialisation turns it into an ImportError that a
     library may swallow, or aborts), or one that Python ignores (in a finaliser or a weakref callback). Should
     code that catches everything swallow it, the signal stays received: errors.raise_if_signalled asks between
-    passes, at each fine-tuning step, before outputs are committed and when the command returns. A signal the caller ignores (nohup)
-    stays ignored; Python runs handlers in the main thread only, so elsewhere (run() from a thread) nothing
-    changes."""
+    passes, at each fine-tuning step, before outputs are committed and when the command returns. A signal the
+    caller ignores (nohup) stays ignored; Python runs handlers in the main thread only, so elsewhere (run() from
+    a thread) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
