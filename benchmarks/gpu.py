@@ -87,16 +87,22 @@ class Budget:
         return self.left() > estimate
 
 
+# modes whose tables cost alike: eager and CUDA graph rows run and time the same grid points (a graph capture
+# takes milliseconds), torch.compile rows compile every unit they time
+COST_FAMILY = {"eager": "runs", "cudagraph": "runs", "compile": "compiles"}
+
+
 class RowCost:
-    """Seconds a latency row is budgeted at: a prior per model and mode, scaled by what this device's rows in that
-    mode took against theirs (the median ratio), so the first model's row budgets the others: a row that would not
-    fit is not started, and one that fits is not skipped. Only within a mode: what a table costs in one mode says
-    little of another (on the 2-core CPU at batch 8, DeiT-S's eager table took 8x its prior, its torch.compile
-    table 2.7x, compilations dominating)."""
+    """Seconds a latency row is budgeted at: a prior per model and mode, scaled by what this device's rows of that
+    cost family took against theirs (the median ratio), so the first row budgets the others: a row that would not
+    fit is not started, and one that fits is not skipped. Not across families: what a table costs without
+    compiling says little of one that compiles (on the 2-core CPU at batch 8, DeiT-S's eager table took 8x its
+    prior, its torch.compile table 2.7x, compilations dominating)."""
 
     def __init__(self, args, seen: list[dict] = ()):
         self.args = args
-        self.ratios = [(r["mode"], r["seconds"] / r["prior_s"]) for r in seen if r.get("prior_s") and "seconds" in r]
+        self.ratios = [(COST_FAMILY[r["mode"]], r["seconds"] / r["prior_s"]) for r in seen
+                       if r.get("prior_s") and "seconds" in r]
 
     def prior(self, key: str, mode: str) -> float:
         a, n = self.args, 1 + len(self.args.sparsity_list)  # the table's, and each compile (and one spare)
@@ -104,14 +110,14 @@ class RowCost:
         return table + ROW_COMPILE_COST * n + (a.compile_cost * n if mode == "compile" else 20)
 
     def __call__(self, key: str, mode: str) -> float:
-        same = [r for m, r in self.ratios if m == mode]
-        return self.prior(key, mode) * (statistics.median(same) if same else 1.0)
+        alike = [r for family, r in self.ratios if family == COST_FAMILY[mode]]
+        return self.prior(key, mode) * (statistics.median(alike) if alike else 1.0)
 
     def record(self, row: dict, key: str, mode: str, seconds: float) -> None:
         """A row that ran to its end (one that failed early says nothing of what a row costs)."""
         if "error" not in row:
             row.update(seconds=round(seconds, 1), prior_s=round(self.prior(key, mode), 1))
-            self.ratios.append((mode, seconds / row["prior_s"]))
+            self.ratios.append((COST_FAMILY[mode], seconds / row["prior_s"]))
 
 
 def _err(e: BaseException) -> str:
