@@ -81,7 +81,7 @@ def compile(model: torch.nn.Module, passes: str | list[Pass] | None = "magnitude
     measured on this model (one-line error otherwise). Without one, `target="latency"` measures a table where
     the model is (eager, fp32, the example's batch; vitcc.profiling.table_for), once: it is kept under
     `$VITCC_CACHE/tables` (default `~/.cache/vitcc`) for the next compile of the same graph there. `on_progress`
-    hears each step of that measurement (a line such as 'mlp/0 3/5'): it takes minutes on a CPU.
+    hears each step of that measurement (a line such as 'mlp/0 3/5 (9/31, ~2 min left)'): it takes minutes on a CPU.
 
     `sparsity_epochs` sets the sparsity-training phase of the passes that have one (gohsp's stage 2, vtp's
     gates; `options["sparsity_epochs"]`); a pass option such as `vtp{epochs=N}` overrides it.

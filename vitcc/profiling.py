@@ -312,6 +312,32 @@ def narrowed(gm: fx.GraphModule, example_inputs: tuple, keep: dict[str, Sequence
     return PassManager(passes).run(program).gm
 
 
+def _counted(progress: Callable[[str], None], total: int) -> Callable[[str], None]:
+    """`progress` with each step's place among `total` and, from the second on, the time left at the pace so far
+    (a table takes minutes; a torch.compile table of Swin-T on a CPU, over half an hour)."""
+    start, done = time.perf_counter(), [0]
+
+    def step(what: str) -> None:
+        done[0] += 1
+        k = done[0]
+        left = (time.perf_counter() - start) / (k - 1) * (total - k + 1) if k > 1 else None
+        progress(f"{what} ({k}/{total}" + (f", ~{_duration(left)} left)" if left is not None else ")"))
+    return step
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _lane_grids(groups: list, points_per_kind: int) -> dict[str, list[int]]:
+    return {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
+
+
+def _removal_counts(n: int) -> list[int]:
+    """How many of a role's `n` removable branches each removal point removes."""
+    return sorted({max(1, round(n * f)) for f in REMOVED_FRACTIONS}) if n else []
+
+
 def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) -> dict[str, Any]:
     program = Program(gm=gm, example_inputs=example, original=gm)
     Analyze().run(program)
@@ -358,10 +384,16 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
 
     def total(units: dict[str, float], removed: frozenset = frozenset()) -> float:
         return sum(units.get(sig[b.name], 0.0) for b in branches if b.name not in removed)
-    progress("dense model")
-    dense_ms()  # warm-up: the first runs of a process are slower
     lane_of = lanes(program)
     lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
+    lane_groups = {lane: [g for g in program.groups if g.prunable and lane_of[g.name] == lane] for lane in lane_names}
+    roles = dict.fromkeys(b.role for b in branches)
+    progress = _counted(progress, 1 + sum(max(map(len, _lane_grids(gs, points_per_kind).values())) - 1
+                                          for gs in lane_groups.values())
+                        + (len(JOINT_FRACTIONS) if lane_names else 0)
+                        + sum(len(_removal_counts(sum(b.prunable for b in branches if b.role == r))) for r in roles))
+    progress("dense model")
+    dense_ms()  # warm-up: the first runs of a process are slower
     dense: list[tuple[float, dict[str, float]]] = []
     points: dict[str, dict[str, list]] = {s: {slot: [] for slot in slots[s]} for s in reps}
     lane_ratios: dict[str, list] = {}  # lane -> [kept fraction, whole's ratio, units' ratios] per grid point
@@ -370,8 +402,8 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
         dense.append((whole, units))
         if lane is None:
             break
-        groups = [g for g in program.groups if g.prunable and lane_of[g.name] == lane]
-        grids = {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
+        groups = lane_groups[lane]
+        grids = _lane_grids(groups, points_per_kind)
         size = sum(g.size for g in groups)
         lane_ratios[lane] = []
         first = {s: next((k for k, g in slots[s].items() if g in grids), None) for s in reps}
@@ -426,7 +458,7 @@ def _removal_points(gm, example, branches, whole_ratio, progress) -> dict[str, l
     for role in dict.fromkeys(b.role for b in branches):
         removable = [b.name for b in branches if b.role == role and b.prunable]
         n = len(removable)
-        for c in sorted({max(1, round(n * f)) for f in REMOVED_FRACTIONS}) if n else []:
+        for c in _removal_counts(n):
             gone = [removable[i * n // c] for i in range(c)]  # spread along the model
             progress(f"{removal_lane(role)} {c}/{n} removed")
             try:
@@ -442,7 +474,7 @@ def _joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind
     cannot show, how the savings of its widths combine (vitcc.search.latency_table fits a unit's floor on
     them). Each point: [{slot: width}, ms, the unit's dense ms timed just before]."""
     groups = [g for g in program.groups if g.prunable]
-    grids = {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
+    grids = _lane_grids(groups, points_per_kind)
     dense = dense_ms()
     out: dict[str, list] = {s: [] for s in slots}
     for i, frac in enumerate(JOINT_FRACTIONS):

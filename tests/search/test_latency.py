@@ -6,6 +6,7 @@ cache, and the selection logic on tiny models (hand-made tables where a test nee
 """
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,7 +70,10 @@ def test_target_latency_without_a_table_profiles_one_and_the_next_compile_reads_
     model, x, steps = tiny_vit(), image(batch=1), []
     r = vitcc.compile(model, "magnitude", sparsity=0.2, target="latency", threads=1, prune=PRUNE,
                       example_inputs=(x,), on_progress=steps.append)
-    assert steps[0] == "dense model" and "all widths 1/3" in steps and steps[-1].endswith("removed")
+    n = len(steps)  # each step says its place and, from the second on, the time left at the pace so far
+    assert steps[0] == f"dense model (1/{n})"
+    assert all(re.fullmatch(rf".+ \({k}/{n}, ~\d+ (s|min) left\)", s) for k, s in enumerate(steps[1:], 2))
+    assert any(s.startswith("all widths 1/3 (") for s in steps) and " removed (" in steps[-1]
     lm = r.report["latency_model"]
     (cached,) = cache_dir().glob("*.json")
     assert lm["table"] == f"profiled on cpu now (eager, fp32, batch 1, 1 thread(s)), cached in {cached}"
