@@ -329,13 +329,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def _lane_grids(groups: list, points_per_kind: int) -> dict[str, list[int]]:
+def _grids(groups: list, points_per_kind: int) -> dict[str, list[int]]:
     return {g.name: widths_grid(g.size, g.kind, points_per_kind) for g in groups}
 
 
 def _removal_counts(n: int) -> list[int]:
     """How many of a role's `n` removable branches each removal point removes."""
     return sorted({max(1, round(n * f)) for f in REMOVED_FRACTIONS}) if n else []
+
+
+def _steps_in(lane_groups: dict[str, list], branches: list, points_per_kind: int) -> int:
+    """The steps `_profile` reports: the dense model, each lane's grid points, the joint points, the removals."""
+    lane_points = sum(max(map(len, _grids(gs, points_per_kind).values())) - 1 for gs in lane_groups.values())
+    removals = sum(len(_removal_counts(sum(b.prunable for b in branches if b.role == role)))
+                   for role in dict.fromkeys(b.role for b in branches))
+    return 1 + lane_points + (len(JOINT_FRACTIONS) if lane_groups else 0) + removals
 
 
 def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) -> dict[str, Any]:
@@ -387,11 +395,7 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
     lane_of = lanes(program)
     lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
     lane_groups = {lane: [g for g in program.groups if g.prunable and lane_of[g.name] == lane] for lane in lane_names}
-    roles = dict.fromkeys(b.role for b in branches)
-    progress = _counted(progress, 1 + sum(max(map(len, _lane_grids(gs, points_per_kind).values())) - 1
-                                          for gs in lane_groups.values())
-                        + (len(JOINT_FRACTIONS) if lane_names else 0)
-                        + sum(len(_removal_counts(sum(b.prunable for b in branches if b.role == r))) for r in roles))
+    progress = _counted(progress, _steps_in(lane_groups, branches, points_per_kind))
     progress("dense model")
     dense_ms()  # warm-up: the first runs of a process are slower
     dense: list[tuple[float, dict[str, float]]] = []
@@ -403,7 +407,7 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
         if lane is None:
             break
         groups = lane_groups[lane]
-        grids = _lane_grids(groups, points_per_kind)
+        grids = _grids(groups, points_per_kind)
         size = sum(g.size for g in groups)
         lane_ratios[lane] = []
         first = {s: next((k for k, g in slots[s].items() if g in grids), None) for s in reps}
@@ -474,7 +478,7 @@ def _joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind
     cannot show, how the savings of its widths combine (vitcc.search.latency_table fits a unit's floor on
     them). Each point: [{slot: width}, ms, the unit's dense ms timed just before]."""
     groups = [g for g in program.groups if g.prunable]
-    grids = _lane_grids(groups, points_per_kind)
+    grids = _grids(groups, points_per_kind)
     dense = dense_ms()
     out: dict[str, list] = {s: [] for s in slots}
     for i, frac in enumerate(JOINT_FRACTIONS):
