@@ -12,7 +12,7 @@ import torch
 
 import vitcc
 from vitcc.cli import run
-from vitcc.errors import Interrupted
+from vitcc.errors import Interrupted, VitccError
 from vitcc.pipeline.pass_base import Pass, register_pass
 
 from conftest import tiny_vit
@@ -165,6 +165,17 @@ def test_a_signal_that_a_library_swallowed_still_ends_the_command(tmp_path, caps
     """Code that catches everything (a bare `except`, a C extension clearing errors) can eat the Interrupted the
     handler raised; the signal stays received, and the command ends before it publishes anything."""
     assert _compile_with_a_pass_that(tmp_path, _swallows(signal.SIGTERM)) == 143
+    assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGTERM; unfinished outputs were removed"
+
+
+def test_an_error_after_a_swallowed_signal_is_the_interruption_in_one_line(tmp_path, capsys, declared_passes):
+    """The user asked the command to stop: whatever failed on the way there is not reported besides."""
+
+    def swallows_then_fails():
+        _swallows(signal.SIGTERM)()
+        raise VitccError("a failure the stop caused")
+
+    assert _compile_with_a_pass_that(tmp_path, swallows_then_fails) == 143
     assert capsys.readouterr().err.strip() == "vitcc: interrupted by SIGTERM; unfinished outputs were removed"
 
 

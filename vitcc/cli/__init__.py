@@ -50,9 +50,9 @@ def _signals_end_cleanly() -> Iterator[None]:
     later: one in the import machinery (a C extension's initialisation turns it into an ImportError that a
     library may swallow, or aborts), or one that Python ignores (in a finaliser or a weakref callback). Should
     code that catches everything swallow it, the signal stays received: errors.raise_if_signalled asks between
-    passes, at each fine-tuning step, before outputs are committed and when the command returns. A signal the
-    caller ignores (nohup) stays ignored; Python runs handlers in the main thread only, so elsewhere (run() from
-    a thread) nothing changes."""
+    passes, at each fine-tuning step, before outputs are committed and when the command returns or fails. A
+    signal the caller ignores (nohup) stays ignored; Python runs handlers in the main thread only, so elsewhere
+    (run() from a thread) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -136,6 +136,7 @@ def _run(argv: list[str] | None, usage: tuple, exits: tuple, aborts: tuple) -> i
         except Exception as e:  # whatever it is, a signal behind it makes it an interruption
             if (signal_behind := interruption_behind(e)) is not None:
                 raise signal_behind from None
+            raise_if_signalled()  # so does one received on the way (whatever became of its raise): one line
             raise
         if code == 130:  # typer turns a KeyboardInterrupt into Exit(130), and returns an Exit's code
             _interrupted("SIGINT")
