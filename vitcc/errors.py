@@ -50,8 +50,8 @@ def signals_received_in(received: list[int]) -> Iterator[None]:
 def raise_if_signalled() -> None:
     """Raise Interrupted for a stop signal already received. The handler raised it once, but code that catches
     every exception (a library's bare `except`, a C extension clearing errors) can swallow it: points of no
-    return (between passes, at each fine-tuning step, before outputs are renamed into place) ask again, so the
-    command still ends."""
+    return (between passes, at each fine-tuning step, before outputs are renamed into place, when the command
+    returns or fails) ask again, so the command still ends."""
     received = _SIGNALS_RECEIVED.get()
     if received:
         raise Interrupted(received[0])

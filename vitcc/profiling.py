@@ -315,11 +315,11 @@ def narrowed(gm: fx.GraphModule, example_inputs: tuple, keep: dict[str, Sequence
 def _counted(progress: Callable[[str], None], total: int) -> Callable[[str], None]:
     """`progress` with each step's place among `total` and, from the second on, the time left at the pace so far
     (a table takes minutes; a torch.compile table of Swin-T on a CPU, over half an hour)."""
-    start, done = time.perf_counter(), [0]
+    start, k = time.perf_counter(), 0
 
     def step(what: str) -> None:
-        done[0] += 1
-        k = done[0]
+        nonlocal k
+        k += 1
         left = (time.perf_counter() - start) / (k - 1) * (total - k + 1) if k > 1 else None
         progress(f"{what} ({k}/{total}" + (f", ~{_duration(left)} left)" if left is not None else ")"))
     return step
@@ -393,15 +393,15 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
     def total(units: dict[str, float], removed: frozenset = frozenset()) -> float:
         return sum(units.get(sig[b.name], 0.0) for b in branches if b.name not in removed)
     lane_of = lanes(program)
-    lane_names = sorted({lane_of[g.name] for g in program.groups if g.prunable})
-    lane_groups = {lane: [g for g in program.groups if g.prunable and lane_of[g.name] == lane] for lane in lane_names}
+    lane_groups = {lane: [g for g in program.groups if g.prunable and lane_of[g.name] == lane]
+                   for lane in sorted({lane_of[g.name] for g in program.groups if g.prunable})}
     progress = _counted(progress, _steps_in(lane_groups, branches, points_per_kind))
     progress("dense model")
     dense_ms()  # warm-up: the first runs of a process are slower
     dense: list[tuple[float, dict[str, float]]] = []
     points: dict[str, dict[str, list]] = {s: {slot: [] for slot in slots[s]} for s in reps}
     lane_ratios: dict[str, list] = {}  # lane -> [kept fraction, whole's ratio, units' ratios] per grid point
-    for lane in lane_names or [None]:
+    for lane in list(lane_groups) or [None]:
         whole, units = dense_ms()  # each lane's own dense point, which its unit points are scaled by
         dense.append((whole, units))
         if lane is None:
@@ -428,7 +428,7 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
                     points[s][first[s]].append([len(keep[slots[s][first[s]]]), r * units[s]])
             lane_ratios[lane].append([sum(len(keep[g.name]) for g in groups) / size, whole_r, units_r])
     joint = (_joint_points(program, gm, example, slots, dense_ms, ratios, points_per_kind, progress)
-             if lane_names else {})
+             if lane_groups else {})
     removals = _removal_points(gm, example, branches, lambda c: timer.ratio(timer.runner(c, example), dense_whole),
                                progress)
     whole = statistics.median(d[0] for d in dense)
