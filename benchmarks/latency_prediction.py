@@ -13,7 +13,12 @@ Usage:  python benchmarks/latency_prediction.py [--device cpu] [--threads 1] [--
                   [--batch 1] [--model deit_small_patch16_224] [--depth N] [--selections 16] [--points 8]
                   [--remove 0] [--searched 0.25,0.5,0.75]
         python benchmarks/latency_prediction.py --device cuda --dtype bf16 --mode eager --batch 256
-Writes benchmarks/results/latency_prediction.md and .json (see --out), with the command that made them.
+        python benchmarks/latency_prediction.py --replay benchmarks/results/latency_prediction.json
+Writes benchmarks/results/latency_prediction.md and .json (see --out), with the command that made them, and the
+table beside them (.table.json). `--replay RESULTS.json` predicts a run's selections again from its table with
+this vitcc and sets the errors beside the recorded ones, nothing timed: a change to the latency model is checked
+on any machine against measurements already made, a GPU's included. (Which errors come from the table and which
+from the timing of the selections: replay one run's selections against another run's table, `--table`.)
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from vitcc.ir.program import Program
 from vitcc.ir.selection import PRUNE_KINDS, KeptByRoot
 from vitcc.ir.spaces import find
 from vitcc.pipeline.manager import make_pass
-from vitcc.profiling import profile_table, write_table
+from vitcc.profiling import profile_table, read_table, write_table
 from vitcc.search.latency_table import TableCost, lanes
 
 HERE = Path(__file__).resolve().parent
@@ -88,29 +93,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the selections `--target latency` finds against the table at these sparsities")
     ap.add_argument("--prune", default=LATENCY_PRUNE, help="the kinds the searched selections may prune")
     ap.add_argument("--out", default=str(HERE / "results" / "latency_prediction"))
-    ap.add_argument("--table", default=None, help="also write the measured latency table to this path")
+    ap.add_argument("--replay", metavar="RESULTS.json", default=None,
+                    help="predict a run's selections again from its table with this vitcc; nothing is timed")
+    ap.add_argument("--table", default=None, help="with --replay: this table instead of the run's own")
     args = ap.parse_args(argv)
+    if args.replay:
+        return replay(Path(args.replay), Path(args.table) if args.table else None)
     command = "python benchmarks/latency_prediction.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     dev = resolve_device(args.device)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, pretrained=False, **({"depth": args.depth} if args.depth else {})).eval()
-    x = torch.randn(args.batch, 3, *model.pretrained_cfg["input_size"][1:])
+    model, x = make_model(args.model, args.depth, args.batch)
     load_start = loadavg()
     with timing_on(dev, args.threads):  # (CPU: one steady heap for the table and the bench)
         t0 = time.perf_counter()
         table = profile_table(model, (x,), device=dev, dtype=args.dtype, mode=args.mode, threads=args.threads,
                               points=args.points, model_spec=f"timm:{args.model}")
         profile_s = time.perf_counter() - t0
-        if args.table:
-            write_table(table, args.table)
-        program = Program(gm=capture(model, (x,)), example_inputs=(x,), original=None)
-        make_pass("analyze").run(program)
+        program = analyzed(model, x)
         cost = TableCost(program, table)
         # the same table without its joint points: every unit's slot ratios multiplied, no floor fitted
         no_floor = TableCost(program, {**table, "units": {s: {k: v for k, v in u.items() if k != "joint"}
                                                           for s, u in table["units"].items()}})
-        roots = {g.name: find(g.space).id for g in program.groups}
         models, rows = {"dense": model.to(dev)}, []
         drawn = random_selections(program, args.selections, args.seed, args.remove)
         compiled = [(f"s{i}", vitcc.compile(model, None, example_inputs=(x.to(dev),),
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             gone = {g for b in program.branches if b.name in removed for g in b.groups}
             kept = {g.name: len(r.selection.get(g.name, range(g.size))) for g in program.groups
                     if g.prunable and g.name not in gone}
-            by_root = KeptByRoot({roots[g]: range(k) for g, k in kept.items()}, removed)
+            by_root = kept_by_root(program, kept, removed)
             models[name] = r.module.eval()
             rows.append({"selection": name, "kept": kept, "removed": removed,
                          "predicted": cost(by_root) / cost.dense(),
@@ -157,8 +161,54 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    write_table(table, out.with_suffix(".table.json"))
     out.with_suffix(".md").write_text(render(data, program))
     print(render(data, program))
+    return 0
+
+
+def make_model(name: str, depth: int | None, batch: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    model = timm.create_model(name, pretrained=False, **({"depth": depth} if depth else {})).eval()
+    return model, torch.randn(batch, 3, *model.pretrained_cfg["input_size"][1:])
+
+
+def analyzed(model: torch.nn.Module, x: torch.Tensor) -> Program:
+    program = Program(gm=capture(model, (x,)), example_inputs=(x,), original=None)
+    make_pass("analyze").run(program)
+    return program
+
+
+def kept_by_root(program: Program, kept: dict[str, int], removed) -> KeptByRoot:
+    """A selection's kept widths by group name as the cost models read them."""
+    roots = {g.name: find(g.space).id for g in program.groups}
+    return KeptByRoot({roots[g]: range(k) for g, k in kept.items()}, removed)
+
+
+def replay(results: Path, table_path: Path | None = None) -> int:
+    """A run's selections predicted again, from its table (or `table_path`) with this vitcc, beside what was
+    recorded. The model is built again at batch 1 on the CPU: a table fits the graph whatever its batch."""
+    data = json.loads(results.read_text())
+    table_path = table_path or results.with_suffix(".table.json")
+    if not table_path.exists():
+        print(f"no table {table_path}: this run kept none (runs before --replay existed did not); rerun it")
+        return 2
+    st = data["settings"]
+    torch.manual_seed(st.get("seed", 0))
+    model, x = make_model(st["model"], st["depth"], 1)
+    program = analyzed(model, x)
+    cost = TableCost(program, read_table(table_path))
+    rows = data["rows"]
+    now = [100 * (cost(kept_by_root(program, r["kept"], r.get("removed", []))) / cost.dense() - r["measured"])
+           for r in rows]
+    was, again = summarize([r["error_points"] for r in rows]), summarize(now)
+    print(f"{results} ({st['model']}, {st['mode']}, {st['dtype']}, batch {st['batch']}, {data['machine']}) from "
+          f"{table_path}, with vitcc {vitcc.__version__} (the run: {data['versions']['vitcc']})")
+    for name, s in (("recorded", was), ("now", again)):
+        print(f"  {name:8s} median |error| {s['median_abs_points']:.2f} points, worst {s['worst_abs_points']:.2f}, "
+              f"bias {s['bias_points']:+.2f}, {s['within_5_points']} of {len(rows)} within 5 points")
+    print("  selection  measured  error recorded  error now")
+    for r, e in zip(rows, now):
+        print(f"  {r['selection']:9s} {r['measured']:8.1%} {r['error_points']:+14.1f} {e:+10.1f}")
     return 0
 
 

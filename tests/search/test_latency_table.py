@@ -102,6 +102,26 @@ def test_table_read_back_in_another_process(table_file, model_file, tmp_path):
     assert out.exists()
 
 
+def test_a_prediction_run_keeps_its_table_and_replays_from_it_in_another_process(tmp_path):
+    """benchmarks/latency_prediction.py keeps the table beside its results, and `--replay` predicts the recorded
+    selections again from it, nothing timed (a GPU's run checked on a CPU): with the same vitcc, the same errors."""
+    script, out = [sys.executable, str(ROOT.parent / "benchmarks" / "latency_prediction.py")], tmp_path / "lp"
+    run_ = subprocess.run([*script, "--threads", "1", "--model", "deit_tiny_patch16_224", "--depth", "1",
+                           "--selections", "2", "--searched", "", "--points", "2", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run_.returncode == 0, run_.stderr
+    assert read_table(out.with_suffix(".table.json"))["measured"]["model"] == "timm:deit_tiny_patch16_224"
+    replay = subprocess.run([*script, "--replay", str(out.with_suffix(".json"))], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert replay.returncode == 0, replay.stderr
+    recorded, now = (re.search(rf"{name} +(median .*)", replay.stdout).group(1) for name in ("recorded", "now"))
+    assert recorded == now and "within 5 points" in now
+    out.with_suffix(".table.json").unlink()
+    missing = subprocess.run([*script, "--replay", str(out.with_suffix(".json"))], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+    assert missing.returncode == 2 and missing.stdout.count("\n") == 1 and "rerun it" in missing.stdout
+
+
 def test_selection_follows_the_table():
     """Heads dear, everything else nearly free: the latency search takes heads first; the reverse keeps them."""
     model, x = tiny_vit(depth=2, num_heads=4, embed_dim=64), image(batch=1)
