@@ -41,13 +41,14 @@ from vitcc.cli.bench import run_bench
 from vitcc.deploy.runners import DTYPES, MODES
 from vitcc.deploy.timing import loadavg, timing_on
 from vitcc.devices import resolve_device
+from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
 from vitcc.ir.program import Program
 from vitcc.ir.selection import PRUNE_KINDS, KeptByRoot
 from vitcc.ir.spaces import find
 from vitcc.pipeline.manager import make_pass
 from vitcc.profiling import profile_table, read_table, write_table
-from vitcc.search.latency_table import TableCost, lanes
+from vitcc.search.latency_table import TableCost, lanes, model_fingerprint
 
 HERE = Path(__file__).resolve().parent
 LATENCY_PRUNE = ",".join(k for k in PRUNE_KINDS if k != "other")  # what the searched rows may prune (as gpu.py)
@@ -193,10 +194,19 @@ def replay(results: Path, table_path: Path | None = None) -> int:
         print(f"no table {table_path}: this run kept none (runs before --replay existed did not); rerun it")
         return 2
     st = data["settings"]
-    torch.manual_seed(st.get("seed", 0))
     model, x = make_model(st["model"], st["depth"], 1)
     program = analyzed(model, x)
-    cost = TableCost(program, read_table(table_path))
+    table = read_table(table_path)
+    there = table["measured"].get("torch")
+    if there != torch.__version__:  # another torch may capture other ops (the fingerprint): the branches and groups
+        # are what a prediction reads, and the table's names for them must still be this graph's (TableCost checks)
+        print(f"the table was measured under torch {there}, this is {torch.__version__}: read by branch and group")
+        table["measured"].update(model_fingerprint(program.gm, program.example_inputs))
+    try:
+        cost = TableCost(program, table, str(table_path))
+    except VitccError as e:
+        print(e)
+        return 2
     rows = data["rows"]
     now = [100 * (cost(kept_by_root(program, r["kept"], r.get("removed", []))) / cost.dense() - r["measured"])
            for r in rows]
