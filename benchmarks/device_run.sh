@@ -84,7 +84,7 @@ fi
 left=$((END - SECONDS - 10))
 if [ "$left" -gt 120 ]; then
     step "$left" latency_prediction python3 benchmarks/latency_prediction.py --device "$DEVICE" --dtype bf16 --mode eager \
-        --batch 256 --selections 12 --out "$RUN/latency_prediction"
+        --batch 256 --selections 12 --repeats 1 --out "$RUN/latency_prediction"
 fi
 echo "== done at ${SECONDS} s"
 ls -la "$OUT" "$RUN"

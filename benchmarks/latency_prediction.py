@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=None, help="blocks (default: the model's own)")
     ap.add_argument("--selections", type=int, default=16)
     ap.add_argument("--points", type=int, default=8, help="widths timed per kind in the table")
+    ap.add_argument("--repeats", type=int, default=2, help="passes over the table's grid, averaged (as `vitcc "
+                    "profile -o` does by default)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--remove", type=int, default=0, help="remove up to this many residual branches per selection")
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     with timing_on(dev, args.threads):  # (CPU: one steady heap for the table and the bench)
         t0 = time.perf_counter()
         table = profile_table(model, (x,), device=dev, dtype=args.dtype, mode=args.mode, threads=args.threads,
-                              points=args.points, model_spec=f"timm:{args.model}")
+                              points=args.points, repeats=args.repeats, model_spec=f"timm:{args.model}")
         profile_s = time.perf_counter() - t0
         program = analyzed(model, x)
         cost = TableCost(program, table)
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                          "python": platform.python_version()},
             "machine": table["measured"]["device_name"], "loadavg": [load_start, loadavg()],
             "settings": {k: getattr(args, k) for k in ("device", "dtype", "mode", "batch", "threads", "model", "depth",
-                                                       "selections", "points", "rounds", "seed", "remove", "searched",
-                                                       "prune")},
+                                                       "selections", "points", "repeats", "rounds", "seed", "remove",
+                                                       "searched", "prune")},
             "clock": "thread CPU time" if clock else bench["clock"], "profile_s": round(profile_s, 1),
             "seconds": round(time.perf_counter() - started, 1), "table_dense_ms": table["dense_ms"],
             "floors": floors, "summary": summary, "rows": rows}
@@ -240,7 +242,8 @@ def render(d: dict, program: Program) -> str:
              f"{d['date']}; torch {d['versions']['torch']}, timm {d['versions']['timm']}, vitcc {d['versions']['vitcc']}; "
              f"device {st['device']}" + (f", {st['threads']} thread(s)" if st["threads"] else "") +
              f"; clock: {d['clock']}; load average {d['loadavg'][0]} -> {d['loadavg'][1]}; table measured in "
-             f"{d['profile_s']} s ({st['points']} widths per kind), {d['seconds']} s in all.", "",
+             f"{d['profile_s']} s ({st['points']} widths per kind, {st.get('repeats', 1)} pass(es) averaged), "
+             f"{d['seconds']} s in all.", "",
              "`vitcc profile` measures the table; each selection (one kept fraction per lane, drawn from [0.25, 1]"
              + (f", and 0 to {st['remove']} residual branches removed" if st.get("remove") else "") + ") is "
              "compiled with `vitcc.compile(keep=...)` (verified), predicted from the table as the search predicts it, "

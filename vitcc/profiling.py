@@ -17,6 +17,7 @@ timed.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import hashlib
@@ -200,12 +201,13 @@ def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: 
 
 def profile_table(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, device: str | torch.device = "cpu",
                   dtype: str = "fp32", batch: int | None = None, mode: str = "eager", threads: int | None = None,
-                  model_spec: str = "", points: int = 16, samples: int = 7,
+                  model_spec: str = "", points: int = 16, samples: int = 7, repeats: int = 1,
                   on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the latency table of `model` on `device` in `mode` at `dtype` and `batch` (default: the example's
-    batch; the example is repeated or cut to it). `points`: the most widths timed per kind."""
+    batch; the example is repeated or cut to it). `points`: the most widths timed per kind; `repeats`: passes
+    over the grid, averaged (`_averaged`)."""
     settings = dict(device=device, dtype=dtype, batch=batch, mode=mode, threads=threads, model_spec=model_spec,
-                    points=points, samples=samples, on_progress=on_progress)
+                    points=points, samples=samples, repeats=repeats, on_progress=on_progress)
     _check(**settings)  # before the capture: a bad option costs nothing
     example = _at_batch(tuple(example_inputs), batch)
     return profile_captured(capture(model.eval(), example), example, **settings)
@@ -214,18 +216,20 @@ def profile_table(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
 def profile_captured(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
                      device: str | torch.device = "cpu", dtype: str = "fp32", batch: int | None = None,
                      mode: str = "eager", threads: int | None = None, model_spec: str = "", points: int = 16,
-                     samples: int = 7, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     samples: int = 7, repeats: int = 1, on_progress: Callable[[str], None] | None = None
+                     ) -> dict[str, Any]:
     """`profile_table` of a graph vitcc captured already (`vitcc.compile` profiles the graph it compiles). The
     graph is narrowed, run and timed on `device`: where it is elsewhere, a copy moves there."""
-    dev = _check(device, dtype, batch, mode)
+    dev = _check(device, dtype, batch, mode, repeats)
     example = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in _at_batch(tuple(example_inputs), batch))
     if device_of(gm) != dev:
         gm = moved_copy(gm, dev)
     started = time.perf_counter()
     with timing_on(dev, threads):
-        table = _profile(gm, example, dev, dtype, mode, points, samples, on_progress or (lambda m: None))
-    table["measured"] = _measured(dev, dtype, int(example[0].shape[0]), mode, threads, model_spec,
-                                  model_fingerprint(gm, example))
+        table = _averaged([_profile(gm, example, dev, dtype, mode, points, samples, on_progress or (lambda m: None),
+                                    (i, repeats)) for i in range(repeats)])
+    table["measured"] = {**_measured(dev, dtype, int(example[0].shape[0]), mode, threads, model_spec,
+                                     model_fingerprint(gm, example)), "repeats": repeats}
     table["seconds"] = round(time.perf_counter() - started, 2)
     return table
 
@@ -274,7 +278,7 @@ def table_for(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, dev
     return table, f"profiled on {dev} now ({how}), cached in {path}"
 
 
-def _check(device, dtype: str, batch: int | None, mode: str, **_) -> torch.device:
+def _check(device, dtype: str, batch: int | None, mode: str, repeats: int = 1, **_) -> torch.device:
     if mode not in MODES:
         raise VitccError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     if dtype not in DTYPES:
@@ -284,6 +288,8 @@ def _check(device, dtype: str, batch: int | None, mode: str, **_) -> torch.devic
         raise VitccError("--mode cudagraph needs a CUDA device (--device cuda)")
     if batch is not None and batch < 1:
         raise VitccError(f"batch must be >= 1, got {batch}")
+    if repeats < 1:
+        raise VitccError(f"repeats must be >= 1, got {repeats}")
     return dev
 
 
@@ -312,15 +318,16 @@ def narrowed(gm: fx.GraphModule, example_inputs: tuple, keep: dict[str, Sequence
     return PassManager(passes).run(program).gm
 
 
-def _counted(progress: Callable[[str], None], total: int) -> Callable[[str], None]:
-    """`progress` with each step's place among `total` and, from the second on, the time left at the pace so far
-    (a table takes minutes; a torch.compile table of Swin-T on a CPU, over half an hour)."""
-    start, k = time.perf_counter(), 0
+def _counted(progress: Callable[[str], None], total: int, done: int = 0) -> Callable[[str], None]:
+    """`progress` with each step's place among `total` (`done` of them before: passes before this one) and, from
+    this call's second step on, the time left at its pace so far (a table takes minutes; a torch.compile table of
+    Swin-T on a CPU, over half an hour)."""
+    start, k = time.perf_counter(), done
 
     def step(what: str) -> None:
         nonlocal k
         k += 1
-        left = (time.perf_counter() - start) / (k - 1) * (total - k + 1) if k > 1 else None
+        left = (time.perf_counter() - start) / (k - done - 1) * (total - k + 1) if k > done + 1 else None
         progress(f"{what} ({k}/{total}" + (f", ~{_duration(left)} left)" if left is not None else ")"))
     return step
 
@@ -346,7 +353,8 @@ def _steps_in(lane_groups: dict[str, list], branches: list, points_per_kind: int
     return 1 + lane_points + (len(JOINT_FRACTIONS) if lane_groups else 0) + removals
 
 
-def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) -> dict[str, Any]:
+def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress, repeat=(0, 1)) -> dict[str, Any]:
+    """One pass over the grid (`repeat`: its index and the number of passes)."""
     program = Program(gm=gm, example_inputs=example, original=gm)
     Analyze().run(program)
     timer = Timer(dev, DTYPES[dtype], mode, samples)
@@ -395,7 +403,8 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
     lane_of = lanes(program)
     lane_groups = {lane: [g for g in program.groups if g.prunable and lane_of[g.name] == lane]
                    for lane in sorted({lane_of[g.name] for g in program.groups if g.prunable})}
-    progress = _counted(progress, _steps_in(lane_groups, branches, points_per_kind))
+    steps = _steps_in(lane_groups, branches, points_per_kind)
+    progress = _counted(progress, steps * repeat[1], steps * repeat[0])
     progress("dense model")
     dense_ms()  # warm-up: the first runs of a process are slower
     dense: list[tuple[float, dict[str, float]]] = []
@@ -450,6 +459,45 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress) 
                           **({"joint": joint[s]} if joint.get(s) else {})}
                       for s, ms in unit_ms.items()},
             "rest": rest}
+
+
+def _averaged(tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """Passes over one grid, one after another, averaged point by point. A shared machine's slow spells outlast
+    a point but not a pass, so a pass's errors move together and two passes' do not: DeiT-S at batch 1 on the
+    2-core CPU, four tables replayed against the same four runs' measured selections: one pass each, a median
+    error of 0.6-1.6 points and a worst of 3.0-6.1; any two averaged, 0.6-1.0 and 2.7-3.7. Twice the samples in
+    one pass did not help (0.9-1.0). Per unit slot, the ratios to its dense width are averaged, which is all a
+    prediction reads of them (`unit_time`)."""
+    if len(tables) == 1:
+        return tables[0]
+    out = copy.deepcopy(tables[0])
+    mean = statistics.fmean
+    for key in ("dense_ms", "rest_ms"):
+        out[key] = mean(t[key] for t in tables)
+    for s, unit in out["units"].items():
+        passes = [t["units"][s] for t in tables]
+        unit["dense_ms"] = mean(u["dense_ms"] for u in passes)
+        for slot, pts in unit["slots"].items():
+            curves = [u["slots"][slot] for u in passes]
+            at_dense = [next((ms for w, ms in c if w == unit["widths"][slot]), 0.0) for c in curves]
+            if _same_grid(curves, pts) and all(at_dense):
+                for i, p in enumerate(pts):
+                    p[1] = unit["dense_ms"] * mean(c[i][1] / d for c, d in zip(curves, at_dense))
+        joints = [u.get("joint", []) for u in passes]
+        if _same_grid(joints, unit.get("joint", [])):
+            for i, p in enumerate(unit.get("joint", [])):
+                p[1], p[2] = unit["dense_ms"] * mean(j[i][1] / j[i][2] for j in joints), unit["dense_ms"]
+    for lane, pts in out["rest"].items():
+        lines = [t["rest"].get(lane, []) for t in tables]
+        if all(len(line) == len(pts) for line in lines):  # (a removal lane's fractions differ a little: averaged)
+            for i, p in enumerate(pts):
+                p[0], p[1] = mean(line[i][0] for line in lines), mean(line[i][1] for line in lines)
+    return out
+
+
+def _same_grid(lists: list[list], first: list) -> bool:
+    """The passes timed the same widths (a width the graph refuses is refused in every pass)."""
+    return all(len(x) == len(first) and all(a[0] == b[0] for a, b in zip(x, first)) for x in lists)
 
 
 def _removal_points(gm, example, branches, whole_ratio, progress) -> dict[str, list]:

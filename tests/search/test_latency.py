@@ -175,7 +175,8 @@ def test_profile_fills_the_cache_that_compile_reads(tmp_path, model_file, capsys
     assert "from the cache" in json.loads(rep.read_text())["latency_model"]["table"]
 
 
-@pytest.mark.parametrize("flag", [["--mode", "compile"], ["--dtype", "bf16"], ["--batch", "8"], ["--points", "4"]])
+@pytest.mark.parametrize("flag", [["--mode", "compile"], ["--dtype", "bf16"], ["--batch", "8"], ["--points", "4"],
+                                  ["--repeats", "1"]])
 def test_profile_options_of_a_written_table_need_o(model_file, capsys, flag):
     assert run(["profile", str(model_file), *SHAPE, *flag]) == 2
     err = capsys.readouterr().err

@@ -49,6 +49,7 @@ def test_table_header_and_units(table_file, model_file):
     assert all(k in m for k in HEADER)
     assert (m["device"], m["dtype"], m["mode"], m["batch"], m["threads"]) == ("cpu", "fp32", "eager", 2, 1)
     assert m["model"] == str(model_file) and m["input_shape"] == [3, 32, 32] and m["vitcc"] == vitcc.__version__
+    assert m["repeats"] == 2  # `vitcc profile -o` passes over the grid twice and averages
     # two blocks of one structure: one unit per role, shared by the blocks
     assert len(t["branches"]) == 4 and len(t["units"]) == 2
     assert sorted(u["role"] for u in t["units"].values()) == ["attn", "mlp"]
@@ -82,6 +83,37 @@ def test_a_grid_point_times_only_the_units_its_widths_changed(monkeypatch):
     assert by_lane("heads/0") and all(b == ["whole", "unit"] for b in by_lane("heads/0"))  # not the MLP unit
     assert all(b == ["whole", "unit", "unit"] for b in by_lane("residual/residual"))  # every unit reads it
     assert by_lane("all widths") and all(b == ["unit", "unit"] for b in by_lane("all widths"))
+
+
+def test_passes_over_the_grid_count_their_steps_together_and_are_averaged(model_file, tmp_path, capsys):
+    from vitcc.profiling import profile_table
+    steps: list[str] = []
+    x = image(batch=1)
+    table = profile_table(tiny_vit(), (x,), threads=1, points=2, samples=3, repeats=2, on_progress=steps.append)
+    n = len(steps)
+    one_pass = n // 2  # the second pass goes on counting where the first stopped, its pace its own
+    assert n == 2 * one_pass and steps[0] == f"dense model (1/{n})"
+    assert re.fullmatch(rf"dense model \({one_pass + 1}/{n}\)", steps[one_pass]) and f"({n}/{n}, ~" in steps[-1]
+    assert table["measured"]["repeats"] == 2 and table["dense_ms"] > 0
+    assert run(["profile", str(model_file), *SHAPE, "--repeats", "0", "-o", str(tmp_path / "t.json")]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
+
+
+def test_passes_average_each_slot_as_ratios_to_its_dense_width():
+    """Each pass scales a slot's points by the unit's dense time in its own lane, timed at that moment: the ratios
+    are what a prediction reads, so those are averaged (not the ms), and the rest's points as they are."""
+    from vitcc.profiling import _averaged
+
+    def one_pass(lane_dense: float, half: float, rest: float) -> dict:
+        return {"dense_ms": 10.0 + rest, "rest_ms": rest, "rest": {"mlp/0": [[1.0, rest], [0.5, rest - 1.0]]},
+                "units": {"u": {"dense_ms": 2.0, "widths": {"0": 8},
+                                "slots": {"0": [[8, lane_dense], [4, lane_dense * half]]},
+                                "joint": [[{"0": 4}, 1.0 * half, 2.0]]}}}
+    table = _averaged([one_pass(2.2, 0.5, 1.0), one_pass(1.8, 0.7, 3.0)])
+    unit = table["units"]["u"]
+    assert unit["slots"]["0"] == [[8, pytest.approx(2.0)], [4, pytest.approx(2.0 * 0.6)]]
+    assert unit["joint"][0][1:] == [pytest.approx(0.6), 2.0]
+    assert table["rest"]["mlp/0"] == [[1.0, 2.0], [0.5, 1.0]] and table["rest_ms"] == 2.0 and table["dense_ms"] == 12.0
 
 
 def test_table_read_back_in_another_process(table_file, model_file, tmp_path):

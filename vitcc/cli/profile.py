@@ -107,6 +107,9 @@ def profile_cmd(
                                        "replay) or compile (torch.compile)"),
     points: Optional[int] = typer.Option(None, "--points", help="with -o: the most widths timed per kind "
                                          "(default 16)"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="with -o: passes over the grid, one after "
+                                          "another, averaged (default 2: a shared machine's slow spells outlast a "
+                                          "point, not a pass; 1 takes half the time)"),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: Optional[str] = typer.Option(None, "--input-shape"),
@@ -117,7 +120,7 @@ def profile_cmd(
     anywhere."""
     dev = resolve_device(device)
     only_with_o = [flag for flag, v in (("--dtype", dtype), ("--batch", batch), ("--mode", mode),
-                                        ("--points", points)) if v is not None]
+                                        ("--points", points), ("--repeats", repeats)) if v is not None]
     if output is None and only_with_o:
         raise VitccError(f"{only_with_o[0]} applies to a table written with -o TABLE.json; without -o, profile "
                          "measures what `compile --target latency` would (eager, fp32, the input's batch)")
@@ -127,7 +130,8 @@ def profile_cmd(
         raise VitccError("--align and --rounds must be >= 1")
     if output is not None:
         return _table_cmd(model, output, device, dtype or "fp32", batch, mode or "eager", threads,
-                          16 if points is None else points, weights, arch, input_shape, trust_pickle)
+                          16 if points is None else points, 2 if repeats is None else repeats, weights, arch,
+                          input_shape, trust_pickle)
     with Outputs([model, weights]) as outputs:
         tmp = outputs.plan(json_out, "--json", (".json",))
         m, example = _load(model, weights, arch, trust_pickle, input_shape, dev)
@@ -141,27 +145,29 @@ def profile_cmd(
 
 
 def _table_cmd(model: str, output: Path, device: str, dtype: str, batch: Optional[int], mode: str,
-               threads: Optional[int], points: int, weights, arch, input_shape, trust_pickle) -> None:
+               threads: Optional[int], points: int, repeats: int, weights, arch, input_shape, trust_pickle) -> None:
     """`vitcc profile MODEL -o TABLE.json`: measure a latency table on --device and write it."""
     from vitcc.profiling import DTYPES, MODES, profile_table, resolve_device, write_table
     if mode not in MODES:
         raise VitccError(f"unknown --mode {mode!r}; use {', '.join(MODES)}")
     if dtype not in DTYPES:
         raise VitccError(f"unknown --dtype {dtype!r}; use {', '.join(DTYPES)}")
-    if batch is not None and batch < 1 or points < 2:
-        raise VitccError("--batch must be >= 1 and --points >= 2")
+    if batch is not None and batch < 1 or points < 2 or repeats < 1:
+        raise VitccError("--batch and --repeats must be >= 1, --points >= 2")
     resolve_device(device)  # no CUDA: one line, before the model is loaded
     with Outputs([model, weights]) as outputs:
         tmp = outputs.plan(output, "-o", (".json",))
         m, example = _load(model, weights, arch, trust_pickle, input_shape)
         table = profile_table(m, example, device=device, dtype=dtype, batch=batch, mode=mode, threads=threads,
-                              model_spec=model, points=points, on_progress=_steps(Console(stderr=True)))
+                              model_spec=model, points=points, repeats=repeats,
+                              on_progress=_steps(Console(stderr=True)))
         write_table(table, tmp)
     meas = table["measured"]
     Console().print(f"latency table {output}: {meas['model']} on {meas['device_name']} ({meas['device']}, "
                     f"{meas['dtype']}, batch {meas['batch']}, {meas['mode']}, {meas['threads']} thread(s)): dense "
                     f"{table['dense_ms']:.3f} ms = {len(table['units'])} unit(s) for {len(table['branches'])} "
-                    f"branches + {table['rest_ms']:.3f} ms rest; {table['seconds']:.1f} s", highlight=False)
+                    f"branches + {table['rest_ms']:.3f} ms rest; {repeats} pass(es), {table['seconds']:.1f} s",
+                    highlight=False)
 
 
 def _steps(err: Console):
