@@ -55,8 +55,9 @@ __all__ = ["MODES", "DTYPES", "profile_table", "profile_captured", "table_for", 
            "write_table", "widths_grid", "resolve_device"]
 
 CACHE_ENV = "VITCC_CACHE"
-# widths per kind in the table `--target latency` profiles when given none (a compile waits for it; at 8, DeiT-S
-# and Swin-T tables predict within a median 0.9-2.3 points on a CPU: benchmarks/results/latency_prediction*.md)
+# widths per kind in the table `--target latency` profiles when given none, in one pass (a compile waits for it;
+# at 8, one pass of DeiT-S or Swin-T predicts within a median 0.9-2.3 points on a CPU; `vitcc profile -o`
+# averages two passes: benchmarks/results/latency_prediction*.md)
 ON_DEMAND_POINTS = 8
 
 # the fractions every unit is also timed at with all its widths narrowed together
@@ -464,10 +465,11 @@ def _profile(gm, example, dev, dtype, mode, points_per_kind, samples, progress, 
 def _averaged(tables: list[dict[str, Any]]) -> dict[str, Any]:
     """Passes over one grid, one after another, averaged point by point. A shared machine's slow spells outlast
     a point but not a pass, so a pass's errors move together and two passes' do not: DeiT-S at batch 1 on the
-    2-core CPU, four tables replayed against the same four runs' measured selections: one pass each, a median
-    error of 0.6-1.6 points and a worst of 3.0-6.1; any two averaged, 0.6-1.0 and 2.7-3.7. Twice the samples in
-    one pass did not help (0.9-1.0). Per unit slot, the ratios to its dense width are averaged, which is all a
-    prediction reads of them (`unit_time`)."""
+    2-core CPU, five tables replayed against the same four runs' measured selections (`benchmarks/
+    latency_prediction.py --replay --table`): one pass each, a mean median error of 0.7-1.4 points and a worst of
+    3.1-6.5; any two averaged, 0.5-1.1 and 2.8-4.8. One pass with twice the samples did not help (0.9-1.0, worst
+    3.3-4.7). Per unit slot the ratios to its dense width are averaged, which is all a prediction reads of them
+    (`unit_time`)."""
     if len(tables) == 1:
         return tables[0]
     out = copy.deepcopy(tables[0])
