@@ -139,7 +139,8 @@ def test_a_prediction_run_keeps_its_table_and_replays_from_it_in_another_process
     selections again from it, nothing timed (a GPU's run checked on a CPU): with the same vitcc, the same errors."""
     script, out = [sys.executable, str(ROOT.parent / "benchmarks" / "latency_prediction.py")], tmp_path / "lp"
     run_ = subprocess.run([*script, "--threads", "1", "--model", "deit_tiny_patch16_224", "--depth", "1",
-                           "--selections", "2", "--searched", "", "--points", "2", "--rounds", "1", "--out", str(out)],
+                           "--selections", "2", "--searched", "", "--points", "2", "--repeats", "1", "--rounds", "1",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run_.returncode == 0, run_.stderr
     assert read_table(out.with_suffix(".table.json"))["measured"]["model"] == "timm:deit_tiny_patch16_224"
