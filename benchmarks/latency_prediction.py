@@ -209,9 +209,8 @@ def replay(results: Path, table_path: Path | None = None) -> int:
     except VitccError as e:
         print(e)
         return 2
-    rows = data["rows"]
-    now = [100 * (cost(kept_by_root(program, r["kept"], r.get("removed", []))) / cost.dense() - r["measured"])
-           for r in rows]
+    rows, dense = data["rows"], cost.dense()
+    now = [100 * (cost(kept_by_root(program, r["kept"], r.get("removed", []))) / dense - r["measured"]) for r in rows]
     was, again = summarize([r["error_points"] for r in rows]), summarize(now)
     print(f"{results} ({st['model']}, {st['mode']}, {st['dtype']}, batch {st['batch']}, {data['machine']}) from "
           f"{table_path}, with vitcc {vitcc.__version__} (the run: {data['versions']['vitcc']})")
