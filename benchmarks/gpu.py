@@ -764,4 +764,5 @@ def _write(out: Path, data: dict, budget: Budget) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_flush_denormal(True)  # before torch starts a thread, as `vitcc` does (timing.flushed_subnormals)
     sys.exit(main())

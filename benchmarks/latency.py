@@ -52,8 +52,8 @@ sys.path.insert(0, str(HERE))
 
 import vitcc  # noqa: E402
 from vitcc.deploy.export import export_onnx  # noqa: E402
-from vitcc.deploy.timing import (interleaved, intra_op_threads, loadavg, machine_info, onnx_feed, onnx_session,
-                                  steady_heap, summarize, time_ratio, with_batch)
+from vitcc.deploy.timing import (flushed_subnormals, interleaved, intra_op_threads, loadavg, machine_info,  # noqa: E402
+                                  onnx_feed, onnx_session, steady_heap, summarize, time_ratio, with_batch)
 from vitcc.metrics import count_macs, count_params  # noqa: E402
 
 try:
@@ -1174,7 +1174,7 @@ def main(argv=None):
     vitcc.compile(tiny, "magnitude", sparsity=0.5, example_inputs=(torch.randn(1, 3, 32, 32),))
 
     sections = set(args.sections.split(","))
-    with steady_heap():  # every section times as vitcc times (vitcc.deploy.timing.steady_heap)
+    with steady_heap(), flushed_subnormals():  # every section times as vitcc times (vitcc.deploy.timing)
         _sections(args, sections, models, data, out, la0, t0)
     _write(data, args, out, la0, t0)
     print(f"wrote {out.with_suffix('.md')} and .json ({time.perf_counter() - t0:.0f}s)")
@@ -1236,4 +1236,5 @@ def _write(data, args, out: Path, la0, t0) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_flush_denormal(True)  # before torch starts a thread, as `vitcc` does (timing.flushed_subnormals)
     main()

@@ -274,4 +274,5 @@ def render(d: dict, program: Program) -> str:
 
 
 if __name__ == "__main__":
+    torch.set_flush_denormal(True)  # before torch starts a thread, as `vitcc` does (timing.flushed_subnormals)
     sys.exit(main())

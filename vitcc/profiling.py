@@ -33,8 +33,8 @@ import torch
 import torch.fx as fx
 
 from vitcc.deploy.runners import DTYPES, MODES, make_runner
-from vitcc.deploy.timing import (cpu_clock_ok, cpu_model, heap_policy, ratios_to_reference, time_ratios, timing_on,
-                                 with_batch)
+from vitcc.deploy.timing import (cpu_clock_ok, cpu_model, heap_policy, ratios_to_reference, subnormal_policy,
+                                 time_ratios, timing_on, with_batch)
 from vitcc.devices import device_of, moved_copy, resolve_device, to_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
@@ -194,7 +194,7 @@ def _measured(device: torch.device, dtype: str, batch: int, mode: str, threads: 
               fp: dict) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "allocator": heap_policy(device),
+            "allocator": heap_policy(device), "subnormals": subnormal_policy(device),
             "dtype": dtype, "batch": batch, "mode": mode, "threads": int(threads or torch.get_num_threads()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "vitcc": __version__, "model": model_spec, **fp}
@@ -246,7 +246,7 @@ def table_for(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, dev
               on_progress: Callable[[str], None] | None = None) -> tuple[dict, str]:
     """The table `--target latency` selects against when given none: measured on `device` now (eager, fp32, the
     example's batch, `threads` intra-op threads), or read from the cache, where the same graph and input shape
-    measured on the same device, torch, thread count and allocator left it. The cache only saves time: a table
+    measured on the same device, torch, thread count, allocator and subnormal handling left it. The cache only saves time: a table
     that is missing, foreign or unreadable is measured again. `announce` hears one line before a measurement,
     `on_progress` each of its steps (as `profile_table`'s does). Returns (table, where it came from)."""
     dev = resolve_device(device)
@@ -256,7 +256,8 @@ def table_for(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, dev
     identity = {**fp, "batch": int(example[0].shape[0]), "device": str(dev), "points": ON_DEMAND_POINTS,
                 "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
                 "torch": torch.__version__, "cuda": torch.version.cuda, "threads": n,
-                "allocator": heap_policy(dev), "vitcc": __version__, "format": FORMAT}
+                "allocator": heap_policy(dev), "subnormals": subnormal_policy(dev), "vitcc": __version__,
+                "format": FORMAT}
     path = cache_dir() / f"{hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.json"
     how = f"eager, fp32, batch {identity['batch']}" + (f", {n} thread(s)" if dev.type == "cpu" else "")
     try:

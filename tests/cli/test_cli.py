@@ -1,6 +1,8 @@
 """The command line as a user meets it: outputs, reports, exit codes and one-line errors."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -314,3 +316,20 @@ def test_inspect_counts_branch_parameter_elements(model_file, capsys):
     assert run(["inspect", str(model_file), *SHAPE]) == 0
     shown = capsys.readouterr().out
     assert "(elements)" in shown and f"{attn:,}" in shown and f"{mlp:,}" in shown
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush subnormals")
+@pytest.mark.parametrize("workers_started_first", [False, True])
+def test_the_vitcc_process_flushes_subnormals_in_every_thread_torch_starts(workers_started_first):
+    """A thread keeps the float mode it started with: `vitcc` sets it before torch's intra-op workers start, so
+    they flush too (started before, a worker's half of the product stays subnormal)."""
+    script = ("import sys, numpy as np, torch, vitcc.cli as cli\n"
+              "torch.set_num_threads(2)\n"
+              "x = torch.from_numpy(np.full(1 << 20, 1e-39, dtype=np.float32))  # (numpy: no worker started)\n"
+              + ("torch.ones(1 << 20).mul_(2)\n" if workers_started_first else "") +
+              "cli.run = lambda: print(int((x * 1.0).count_nonzero()))\n"
+              "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    left = int(done.stdout.split()[-1])
+    assert (left > 0) if workers_started_first else (left == 0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vitcc.cli import run
-from vitcc.deploy.timing import heap_policy
+from vitcc.deploy.timing import heap_policy, subnormal_policy
 
 
 SHAPE = ["--input-shape", "1,3,32,32"]
@@ -30,6 +30,7 @@ def test_bench_compiles_and_prints_a_table(tmp_path, model_file, capsys):
         assert r["stats"]["model"]["n"] == 2 and r["stats"]["compiled"]["wall"] > 0
     assert data["threads"] == 1 and data["machine"]["threads"] == 1 and "loadavg_start" in data
     assert data["machine"]["allocator"] == heap_policy() and heap_policy() in shown.replace("\n", " ")
+    assert data["machine"]["subnormals"] == subnormal_policy() and subnormal_policy() in " ".join(shown.split())
 
 
 def test_bench_model_and_compiled_file(tmp_path, model_file, capsys):

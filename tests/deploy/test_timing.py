@@ -4,9 +4,13 @@ import resource
 import pytest
 import torch
 
-from vitcc.deploy.timing import heap_policy, steady_heap, timing_on
+from vitcc.deploy.timing import (flushed_subnormals, heap_policy, onnx_session, steady_heap, subnormal_policy,
+                                 subnormals_flushed, timing_on)
 
 glibc_only = pytest.mark.skipif(not heap_policy().startswith("glibc"), reason="malloc's settings are glibc's")
+can_flush = pytest.mark.skipif(subnormal_policy() != "subnormals flushed to zero", reason="this CPU cannot flush "
+                               "subnormals")
+SUBNORMAL = 1e-39  # float32's smallest normal is 1.2e-38
 
 
 PAGES = (1 << 24) // resource.getpagesize()  # of a 16 MiB block
@@ -85,3 +89,41 @@ def test_one_reference_timed_beside_many():
                                          samples=4, budget_ms=None)
     assert 1.4 < double < 2.5 and 0.4 < half < 0.8 and 5.9 < ref_ms < 12.0  # 2, 0.5 and 6 as slept
     assert order[3:9] == ["a", "b", "ref", "ref", "b", "a"]  # after the warm-up, every round, reversed every other
+
+
+@can_flush
+def test_cpu_timing_flushes_subnormals_and_restores_the_mode_after():
+    assert not subnormals_flushed()
+    with timing_on("cpu", 1):
+        assert subnormals_flushed() and (torch.full((4,), SUBNORMAL) * 2).eq(0).all()
+    assert not subnormals_flushed() and (torch.full((4,), SUBNORMAL) * 2).ne(0).all()
+    with timing_on("meta", 1):  # a GPU timing leaves the CPU's mode alone
+        assert not subnormals_flushed()
+
+
+@can_flush
+def test_flushing_nests_and_a_mode_set_before_stays():
+    with flushed_subnormals():
+        with flushed_subnormals() as applied:
+            assert applied
+        assert subnormals_flushed()  # the inner block's exit left the outer one's mode
+    assert not subnormals_flushed()
+    torch.set_flush_denormal(True)  # the caller's own choice (`vitcc` sets it at its start) outlives a timing
+    try:
+        with flushed_subnormals():
+            pass
+        assert subnormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_onnxruntime_sessions_flush_subnormals_as_torch_does(tmp_path):
+    from vitcc.deploy.export import export_onnx
+    path = tmp_path / "m.onnx"
+    export_onnx(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(1, 4),), path)
+    options = onnx_session(path, 1).get_session_options()
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+
+
+def test_a_gpu_timing_records_subnormals_as_the_gpu_computes_them():
+    assert subnormal_policy("cuda") == "subnormals as the GPU computes them"

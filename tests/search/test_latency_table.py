@@ -22,8 +22,8 @@ from conftest import analyzed, hand_made, image, tiny_vit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = ["--input-shape", "1,3,32,32"]
-HEADER = ("device", "device_name", "torch", "cuda", "dtype", "batch", "mode", "threads", "allocator", "date", "vitcc",
-          "model", "fingerprint", "input_shape")
+HEADER = ("device", "device_name", "torch", "cuda", "dtype", "batch", "mode", "threads", "allocator", "subnormals",
+          "date", "vitcc", "model", "fingerprint", "input_shape")
 
 
 @pytest.fixture(scope="module")

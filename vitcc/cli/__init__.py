@@ -10,6 +10,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 import typer
 
 from vitcc.cli import bench, evaluate, passes, profile, report  # noqa: F401  (each declares its command)
@@ -178,6 +179,9 @@ def _out_of_memory(e: BaseException) -> int:
 
 
 def main() -> None:
+    """The `vitcc` command's process: subnormals are flushed before torch starts a worker thread, so all of them
+    flush (vitcc.deploy.timing.flushed_subnormals: a thread keeps the mode it started with)."""
+    torch.set_flush_denormal(True)
     sys.exit(run())
 
 

@@ -177,7 +177,7 @@ def print_table(result: dict, title: str) -> None:
                   f"({result['machine'].get('gpu', '')}), timed with CUDA events{dtype}; {eff.rstrip('; ')}")
         return
     out.print(f"medians of {result['rounds']} interleaved rounds, {result['threads']} thread(s){dtype}, "
-              f"{result['machine']['allocator']}; {eff}load average {result['loadavg_start']} -> "
+              f"{result['machine']['allocator']}, {result['machine']['subnormals']}; {eff}load average {result['loadavg_start']} -> "
               f"{result['loadavg_end']} on {result['machine']['ncpu']} CPUs")
 
 

@@ -196,7 +196,8 @@ def _print_profile(model: str, example: tuple, res: dict, align: int, check: boo
         t.add_row(*cells)
     out.print(t)
     out.print(f"table: {res['table']}; dense {res['dense_ms']:.3g} ms = {res['units']} unit(s) for "
-              f"{res['branches']} branches + {res['rest_ms']:.3g} ms rest (on {m['device_name']}, {m['allocator']}); "
+              f"{res['branches']} branches + {res['rest_ms']:.3g} ms rest (on {m['device_name']}, {m['allocator']}"
+              f"{', ' + m['subnormals'] if m.get('subnormals') else ''}); "
               f"load average {res['loadavg']}", highlight=False)
     if check and res["clock"] == "wall" and m["device"] == "cpu":
         out.print(f"note: with {m['threads']} threads the check is timed in wall-clock time, which other processes "

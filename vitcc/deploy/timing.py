@@ -21,8 +21,8 @@ import torch
 from vitcc.errors import VitccError
 
 __all__ = ["time_fn", "time_ratio", "time_ratios", "ratios_to_reference", "interleaved", "summarize", "loadavg",
-           "cpu_clock_ok", "intra_op_threads", "steady_heap", "heap_policy", "timing_on", "cpu_model", "machine_info",
-           "with_batch", "onnx_session", "onnx_feed"]
+           "cpu_clock_ok", "intra_op_threads", "steady_heap", "heap_policy", "subnormals_flushed", "flushed_subnormals",
+           "subnormal_policy", "timing_on", "cpu_model", "machine_info", "with_batch", "onnx_session", "onnx_feed"]
 
 
 def loadavg() -> str:
@@ -123,12 +123,50 @@ def steady_heap():
                 libc.malloc_trim(0)
 
 
+def subnormals_flushed() -> bool:
+    """Whether the calling thread's CPU flushes float32 subnormals to zero (x86 FTZ/DAZ): torch can set the mode
+    (`torch.set_flush_denormal`) but not read it, so a subnormal is computed with and looked at."""
+    return (torch.full((1,), 1e-39) * 1.0).item() == 0.0  # 1e-39: below float32's smallest normal, 1.2e-38
+
+
+@contextlib.contextmanager
+def flushed_subnormals():
+    """CPU timing with float32 subnormals flushed to zero, as a model should be served on a CPU. A subnormal
+    operand sends x86 arithmetic down a microcode path ~100x slower, and whether a model meets any depends on its
+    data, not on its widths: Swin's shifted windows add -100 to the masked attention logits, and the softmax
+    turns 12-43% of those probabilities subnormal (e^-100); the batched matmul with V then ran 33x slower, and
+    the dense Swin-T at batch 1 on one thread took 141 ms instead of 106 (2-core Xeon). A latency table timed so
+    put that into whichever widths happened to meet it (a residual narrowed to 144 saved 68% of a shifted block,
+    192 saved 12%), and the search read it as a property of the widths. The mode belongs to each thread and a
+    thread starts with its creator's: the calling thread's is set here and restored after; torch's intra-op
+    workers keep the mode they started with, so the CLI sets it before any start (`vitcc.cli.main`), and a
+    program timing at several threads sets `torch.set_flush_denormal(True)` first. Yields whether it applies
+    (False on a CPU that cannot flush)."""
+    before = subnormals_flushed()
+    applied = before or bool(torch.set_flush_denormal(True))
+    try:
+        yield applied
+    finally:
+        if applied and not before:
+            torch.set_flush_denormal(False)
+
+
+def subnormal_policy(device: torch.device | str = "cpu") -> str:
+    """How timings on `device` treat subnormals (`flushed_subnormals` on the CPU), for the record."""
+    if torch.device(device).type == "cuda":
+        return "subnormals as the GPU computes them"
+    with flushed_subnormals() as flushed:
+        return "subnormals flushed to zero" if flushed else "subnormals computed (this CPU cannot flush them)"
+
+
 @contextlib.contextmanager
 def timing_on(device: torch.device | str, threads: int | None):
     """The process as vitcc times a model on `device`: `threads` intra-op threads (None: torch's; restored after),
-    and on the CPU freed memory kept (`steady_heap`; a GPU has PyTorch's caching allocator). Yields the count."""
-    heap = steady_heap() if torch.device(device).type == "cpu" else contextlib.nullcontext()
-    with intra_op_threads(threads) as n, heap:
+    and on the CPU freed memory kept (`steady_heap`; a GPU has PyTorch's caching allocator) and subnormals
+    flushed (`flushed_subnormals`). Yields the count."""
+    on_cpu = torch.device(device).type == "cpu"
+    with intra_op_threads(threads) as n, steady_heap() if on_cpu else contextlib.nullcontext(), \
+            flushed_subnormals() if on_cpu else contextlib.nullcontext():
         yield n
 
 
@@ -153,7 +191,8 @@ def _cpu_count() -> int:
 def machine_info(threads: int | None = None) -> dict:
     """The CPU side of what a timing depends on (`vitcc bench` records it; a GPU adds its own)."""
     return {"cpu": cpu_model(), "arch": platform.machine(), "ncpu": _cpu_count(), "torch": torch.__version__,
-            "threads": int(threads or torch.get_num_threads()), "allocator": heap_policy()}
+            "threads": int(threads or torch.get_num_threads()), "allocator": heap_policy(),
+            "subnormals": subnormal_policy()}
 
 
 def cpu_clock_ok(threads: int | None = None) -> bool:
@@ -321,6 +360,7 @@ def onnx_session(path: str | Path, threads: int):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")  # its threads flush, as torch's (`flushed_subnormals`)
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
