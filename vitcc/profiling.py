@@ -246,9 +246,10 @@ def table_for(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, dev
               on_progress: Callable[[str], None] | None = None) -> tuple[dict, str]:
     """The table `--target latency` selects against when given none: measured on `device` now (eager, fp32, the
     example's batch, `threads` intra-op threads), or read from the cache, where the same graph and input shape
-    measured on the same device, torch, thread count, allocator and subnormal handling left it. The cache only saves time: a table
-    that is missing, foreign or unreadable is measured again. `announce` hears one line before a measurement,
-    `on_progress` each of its steps (as `profile_table`'s does). Returns (table, where it came from)."""
+    measured on the same device, torch, thread count, allocator and subnormal handling left it. The cache only
+    saves time: a table that is missing, foreign or unreadable is measured again. `announce` hears one line
+    before a measurement, `on_progress` each of its steps (as `profile_table`'s does). Returns (table, where it
+    came from)."""
     dev = resolve_device(device)
     example = tuple(example_inputs)
     fp = model_fingerprint(gm, example)

@@ -176,9 +176,10 @@ def print_table(result: dict, title: str) -> None:
         out.print(f"medians of {result['rounds']} interleaved rounds on {result['device']} "
                   f"({result['machine'].get('gpu', '')}), timed with CUDA events{dtype}; {eff.rstrip('; ')}")
         return
+    m = result["machine"]
     out.print(f"medians of {result['rounds']} interleaved rounds, {result['threads']} thread(s){dtype}, "
-              f"{result['machine']['allocator']}, {result['machine']['subnormals']}; {eff}load average {result['loadavg_start']} -> "
-              f"{result['loadavg_end']} on {result['machine']['ncpu']} CPUs")
+              f"{m['allocator']}, {m['subnormals']}; {eff}load average {result['loadavg_start']} -> "
+              f"{result['loadavg_end']} on {m['ncpu']} CPUs")
 
 
 @app.command("bench")

@@ -360,7 +360,7 @@ def onnx_session(path: str | Path, threads: int):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.set_denormal_as_zero", "1")  # its threads flush, as torch's (`flushed_subnormals`)
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")  # as torch's threads (`flushed_subnormals`)
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
