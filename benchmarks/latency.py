@@ -53,7 +53,8 @@ sys.path.insert(0, str(HERE))
 import vitcc  # noqa: E402
 from vitcc.deploy.export import export_onnx  # noqa: E402
 from vitcc.deploy.timing import (flushed_subnormals, interleaved, intra_op_threads, loadavg, machine_info,  # noqa: E402
-                                  onnx_feed, onnx_session, steady_heap, summarize, time_ratio, with_batch)
+                                  onnx_cpu_session, onnx_feed, onnx_session, steady_heap, summarize, time_ratio,
+                                  with_batch)
 from vitcc.metrics import count_macs, count_params  # noqa: E402
 
 try:
@@ -237,7 +238,7 @@ def _ort_optimized_ops(path: Path) -> dict:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
     so.log_severity_level = 3
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    onnx_cpu_session(path, so)
     return _onnx_ops(path.with_suffix(".opt.onnx"))
 
 

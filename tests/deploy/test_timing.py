@@ -1,5 +1,7 @@
 """vitcc.deploy.timing: the process as vitcc times a model (the timers themselves: tests/search/test_latency.py)."""
 import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,12 +119,31 @@ def test_flushing_nests_and_a_mode_set_before_stays():
         torch.set_flush_denormal(False)
 
 
-def test_onnxruntime_sessions_flush_subnormals_as_torch_does(tmp_path):
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
     from vitcc.deploy.export import export_onnx
-    path = tmp_path / "m.onnx"
+    path = tmp_path_factory.mktemp("onnx") / "m.onnx"
     export_onnx(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(1, 4),), path)
-    options = onnx_session(path, 1).get_session_options()
+    return path
+
+
+def test_onnxruntime_sessions_flush_subnormals_as_torch_does(onnx_file):
+    options = onnx_session(onnx_file, 1).get_session_options()
     assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+
+
+@can_flush
+@pytest.mark.parametrize("vitccs", [False, True])
+def test_the_first_onnxruntime_session_of_a_process_keeps_the_thread_s_subnormal_mode(onnx_file, vitccs):
+    """onnxruntime sets the calling thread's mode once, at a process's first session (off unless asked): vitcc's
+    sessions put it back (a process has one first session, hence a process per case)."""
+    session = (f"timing.onnx_cpu_session({str(onnx_file)!r})" if vitccs else
+               f"onnxruntime.InferenceSession({str(onnx_file)!r}, providers=['CPUExecutionProvider'])")
+    script = ("import torch, onnxruntime, vitcc.deploy.timing as timing\n"
+              f"torch.set_flush_denormal(True)\n{session}\nprint(timing.subnormals_flushed())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == str(vitccs)
 
 
 def test_a_gpu_timing_records_subnormals_as_the_gpu_computes_them():

@@ -52,6 +52,7 @@ import onnxruntime as ort
 import torch
 from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path, tree_leaves
 
+from vitcc.deploy.timing import onnx_cpu_session
 from vitcc.devices import device_of, moved_copy
 from vitcc.errors import VerificationError, VitccError
 from vitcc.metrics import _eval_mode
@@ -239,7 +240,7 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple, path: str | Path
                 _export(module, example_inputs, tmp, opset, outputs)
                 onnx.checker.check_model(str(tmp), full_check=True)
                 opset_used, dynamic, inputs_named, outputs_named = _read_back(tmp)
-                session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+                session = onnx_cpu_session(tmp)
             except Exception as e:
                 raise VitccError(f"ONNX export of {type(module).__name__} failed: {e}") from e
 

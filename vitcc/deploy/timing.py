@@ -22,7 +22,8 @@ from vitcc.errors import VitccError
 
 __all__ = ["time_fn", "time_ratio", "time_ratios", "ratios_to_reference", "interleaved", "summarize", "loadavg",
            "cpu_clock_ok", "intra_op_threads", "steady_heap", "heap_policy", "subnormals_flushed", "flushed_subnormals",
-           "subnormal_policy", "timing_on", "cpu_model", "machine_info", "with_batch", "onnx_session", "onnx_feed"]
+           "subnormal_policy", "timing_on", "cpu_model", "machine_info", "with_batch", "onnx_cpu_session", "onnx_session",
+           "onnx_feed"]
 
 
 def loadavg() -> str:
@@ -366,7 +367,21 @@ def onnx_session(path: str | Path, threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx_cpu_session(path, so)
+
+
+def onnx_cpu_session(path: str | Path, options=None):
+    """An onnxruntime CPU session that leaves the calling thread's subnormal mode as it was: the first session of
+    a process sets that mode to the session's `set_denormal_as_zero` (off unless asked), once, which would undo
+    `flushed_subnormals` (or the caller's own choice) for the rest of the process: `vitcc bench` created its
+    sessions first and timed PyTorch after, with subnormals computed."""
+    import onnxruntime as ort
+    before = subnormals_flushed()
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    finally:
+        if subnormals_flushed() != before:
+            torch.set_flush_denormal(before)
 
 
 def onnx_feed(session, inputs: tuple) -> dict:
