@@ -59,7 +59,7 @@ def run_bench(models: dict[str, torch.nn.Module], example: tuple, *, batches: li
     "eager" means PyTorch, run in each of `modes` (rows named eager, cudagraph, compile), on the device the
     models and `example` are on; "onnx" means onnxruntime on the CPU. On the CPU at `threads` intra-op
     threads (torch's for PyTorch, onnxruntime's intra_op_num_threads; torch's count is restored after), freed
-    memory kept for the next call (vitcc.deploy.timing.steady_heap)."""
+    memory kept for the next call and subnormals flushed (vitcc.deploy.timing.timing_on)."""
     from vitcc.deploy.timing import timing_on
     device = torch.device(device) if device is not None else example[0].device
     with timing_on(device, threads if device.type == "cpu" else None):
