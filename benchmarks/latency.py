@@ -696,24 +696,24 @@ FINDINGS = """## What the measurements say (and what changed in vitcc)
 5. **Noise.** The machine is shared (see the load averages); wall-clock medians of interleaved runs
    still move by a few points between runs when the load is high, the CPU-time figures much less.
 6. **Why Swin-T at 50% of MACs stays near 80-86% of the ideal (88-92% on the AMD EPYC) while DeiT-S and
-   ViT-B reach 94-104%** (the breakdown tables above, eager, batch 1). Nothing in the compact graphs is extra: per aten op the
-   compact graph makes exactly the calls of the traced dense graph (dense-captured), DeiT-S keeps its 12 fused
-   SDPA calls, and Swin's window attention is unfused in the dense timm model too (timm sets
-   `WindowAttention.fused_attn = use_fused_attn(experimental=True)`, off by default), so no fusion is
-   lost. (Against the timm module itself, tracing makes a few `view`/`unsqueeze` calls fewer: torch.fx
-   evaluates buffer-only expressions such as `relative_position_index.view(-1)` once.) Every op category
-   runs at about its own work ratio (time / work 0.97-1.14 for everything that matters, but this Xeon's narrowed
-   GEMMs on 3136 rows at 1.22), so the gap is
-   work that does not follow the MACs. In DeiT-S that is the fused attention (10% of dense time; 60 of
-   72 heads at head dim 48 of 64 keep 62% of its work, more than the MAC ratio of 50%), GELU, LayerNorm
-   and the patch embedding: 2.4 ms of 60 ms in ops, and GEMMs are 82% of the time. In Swin-T GEMMs are
-   69% (78% on the EPYC) and the rest is window attention (unfused matmuls and softmax), the relative-position bias and
-   shift-mask adds, roll, pad, window copies, GELU and LayerNorm. Attention work follows the kept heads,
-   not the MACs; stage 1 has 3 heads per block, which the selection keeps whole, so its attention over
-   64 windows (about 4% of dense time) does not shrink at all; the width-scaling ops shrink with the residual
-   width and MLP (0.67-0.79). Together: 15.5 ms of 78 ms in ops (10.1 of 76 on the EPYC). So the shortfall on Swin-T is inherent
-   to pruning by MACs, not added by the compiler. Where latency rather than MACs is the goal,
-   `--target latency` selects with these costs measured (its table above).
+   ViT-B reach 94-104%** (the breakdown tables above, eager, batch 1). Nothing in the compact graphs is
+   extra: per aten op the compact graph makes exactly the calls of the traced dense graph (dense-captured),
+   DeiT-S keeps its 12 fused SDPA calls, and Swin's window attention is unfused in the dense timm model too
+   (timm sets `WindowAttention.fused_attn = use_fused_attn(experimental=True)`, off by default), so no
+   fusion is lost. (Against the timm module itself, tracing makes a few `view`/`unsqueeze` calls fewer:
+   torch.fx evaluates buffer-only expressions such as `relative_position_index.view(-1)` once.) Every op
+   category runs at about its own work ratio (time / work 0.97-1.14 for everything that matters, but this
+   Xeon's narrowed GEMMs on 3136 rows at 1.22), so the gap is work that does not follow the MACs. In DeiT-S
+   that is the fused attention (10% of dense time; 60 of 72 heads at head dim 48 of 64 keep 62% of its work,
+   more than the MAC ratio of 50%), GELU, LayerNorm and the patch embedding: 2.4 ms of 60 ms in ops, and
+   GEMMs are 82% of the time. In Swin-T GEMMs are 69% (78% on the EPYC) and the rest is window attention
+   (unfused matmuls and softmax), the relative-position bias and shift-mask adds, roll, pad, window copies,
+   GELU and LayerNorm. Attention work follows the kept heads, not the MACs; stage 1 has 3 heads per block,
+   which the selection keeps whole, so its attention over 64 windows (about 4% of dense time) does not
+   shrink at all; the width-scaling ops shrink with the residual width and MLP (0.67-0.79). Together: 15.5
+   ms of 78 ms in ops (10.1 of 76 on the EPYC). So the shortfall on Swin-T is inherent to pruning by MACs,
+   not added by the compiler. Where latency rather than MACs is the goal, `--target latency` selects with
+   these costs measured (its table above).
 7. **Threads** (the threads table; DeiT-S at 50% of MACs). Removing whole branches runs at 102-120% of the
    ideal at 1 and 2 threads, eager and onnxruntime, batch 1 and 8 (AMD EPYC; 104-116% on a 2-core Intel Xeon
    the day before): a removed branch takes its LayerNorm, GELU, softmax and add with it, which the MAC ratio

@@ -368,6 +368,10 @@ def cuda_events_on_the_host_clock(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
 
 
+# tests of float32 subnormals flushed to zero (vitcc.deploy.timing.flushed_subnormals) need a CPU that can
+can_flush = pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush subnormals")
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.cuda` tests skip where there is no CUDA device (CI never has one)."""
     if torch.cuda.is_available():

@@ -11,7 +11,7 @@ import vitcc
 from vitcc.cli import run
 from vitcc.pipeline.pass_base import Pass, PassResult, register_pass
 
-from conftest import no_warnings, tiny_vit
+from conftest import can_flush, no_warnings, tiny_vit
 
 SHAPE = ["--input-shape", "1,3,32,32"]
 
@@ -318,7 +318,7 @@ def test_inspect_counts_branch_parameter_elements(model_file, capsys):
     assert "(elements)" in shown and f"{attn:,}" in shown and f"{mlp:,}" in shown
 
 
-@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush subnormals")
+@can_flush
 @pytest.mark.parametrize("workers_started_first", [False, True])
 def test_the_vitcc_process_flushes_subnormals_in_every_thread_torch_starts(workers_started_first):
     """A thread keeps the float mode it started with: `vitcc` sets it before torch's intra-op workers start, so

@@ -9,9 +9,9 @@ import torch
 from vitcc.deploy.timing import (flushed_subnormals, heap_policy, onnx_session, steady_heap, subnormal_policy,
                                  subnormals_flushed, timing_on)
 
+from conftest import can_flush
+
 glibc_only = pytest.mark.skipif(not heap_policy().startswith("glibc"), reason="malloc's settings are glibc's")
-can_flush = pytest.mark.skipif(subnormal_policy() != "subnormals flushed to zero", reason="this CPU cannot flush "
-                               "subnormals")
 SUBNORMAL = 1e-39  # float32's smallest normal is 1.2e-38
 
 
@@ -133,17 +133,17 @@ def test_onnxruntime_sessions_flush_subnormals_as_torch_does(onnx_file):
 
 
 @can_flush
-@pytest.mark.parametrize("vitccs", [False, True])
-def test_the_first_onnxruntime_session_of_a_process_keeps_the_thread_s_subnormal_mode(onnx_file, vitccs):
+@pytest.mark.parametrize("vitcc_session", [False, True])
+def test_the_first_onnxruntime_session_of_a_process_keeps_the_thread_s_subnormal_mode(onnx_file, vitcc_session):
     """onnxruntime sets the calling thread's mode once, at a process's first session (off unless asked): vitcc's
     sessions put it back (a process has one first session, hence a process per case)."""
-    session = (f"timing.onnx_cpu_session({str(onnx_file)!r})" if vitccs else
+    session = (f"timing.onnx_cpu_session({str(onnx_file)!r})" if vitcc_session else
                f"onnxruntime.InferenceSession({str(onnx_file)!r}, providers=['CPUExecutionProvider'])")
     script = ("import torch, onnxruntime, vitcc.deploy.timing as timing\n"
               f"torch.set_flush_denormal(True)\n{session}\nprint(timing.subnormals_flushed())\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == str(vitccs)
+    assert done.stdout.split()[-1] == str(vitcc_session)
 
 
 def test_a_gpu_timing_records_subnormals_as_the_gpu_computes_them():
