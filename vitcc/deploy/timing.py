@@ -143,13 +143,19 @@ def flushed_subnormals():
     workers keep the mode they started with, so the CLI sets it before any start (`vitcc.cli.main`), and a
     program timing at several threads sets `torch.set_flush_denormal(True)` first. Yields whether it applies
     (False on a CPU that cannot flush)."""
+    with _subnormal_mode_kept() as before:
+        yield before or bool(torch.set_flush_denormal(True))
+
+
+@contextlib.contextmanager
+def _subnormal_mode_kept():
+    """The calling thread's subnormal mode as it was before, whatever set it inside. Yields it."""
     before = subnormals_flushed()
-    applied = before or bool(torch.set_flush_denormal(True))
     try:
-        yield applied
+        yield before
     finally:
-        if applied and not before:
-            torch.set_flush_denormal(False)
+        if subnormals_flushed() != before:
+            torch.set_flush_denormal(before)
 
 
 def subnormal_policy(device: torch.device | str = "cpu") -> str:
@@ -376,12 +382,8 @@ def onnx_cpu_session(path: str | Path, options=None):
     `flushed_subnormals` (or the caller's own choice) for the rest of the process: `vitcc bench` created its
     sessions first and timed PyTorch after, with subnormals computed."""
     import onnxruntime as ort
-    before = subnormals_flushed()
-    try:
+    with _subnormal_mode_kept():
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    finally:
-        if subnormals_flushed() != before:
-            torch.set_flush_denormal(before)
 
 
 def onnx_feed(session, inputs: tuple) -> dict:
