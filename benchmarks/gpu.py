@@ -53,6 +53,7 @@ import vitcc
 from vitcc.cli import run as cli_run
 from vitcc.cli.bench import run_bench
 from vitcc.deploy.runners import DTYPES
+from vitcc.deploy.timing import flush_subnormals_in_this_process
 from vitcc.devices import exact_float32, resolve_device, to_device
 from vitcc.ir.selection import PRUNE_KINDS
 from vitcc.metrics import count_params
@@ -764,5 +765,5 @@ def _write(out: Path, data: dict, budget: Budget) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_flush_denormal(True)  # before torch starts a thread, as `vitcc` does (timing.flushed_subnormals)
+    flush_subnormals_in_this_process()  # before torch starts a thread, as `vitcc` does
     sys.exit(main())

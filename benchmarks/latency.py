@@ -52,9 +52,9 @@ sys.path.insert(0, str(HERE))
 
 import vitcc  # noqa: E402
 from vitcc.deploy.export import export_onnx  # noqa: E402
-from vitcc.deploy.timing import (flushed_subnormals, interleaved, intra_op_threads, loadavg, machine_info,  # noqa: E402
-                                  onnx_cpu_session, onnx_feed, onnx_session, steady_heap, summarize, time_ratio,
-                                  with_batch)
+from vitcc.deploy.timing import (flush_subnormals_in_this_process, flushed_subnormals, interleaved,  # noqa: E402
+                                  intra_op_threads, loadavg, machine_info, onnx_cpu_session, onnx_feed, onnx_session,
+                                  steady_heap, summarize, time_ratio, with_batch)
 from vitcc.metrics import count_macs, count_params  # noqa: E402
 
 try:
@@ -1238,5 +1238,5 @@ def _write(data, args, out: Path, la0, t0) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_flush_denormal(True)  # before torch starts a thread, as `vitcc` does (timing.flushed_subnormals)
+    flush_subnormals_in_this_process()  # before torch starts a thread, as `vitcc` does
     main()

@@ -39,7 +39,7 @@ import torch
 import vitcc
 from vitcc.cli.bench import run_bench
 from vitcc.deploy.runners import DTYPES, MODES
-from vitcc.deploy.timing import loadavg, timing_on
+from vitcc.deploy.timing import flush_subnormals_in_this_process, loadavg, timing_on
 from vitcc.devices import resolve_device
 from vitcc.errors import VitccError
 from vitcc.frontend.capture import capture
@@ -274,5 +274,5 @@ def render(d: dict, program: Program) -> str:
 
 
 if __name__ == "__main__":
-    torch.set_flush_denormal(True)  # before torch starts a thread, as `vitcc` does (timing.flushed_subnormals)
+    flush_subnormals_in_this_process()  # before torch starts a thread, as `vitcc` does
     sys.exit(main())

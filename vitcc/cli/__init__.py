@@ -10,11 +10,11 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 import typer
 
 from vitcc.cli import bench, evaluate, passes, profile, report  # noqa: F401  (each declares its command)
 from vitcc.cli.app import app, console
+from vitcc.deploy.timing import flush_subnormals_in_this_process
 from vitcc.devices import out_of_memory, out_of_memory_line
 from vitcc.errors import (Interrupted, VitccError, internal_error_line, interruption_behind, raise_if_signalled,
                           signals_received_in)
@@ -179,9 +179,7 @@ def _out_of_memory(e: BaseException) -> int:
 
 
 def main() -> None:
-    """The `vitcc` command's process: subnormals are flushed before torch starts a worker thread, so all of them
-    flush (vitcc.deploy.timing.flushed_subnormals: a thread keeps the mode it started with)."""
-    torch.set_flush_denormal(True)
+    flush_subnormals_in_this_process()  # before torch starts a worker thread, so that all of them flush
     sys.exit(run())
 
 

@@ -22,7 +22,7 @@ from vitcc.errors import VitccError
 
 __all__ = ["time_fn", "time_ratio", "time_ratios", "ratios_to_reference", "interleaved", "summarize", "loadavg",
            "cpu_clock_ok", "intra_op_threads", "steady_heap", "heap_policy", "subnormals_flushed", "flushed_subnormals",
-           "subnormal_policy", "timing_on", "cpu_model", "machine_info", "with_batch", "onnx_cpu_session", "onnx_session",
+           "flush_subnormals_in_this_process", "subnormal_policy", "timing_on", "cpu_model", "machine_info", "with_batch", "onnx_cpu_session", "onnx_session",
            "onnx_feed"]
 
 
@@ -140,11 +140,18 @@ def flushed_subnormals():
     put that into whichever widths happened to meet it (a residual narrowed to 144 saved 68% of a shifted block,
     192 saved 12%), and the search read it as a property of the widths. The mode belongs to each thread and a
     thread starts with its creator's: the calling thread's is set here and restored after; torch's intra-op
-    workers keep the mode they started with, so the CLI sets it before any start (`vitcc.cli.main`), and a
-    program timing at several threads sets `torch.set_flush_denormal(True)` first. Yields whether it applies
-    (False on a CPU that cannot flush)."""
+    workers keep the mode they started with, so a program timing at several threads (the `vitcc` command,
+    benchmarks/) calls `flush_subnormals_in_this_process` first. Yields whether it applies (False on a CPU that
+    cannot flush)."""
     with _subnormal_mode_kept() as before:
         yield before or bool(torch.set_flush_denormal(True))
+
+
+def flush_subnormals_in_this_process() -> None:
+    """For a program that times (the `vitcc` command, benchmarks/): subnormals flushed on this thread and on every
+    thread started after, which takes its creator's mode (`flushed_subnormals`). Call it before torch starts its
+    intra-op workers."""
+    torch.set_flush_denormal(True)
 
 
 @contextlib.contextmanager
